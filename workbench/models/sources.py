@@ -1,0 +1,157 @@
+"""Resolve a `--model` argument into checkpoints and load them.
+
+Accepted forms (DESIGN.md, "Model sources"):
+- a zoo checkpoint directory (`config.json`, `model.safetensors`, tokenizer, `meta.json`);
+- a directory of zoo checkpoints (`step_<N>/` subdirectories);
+- a Hugging Face model directory (`config.json` + safetensors or bin weights);
+- a Hugging Face Trainer output directory (`checkpoint-<N>/` subdirectories);
+- a TransformerLens model name, optionally `name@<checkpoint index>` (e.g. `pythia-70m@10`).
+"""
+
+import logging
+import re
+from pathlib import Path
+
+from workbench.errors import BadInput
+from workbench.hashing import sha256_files, sha256_json
+from workbench.models import zoo_format
+from workbench.models.base import CheckpointInfo, CheckpointRef, LoadedModel, ModelInfo
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+TRAINER_DIR = re.compile(r"^checkpoint-(\d+)$")
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+def model_id_for(run_dir: Path) -> str:
+    """A readable, stable id for the training run a directory belongs to."""
+    resolved = run_dir.expanduser().resolve()
+    return f"{resolved.name}-{sha256_json(str(resolved))[:8]}"
+
+
+def is_hf_directory(path: Path) -> bool:
+    has_weights = any((path / w).is_file() for w in HF_WEIGHTS) or any(
+        path.glob("model-*.safetensors")
+    )
+    return (path / "config.json").is_file() and has_weights
+
+
+def _single_dir_ref(path: Path, run_dir: Path, step: int | None) -> CheckpointRef:
+    if zoo_format.is_zoo_checkpoint(path):
+        meta = zoo_format.read_json(path / "meta.json")
+        step = int(meta.get("step", step or 0))
+        return CheckpointRef("zoo", str(path), model_id_for(run_dir), step, source=str(run_dir))
+    if is_hf_directory(path):
+        if step is None:
+            state = path / "trainer_state.json"
+            step = int(zoo_format.read_json(state).get("global_step", 0)) if state.is_file() else 0
+        return CheckpointRef("hf", str(path), model_id_for(run_dir), step, source=str(run_dir))
+    raise BadInput(
+        f"{path}: not a model directory (expected a zoo checkpoint with config.json, "
+        "model.safetensors and meta.json, or a Hugging Face config.json with weights)"
+    )
+
+
+def resolve_checkpoints(model: str) -> list[CheckpointRef]:
+    """All checkpoints named by `model`, sorted by step."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        step_dirs = [(int(m.group(1)), p) for p in path.iterdir() if (m := STEP_DIR.match(p.name))]
+        trainer_dirs = [
+            (int(m.group(1)), p) for p in path.iterdir() if (m := TRAINER_DIR.match(p.name))
+        ]
+        children = sorted(step_dirs or trainer_dirs)
+        if children and not (path / "config.json").is_file():
+            return [_single_dir_ref(p, path, step) for step, p in children]
+        parent = path.parent if TRAINER_DIR.match(path.name) or STEP_DIR.match(path.name) else path
+        m = TRAINER_DIR.match(path.name)
+        return [_single_dir_ref(path, parent, int(m.group(1)) if m else None)]
+    if path.exists():
+        raise BadInput(f"{path}: is a file, expected a model directory or a model name")
+    if "/" in model and not re.match(r"^[\w.-]+/[\w.-]+(@\d+)?$", model):
+        raise BadInput(f"{model}: no such directory")
+    return [_tl_ref(model)]
+
+
+def _tl_ref(model: str) -> CheckpointRef:
+    from workbench.models import engine
+
+    name, _, index = model.partition("@")
+    if engine.known_tl_name(name) is None:
+        if name.startswith((".", "/", "~")) or "/" in name:
+            raise BadInput(f"{model}: no such directory, and not a TransformerLens model name")
+        raise BadInput(f"unknown model {name!r}: not a directory and not a TransformerLens name")
+    if index and not index.isdigit():
+        raise BadInput(f"{model}: the checkpoint index after '@' must be an integer")
+    ckpt = int(index) if index else None
+    step = ckpt if ckpt is not None else 0
+    return CheckpointRef("tl", name, name, step, checkpoint_index=ckpt, source=name)
+
+
+def select_checkpoints(refs: list[CheckpointRef], which: str) -> list[CheckpointRef]:
+    """`all`, `latest` or one training step."""
+    if which == "all":
+        return refs
+    if which == "latest":
+        return refs[-1:]
+    if not which.isdigit():
+        raise BadInput(f"--checkpoint {which!r}: expected all, latest or a step number")
+    chosen = [r for r in refs if r.step == int(which)]
+    if not chosen:
+        steps = ", ".join(str(r.step) for r in refs)
+        raise BadInput(f"--checkpoint {which}: no checkpoint at that step (steps: {steps})")
+    return chosen
+
+
+def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
+    """Load one checkpoint as a HookedTransformer with its tokenizer and provenance."""
+    from workbench.models import engine
+
+    path = Path(ref.location)
+    if ref.kind == "zoo":
+        cfg_kwargs = zoo_format.read_json(path / "config.json")
+        try:
+            model = engine.build_from_state_dict(cfg_kwargs, zoo_format.load_zoo_weights(path))
+        except (TypeError, RuntimeError) as err:
+            raise BadInput(f"{path}: config.json and model.safetensors do not match ({err})")
+        tokenizer = _local_tokenizer(path)
+        architecture = "zoo:" + str(zoo_format.read_json(path / "meta.json").get("task", ""))
+        weight_files = [path / "config.json", path / "model.safetensors"]
+        sha = sha256_files(weight_files)
+        config = cfg_kwargs
+    elif ref.kind == "hf":
+        config = zoo_format.read_json(path / "config.json")
+        architecture = engine.hf_architecture(config, path)
+        model = engine.from_hf_directory(path)
+        tokenizer = _local_tokenizer(path)
+        weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
+        sha = sha256_files([path / "config.json", *weights])
+    else:
+        model, tokenizer = engine.from_tl_name(ref.location, ref.checkpoint_index)
+        architecture = str(model.cfg.original_architecture)
+        sha = sha256_json({"name": ref.location, "checkpoint_index": ref.checkpoint_index})
+        config = {"name": ref.location, "checkpoint_index": ref.checkpoint_index}
+    cfg = model.cfg
+    info = ModelInfo(
+        model_id=ref.model_id,
+        source=ref.source if ref.kind == "tl" else str(Path(ref.source).resolve()),
+        architecture=architecture,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        d_model=cfg.d_model,
+        d_vocab=cfg.d_vocab,
+        config=config,
+    )
+    location = ref.location if ref.kind == "tl" else str(path.resolve())
+    ckpt = CheckpointInfo(ref.checkpoint_id, ref.model_id, ref.step, location, sha)
+    logger.info("loaded %s (%s, %d layers)", ref.checkpoint_id, architecture, cfg.n_layers)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, checkpoint=ckpt)
+
+
+def _local_tokenizer(path: Path):  # type: ignore[no-untyped-def]
+    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

@@ -1,0 +1,129 @@
+"""`workbench zoo train TASK`: train a zoo model and save checkpoints along the way."""
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from workbench.errors import BadInput
+from workbench.models import zoo_format
+from workbench.zoo import induction
+from workbench.zoo.vocab import WORDS, build_word_tokenizer, word_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    task: str = "induction"
+    out: str = "data/zoo"
+    steps: int = 1000
+    save_every: int = 100
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class ZooTask:
+    model_config: dict[str, Any]
+    words: list[str]
+    make_batch: Callable[[Any, int, torch.Generator], torch.Tensor]
+    loss_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _induction_batch(tokenizer: Any, batch: int, generator: torch.Generator) -> torch.Tensor:
+    return induction.repeated_sequences(
+        torch.tensor(word_ids(tokenizer)),
+        batch=batch,
+        n_ctx=int(induction.MODEL_CONFIG["n_ctx"]),  # type: ignore[call-overload]
+        bos_id=tokenizer.bos_token_id,
+        periods=induction.TRAIN_PERIODS,
+        max_offset=10,
+        generator=generator,
+    )
+
+
+ZOO_TASKS: dict[str, ZooTask] = {
+    "induction": ZooTask(
+        induction.MODEL_CONFIG, WORDS, _induction_batch, induction.predictable_mask
+    ),
+}
+
+
+def save_steps(steps: int, save_every: int) -> list[int]:
+    """Steps at which checkpoints are written: 0, every `save_every`, and the last."""
+    marks = set(range(0, steps + 1, save_every)) | {0, steps}
+    return sorted(marks)
+
+
+def next_token_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask_fn: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy, over the positions `mask_fn` selects (all if None)."""
+    log_probs = logits[:, :-1].log_softmax(-1)
+    token_lp = log_probs.gather(-1, tokens[:, 1:, None])[..., 0]
+    if mask_fn is None:
+        return -token_lp.mean()
+    mask = mask_fn(tokens).to(token_lp.dtype)
+    return -(token_lp * mask).sum() / mask.sum().clamp(min=1)
+
+
+def train_zoo_model(cfg: TrainConfig) -> list[Path]:
+    """Train the zoo model for `cfg.task`; returns the checkpoint directories written."""
+    if cfg.task not in ZOO_TASKS:
+        raise BadInput(f"unknown zoo task {cfg.task!r} (known: {', '.join(sorted(ZOO_TASKS))})")
+    if cfg.steps < 1 or cfg.save_every < 1:
+        raise BadInput("--steps and --save-every must be positive")
+    from workbench.models import engine
+
+    task = ZOO_TASKS[cfg.task]
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    tokenizer = build_word_tokenizer(task.words)
+    model_cfg = {**task.model_config, "d_vocab": len(tokenizer), "seed": cfg.seed}
+    model = engine.new_untrained(model_cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run_dir = Path(cfg.out) / cfg.task
+    marks = save_steps(cfg.steps, cfg.save_every)
+    written: list[Path] = []
+    recent: list[float] = []
+
+    def save(step: int) -> None:
+        loss = sum(recent) / len(recent) if recent else float("nan")
+        meta = {"task": cfg.task, "step": step, "seed": cfg.seed, "train_loss": loss}
+        meta["train_config"] = cfg.to_dict()
+        out = run_dir / f"step_{step}"
+        zoo_format.save_zoo_checkpoint(
+            out, cfg_kwargs=model_cfg, state_dict=model.state_dict(), tokenizer=tokenizer, meta=meta
+        )
+        written.append(out)
+        recent.clear()
+
+    save(0)
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.task}", leave=False):
+        tokens = task.make_batch(tokenizer, cfg.batch_size, generator)
+        loss = next_token_loss(model(tokens), tokens, task.loss_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent.append(loss.item())
+        if step in marks:
+            save(step)
+            logger.info("%s step %d: loss %.3f", cfg.task, step, recent[-1] if recent else loss)
+    return written
