@@ -1,0 +1,119 @@
+"""What every pipeline does around its methods: resolve checkpoints, load, key, skip, store.
+
+For each selected checkpoint and each method: the run key is a hash of (pipeline, method,
+checkpoint sha256, task sha256, params); a finished run with that key is skipped unless
+`force`. A method that raises is recorded as a failed run with its error. Bad input (a wrong
+path, a malformed task file) raises `BadInput` before anything is written for that checkpoint.
+"""
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from workbench import records
+from workbench.errors import BadInput
+from workbench.hashing import sha256_json
+from workbench.models import LoadedModel, load_checkpoint, resolve_checkpoints, select_checkpoints
+from workbench.store import RunRecord, Store
+from workbench.tasks import Task, load_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodResult:
+    metric_clean: float | None
+    metric_corrupt: float | None
+    rows: dict[str, pa.Table] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    checkpoint_id: str
+    method: str
+    status: Literal["done", "skipped", "failed"]
+    run_id: str | None = None
+    error: str | None = None
+
+
+MethodFn = Callable[[LoadedModel, Task], MethodResult]
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def run_key(pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]) -> str:
+    return sha256_json(
+        {"pipeline": pipeline, "method": method, "checkpoint": ckpt_sha, "task": task_sha, "params": params}
+    )
+
+
+def run_pipeline(
+    *,
+    pipeline: str,
+    model: str,
+    task: str,
+    checkpoint: str,
+    methods: dict[str, MethodFn],
+    params: dict[str, dict[str, Any]],
+    graph_nodes: Callable[[LoadedModel], pa.Table],
+    db: str | None = None,
+    force: bool = False,
+    n_prompts: int | None = None,
+) -> list[RunOutcome]:
+    refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
+    outcomes: list[RunOutcome] = []
+    with Store(db) as store:
+        for ref in refs:
+            loaded = load_checkpoint(ref)
+            the_task = load_task(task, loaded, n_prompts=n_prompts)
+            registry = {
+                "models": records.model_rows(loaded.info),
+                "checkpoints": records.checkpoint_rows(loaded.checkpoint),
+                "tasks": records.task_rows(the_task),
+                "prompts": records.prompt_rows(the_task),
+                "nodes": graph_nodes(loaded),
+            }
+            for method, compute in methods.items():
+                outcomes.append(
+                    _run_one(store, pipeline, method, compute, loaded, the_task, params[method], registry, force)
+                )
+    return outcomes
+
+
+def _run_one(
+    store: Store,
+    pipeline: str,
+    method: str,
+    compute: MethodFn,
+    loaded: LoadedModel,
+    task: Task,
+    params: dict[str, Any],
+    registry: dict[str, pa.Table],
+    force: bool,
+) -> RunOutcome:
+    ckpt = loaded.checkpoint
+    key = run_key(pipeline, method, ckpt.sha256, task.sha256, params)
+    existing = store.done_run(key)
+    if existing and not force:
+        logger.info("skip %s %s on %s: identical run %s exists", pipeline, method, ckpt.checkpoint_id, existing)
+        return RunOutcome(ckpt.checkpoint_id, method, "skipped", existing)
+    run = RunRecord(key, pipeline, method, ckpt.checkpoint_id, task.task_id, params, started_at=now())
+    try:
+        result = compute(loaded, task)
+    except BadInput:
+        raise
+    except Exception as err:  # a failed run is recorded, not raised
+        logger.exception("%s %s failed on %s", pipeline, method, ckpt.checkpoint_id)
+        run.error = f"{type(err).__name__}: {err}"
+        run_id = store.record_failed_run(run, registry=registry)
+        return RunOutcome(ckpt.checkpoint_id, method, "failed", run_id, run.error)
+    run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
+    run_id = store.write_run(run, registry=registry, rows=result.rows, replace=force)
+    logger.info("%s %s on %s: run %s", pipeline, method, ckpt.checkpoint_id, run_id)
+    return RunOutcome(ckpt.checkpoint_id, method, "done", run_id)

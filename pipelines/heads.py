@@ -1,0 +1,106 @@
+"""The `heads` pipeline: per-head attribution of a task's metric (see
+`workbench.attribution.heads` for the methods).
+
+    workbench run heads --model data/zoo/induction --task induction --checkpoint all
+"""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.common import MethodResult, RunOutcome, run_pipeline
+from workbench import records
+from workbench.errors import BadInput
+from workbench.models import LoadedModel
+from workbench.tasks import Task
+
+METHODS = ("dla", "act_patch_denoise", "act_patch_noise", "attr_patch")
+
+
+@dataclass
+class HeadsConfig:
+    model: str
+    task: str
+    checkpoint: str = "latest"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    db: str | None = None
+    force: bool = False
+    n_prompts: int | None = None
+    max_batch: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HeadsConfig":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def method_params(method: str) -> dict[str, Any]:
+    if method.startswith("act_patch"):
+        return {"component": "head_out", "positions": "all", "ablation": "resample"}
+    return {}
+
+
+def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> MethodResult:
+    from workbench.attribution import heads as head_methods
+    from workbench.attribution.batches import make_batches
+
+    model = loaded.model
+    batches = make_batches(task, max_batch=max_batch)
+    if method == "dla":
+        result = head_methods.direct_logit_attribution(model, batches)
+    elif method == "act_patch_denoise":
+        result = head_methods.head_out_patching(model, batches, direction="denoise")
+    elif method == "act_patch_noise":
+        result = head_methods.head_out_patching(model, batches, direction="noise")
+    elif method == "attr_patch":
+        result = head_methods.attribution_patching(model, batches)
+    else:
+        raise BadInput(f"unknown method {method!r} for the heads pipeline")
+    n_layers, n_heads = result.scores.shape
+    node_ids = [head_methods.head_node(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    rows = {
+        "node_scores": records.node_score_rows(node_ids, result.scores.flatten().tolist()),
+        "edges": records.edge_rows(result.edges),
+    }
+    return MethodResult(result.metric_clean, result.metric_corrupt, rows)
+
+
+def graph_nodes(loaded: LoadedModel):  # type: ignore[no-untyped-def]
+    cfg = loaded.model.cfg
+    return records.head_graph_nodes(loaded.info.model_id, cfg.n_layers, cfg.n_heads)
+
+
+def run(cfg: HeadsConfig) -> list[RunOutcome]:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise BadInput(f"--method {unknown[0]}: not a heads method (choose from {', '.join(METHODS)})")
+    methods = {
+        m: (lambda loaded, task, m=m: compute(m, loaded, task, max_batch=cfg.max_batch))
+        for m in cfg.methods
+    }
+    return run_pipeline(
+        pipeline="heads",
+        model=cfg.model,
+        task=cfg.task,
+        checkpoint=cfg.checkpoint,
+        methods=methods,
+        params={m: method_params(m) for m in cfg.methods},
+        graph_nodes=graph_nodes,
+        db=cfg.db,
+        force=cfg.force,
+        n_prompts=cfg.n_prompts,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.heads --model ... --task ...` (same options as `workbench run heads`)."""
+    import sys
+
+    from workbench.cli import main as cli_main
+
+    cli_main(["run", "heads", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    main()

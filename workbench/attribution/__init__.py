@@ -1,0 +1,1 @@
+"""Pure-torch attribution methods. Never imports duckdb or streamlit."""

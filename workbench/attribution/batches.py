@@ -1,0 +1,55 @@
+"""Prompt batches and the logit-difference metric shared by every method.
+
+Prompts of one task may differ in length across lines; they are grouped into batches of one
+length. Every method sums per-prompt quantities over batches and divides by the number of
+prompts, so results equal those of one batch holding every prompt.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+
+from workbench.tasks.spec import Task
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    clean: Int[torch.Tensor, "batch pos"]
+    corrupt: Int[torch.Tensor, "batch pos"]
+    answer: Int[torch.Tensor, " batch"]
+    wrong: Int[torch.Tensor, " batch"]
+
+    @property
+    def size(self) -> int:
+        return int(self.clean.shape[0])
+
+
+def make_batches(task: Task, *, max_batch: int = 64) -> list[PromptBatch]:
+    batches = []
+    for idx in task.length_groups(max_batch):
+        pairs = [task.pairs[i] for i in idx]
+        batches.append(
+            PromptBatch(
+                clean=torch.tensor([p.clean_tokens for p in pairs]),
+                corrupt=torch.tensor([p.corrupt_tokens for p in pairs]),
+                answer=torch.tensor([p.answer for p in pairs]),
+                wrong=torch.tensor([p.wrong for p in pairs]),
+            )
+        )
+    return batches
+
+
+def logit_diff(
+    logits: Float[torch.Tensor, "batch pos d_vocab"],
+    answer: Int[torch.Tensor, " batch"],
+    wrong: Int[torch.Tensor, " batch"],
+) -> Float[torch.Tensor, " batch"]:
+    """Per prompt: logit(answer) - logit(wrong) at the last position."""
+    last = logits[:, -1, :]
+    return last.gather(1, answer[:, None])[:, 0] - last.gather(1, wrong[:, None])[:, 0]
+
+
+def repeat_rows(batch_values: torch.Tensor, copies: int) -> torch.Tensor:
+    """[b, ...] -> [copies * b, ...], copy-major (rows k*b .. k*b+b-1 are copy k)."""
+    return batch_values.repeat(copies, *([1] * (batch_values.dim() - 1)))

@@ -1,0 +1,260 @@
+"""Attention-head attribution: which heads carry the clean-vs-corrupt difference of a task?
+
+Four methods, each giving one score per attention head (`a{L}.h{H}`):
+
+* `dla` — direct logit attribution. On the clean prompts, the output of each head at the last
+  position, divided by the final layer norm's scale (and centred, as the folded layer norm does),
+  is projected onto the unembedding direction `W_U[:, answer] - W_U[:, wrong]`. It measures the
+  head's *direct* contribution to the logit difference, in logit units, ignoring every path
+  through later layers. It also defines head -> `logits` edges with the same scores.
+
+* `act_patch_denoise` / `act_patch_noise` — exact activation patching of a head's output
+  (`hook_z`, all positions at once). Denoising runs the corrupt prompts with one head's clean
+  output patched in; noising runs the clean prompts with one head's corrupt output. Scores are
+  normalised so 1 is the whole clean-vs-corrupt gap:
+  `(m_patched - m_corrupt) / (m_clean - m_corrupt)` and `(m_clean - m_patched) / (m_clean -
+  m_corrupt)`. This gives the same numbers as `transformer_lens.patching`'s
+  `get_act_patch_attn_head_out_all_pos` but with less work: a patch at layer L cannot change
+  anything before L, so each patched run starts from the cached residual stream at layer L
+  (`start_at_layer`), and the patches of all heads of a layer run as one batch.
+
+* `attr_patch` — attribution patching (Nanda 2023): the first-order Taylor approximation of
+  denoising, `(z_clean - z_corrupt) . d metric / d z` evaluated on the corrupt run, for every
+  head from two forward passes and one backward pass. Normalised like `act_patch_denoise`.
+  The same gradients give edge scores in the style of edge attribution patching (Syed et al.
+  2023): for a source (the embeddings, `input`, or a head's output) and a destination (a later
+  head's query, key or value input, `a{L}.h{H}<q|k|v>`, or the final residual, `logits`), the
+  score is `(src_clean - src_corrupt) . d metric / d dst_input`, normalised by the gap.
+
+The metric is the mean over prompts of `logit(answer) - logit(wrong)` at the last position.
+"""
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from workbench.attribution.batches import PromptBatch, logit_diff, repeat_rows
+
+
+@dataclass
+class HeadScores:
+    """Scores of one method: `scores[layer, head]` plus the edges the method defines."""
+
+    method: str
+    scores: Float[torch.Tensor, "n_layers n_heads"]
+    metric_clean: float
+    metric_corrupt: float
+    edges: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def head_node(layer: int, head: int, port: str = "") -> str:
+    return f"a{layer}.h{head}" + (f"<{port}>" if port else "")
+
+
+def _metric_gap(m_clean: float, m_corrupt: float) -> float:
+    gap = m_clean - m_corrupt
+    if abs(gap) < 1e-8:
+        raise ValueError(
+            f"the clean and corrupt metrics are equal ({m_clean:.6g}): normalised scores are "
+            "undefined for this model and task"
+        )
+    return gap
+
+
+@torch.no_grad()
+def clean_and_corrupt_metrics(
+    model: HookedTransformer, batches: list[PromptBatch]
+) -> tuple[float, float]:
+    n = sum(b.size for b in batches)
+    m_clean = sum(float(logit_diff(model(b.clean), b.answer, b.wrong).sum()) for b in batches)
+    m_corr = sum(float(logit_diff(model(b.corrupt), b.answer, b.wrong).sum()) for b in batches)
+    return m_clean / n, m_corr / n
+
+
+@torch.no_grad()
+def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
+    cfg = model.cfg
+    n = sum(b.size for b in batches)
+    total = torch.zeros(cfg.n_layers, cfg.n_heads)
+    metrics = [0.0, 0.0]
+    for batch in batches:
+        names = lambda name: name.endswith("hook_z") or name == "ln_final.hook_scale"  # noqa: E731
+        logits, cache = model.run_with_cache(batch.clean, names_filter=names)
+        metrics[0] += float(logit_diff(logits, batch.answer, batch.wrong).sum())
+        metrics[1] += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
+        direction = model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]  # [d_model, b]
+        scale = cache["ln_final.hook_scale"][:, -1]  # [b, 1]
+        for layer in range(cfg.n_layers):
+            z_last = cache["z", layer][:, -1]  # [b, head, d_head]
+            out = torch.einsum("bhe,hed->bhd", z_last, model.W_O[layer])
+            if cfg.normalization_type in ("LN", "LNPre"):
+                out = out - out.mean(-1, keepdim=True)
+            out = out / scale[:, None, :]
+            total[layer] += torch.einsum("bhd,db->h", out, direction)
+    scores = total / n
+    edges = [
+        (head_node(layer, head), "logits", float(scores[layer, head]))
+        for layer in range(cfg.n_layers)
+        for head in range(cfg.n_heads)
+    ]
+    return HeadScores("dla", scores, metrics[0] / n, metrics[1] / n, edges)
+
+
+@torch.no_grad()
+def head_out_patching(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    *,
+    direction: Literal["denoise", "noise"],
+    max_rows: int = 512,
+) -> HeadScores:
+    """Exact patching of every head's output (all positions), batched per layer."""
+    cfg = model.cfg
+    n = sum(b.size for b in batches)
+    patched_sum = torch.zeros(cfg.n_layers, cfg.n_heads)
+    m_clean = m_corrupt = 0.0
+    for batch in tqdm(batches, desc=f"act_patch_{direction}", leave=False):
+        names = lambda name: name.endswith(("hook_z", "hook_resid_pre"))  # noqa: E731
+        clean_logits, clean_cache = model.run_with_cache(batch.clean, names_filter=names)
+        corr_logits, corr_cache = model.run_with_cache(batch.corrupt, names_filter=names)
+        m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
+        m_corrupt += float(logit_diff(corr_logits, batch.answer, batch.wrong).sum())
+        base, source = (corr_cache, clean_cache) if direction == "denoise" else (clean_cache, corr_cache)
+        for layer in range(cfg.n_layers):
+            patched_sum[layer] += _patch_layer_heads(
+                model, batch, layer, base["resid_pre", layer], source["z", layer], max_rows
+            )
+    m_clean, m_corrupt = m_clean / n, m_corrupt / n
+    gap = _metric_gap(m_clean, m_corrupt)
+    patched = patched_sum / n
+    if direction == "denoise":
+        scores = (patched - m_corrupt) / gap
+    else:
+        scores = (m_clean - patched) / gap
+    return HeadScores(f"act_patch_{direction}", scores, m_clean, m_corrupt)
+
+
+def _patch_layer_heads(
+    model: HookedTransformer,
+    batch: PromptBatch,
+    layer: int,
+    resid_pre: Float[torch.Tensor, "batch pos d_model"],
+    source_z: Float[torch.Tensor, "batch pos head d_head"],
+    max_rows: int,
+) -> Float[torch.Tensor, " head"]:
+    """Sum over prompts of the metric with each head of `layer` patched, one batch per chunk."""
+    n_heads = model.cfg.n_heads
+    per_chunk = max(1, max_rows // batch.size)
+    sums = torch.zeros(n_heads)
+    for first in range(0, n_heads, per_chunk):
+        heads = list(range(first, min(n_heads, first + per_chunk)))
+        k = len(heads)
+        mask = torch.zeros(k, 1, 1, n_heads, 1, dtype=resid_pre.dtype)
+        for row, head in enumerate(heads):
+            mask[row, :, :, head] = 1.0
+
+        def patch_z(z: torch.Tensor, hook: object, mask: torch.Tensor = mask, k: int = k):
+            z = z.view(k, batch.size, *z.shape[1:])
+            z = z * (1 - mask) + source_z.unsqueeze(0) * mask
+            return z.view(k * batch.size, *z.shape[2:])
+
+        logits = model.run_with_hooks(
+            repeat_rows(resid_pre, k),
+            start_at_layer=layer,
+            fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch_z)],
+        )
+        diffs = logit_diff(logits, repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k))
+        sums[heads] = diffs.view(k, batch.size).sum(1)
+    return sums
+
+
+@contextmanager
+def _split_qkv_inputs(model: HookedTransformer):
+    previous = bool(model.cfg.use_split_qkv_input)
+    model.set_use_split_qkv_input(True)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(previous)
+
+
+def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
+    """Attribution patching of every head, plus edge scores from the same pass."""
+    cfg = model.cfg
+    n = sum(b.size for b in batches)
+    L, H = cfg.n_layers, cfg.n_heads
+    node_sum = torch.zeros(L, H)
+    src_names = ["input"] + [head_node(layer, h) for layer in range(L) for h in range(H)]
+    dst_names = [head_node(layer, h, p) for layer in range(L) for p in "qkv" for h in range(H)]
+    dst_names.append("logits")
+    edge_sum = torch.zeros(len(src_names), len(dst_names))
+    m_clean = m_corrupt = 0.0
+    with _split_qkv_inputs(model):
+        for batch in tqdm(batches, desc="attr_patch", leave=False):
+            with torch.no_grad():
+                names = lambda name: name.endswith("hook_z") or name == "blocks.0.hook_resid_pre"  # noqa: E731
+                clean_logits, clean_cache = model.run_with_cache(batch.clean, names_filter=names)
+            m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
+            corrupt_acts = _forward_backward(model, batch, n)
+            m_corrupt += corrupt_acts.pop("metric_sum").item()
+            src_delta = [clean_cache["blocks.0.hook_resid_pre"] - corrupt_acts["blocks.0.hook_resid_pre"]]
+            for layer in range(L):
+                dz = clean_cache["z", layer] - corrupt_acts[f"blocks.{layer}.attn.hook_z"]
+                grad_z = corrupt_acts[f"blocks.{layer}.attn.hook_z.grad"]
+                node_sum[layer] += (dz * grad_z).sum((0, 1, 3))
+                src_delta.append(torch.einsum("bphe,hed->hbpd", dz, model.W_O[layer]))
+            sources = torch.cat([src_delta[0][None], *src_delta[1:]])  # [n_src, b, p, d]
+            grads = [
+                corrupt_acts[f"blocks.{layer}.hook_{p}_input.grad"].permute(2, 0, 1, 3)
+                for layer in range(L)
+                for p in "qkv"
+            ]
+            grads.append(corrupt_acts[f"blocks.{L - 1}.hook_resid_post.grad"][None])
+            edge_sum += torch.einsum("sbpd,tbpd->st", sources, torch.cat(grads))
+    m_clean, m_corrupt = m_clean / n, m_corrupt / n
+    gap = _metric_gap(m_clean, m_corrupt)
+    scores = node_sum / gap
+    edge_scores = edge_sum / gap
+    edges = []
+    for s, src in enumerate(src_names):
+        src_layer = -1 if src == "input" else int(src[1 : src.index(".")])
+        for t, dst in enumerate(dst_names):
+            dst_layer = L if dst == "logits" else int(dst[1 : dst.index(".")])
+            if src_layer < dst_layer:
+                edges.append((src, dst, float(edge_scores[s, t])))
+    return HeadScores("attr_patch", scores, m_clean, m_corrupt, edges)
+
+
+def _forward_backward(
+    model: HookedTransformer, batch: PromptBatch, n_total: int
+) -> dict[str, torch.Tensor]:
+    """Corrupt forward pass keeping the activations and gradients attribution needs."""
+    L = model.cfg.n_layers
+    wanted = {"blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post"}
+    for layer in range(L):
+        wanted.add(f"blocks.{layer}.attn.hook_z")
+        wanted |= {f"blocks.{layer}.hook_{p}_input" for p in "qkv"}
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: object) -> None:
+        act.retain_grad()
+        store[hook.name] = act  # type: ignore[attr-defined]
+
+    hooks: list[tuple[str | Callable[[str], bool], Callable[..., None]]] = [
+        (name, keep) for name in sorted(wanted)
+    ]
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(batch.corrupt)
+        diffs = logit_diff(logits, batch.answer, batch.wrong)
+        (diffs.sum() / n_total).backward()
+    model.zero_grad(set_to_none=True)
+    out = {name: act.detach() for name, act in store.items()}
+    out |= {f"{name}.grad": act.grad.detach() for name, act in store.items() if act.grad is not None}
+    out["metric_sum"] = diffs.detach().sum()
+    return out

@@ -1,0 +1,185 @@
+"""The `workbench` command line (DESIGN.md, "Command line").
+
+Exit status: 0 done, 1 a run failed (recorded in `runs`), 2 bad usage or bad input. Errors are
+one sentence naming the bad thing, never a traceback.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from workbench.errors import BadInput
+
+logger = logging.getLogger("workbench")
+
+app = typer.Typer(
+    help="Circuit Workbench: find circuits in transformer language models and query them in SQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+zoo_app = typer.Typer(help="Train the zoo's small models with known circuits.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_MAIN = REPO_ROOT / "app" / "main.py"
+DEFAULT_ZOO = Path("data") / "zoo"
+
+DbOption = Annotated[
+    str | None, typer.Option("--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb).")
+]
+
+
+class Pipeline(str, Enum):
+    heads = "heads"
+    all = "all"
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+@zoo_app.command("train")
+def zoo_train(
+    task: Annotated[str, typer.Argument(help="Zoo task: induction.")],
+    out: Annotated[Path, typer.Option(help="Output directory; checkpoints go to OUT/TASK/step_N.")] = DEFAULT_ZOO,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 1000,
+    save_every: Annotated[int, typer.Option(help="Save a checkpoint every K steps.")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed (training is deterministic given it).")] = 0,
+) -> None:
+    """Train a zoo model, saving checkpoints along the way."""
+    from workbench.zoo import TrainConfig, train_zoo_model
+
+    cfg = TrainConfig(task=task, out=str(out), steps=steps, save_every=save_every, seed=seed)
+    written = train_zoo_model(cfg)
+    typer.echo(f"wrote {len(written)} checkpoints to {out / task}")
+
+
+@app.command("run")
+def run(
+    pipeline: Annotated[Pipeline, typer.Argument(help="heads, or all.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")],
+    task: Annotated[str, typer.Option("--task", help="Built-in task name or a JSONL task file.")],
+    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
+    method: Annotated[list[str] | None, typer.Option("--method", help="Method(s) to run (default: all).")] = None,
+    db: DbOption = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-run even if an identical run is stored.")] = False,
+    n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
+) -> int:
+    """Run a pipeline over one or more checkpoints and store the results."""
+    from pipelines import heads
+
+    cfg = heads.HeadsConfig(
+        model=model, task=task, checkpoint=checkpoint, db=db, force=force, n_prompts=n_prompts
+    )
+    if method:
+        cfg.methods = method
+    outcomes = heads.run(cfg)
+    for o in outcomes:
+        detail = f" ({o.error})" if o.error else ""
+        typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+@app.command("sql")
+def sql(
+    query: Annotated[str, typer.Argument(help="A SQL query over the store (read-only).")],
+    format: Annotated[OutputFormat, typer.Option("--format", help="table, csv or json.")] = OutputFormat.table,
+    db: DbOption = None,
+) -> None:
+    """Run a read-only SQL query and print the result."""
+    from workbench.store.query import format_table, run_readonly_query
+
+    table = run_readonly_query(query, db=db)
+    typer.echo(format_table(table, format.value), nl=False)
+
+
+@app.command("app")
+def app_command(db: DbOption = None, port: Annotated[int, typer.Option(help="Port.")] = 8501) -> int:
+    """Start the Streamlit app (streamlit run app/main.py)."""
+    return _start_app(db, port)
+
+
+def _start_app(db: str | None, port: int) -> int:
+    from workbench.store import default_db_path
+
+    env = {**os.environ, "WORKBENCH_DB": str(default_db_path(db).resolve())}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN), "--server.port", str(port)]
+    cmd += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    typer.echo(f"starting the app on http://localhost:{port} (Ctrl-C to stop)")
+    return subprocess.call(cmd, env=env)
+
+
+@app.command("demo")
+def demo(
+    no_app: Annotated[bool, typer.Option("--no-app", help="Do not start the app at the end.")] = False,
+    db: DbOption = None,
+    zoo_dir: Annotated[Path, typer.Option(help="Where the zoo checkpoints live.")] = DEFAULT_ZOO,
+    port: Annotated[int, typer.Option(help="App port.")] = 8501,
+) -> int:
+    """The embedded default end to end: zoo, every pipeline on every checkpoint, then the app."""
+    from pipelines import heads
+    from workbench.zoo import TrainConfig, train_zoo_model
+
+    started = time.perf_counter()
+    status = 0
+    for task in ("induction",):
+        run_dir = zoo_dir / task
+        if not any(run_dir.glob("step_*")):
+            typer.echo(f"training the {task} zoo model into {run_dir} ...")
+            train_zoo_model(TrainConfig(task=task, out=str(zoo_dir)))
+        outcomes = heads.run(heads.HeadsConfig(model=str(run_dir), task=task, checkpoint="all", db=db))
+        done = sum(o.status == "done" for o in outcomes)
+        skipped = sum(o.status == "skipped" for o in outcomes)
+        failed = [o for o in outcomes if o.status == "failed"]
+        typer.echo(f"{task}: {done} runs stored, {skipped} already stored, {len(failed)} failed")
+        status = 1 if failed else status
+    typer.echo(f"demo pipelines finished in {time.perf_counter() - started:.1f} s")
+    if no_app:
+        return status
+    return _start_app(db, port) or status
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """Run the command line on `argv`; returns the exit status."""
+    _configure_logging()
+    try:
+        result = app(args=argv, prog_name="workbench", standalone_mode=False)
+    except BadInput as err:
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.UsageError as err:
+        typer.echo(f"error: {err.format_message()}", err=True)
+        return 2
+    except click.exceptions.Exit as err:
+        return int(err.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except Exception as err:  # an internal error: one sentence, the traceback in the debug log
+        logger.debug("unexpected error", exc_info=True)
+        typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("WORKBENCH_LOG", "INFO").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main() -> None:
+    sys.exit(cli())
+

@@ -1,0 +1,133 @@
+"""Arrow rows for the store, built from loaded models, tasks and method results.
+
+The bridge between compute and store: it knows both vocabularies but imports neither torch
+model code nor duckdb.
+"""
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from workbench.models.base import CheckpointInfo, ModelInfo
+from workbench.tasks.spec import Task
+
+
+def model_rows(info: ModelInfo) -> pa.Table:
+    row = {
+        "model_id": info.model_id,
+        "source": info.source,
+        "architecture": info.architecture,
+        "n_layers": info.n_layers,
+        "n_heads": info.n_heads,
+        "d_model": info.d_model,
+        "d_vocab": info.d_vocab,
+        "config": json.dumps(info.config, sort_keys=True, default=str),
+    }
+    return pa.Table.from_pylist([row])
+
+
+def checkpoint_rows(ckpt: CheckpointInfo) -> pa.Table:
+    row = {
+        "checkpoint_id": ckpt.checkpoint_id,
+        "model_id": ckpt.model_id,
+        "step": ckpt.step,
+        "path": ckpt.path,
+        "sha256": ckpt.sha256,
+    }
+    return pa.Table.from_pylist([row])
+
+
+def task_rows(task: Task) -> pa.Table:
+    row = {
+        "task_id": task.task_id,
+        "name": task.name,
+        "source": task.source,
+        "metric": task.metric,
+        "n_prompts": len(task.pairs),
+        "sha256": task.sha256,
+        "spec": json.dumps(task.spec, sort_keys=True),
+    }
+    return pa.Table.from_pylist([row])
+
+
+def prompt_rows(task: Task) -> pa.Table:
+    ints = pa.list_(pa.int32())
+    return pa.table(
+        {
+            "task_id": pa.array([task.task_id] * len(task.pairs), pa.string()),
+            "idx": pa.array(range(len(task.pairs)), pa.int32()),
+            "clean_tokens": pa.array([p.clean_tokens for p in task.pairs], ints),
+            "corrupt_tokens": pa.array([p.corrupt_tokens for p in task.pairs], ints),
+            "answer": pa.array([p.answer for p in task.pairs], pa.int32()),
+            "wrong": pa.array([p.wrong for p in task.pairs], pa.int32()),
+            "clean_text": pa.array([p.clean_text for p in task.pairs], pa.string()),
+            "corrupt_text": pa.array([p.corrupt_text for p in task.pairs], pa.string()),
+        }
+    )
+
+
+PORT_LABELS = {"q": "query input", "k": "key input", "v": "value input", "pattern": "pattern"}
+
+
+def head_graph_nodes(model_id: str, n_layers: int, n_heads: int) -> pa.Table:
+    """The `input`, head, head-port and `logits` nodes of a model's head graph."""
+    rows: list[dict[str, Any]] = [_node(model_id, "input", "input", None, None, "embeddings")]
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            base = f"a{layer}.h{head}"
+            rows.append(_node(model_id, base, "attn_head", layer, head, f"L{layer}H{head}"))
+            for port, label in PORT_LABELS.items():
+                node_id = f"{base}<{port}>"
+                rows.append(_node(model_id, node_id, "attn_head", layer, head, f"{base} {label}"))
+    rows.append(_node(model_id, "logits", "logits", n_layers, None, "logits"))
+    return pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
+
+
+NODE_SCHEMA = pa.schema(
+    [
+        ("model_id", pa.string()),
+        ("node_id", pa.string()),
+        ("kind", pa.string()),
+        ("layer", pa.int32()),
+        ("head", pa.int32()),
+        ("sae_id", pa.string()),
+        ("feature", pa.int32()),
+        ("label", pa.string()),
+    ]
+)
+
+
+def _node(
+    model_id: str, node_id: str, kind: str, layer: int | None, head: int | None, label: str
+) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "node_id": node_id,
+        "kind": kind,
+        "layer": layer,
+        "head": head,
+        "sae_id": None,
+        "feature": None,
+        "label": label,
+    }
+
+
+def node_score_rows(node_ids: list[str], scores: list[float], positions: list[int | None] | None = None) -> pa.Table:
+    return pa.table(
+        {
+            "node_id": pa.array(node_ids, pa.string()),
+            "position": pa.array(positions or [None] * len(node_ids), pa.int32()),
+            "score": pa.array(scores, pa.float64()),
+        }
+    )
+
+
+def edge_rows(edges: list[tuple[str, str, float]]) -> pa.Table:
+    return pa.table(
+        {
+            "src": pa.array([e[0] for e in edges], pa.string()),
+            "dst": pa.array([e[1] for e in edges], pa.string()),
+            "score": pa.array([e[2] for e in edges], pa.float64()),
+        }
+    )

@@ -1,0 +1,231 @@
+"""`Store`: the one writer of the DuckDB file, and read-only query access for everyone else.
+
+Writes of a run happen in one transaction: the run row, its node scores and edges, and the
+model, checkpoint, task and prompt rows it refers to. Readers see all of a run or none of it,
+and a process killed mid-run leaves nothing behind. Rows arrive as Arrow tables and are inserted
+in bulk (`INSERT ... SELECT` from a registered Arrow table), never row by row.
+"""
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from workbench import __version__
+from workbench.errors import BadInput
+from workbench.store.schema import MIGRATIONS, RUN_TABLES, SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DB = Path("data") / "workbench.duckdb"
+LOCK_WAIT_SECONDS = 30.0
+
+
+def default_db_path(db: str | os.PathLike[str] | None = None) -> Path:
+    """`--db`, else `$WORKBENCH_DB`, else `data/workbench.duckdb`."""
+    if db:
+        return Path(db)
+    env = os.environ.get("WORKBENCH_DB")
+    return Path(env) if env else DEFAULT_DB
+
+
+@dataclass
+class RunRecord:
+    """One run's metadata; the rows it produced travel as Arrow tables beside it."""
+
+    run_key: str
+    pipeline: str
+    method: str
+    checkpoint_id: str
+    task_id: str
+    params: dict[str, Any]
+    started_at: datetime
+    status: str = "done"
+    error: str | None = None
+    metric_clean: float | None = None
+    metric_corrupt: float | None = None
+    finished_at: datetime | None = None
+    run_id: str = field(default_factory=lambda: "r" + uuid.uuid4().hex[:12])
+
+
+def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as err:
+            if "lock" not in str(err).lower() or time.monotonic() > deadline:
+                raise BadInput(f"{path}: cannot open the database ({err})") from err
+            time.sleep(0.2)
+
+
+class Store:
+    """A DuckDB circuit store. Open with `read_only=True` for queries."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, read_only: bool = False):
+        self.path = default_db_path(path)
+        if read_only and not self.path.exists():
+            raise BadInput(f"{self.path}: no database here yet (run a pipeline first)")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
+        self.con = _connect(self.path, read_only)
+        if read_only:
+            self._check_version()
+        else:
+            self.migrate()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- schema -------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        exists = self.con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = self.con.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _check_version(self) -> int:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise BadInput(
+                f"{self.path}: database schema v{version} is newer than this workbench "
+                f"(v{SCHEMA_VERSION}); upgrade the workbench"
+            )
+        return version
+
+    def migrate(self) -> None:
+        version = self._check_version()
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction():
+            self.con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER, applied_at TIMESTAMP)"
+            )
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[target]:
+                    self.con.execute(statement)
+                self.con.execute(
+                    "INSERT INTO schema_version VALUES (?, current_timestamp)", [target]
+                )
+                logger.info("migrated %s to schema v%d", self.path, target)
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield self.con
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # --- reads --------------------------------------------------------------------------
+    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
+        relation = self.con.sql(sql, params=params) if params else self.con.sql(sql)
+        if relation is None:  # a statement without a result set
+            return pa.table({})
+        return relation.to_arrow_table()
+
+    def done_run(self, run_key: str) -> str | None:
+        row = self.con.execute(
+            "SELECT run_id FROM runs WHERE run_key = ? AND status = 'done' LIMIT 1", [run_key]
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    # --- writes -------------------------------------------------------------------------
+    def write_run(
+        self,
+        run: RunRecord,
+        *,
+        registry: dict[str, pa.Table],
+        rows: dict[str, pa.Table],
+        replace: bool = False,
+    ) -> str:
+        """Write a run and everything it refers to in one transaction.
+
+        `registry` holds rows for `models`, `checkpoints`, `tasks`, `prompts` and `nodes`,
+        inserted only where their keys are new. `rows` holds the run's own rows
+        (`node_scores`, `edges`), each with a `run_id` column filled in here.
+        With `replace`, finished or failed runs with the same `run_key` are deleted first.
+        """
+        run.finished_at = run.finished_at or datetime.now(UTC).replace(tzinfo=None)
+        with self.transaction() as con:
+            if replace:
+                self._delete_runs(con, run.run_key)
+            else:
+                con.execute("DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key])
+            for table, data in registry.items():
+                self._insert(con, table, data, ignore_existing=True)
+            self._insert(con, "runs", self._run_table(run))
+            for table, data in rows.items():
+                if data.num_rows:
+                    run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
+                    self._insert(con, table, data.add_column(0, "run_id", run_ids))
+        return run.run_id
+
+    def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
+        run.status = "failed"
+        return self.write_run(run, registry=registry, rows={})
+
+    @staticmethod
+    def _delete_runs(con: duckdb.DuckDBPyConnection, run_key: str) -> None:
+        old = "SELECT run_id FROM runs WHERE run_key = ?"
+        for table in RUN_TABLES:
+            con.execute(f"DELETE FROM {table} WHERE run_id IN ({old})", [run_key])
+        con.execute("DELETE FROM runs WHERE run_key = ?", [run_key])
+
+    @staticmethod
+    def _insert(
+        con: duckdb.DuckDBPyConnection, table: str, data: pa.Table, ignore_existing: bool = False
+    ) -> None:
+        view = f"_incoming_{table}"
+        con.register(view, data)
+        try:
+            columns = ", ".join(data.column_names)
+            verb = "INSERT OR IGNORE" if ignore_existing else "INSERT"
+            con.execute(f"{verb} INTO {table} ({columns}) SELECT {columns} FROM {view}")
+        finally:
+            con.unregister(view)
+
+    @staticmethod
+    def _run_table(run: RunRecord) -> pa.Table:
+        return pa.Table.from_pylist(
+            [
+                {
+                    "run_id": run.run_id,
+                    "run_key": run.run_key,
+                    "pipeline": run.pipeline,
+                    "method": run.method,
+                    "checkpoint_id": run.checkpoint_id,
+                    "task_id": run.task_id,
+                    "params": json.dumps(run.params, sort_keys=True),
+                    "status": run.status,
+                    "error": run.error,
+                    "metric_clean": run.metric_clean,
+                    "metric_corrupt": run.metric_corrupt,
+                    "started_at": run.started_at,
+                    "finished_at": run.finished_at,
+                    "code_version": __version__,
+                }
+            ]
+        )

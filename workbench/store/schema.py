@@ -1,0 +1,55 @@
+"""Schema v1 (DESIGN.md, "DuckDB schema") and forward migrations.
+
+`MIGRATIONS[v]` holds the statements that take a database from version v-1 to v. A database is
+migrated forward when opened for writing; a database newer than this code is refused.
+Large tables (`node_scores`, `edges`, `circuit_edges`, `feature_examples`) have no index so that
+bulk inserts stay fast; DuckDB's zone maps serve the usual filters by `run_id`.
+"""
+
+SCHEMA_V1 = [
+    """CREATE TABLE models (
+        model_id VARCHAR PRIMARY KEY, source VARCHAR, architecture VARCHAR,
+        n_layers INTEGER, n_heads INTEGER, d_model INTEGER, d_vocab INTEGER, config JSON)""",
+    """CREATE TABLE checkpoints (
+        checkpoint_id VARCHAR PRIMARY KEY, model_id VARCHAR, step BIGINT, path VARCHAR,
+        sha256 VARCHAR, registered_at TIMESTAMP DEFAULT current_timestamp)""",
+    """CREATE TABLE tasks (
+        task_id VARCHAR PRIMARY KEY, name VARCHAR, source VARCHAR, metric VARCHAR,
+        n_prompts INTEGER, sha256 VARCHAR, spec JSON)""",
+    """CREATE TABLE prompts (
+        task_id VARCHAR, idx INTEGER, clean_tokens INTEGER[], corrupt_tokens INTEGER[],
+        answer INTEGER, wrong INTEGER, clean_text VARCHAR, corrupt_text VARCHAR,
+        PRIMARY KEY (task_id, idx))""",
+    """CREATE TABLE runs (
+        run_id VARCHAR PRIMARY KEY, run_key VARCHAR, pipeline VARCHAR, method VARCHAR,
+        checkpoint_id VARCHAR, task_id VARCHAR, params JSON, status VARCHAR, error VARCHAR,
+        metric_clean DOUBLE, metric_corrupt DOUBLE, started_at TIMESTAMP,
+        finished_at TIMESTAMP, code_version VARCHAR)""",
+    """CREATE TABLE nodes (
+        model_id VARCHAR, node_id VARCHAR, kind VARCHAR, layer INTEGER, head INTEGER,
+        sae_id VARCHAR, feature INTEGER, label VARCHAR, PRIMARY KEY (model_id, node_id))""",
+    """CREATE TABLE node_scores (
+        run_id VARCHAR, node_id VARCHAR, position INTEGER, score DOUBLE)""",
+    """CREATE TABLE edges (run_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE)""",
+    """CREATE TABLE circuits (
+        circuit_id VARCHAR PRIMARY KEY, run_id VARCHAR, name VARCHAR, rule VARCHAR,
+        n_nodes INTEGER, n_edges INTEGER, faithfulness DOUBLE,
+        created_at TIMESTAMP DEFAULT current_timestamp)""",
+    """CREATE TABLE circuit_edges (circuit_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE)""",
+    """CREATE TABLE saes (
+        sae_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, hook VARCHAR, architecture VARCHAR,
+        d_in INTEGER, d_sae INTEGER, path VARCHAR, l0 DOUBLE, explained_variance DOUBLE,
+        ce_loss_recovered DOUBLE)""",
+    """CREATE TABLE features (
+        sae_id VARCHAR, feature INTEGER, density DOUBLE, max_activation DOUBLE,
+        mean_activation DOUBLE, top_logits JSON)""",
+    """CREATE TABLE feature_examples (
+        sae_id VARCHAR, feature INTEGER, rank INTEGER, source VARCHAR, token_ids INTEGER[],
+        tokens VARCHAR[], position INTEGER, activation DOUBLE)""",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+# Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
+RUN_TABLES = ("node_scores", "edges")

@@ -1,0 +1,56 @@
+"""Built-in tasks, generated for the model at hand.
+
+`induction`: clean = `<bos>` + a segment A of distinct random tokens + the first `prefix`
+tokens of A again; the answer is the next token of A. Corrupt = the same with the first copy
+replaced by another segment B (the repeat broken); the wrong token is B's token at the answer's
+place. Only an induction mechanism ([A][B] ... [A] -> [B]) separates the two. The period is
+one the zoo never trained on (`workbench.zoo.induction.HELD_OUT_PERIODS`).
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from workbench.models.base import LoadedModel
+from workbench.tasks.spec import PromptPair, Task
+
+INDUCTION_PERIOD = 8
+INDUCTION_PREFIX = 5
+INDUCTION_PROMPTS = 32
+
+
+def _ordinary_token_ids(model: LoadedModel) -> torch.Tensor:
+    if model.tokenizer is None:
+        return torch.arange(model.info.d_vocab)
+    special = set(model.tokenizer.all_special_ids)
+    vocab_ids = sorted(i for i in model.tokenizer.get_vocab().values() if i < model.info.d_vocab)
+    return torch.tensor([i for i in vocab_ids if i not in special])
+
+
+def induction_task(model: LoadedModel, *, n_prompts: int | None = None, seed: int = 0) -> Task:
+    n = n_prompts or INDUCTION_PROMPTS
+    period, prefix = INDUCTION_PERIOD, INDUCTION_PREFIX
+    ids = _ordinary_token_ids(model)
+    generator = torch.Generator().manual_seed(seed)
+    bos = [model.bos_token_id] if model.prepend_bos and model.bos_token_id is not None else []
+    pairs = []
+    for _ in range(n):
+        perm = ids[torch.randperm(ids.numel(), generator=generator)[: 2 * period]].tolist()
+        seg_a, seg_b = perm[:period], perm[period:]
+        clean = bos + seg_a + seg_a[:prefix]
+        corrupt = bos + seg_b + seg_a[:prefix]
+        pairs.append(
+            PromptPair(
+                clean_tokens=clean,
+                corrupt_tokens=corrupt,
+                answer=seg_a[prefix],
+                wrong=seg_b[prefix],
+                clean_text=model.decode(clean) if model.tokenizer is not None else None,
+                corrupt_text=model.decode(corrupt) if model.tokenizer is not None else None,
+            )
+        )
+    spec = {"period": period, "prefix": prefix, "n_prompts": n, "seed": seed}
+    return Task(name="induction", source="builtin:induction", pairs=pairs, spec=spec)
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"induction": induction_task}

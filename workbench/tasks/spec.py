@@ -1,0 +1,64 @@
+"""The task data model and `load_task`."""
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import BadInput
+from workbench.hashing import sha256_json
+from workbench.models.base import LoadedModel
+
+METRIC = "logit_diff"  # mean over prompts of logit(answer) - logit(wrong) at the last position
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    clean_tokens: list[int]
+    corrupt_tokens: list[int]
+    answer: int
+    wrong: int
+    clean_text: str | None = None
+    corrupt_text: str | None = None
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str
+    pairs: list[PromptPair]
+    metric: str = METRIC
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sha256(self) -> str:
+        tokens = [(p.clean_tokens, p.corrupt_tokens, p.answer, p.wrong) for p in self.pairs]
+        return sha256_json({"metric": self.metric, "pairs": tokens})
+
+    @property
+    def task_id(self) -> str:
+        return f"{self.name}-{self.sha256[:8]}"
+
+    def length_groups(self, max_batch: int) -> list[list[int]]:
+        """Prompt indices grouped by token length, in batches of at most `max_batch`."""
+        by_len: dict[int, list[int]] = defaultdict(list)
+        for i, pair in enumerate(self.pairs):
+            by_len[len(pair.clean_tokens)].append(i)
+        groups = []
+        for length in sorted(by_len):
+            idx = by_len[length]
+            groups += [idx[i : i + max_batch] for i in range(0, len(idx), max_batch)]
+        return groups
+
+
+def load_task(name_or_path: str, model: LoadedModel, *, n_prompts: int | None = None) -> Task:
+    """A built-in task by name, or a JSONL task file, tokenized for `model`."""
+    from workbench.tasks import builtin, jsonl
+
+    if name_or_path in builtin.BUILTIN_TASKS:
+        return builtin.BUILTIN_TASKS[name_or_path](model, n_prompts=n_prompts)
+    path = Path(name_or_path).expanduser()
+    if path.suffix in {".jsonl", ".json"} or path.exists() or "/" in name_or_path:
+        return jsonl.read_task_file(path, model)
+    known = ", ".join(sorted(builtin.BUILTIN_TASKS))
+    raise BadInput(f"unknown task {name_or_path!r}: not a built-in task ({known}) or a JSONL file")
