@@ -84,7 +84,20 @@ def next_token_loss(
 
 
 def train_zoo_model(cfg: TrainConfig) -> list[Path]:
-    """Train the zoo model for `cfg.task`; returns the checkpoint directories written."""
+    """Train the zoo model for `cfg.task`; returns the checkpoint directories written.
+
+    Training runs on one CPU thread: multi-threaded reductions make the result depend on
+    scheduling, and the zoo must be identical for a given seed.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig) -> list[Path]:
     if cfg.task not in ZOO_TASKS:
         raise BadInput(f"unknown zoo task {cfg.task!r} (known: {', '.join(sorted(ZOO_TASKS))})")
     if cfg.steps < 1 or cfg.save_every < 1:

@@ -1,0 +1,34 @@
+"""Circuit Workbench app: `streamlit run app/main.py` (or `workbench app`).
+
+Read-only: it queries the DuckDB store that the pipelines write.
+"""
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app import data  # noqa: E402
+from app.views import circuit, heads, overview, sql_console  # noqa: E402
+
+VIEWS = {
+    "Overview": overview.render,
+    "Heads": heads.render,
+    "Circuit": circuit.render,
+    "SQL": sql_console.render,
+}
+
+st.set_page_config(page_title="Circuit Workbench", layout="wide")
+st.sidebar.title("Circuit Workbench")
+view = st.sidebar.radio("View", list(VIEWS), key="view")
+st.sidebar.caption(f"Database: `{data.db_path()}`")
+
+if not data.database_ready():
+    st.info(
+        f"No database at `{data.db_path()}` yet. Run `workbench demo --no-app` or "
+        "`workbench run heads --model ... --task ...` to fill it."
+    )
+else:
+    VIEWS[view]()

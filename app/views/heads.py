@@ -1,0 +1,72 @@
+"""Heads: a layer x head heatmap of any run's scores, with a checkpoint selector, and each
+head's score across checkpoints (the formation of the induction head over training)."""
+
+import numpy as np
+import plotly.express as px
+import streamlit as st
+
+from app.data import query
+from app.views.common import done_runs, select_model
+
+
+def render() -> None:
+    st.header("Attention heads")
+    model_id = select_model("heads_model")
+    if model_id is None:
+        return
+    runs = done_runs(model_id)
+    runs = runs[runs["pipeline"] == "heads"]
+    if runs.empty:
+        st.info("No head attribution runs for this model yet.")
+        return
+    c1, c2 = st.columns(2)
+    method = c1.selectbox("Method", sorted(runs["method"].unique()), key="heads_method")
+    runs = runs[runs["method"] == method]
+    task = c2.selectbox("Task", sorted(runs["task_id"].unique()), key="heads_task")
+    runs = runs[runs["task_id"] == task]
+    steps = sorted(runs["step"].unique().tolist())
+    step = st.select_slider("Checkpoint (training step)", options=steps, value=steps[-1], key="heads_step")
+    run = runs[runs["step"] == step].iloc[0]
+    scores = query(
+        """SELECT n.layer, n.head, s.score FROM node_scores s
+           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE s.run_id = ? AND n.kind = 'attn_head' AND s.position IS NULL
+             AND s.node_id NOT LIKE '%<%'""",
+        (run["run_id"],),
+    )
+    if scores.empty:
+        st.info("This run stored no head scores.")
+        return
+    n_layers, n_heads = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
+    grid = np.full((n_layers, n_heads), np.nan)
+    grid[scores["layer"], scores["head"]] = scores["score"]
+    bound = float(np.nanmax(np.abs(grid))) or 1.0
+    fig = px.imshow(
+        grid,
+        labels={"x": "head", "y": "layer", "color": "score"},
+        color_continuous_scale="RdBu",
+        zmin=-bound,
+        zmax=bound,
+        aspect="auto",
+        text_auto=".2f",
+    )
+    st.caption(
+        f"run `{run['run_id']}` · metric clean {run['metric_clean']:.3f}, corrupt {run['metric_corrupt']:.3f}"
+    )
+    st.plotly_chart(fig, key="heads_heatmap")
+    top = scores.assign(head_id=lambda d: "a" + d["layer"].astype(str) + ".h" + d["head"].astype(str))
+    st.dataframe(top.sort_values("score", ascending=False).head(10), hide_index=True)
+
+    st.subheader("Across checkpoints")
+    history = query(
+        """SELECT c.step, s.node_id, s.score FROM node_scores s
+           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? AND r.method = ? AND r.task_id = ? AND r.status = 'done'
+             AND s.position IS NULL AND s.node_id NOT LIKE '%<%'
+           ORDER BY c.step""",
+        (model_id, method, task),
+    )
+    st.plotly_chart(
+        px.line(history, x="step", y="score", color="node_id", markers=True), key="heads_history"
+    )

@@ -1,0 +1,45 @@
+"""Circuit graphs with networkx: layered layout of stored nodes and edges for drawing.
+
+Edges into a head's query, key or value input (`a1.h0<k>`) are drawn into the head itself and
+keep the port as an edge attribute.
+"""
+
+import re
+
+import networkx as nx
+
+HEAD = re.compile(r"^a(\d+)\.h(\d+)(?:<(\w+)>)?$")
+
+
+def split_port(node_id: str) -> tuple[str, str | None]:
+    match = HEAD.match(node_id)
+    if match and match.group(3):
+        return f"a{match.group(1)}.h{match.group(2)}", match.group(3)
+    return node_id, None
+
+
+def node_position(node_id: str, n_layers: int) -> tuple[float, float]:
+    """x = layer (input at -1, logits at n_layers), y = head index."""
+    match = HEAD.match(node_id)
+    if match:
+        return float(match.group(1)), float(match.group(2))
+    if node_id == "input":
+        return -1.0, 0.0
+    if node_id == "logits":
+        return float(n_layers), 0.0
+    mlp = re.match(r"^m(\d+)$", node_id)
+    if mlp:
+        return float(mlp.group(1)) + 0.5, -1.0
+    return float(n_layers) / 2, -2.0
+
+
+def build_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    for src, dst, score in edges:
+        head, port = split_port(dst)
+        if graph.has_edge(src, head):
+            graph[src][head]["score"] += score
+            graph[src][head]["ports"].append(port)
+        else:
+            graph.add_edge(src, head, score=score, ports=[port])
+    return graph
