@@ -219,15 +219,15 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
             edge_sum += torch.einsum("sbpd,tbpd->st", sources, torch.cat(grads))
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = _metric_gap(m_clean, m_corrupt)
-    scores = node_sum / gap
-    edge_scores = edge_sum / gap
+    scores = node_sum.detach() / gap
+    edge_scores = edge_sum.detach() / gap
     edges = []
     for s, src in enumerate(src_names):
         src_layer = -1 if src == "input" else int(src[1 : src.index(".")])
         for t, dst in enumerate(dst_names):
             dst_layer = L if dst == "logits" else int(dst[1 : dst.index(".")])
             if src_layer < dst_layer:
-                edges.append((src, dst, float(edge_scores[s, t])))
+                edges.append((src, dst, edge_scores[s, t].item()))
     return HeadScores("attr_patch", scores, m_clean, m_corrupt, edges)
 
 

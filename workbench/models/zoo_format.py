@@ -7,12 +7,12 @@ A checkpoint directory holds `config.json` (keyword arguments of `HookedTransfor
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from workbench.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
 
 ZOO_FILES = ("config.json", "model.safetensors", "meta.json")
 
@@ -25,11 +25,13 @@ def save_zoo_checkpoint(
     out: Path,
     *,
     cfg_kwargs: dict[str, Any],
-    state_dict: dict[str, torch.Tensor],
+    state_dict: "dict[str, torch.Tensor]",
     tokenizer: Any,
     meta: dict[str, Any],
 ) -> None:
     """Write one checkpoint directory atomically (to a temp dir, then renamed)."""
+    from safetensors.torch import save_file
+
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "config.json").write_text(json.dumps(cfg_kwargs, indent=2, sort_keys=True))
@@ -57,7 +59,9 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_zoo_weights(path: Path) -> dict[str, torch.Tensor]:
+def load_zoo_weights(path: Path) -> "dict[str, torch.Tensor]":
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path / "model.safetensors"))
     except Exception as err:  # safetensors raises its own error types

@@ -96,13 +96,18 @@ class Store:
 
     # --- schema -------------------------------------------------------------------------
     def schema_version(self) -> int:
-        exists = self.con.execute(
+        exists = self._scalar(
             "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
-        ).fetchone()
-        if not exists or not exists[0]:
+        )
+        if not exists:
             return 0
-        row = self.con.execute("SELECT max(version) FROM schema_version").fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        version = self._scalar("SELECT max(version) FROM schema_version")
+        return int(version) if version is not None else 0
+
+    def _scalar(self, sql: str, params: list[Any] | None = None) -> Any:
+        """The first value of a query's first row (None if no rows); the result is drained."""
+        rows = self.con.execute(sql, params or []).fetchall()
+        return rows[0][0] if rows else None
 
     def _check_version(self) -> int:
         version = self.schema_version()
@@ -147,10 +152,10 @@ class Store:
         return relation.to_arrow_table()
 
     def done_run(self, run_key: str) -> str | None:
-        row = self.con.execute(
+        run_id = self._scalar(
             "SELECT run_id FROM runs WHERE run_key = ? AND status = 'done' LIMIT 1", [run_key]
-        ).fetchone()
-        return str(row[0]) if row else None
+        )
+        return str(run_id) if run_id is not None else None
 
     # --- writes -------------------------------------------------------------------------
     def write_run(

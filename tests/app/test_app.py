@@ -1,0 +1,79 @@
+"""The Streamlit app, driven with Streamlit's AppTest on a database built by the pipeline."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from workbench.store import Store
+
+APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
+
+
+@pytest.fixture()
+def app(heads_db, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DB", str(heads_db))
+    from app import data
+
+    data.query.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def _show(at: AppTest, view: str) -> AppTest:
+    at.sidebar.radio(key="view").set_value(view).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+    return at
+
+
+def test_overview_lists_models_checkpoints_and_runs(app, heads_db):
+    at = _show(app, "Overview")
+    metrics = {m.label: m.value for m in at.metric}
+    with Store(heads_db, read_only=True) as store:
+        n_runs = store.query("SELECT count(*) AS n FROM runs")["n"][0].as_py()
+    assert metrics["checkpoints"] == "11" and metrics["runs done"] == str(n_runs)
+    models, checkpoints, runs = (df.value for df in at.dataframe)
+    assert len(models) == 1 and len(checkpoints) == 11 and len(runs) == n_runs
+
+
+def test_heads_view_shows_induction_head_at_top_of_final_checkpoint(app):
+    at = _show(app, "Heads")
+    at.selectbox(key="heads_method").set_value("act_patch_denoise").run()
+    assert at.select_slider(key="heads_step").value == 1000
+    top = at.dataframe[0].value.iloc[0]
+    assert int(top["layer"]) == 1  # an induction head leads the final checkpoint
+    at.select_slider(key="heads_step").set_value(0).run()
+    assert not at.exception
+    assert at.get("plotly_chart")  # heatmap and history are drawn
+
+
+def test_circuit_view_prunes_in_sql(app):
+    at = _show(app, "Circuit")
+    at.selectbox(key="circuit_method").set_value("attr_patch").run()
+    at.slider(key="circuit_k").set_value(5).run()
+    edges = at.dataframe[0].value
+    assert len(edges) == 5
+    assert edges["score"].abs().is_monotonic_decreasing
+    at.radio(key="circuit_mode").set_value("threshold").run()
+    threshold = at.slider(key="circuit_threshold").value
+    assert (at.dataframe[0].value["score"].abs() >= threshold).all()
+
+
+def test_sql_view_runs_examples_and_reports_errors(app):
+    at = _show(app, "SQL")
+    assert len(at.dataframe[0].value) == 5  # the default example: top 5 heads
+    at.selectbox(key="sql_example").set_value("Runs by method").run()
+    assert set(at.dataframe[0].value["method"]) == {"dla", "act_patch_denoise", "act_patch_noise", "attr_patch"}
+    key = "sql_text_Runs by method"
+    at.text_area(key=key).set_value("DROP TABLE runs").run()
+    assert at.error and "SQL error" in at.error[0].value
+
+
+def test_app_without_database_says_how_to_fill_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_DB", str(tmp_path / "none.duckdb"))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception
+    assert "workbench demo" in at.info[0].value

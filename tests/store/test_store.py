@@ -1,0 +1,166 @@
+"""The DuckDB store: schema, transactions, run keys, failures and crashes."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from pipelines import heads
+from workbench.errors import BadInput
+from workbench.store import SCHEMA_VERSION, RunRecord, Store
+
+TABLES = [
+    "models", "checkpoints", "tasks", "prompts", "runs", "nodes", "node_scores", "edges",
+    "circuits", "circuit_edges", "saes", "features", "feature_examples",
+]
+
+
+def counts(db) -> dict[str, int]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+    finally:
+        con.close()
+
+
+def test_new_database_has_schema_v1(tmp_path):
+    db = tmp_path / "w.duckdb"
+    Store(db).close()
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    con.close()
+    assert set(TABLES) <= tables
+    Store(db).close()  # opening again migrates nothing and keeps one version row
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    con.close()
+
+
+def test_newer_database_is_refused(tmp_path):
+    db = tmp_path / "w.duckdb"
+    Store(db).close()
+    con = duckdb.connect(str(db))
+    con.execute("INSERT INTO schema_version VALUES (99, current_timestamp)")
+    con.close()
+    with pytest.raises(BadInput, match="schema v99 is newer"):
+        Store(db)
+
+
+def test_read_only_store_needs_an_existing_file(tmp_path):
+    with pytest.raises(BadInput, match="no database here yet"):
+        Store(tmp_path / "absent.duckdb", read_only=True)
+
+
+def _record(key: str = "k1") -> RunRecord:
+    return RunRecord(key, "heads", "dla", "m@0", "t-1", {}, started_at=datetime(2026, 1, 1))
+
+
+def _rows(n: int) -> dict[str, pa.Table]:
+    return {"edges": pa.table({"src": ["a"] * n, "dst": ["b"] * n, "score": [1.0] * n})}
+
+
+def test_a_failing_write_leaves_nothing(tmp_path):
+    db = tmp_path / "w.duckdb"
+    with Store(db) as store:
+        bad = {"edges": pa.table({"src": ["a"], "dst": ["b"], "no_such_column": [1.0]})}
+        with pytest.raises(duckdb.Error):
+            store.write_run(_record(), registry={}, rows=bad)
+        assert store.query("SELECT count(*) AS n FROM runs")["n"][0].as_py() == 0
+        store.write_run(_record(), registry={}, rows=_rows(3))
+    assert counts(db)["runs"] == 1 and counts(db)["edges"] == 3
+
+
+def test_replace_swaps_the_old_run_for_the_new(tmp_path):
+    db = tmp_path / "w.duckdb"
+    with Store(db) as store:
+        first = store.write_run(_record(), registry={}, rows=_rows(3))
+        assert store.done_run("k1") == first
+        second = store.write_run(_record(), registry={}, rows=_rows(2), replace=True)
+        assert store.done_run("k1") == second
+    assert counts(db)["runs"] == 1 and counts(db)["edges"] == 2
+
+
+def test_pipeline_skips_identical_runs_and_force_reruns(tmp_path, induction_dir):
+    db = str(tmp_path / "w.duckdb")
+    cfg = heads.HeadsConfig(model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"])
+    assert [o.status for o in heads.run(cfg)] == ["done", "done"]
+    before = counts(db)
+    assert [o.status for o in heads.run(cfg)] == ["skipped", "skipped"]
+    assert counts(db) == before
+    cfg.force = True
+    assert [o.status for o in heads.run(cfg)] == ["done", "done"]
+    assert counts(db) == before
+
+
+def test_failed_run_is_recorded_with_its_error(tmp_path, induction_dir, monkeypatch):
+    from workbench.attribution import heads as head_methods
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in a test")
+
+    monkeypatch.setattr(head_methods, "direct_logit_attribution", broken)
+    db = str(tmp_path / "w.duckdb")
+    cfg = heads.HeadsConfig(model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"])
+    outcomes = heads.run(cfg)
+    assert [o.status for o in outcomes] == ["failed", "done"]
+    with Store(db, read_only=True) as store:
+        runs = store.query("SELECT method, status, error FROM runs ORDER BY method").to_pylist()
+        failed_scores = store.query(
+            "SELECT count(*) AS n FROM node_scores JOIN runs USING (run_id) WHERE status = 'failed'"
+        )["n"][0].as_py()
+    assert runs[1]["status"] == "failed" and "out of memory in a test" in runs[1]["error"]
+    assert failed_scores == 0
+    monkeypatch.undo()
+    assert [o.status for o in heads.run(cfg)] == ["done", "skipped"]  # the failure is retried
+    assert counts(db)["runs"] == 2
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from workbench.store import db as store_db
+    from pipelines import heads
+
+    original = store_db.Store._insert
+    calls = {"n": 0}
+
+    def insert_then_die(con, table, data, ignore_existing=False):
+        original(con, table, data, ignore_existing)
+        if table == "node_scores":
+            calls["n"] += 1
+            if calls["n"] == int(sys.argv[3]):
+                os.kill(os.getpid(), signal.SIGKILL)  # killed mid-transaction
+
+    store_db.Store._insert = staticmethod(insert_then_die)
+    heads.run(heads.HeadsConfig(model=sys.argv[1], task="induction", checkpoint="all", db=sys.argv[2]))
+    """
+)
+
+
+def test_killed_run_leaves_no_partial_rows_and_rerun_completes(tmp_path, induction_dir):
+    db = tmp_path / "w.duckdb"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(induction_dir), str(db), "3"],
+        capture_output=True, env={**os.environ, "WORKBENCH_LOG": "WARNING"}, timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL
+    after_kill = counts(db)
+    assert after_kill["runs"] == 2  # two whole runs, the third vanished with its rows
+    con = duckdb.connect(str(db), read_only=True)
+    orphans = con.execute("SELECT count(*) FROM node_scores WHERE run_id NOT IN (SELECT run_id FROM runs)").fetchone()[0]
+    per_run = con.execute("SELECT count(DISTINCT run_id) FROM node_scores").fetchone()[0]
+    con.close()
+    assert orphans == 0 and per_run == 2
+    outcomes = heads.run(heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db)))
+    statuses = [o.status for o in outcomes]
+    assert statuses.count("skipped") == 2 and statuses.count("done") == len(outcomes) - 2
+    assert counts(db)["runs"] == len(outcomes)
