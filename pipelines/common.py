@@ -47,9 +47,17 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def run_key(pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]) -> str:
+def run_key(
+    pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
+) -> str:
     return sha256_json(
-        {"pipeline": pipeline, "method": method, "checkpoint": ckpt_sha, "task": task_sha, "params": params}
+        {
+            "pipeline": pipeline,
+            "method": method,
+            "checkpoint": ckpt_sha,
+            "task": task_sha,
+            "params": params,
+        }
     )
 
 
@@ -81,7 +89,17 @@ def run_pipeline(
             }
             for method, compute in methods.items():
                 outcomes.append(
-                    _run_one(store, pipeline, method, compute, loaded, the_task, params[method], registry, force)
+                    _run_one(
+                        store,
+                        pipeline,
+                        method,
+                        compute,
+                        loaded,
+                        the_task,
+                        params[method],
+                        registry,
+                        force,
+                    )
                 )
     return outcomes
 
@@ -101,9 +119,17 @@ def _run_one(
     key = run_key(pipeline, method, ckpt.sha256, task.sha256, params)
     existing = store.done_run(key)
     if existing and not force:
-        logger.info("skip %s %s on %s: identical run %s exists", pipeline, method, ckpt.checkpoint_id, existing)
+        logger.info(
+            "skip %s %s on %s: identical run %s exists",
+            pipeline,
+            method,
+            ckpt.checkpoint_id,
+            existing,
+        )
         return RunOutcome(ckpt.checkpoint_id, method, "skipped", existing)
-    run = RunRecord(key, pipeline, method, ckpt.checkpoint_id, task.task_id, params, started_at=now())
+    run = RunRecord(
+        key, pipeline, method, ckpt.checkpoint_id, task.task_id, params, started_at=now()
+    )
     try:
         result = compute(loaded, task)
     except BadInput:

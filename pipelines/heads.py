@@ -5,9 +5,10 @@
 """
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
-from pipelines.common import MethodResult, RunOutcome, run_pipeline
+from pipelines.common import MethodFn, MethodResult, RunOutcome, run_pipeline
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -58,7 +59,9 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> 
     else:
         raise BadInput(f"unknown method {method!r} for the heads pipeline")
     n_layers, n_heads = result.scores.shape
-    node_ids = [head_methods.head_node(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    node_ids = [
+        head_methods.head_node(layer, h) for layer in range(n_layers) for h in range(n_heads)
+    ]
     rows = {
         "node_scores": records.node_score_rows(node_ids, result.scores.flatten().tolist()),
         "edges": records.edge_rows(result.edges),
@@ -74,10 +77,11 @@ def graph_nodes(loaded: LoadedModel):  # type: ignore[no-untyped-def]
 def run(cfg: HeadsConfig) -> list[RunOutcome]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
-        raise BadInput(f"--method {unknown[0]}: not a heads method (choose from {', '.join(METHODS)})")
-    methods = {
-        m: (lambda loaded, task, m=m: compute(m, loaded, task, max_batch=cfg.max_batch))
-        for m in cfg.methods
+        raise BadInput(
+            f"--method {unknown[0]}: not a heads method (choose from {', '.join(METHODS)})"
+        )
+    methods: dict[str, MethodFn] = {
+        m: partial(compute, m, max_batch=cfg.max_batch) for m in cfg.methods
     }
     return run_pipeline(
         pipeline="heads",
@@ -94,12 +98,12 @@ def run(cfg: HeadsConfig) -> list[RunOutcome]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipelines.heads --model ... --task ...` (same options as `workbench run heads`)."""
+    """`python -m pipelines.heads --model ... --task ...` (the options of `workbench run heads`)."""
     import sys
 
-    from workbench.cli import main as cli_main
+    from workbench.cli import cli
 
-    cli_main(["run", "heads", *(sys.argv[1:] if argv is None else argv)])
+    sys.exit(cli(["run", "heads", *(sys.argv[1:] if argv is None else argv)]))
 
 
 if __name__ == "__main__":

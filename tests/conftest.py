@@ -22,7 +22,9 @@ def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workbench.zoo import TrainConfig, train_zoo_model
 
     root = tmp_path_factory.mktemp("zoo")
-    train_zoo_model(TrainConfig(task="induction", out=str(root), steps=ZOO_STEPS, save_every=ZOO_SAVE_EVERY))
+    train_zoo_model(
+        TrainConfig(task="induction", out=str(root), steps=ZOO_STEPS, save_every=ZOO_SAVE_EVERY)
+    )
     return root
 
 
@@ -89,7 +91,9 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
     from pipelines import heads
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
-    outcomes = heads.run(heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db)))
+    outcomes = heads.run(
+        heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
+    )
     assert all(o.status == "done" for o in outcomes)
     return db
 

@@ -12,7 +12,20 @@ from workbench.cli import cli
 @pytest.fixture()
 def filled_db(tmp_path, induction_dir):
     db = tmp_path / "w.duckdb"
-    code = cli(["run", "heads", "--model", str(induction_dir), "--task", "induction", "--db", str(db), "--method", "dla"])
+    code = cli(
+        [
+            "run",
+            "heads",
+            "--model",
+            str(induction_dir),
+            "--task",
+            "induction",
+            "--db",
+            str(db),
+            "--method",
+            "dla",
+        ]
+    )
     assert code == 0
     return db
 
@@ -23,7 +36,14 @@ def _last_error_line(capsys) -> str:
 
 
 def test_help_on_every_command(capsys):
-    for argv in (["--help"], ["run", "--help"], ["sql", "--help"], ["app", "--help"], ["demo", "--help"], ["zoo", "train", "--help"]):
+    for argv in (
+        ["--help"],
+        ["run", "--help"],
+        ["sql", "--help"],
+        ["app", "--help"],
+        ["demo", "--help"],
+        ["zoo", "train", "--help"],
+    ):
         assert cli(argv) == 0
     assert "--checkpoint" in capsys.readouterr().out
 
@@ -34,7 +54,10 @@ def test_help_on_every_command(capsys):
         (["--model", "{tmp}/missing/model"], "no such directory"),
         (["--model", "not-a-model-name"], "unknown model 'not-a-model-name'"),
         (["--task", "{tmp}/bad.jsonl"], "bad.jsonl:2: not valid JSON"),
-        (["--task", "{tmp}/lengths.jsonl"], "lengths.jsonl:1: clean and corrupt prompts tokenize to different lengths"),
+        (
+            ["--task", "{tmp}/lengths.jsonl"],
+            "lengths.jsonl:1: clean and corrupt prompts tokenize to different lengths",
+        ),
         (["--method", "nope"], "--method nope: not a heads method"),
         (["--checkpoint", "12345"], "--checkpoint 12345: no checkpoint at that step"),
     ],
@@ -42,8 +65,26 @@ def test_help_on_every_command(capsys):
 def test_bad_input_exits_2_with_one_sentence_and_changes_nothing(
     tmp_path, filled_db, induction_dir, capsys, args, message
 ):
-    write_jsonl(tmp_path / "bad.jsonl", [json.dumps({"clean_ids": [1, 2], "corrupt_ids": [1, 3], "answer_id": 4, "wrong_id": 5}), "{oops"])
-    write_jsonl(tmp_path / "lengths.jsonl", [json.dumps({"clean": "apple river stone", "corrupt": "apple", "answer": " river", "wrong": " stone"})])
+    write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            json.dumps({"clean_ids": [1, 2], "corrupt_ids": [1, 3], "answer_id": 4, "wrong_id": 5}),
+            "{oops",
+        ],
+    )
+    write_jsonl(
+        tmp_path / "lengths.jsonl",
+        [
+            json.dumps(
+                {
+                    "clean": "apple river stone",
+                    "corrupt": "apple",
+                    "answer": " river",
+                    "wrong": " stone",
+                }
+            )
+        ],
+    )
     base = {"--model": str(induction_dir), "--task": "induction"}
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value.format(tmp=tmp_path)
@@ -62,10 +103,34 @@ def test_bad_input_exits_2_with_one_sentence_and_changes_nothing(
 def test_user_jsonl_task_on_hf_model(tmp_path, tiny_hf_dirs, capsys):
     task = write_jsonl(
         tmp_path / "mine.jsonl",
-        [json.dumps({"clean_ids": [5, 6, 7, 5], "corrupt_ids": [8, 6, 7, 5], "answer_id": 6, "wrong_id": 9})] * 4,
+        [
+            json.dumps(
+                {
+                    "clean_ids": [5, 6, 7, 5],
+                    "corrupt_ids": [8, 6, 7, 5],
+                    "answer_id": 6,
+                    "wrong_id": 9,
+                }
+            )
+        ]
+        * 4,
     )
     db = tmp_path / "w.duckdb"
-    assert cli(["run", "heads", "--model", str(tiny_hf_dirs["gpt_neox"]), "--task", str(task), "--db", str(db)]) == 0
+    assert (
+        cli(
+            [
+                "run",
+                "heads",
+                "--model",
+                str(tiny_hf_dirs["gpt_neox"]),
+                "--task",
+                str(task),
+                "--db",
+                str(db),
+            ]
+        )
+        == 0
+    )
     assert counts(db)["runs"] == 4
     assert counts(db)["node_scores"] == 4 * 2 * 4
 
@@ -98,6 +163,19 @@ def test_run_failure_exits_1(tmp_path, induction_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(head_methods, "direct_logit_attribution", broken)
     db = tmp_path / "w.duckdb"
-    code = cli(["run", "heads", "--model", str(induction_dir), "--task", "induction", "--db", str(db), "--method", "dla"])
+    code = cli(
+        [
+            "run",
+            "heads",
+            "--model",
+            str(induction_dir),
+            "--task",
+            "induction",
+            "--db",
+            str(db),
+            "--method",
+            "dla",
+        ]
+    )
     assert code == 1
     assert "failed" in capsys.readouterr().out

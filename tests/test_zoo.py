@@ -18,8 +18,13 @@ def pattern_scores(loaded, period: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234 + period)
     n_ctx = loaded.model.cfg.n_ctx
     tokens = repeated_sequences(
-        torch.tensor(word_ids(tok)), batch=24, n_ctx=n_ctx, bos_id=tok.bos_token_id,
-        periods=(period,), max_offset=0, generator=gen,
+        torch.tensor(word_ids(tok)),
+        batch=24,
+        n_ctx=n_ctx,
+        bos_id=tok.bos_token_id,
+        periods=(period,),
+        max_offset=0,
+        generator=gen,
     )
     _, cache = loaded.model.run_with_cache(tokens)
     q = torch.arange(2, n_ctx)

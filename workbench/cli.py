@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +26,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-zoo_app = typer.Typer(help="Train the zoo's small models with known circuits.", no_args_is_help=True)
+zoo_app = typer.Typer(
+    help="Train the zoo's small models with known circuits.", no_args_is_help=True
+)
 app.add_typer(zoo_app, name="zoo")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,16 +36,17 @@ APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_ZOO = Path("data") / "zoo"
 
 DbOption = Annotated[
-    str | None, typer.Option("--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb).")
+    str | None,
+    typer.Option("--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb)."),
 ]
 
 
-class Pipeline(str, Enum):
+class Pipeline(StrEnum):
     heads = "heads"
     all = "all"
 
 
-class OutputFormat(str, Enum):
+class OutputFormat(StrEnum):
     table = "table"
     csv = "csv"
     json = "json"
@@ -52,10 +55,14 @@ class OutputFormat(str, Enum):
 @zoo_app.command("train")
 def zoo_train(
     task: Annotated[str, typer.Argument(help="Zoo task: induction.")],
-    out: Annotated[Path, typer.Option(help="Output directory; checkpoints go to OUT/TASK/step_N.")] = DEFAULT_ZOO,
+    out: Annotated[
+        Path, typer.Option(help="Output directory; checkpoints go to OUT/TASK/step_N.")
+    ] = DEFAULT_ZOO,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 1000,
     save_every: Annotated[int, typer.Option(help="Save a checkpoint every K steps.")] = 100,
-    seed: Annotated[int, typer.Option(help="Random seed (training is deterministic given it).")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Random seed (training is deterministic given it).")
+    ] = 0,
 ) -> None:
     """Train a zoo model, saving checkpoints along the way."""
     from workbench.zoo import TrainConfig, train_zoo_model
@@ -68,12 +75,18 @@ def zoo_train(
 @app.command("run")
 def run(
     pipeline: Annotated[Pipeline, typer.Argument(help="heads, or all.")],
-    model: Annotated[str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")],
+    model: Annotated[
+        str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")
+    ],
     task: Annotated[str, typer.Option("--task", help="Built-in task name or a JSONL task file.")],
     checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
-    method: Annotated[list[str] | None, typer.Option("--method", help="Method(s) to run (default: all).")] = None,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="Method(s) to run (default: all).")
+    ] = None,
     db: DbOption = None,
-    force: Annotated[bool, typer.Option("--force", help="Re-run even if an identical run is stored.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
+    ] = False,
     n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
@@ -94,7 +107,9 @@ def run(
 @app.command("sql")
 def sql(
     query: Annotated[str, typer.Argument(help="A SQL query over the store (read-only).")],
-    format: Annotated[OutputFormat, typer.Option("--format", help="table, csv or json.")] = OutputFormat.table,
+    format: Annotated[
+        OutputFormat, typer.Option("--format", help="table, csv or json.")
+    ] = OutputFormat.table,
     db: DbOption = None,
 ) -> None:
     """Run a read-only SQL query and print the result."""
@@ -105,7 +120,9 @@ def sql(
 
 
 @app.command("app")
-def app_command(db: DbOption = None, port: Annotated[int, typer.Option(help="Port.")] = 8501) -> int:
+def app_command(
+    db: DbOption = None, port: Annotated[int, typer.Option(help="Port.")] = 8501
+) -> int:
     """Start the Streamlit app (streamlit run app/main.py)."""
     return _start_app(db, port)
 
@@ -122,7 +139,9 @@ def _start_app(db: str | None, port: int) -> int:
 
 @app.command("demo")
 def demo(
-    no_app: Annotated[bool, typer.Option("--no-app", help="Do not start the app at the end.")] = False,
+    no_app: Annotated[
+        bool, typer.Option("--no-app", help="Do not start the app at the end.")
+    ] = False,
     db: DbOption = None,
     zoo_dir: Annotated[Path, typer.Option(help="Where the zoo checkpoints live.")] = DEFAULT_ZOO,
     port: Annotated[int, typer.Option(help="App port.")] = 8501,
@@ -138,7 +157,9 @@ def demo(
         if not any(run_dir.glob("step_*")):
             typer.echo(f"training the {task} zoo model into {run_dir} ...")
             train_zoo_model(TrainConfig(task=task, out=str(zoo_dir)))
-        outcomes = heads.run(heads.HeadsConfig(model=str(run_dir), task=task, checkpoint="all", db=db))
+        outcomes = heads.run(
+            heads.HeadsConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
+        )
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
@@ -175,11 +196,12 @@ def cli(argv: list[str] | None = None) -> int:
 
 def _configure_logging() -> None:
     level = os.environ.get("WORKBENCH_LOG", "INFO").upper()
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 def main() -> None:
     sys.exit(cli())
-

@@ -113,7 +113,9 @@ def _node(
     }
 
 
-def node_score_rows(node_ids: list[str], scores: list[float], positions: list[int | None] | None = None) -> pa.Table:
+def node_score_rows(
+    node_ids: list[str], scores: list[float], positions: list[int | None] | None = None
+) -> pa.Table:
     return pa.table(
         {
             "node_id": pa.array(node_ids, pa.string()),

@@ -39,13 +39,18 @@ def render() -> None:
             (run_id, k),
         )
     else:
-        bound = float(query("SELECT max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,))["m"][0])
+        bound = float(
+            query("SELECT max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,))["m"][0]
+        )
         threshold = st.slider("Minimum |score|", 0.0, bound, bound / 4, key="circuit_threshold")
         edges = query(
-            "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? ORDER BY abs(score) DESC",
+            "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? "
+            "ORDER BY abs(score) DESC",
             (run_id, threshold),
         )
-    n_layers = int(query("SELECT n_layers FROM models WHERE model_id = ?", (model_id,))["n_layers"][0])
+    n_layers = int(
+        query("SELECT n_layers FROM models WHERE model_id = ?", (model_id,))["n_layers"][0]
+    )
     triples = [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
     st.plotly_chart(circuit_figure(triples, n_layers), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")

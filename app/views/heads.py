@@ -25,7 +25,9 @@ def render() -> None:
     task = c2.selectbox("Task", sorted(runs["task_id"].unique()), key="heads_task")
     runs = runs[runs["task_id"] == task]
     steps = sorted(runs["step"].unique().tolist())
-    step = st.select_slider("Checkpoint (training step)", options=steps, value=steps[-1], key="heads_step")
+    step = st.select_slider(
+        "Checkpoint (training step)", options=steps, value=steps[-1], key="heads_step"
+    )
     run = runs[runs["step"] == step].iloc[0]
     scores = query(
         """SELECT n.layer, n.head, s.score FROM node_scores s
@@ -52,10 +54,13 @@ def render() -> None:
         text_auto=".2f",
     )
     st.caption(
-        f"run `{run['run_id']}` · metric clean {run['metric_clean']:.3f}, corrupt {run['metric_corrupt']:.3f}"
+        f"run `{run['run_id']}` · metric clean {run['metric_clean']:.3f}, "
+        f"corrupt {run['metric_corrupt']:.3f}"
     )
     st.plotly_chart(fig, key="heads_heatmap")
-    top = scores.assign(head_id=lambda d: "a" + d["layer"].astype(str) + ".h" + d["head"].astype(str))
+    top = scores.assign(
+        head_id=lambda d: "a" + d["layer"].astype(str) + ".h" + d["head"].astype(str)
+    )
     st.dataframe(top.sort_values("score", ascending=False).head(10), hide_index=True)
 
     st.subheader("Across checkpoints")

@@ -19,12 +19,17 @@ def render() -> None:
         col.metric(label.replace("_", " "), int(value))
     st.subheader("Models")
     st.dataframe(
-        query("SELECT model_id, architecture, n_layers, n_heads, d_model, d_vocab, source FROM models"),
+        query(
+            "SELECT model_id, architecture, n_layers, n_heads, d_model, d_vocab, source FROM models"
+        ),
         hide_index=True,
     )
     st.subheader("Checkpoints")
     st.dataframe(
-        query("SELECT checkpoint_id, model_id, step, path, registered_at FROM checkpoints ORDER BY model_id, step"),
+        query(
+            "SELECT checkpoint_id, model_id, step, path, registered_at FROM checkpoints "
+            "ORDER BY model_id, step"
+        ),
         hide_index=True,
     )
     st.subheader("Runs")

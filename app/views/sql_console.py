@@ -6,7 +6,8 @@ from app.data import query
 from workbench.errors import BadInput
 
 EXAMPLES = {
-    "Top 5 heads of the latest activation-patching run": """SELECT s.node_id, round(s.score, 3) AS score
+    "Top 5 heads of the latest activation-patching run": """SELECT s.node_id,
+       round(s.score, 3) AS score
 FROM node_scores s
 WHERE s.run_id = (SELECT run_id FROM runs WHERE method = 'act_patch_denoise' AND status = 'done'
                   ORDER BY finished_at DESC LIMIT 1)

@@ -66,7 +66,12 @@ def test_sql_view_runs_examples_and_reports_errors(app):
     at = _show(app, "SQL")
     assert len(at.dataframe[0].value) == 5  # the default example: top 5 heads
     at.selectbox(key="sql_example").set_value("Runs by method").run()
-    assert set(at.dataframe[0].value["method"]) == {"dla", "act_patch_denoise", "act_patch_noise", "attr_patch"}
+    assert set(at.dataframe[0].value["method"]) == {
+        "dla",
+        "act_patch_denoise",
+        "act_patch_noise",
+        "attr_patch",
+    }
     key = "sql_text_Runs by method"
     at.text_area(key=key).set_value("DROP TABLE runs").run()
     assert at.error and "SQL error" in at.error[0].value

@@ -27,18 +27,26 @@ def _tl_reference(model, batch, direction):
     gap = m_clean - m_corr
     if direction == "denoise":
         _, cache = model.run_with_cache(batch.clean)
-        metric = lambda logits: (logit_diff(logits, batch.answer, batch.wrong).mean() - m_corr) / gap  # noqa: E731
+
+        def metric(logits):
+            return (logit_diff(logits, batch.answer, batch.wrong).mean() - m_corr) / gap
+
         return patching.get_act_patch_attn_head_out_all_pos(model, batch.corrupt, cache, metric)
     _, cache = model.run_with_cache(batch.corrupt)
-    metric = lambda logits: (m_clean - logit_diff(logits, batch.answer, batch.wrong).mean()) / gap  # noqa: E731
-    return patching.get_act_patch_attn_head_out_all_pos(model, batch.clean, cache, metric)
+
+    def noise_metric(logits):
+        return (m_clean - logit_diff(logits, batch.answer, batch.wrong).mean()) / gap
+
+    return patching.get_act_patch_attn_head_out_all_pos(model, batch.clean, cache, noise_metric)
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_exact_patching_matches_transformer_lens(model_and_batches, direction):
     model, batches = model_and_batches
     assert len(batches) == 1
-    ours = heads.head_out_patching(model, batches, direction=direction, max_rows=7)  # forces chunking
+    ours = heads.head_out_patching(
+        model, batches, direction=direction, max_rows=7
+    )  # forces chunking
     reference = _tl_reference(model, batches[0], direction)
     torch.testing.assert_close(ours.scores, reference.to(ours.scores.dtype), atol=1e-4, rtol=0)
 
@@ -46,7 +54,9 @@ def test_exact_patching_matches_transformer_lens(model_and_batches, direction):
 def test_patching_results_do_not_depend_on_batching(induction_final, induction_task):
     model = induction_final.model
     one = heads.head_out_patching(model, make_batches(induction_task), direction="denoise")
-    many = heads.head_out_patching(model, make_batches(induction_task, max_batch=5), direction="denoise")
+    many = heads.head_out_patching(
+        model, make_batches(induction_task, max_batch=5), direction="denoise"
+    )
     torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0)
 
 
@@ -71,7 +81,10 @@ def test_dla_equals_removing_the_head_from_the_final_residual(model_and_batches)
 
         logits = model.run_with_hooks(
             batch.clean,
-            fwd_hooks=[(f"blocks.{last}.hook_resid_post", remove), ("ln_final.hook_scale", freeze_scale)],
+            fwd_hooks=[
+                (f"blocks.{last}.hook_resid_post", remove),
+                ("ln_final.hook_scale", freeze_scale),
+            ],
         )
         change = base - logit_diff(logits, batch.answer, batch.wrong).mean()
         assert float(change) == pytest.approx(float(dla.scores[layer, head]), abs=1e-4)
@@ -94,7 +107,7 @@ def test_attribution_patching_is_the_derivative_of_a_real_patch(induction_final,
             z[:, :, head] += t * delta
             return z
 
-        def metric(t: float) -> float:
+        def metric(t: float, layer=layer, nudge=nudge) -> float:
             hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook: nudge(z, hook, t=t))]
             logits = model.run_with_hooks(batch.corrupt, fwd_hooks=hooks)
             return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean())
@@ -118,7 +131,10 @@ def test_attribution_edges_are_derivatives_of_real_edge_patches(induction_final,
         f"a0.h{h}": (clean["z", 0][:, :, h] - corrupt["z", 0][:, :, h]) @ model.W_O[0, h]
         for h in range(model.cfg.n_heads)
     }
-    best = max(((s, d) for s, d in edges if s.startswith("a0") and d.endswith("<k>")), key=lambda e: abs(edges[e]))
+    best = max(
+        ((s, d) for s, d in edges if s.startswith("a0") and d.endswith("<k>")),
+        key=lambda e: abs(edges[e]),
+    )
     for src, dst in [best, ("a0.h1", "a1.h0<q>"), ("a0.h2", "a1.h3<v>")]:
         dst_head, port = int(dst[4]), dst[-2]
         delta = src_out[src]
@@ -130,7 +146,9 @@ def test_attribution_edges_are_derivatives_of_real_edge_patches(induction_final,
 
             model.set_use_split_qkv_input(True)
             try:
-                logits = model.run_with_hooks(batch.corrupt, fwd_hooks=[(f"blocks.1.hook_{port}_input", nudge)])
+                logits = model.run_with_hooks(
+                    batch.corrupt, fwd_hooks=[(f"blocks.1.hook_{port}_input", nudge)]
+                )
             finally:
                 model.set_use_split_qkv_input(False)
             return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean())
@@ -141,7 +159,9 @@ def test_attribution_edges_are_derivatives_of_real_edge_patches(induction_final,
 
 
 def test_induction_head_tops_final_denoising_scores(induction_final, induction_task):
-    result = heads.head_out_patching(induction_final.model, make_batches(induction_task), direction="denoise")
+    result = heads.head_out_patching(
+        induction_final.model, make_batches(induction_task), direction="denoise"
+    )
     layer, head = divmod(int(result.scores.argmax()), induction_final.model.cfg.n_heads)
     assert layer == 1
     assert result.metric_clean - result.metric_corrupt > 2.0

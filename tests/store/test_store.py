@@ -16,8 +16,19 @@ from workbench.errors import BadInput
 from workbench.store import SCHEMA_VERSION, RunRecord, Store
 
 TABLES = [
-    "models", "checkpoints", "tasks", "prompts", "runs", "nodes", "node_scores", "edges",
-    "circuits", "circuit_edges", "saes", "features", "feature_examples",
+    "models",
+    "checkpoints",
+    "tasks",
+    "prompts",
+    "runs",
+    "nodes",
+    "node_scores",
+    "edges",
+    "circuits",
+    "circuit_edges",
+    "saes",
+    "features",
+    "feature_examples",
 ]
 
 
@@ -34,7 +45,9 @@ def test_new_database_has_schema_v1(tmp_path):
     Store(db).close()
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
-    tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    tables = {
+        r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()
+    }
     con.close()
     assert set(TABLES) <= tables
     Store(db).close()  # opening again migrates nothing and keeps one version row
@@ -89,7 +102,9 @@ def test_replace_swaps_the_old_run_for_the_new(tmp_path):
 
 def test_pipeline_skips_identical_runs_and_force_reruns(tmp_path, induction_dir):
     db = str(tmp_path / "w.duckdb")
-    cfg = heads.HeadsConfig(model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"])
+    cfg = heads.HeadsConfig(
+        model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"]
+    )
     assert [o.status for o in heads.run(cfg)] == ["done", "done"]
     before = counts(db)
     assert [o.status for o in heads.run(cfg)] == ["skipped", "skipped"]
@@ -107,7 +122,9 @@ def test_failed_run_is_recorded_with_its_error(tmp_path, induction_dir, monkeypa
 
     monkeypatch.setattr(head_methods, "direct_logit_attribution", broken)
     db = str(tmp_path / "w.duckdb")
-    cfg = heads.HeadsConfig(model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"])
+    cfg = heads.HeadsConfig(
+        model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"]
+    )
     outcomes = heads.run(cfg)
     assert [o.status for o in outcomes] == ["failed", "done"]
     with Store(db, read_only=True) as store:
@@ -139,7 +156,8 @@ KILL_SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)  # killed mid-transaction
 
     store_db.Store._insert = staticmethod(insert_then_die)
-    heads.run(heads.HeadsConfig(model=sys.argv[1], task="induction", checkpoint="all", db=sys.argv[2]))
+    cfg = heads.HeadsConfig(model=sys.argv[1], task="induction", checkpoint="all", db=sys.argv[2])
+    heads.run(cfg)
     """
 )
 
@@ -150,17 +168,23 @@ def test_killed_run_leaves_no_partial_rows_and_rerun_completes(tmp_path, inducti
     script.write_text(KILL_SCRIPT)
     proc = subprocess.run(
         [sys.executable, str(script), str(induction_dir), str(db), "3"],
-        capture_output=True, env={**os.environ, "WORKBENCH_LOG": "WARNING"}, timeout=600,
+        capture_output=True,
+        env={**os.environ, "WORKBENCH_LOG": "WARNING"},
+        timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL
     after_kill = counts(db)
     assert after_kill["runs"] == 2  # two whole runs, the third vanished with its rows
     con = duckdb.connect(str(db), read_only=True)
-    orphans = con.execute("SELECT count(*) FROM node_scores WHERE run_id NOT IN (SELECT run_id FROM runs)").fetchone()[0]
+    orphans = con.execute(
+        "SELECT count(*) FROM node_scores WHERE run_id NOT IN (SELECT run_id FROM runs)"
+    ).fetchone()[0]
     per_run = con.execute("SELECT count(DISTINCT run_id) FROM node_scores").fetchone()[0]
     con.close()
     assert orphans == 0 and per_run == 2
-    outcomes = heads.run(heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db)))
+    outcomes = heads.run(
+        heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
+    )
     statuses = [o.status for o in outcomes]
     assert statuses.count("skipped") == 2 and statuses.count("done") == len(outcomes) - 2
     assert counts(db)["runs"] == len(outcomes)

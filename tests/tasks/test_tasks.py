@@ -12,7 +12,16 @@ from workbench.tasks import load_task
 def test_text_form_tokenizes_with_bos(tmp_path, induction_final):
     path = write_jsonl(
         tmp_path / "t.jsonl",
-        [json.dumps({"clean": "apple river apple", "corrupt": "stone river apple", "answer": " river", "wrong": " stone"})],
+        [
+            json.dumps(
+                {
+                    "clean": "apple river apple",
+                    "corrupt": "stone river apple",
+                    "answer": " river",
+                    "wrong": " stone",
+                }
+            )
+        ],
     )
     task = load_task(str(path), induction_final)
     (pair,) = task.pairs
@@ -25,7 +34,12 @@ def test_text_form_tokenizes_with_bos(tmp_path, induction_final):
 def test_token_id_form(tmp_path, induction_final):
     path = write_jsonl(
         tmp_path / "ids.jsonl",
-        [json.dumps({"clean_ids": [1, 5, 6], "corrupt_ids": [1, 7, 6], "answer_id": 5, "wrong_id": 7})] * 3,
+        [
+            json.dumps(
+                {"clean_ids": [1, 5, 6], "corrupt_ids": [1, 7, 6], "answer_id": 5, "wrong_id": 7}
+            )
+        ]
+        * 3,
     )
     task = load_task(str(path), induction_final)
     assert len(task.pairs) == 3 and task.pairs[0].clean_tokens == [1, 5, 6]
@@ -35,7 +49,10 @@ def test_token_id_form(tmp_path, induction_final):
     ("line", "message"),
     [
         ('{"clean": "apple river", ', r"bad\.jsonl:2: not valid JSON"),
-        ('{"clean": "apple", "corrupt": "stone", "answer": " river"}', r"bad\.jsonl:2: missing field 'wrong'"),
+        (
+            '{"clean": "apple", "corrupt": "stone", "answer": " river"}',
+            r"bad\.jsonl:2: missing field 'wrong'",
+        ),
         (
             '{"clean": "apple river", "corrupt": "stone", "answer": " river", "wrong": " stone"}',
             r"bad\.jsonl:2: clean and corrupt prompts tokenize to different lengths \(3 vs 2",
@@ -48,7 +65,10 @@ def test_token_id_form(tmp_path, induction_final):
             '{"clean_ids": [1, 2], "corrupt_ids": [1, 2], "answer_id": 99999, "wrong_id": 3}',
             r"bad\.jsonl:2: field 'answer' has token id 99999",
         ),
-        ('{"clean_ids": "1 2", "corrupt_ids": [1], "answer_id": 1, "wrong_id": 3}', r"bad\.jsonl:2: field 'clean_ids'"),
+        (
+            '{"clean_ids": "1 2", "corrupt_ids": [1], "answer_id": 1, "wrong_id": 3}',
+            r"bad\.jsonl:2: field 'clean_ids'",
+        ),
         ("[1, 2, 3]", r"bad\.jsonl:2: expected a JSON object"),
     ],
 )

@@ -6,11 +6,15 @@ prompts, so results equal those of one batch holding every prompt.
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
 from workbench.tasks.spec import Task
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,20 @@ def logit_diff(
     """Per prompt: logit(answer) - logit(wrong) at the last position."""
     last = logits[:, -1, :]
     return last.gather(1, answer[:, None])[:, 0] - last.gather(1, wrong[:, None])[:, 0]
+
+
+def final_logit_diff(
+    model: "HookedTransformer",
+    resid_final: Float[torch.Tensor, "batch pos d_model"],
+    answer: Int[torch.Tensor, " batch"],
+    wrong: Int[torch.Tensor, " batch"],
+) -> Float[torch.Tensor, " batch"]:
+    """`logit_diff` from the final residual stream, unembedding only the last position and the
+    two tokens compared: the same numbers as the full logits, without the `d_vocab`-wide matmul
+    over every position."""
+    last = model.ln_final(resid_final[:, -1:, :])[:, 0]  # [b, d_model]
+    direction = model.W_U[:, answer] - model.W_U[:, wrong]  # [d_model, b]
+    return torch.einsum("bd,db->b", last, direction) + model.b_U[answer] - model.b_U[wrong]
 
 
 def repeat_rows(batch_values: torch.Tensor, copies: int) -> torch.Tensor:

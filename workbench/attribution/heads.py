@@ -16,7 +16,8 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
   m_corrupt)`. This gives the same numbers as `transformer_lens.patching`'s
   `get_act_patch_attn_head_out_all_pos` but with less work: a patch at layer L cannot change
   anything before L, so each patched run starts from the cached residual stream at layer L
-  (`start_at_layer`), and the patches of all heads of a layer run as one batch.
+  (`start_at_layer`), the patches of all heads of a layer run as one batch, and only the last
+  position's logits of the answer and wrong tokens are computed.
 
 * `attr_patch` — attribution patching (Nanda 2023): the first-order Taylor approximation of
   denoising, `(z_clean - z_corrupt) . d metric / d z` evaluated on the corrupt run, for every
@@ -39,7 +40,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff, repeat_rows
+from workbench.attribution.batches import PromptBatch, final_logit_diff, logit_diff, repeat_rows
 
 
 @dataclass
@@ -121,11 +122,14 @@ def head_out_patching(
     m_clean = m_corrupt = 0.0
     for batch in tqdm(batches, desc=f"act_patch_{direction}", leave=False):
         names = lambda name: name.endswith(("hook_z", "hook_resid_pre"))  # noqa: E731
-        clean_logits, clean_cache = model.run_with_cache(batch.clean, names_filter=names)
-        corr_logits, corr_cache = model.run_with_cache(batch.corrupt, names_filter=names)
-        m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
-        m_corrupt += float(logit_diff(corr_logits, batch.answer, batch.wrong).sum())
-        base, source = (corr_cache, clean_cache) if direction == "denoise" else (clean_cache, corr_cache)
+        stop = {"names_filter": names, "stop_at_layer": cfg.n_layers}
+        clean_resid, clean_cache = model.run_with_cache(batch.clean, **stop)
+        corr_resid, corr_cache = model.run_with_cache(batch.corrupt, **stop)
+        m_clean += float(final_logit_diff(model, clean_resid, batch.answer, batch.wrong).sum())
+        m_corrupt += float(final_logit_diff(model, corr_resid, batch.answer, batch.wrong).sum())
+        base, source = (
+            (corr_cache, clean_cache) if direction == "denoise" else (clean_cache, corr_cache)
+        )
         for layer in range(cfg.n_layers):
             patched_sum[layer] += _patch_layer_heads(
                 model, batch, layer, base["resid_pre", layer], source["z", layer], max_rows
@@ -133,10 +137,8 @@ def head_out_patching(
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = _metric_gap(m_clean, m_corrupt)
     patched = patched_sum / n
-    if direction == "denoise":
-        scores = (patched - m_corrupt) / gap
-    else:
-        scores = (m_clean - patched) / gap
+    denoise = direction == "denoise"
+    scores = (patched - m_corrupt) / gap if denoise else (m_clean - patched) / gap
     return HeadScores(f"act_patch_{direction}", scores, m_clean, m_corrupt)
 
 
@@ -164,12 +166,14 @@ def _patch_layer_heads(
             z = z * (1 - mask) + source_z.unsqueeze(0) * mask
             return z.view(k * batch.size, *z.shape[2:])
 
-        logits = model.run_with_hooks(
+        resid_final = model.run_with_hooks(
             repeat_rows(resid_pre, k),
             start_at_layer=layer,
+            stop_at_layer=model.cfg.n_layers,
             fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch_z)],
         )
-        diffs = logit_diff(logits, repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k))
+        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
+        diffs = final_logit_diff(model, resid_final, answer, wrong)
         sums[heads] = diffs.view(k, batch.size).sum(1)
     return sums
 
@@ -203,7 +207,9 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
             m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
             corrupt_acts = _forward_backward(model, batch, n)
             m_corrupt += corrupt_acts.pop("metric_sum").item()
-            src_delta = [clean_cache["blocks.0.hook_resid_pre"] - corrupt_acts["blocks.0.hook_resid_pre"]]
+            src_delta = [
+                clean_cache["blocks.0.hook_resid_pre"] - corrupt_acts["blocks.0.hook_resid_pre"]
+            ]
             for layer in range(L):
                 dz = clean_cache["z", layer] - corrupt_acts[f"blocks.{layer}.attn.hook_z"]
                 grad_z = corrupt_acts[f"blocks.{layer}.attn.hook_z.grad"]
@@ -255,6 +261,8 @@ def _forward_backward(
         (diffs.sum() / n_total).backward()
     model.zero_grad(set_to_none=True)
     out = {name: act.detach() for name, act in store.items()}
-    out |= {f"{name}.grad": act.grad.detach() for name, act in store.items() if act.grad is not None}
+    out |= {
+        f"{name}.grad": act.grad.detach() for name, act in store.items() if act.grad is not None
+    }
     out["metric_sum"] = diffs.detach().sum()
     return out

@@ -77,8 +77,13 @@ def from_hf_directory(path: Path) -> HookedTransformer:
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     hf_model.eval()
-    cfg = tl_loading.get_pretrained_model_config(str(path), fold_ln=True, device="cpu")
-    state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model)
+    try:
+        cfg = tl_loading.get_pretrained_model_config(str(path), fold_ln=True, device="cpu")
+        state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model)
+    except (AttributeError, KeyError) as err:
+        raise BadInput(
+            f"{path / 'config.json'}: TransformerLens cannot convert it ({err})"
+        ) from err
     del hf_model
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **PROCESSING)

@@ -114,7 +114,9 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
         try:
             model = engine.build_from_state_dict(cfg_kwargs, zoo_format.load_zoo_weights(path))
         except (TypeError, RuntimeError) as err:
-            raise BadInput(f"{path}: config.json and model.safetensors do not match ({err})")
+            raise BadInput(
+                f"{path}: config.json and model.safetensors do not match ({err})"
+            ) from err
         tokenizer = _local_tokenizer(path)
         architecture = "zoo:" + str(zoo_format.read_json(path / "meta.json").get("task", ""))
         weight_files = [path / "config.json", path / "model.safetensors"]

@@ -178,7 +178,9 @@ class Store:
             if replace:
                 self._delete_runs(con, run.run_key)
             else:
-                con.execute("DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key])
+                con.execute(
+                    "DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key]
+                )
             for table, data in registry.items():
                 self._insert(con, table, data, ignore_existing=True)
             self._insert(con, "runs", self._run_table(run))

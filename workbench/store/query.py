@@ -19,7 +19,9 @@ def open_readonly(db: str | None = None) -> Store:
     return store
 
 
-def run_readonly_query(sql: str, *, db: str | None = None, params: list[Any] | None = None) -> pa.Table:
+def run_readonly_query(
+    sql: str, *, db: str | None = None, params: list[Any] | None = None
+) -> pa.Table:
     with open_readonly(db) as store:
         try:
             return store.query(sql, params)
@@ -47,7 +49,10 @@ def format_table(table: pa.Table, fmt: str) -> str:
     columns = table.column_names
     cells = [[str(_cell(r[c])) if r[c] is not None else "NULL" for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = lambda values: "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()  # noqa: E731
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+
     out = [line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out) + "\n"
@@ -57,7 +62,11 @@ def _stringify_lists(table: pa.Table) -> pa.Table:
     arrays = []
     for col in table.columns:
         if pa.types.is_list(col.type) or pa.types.is_struct(col.type):
-            arrays.append(pa.array([json.dumps(v, default=str) if v is not None else None for v in col.to_pylist()]))
+            arrays.append(
+                pa.array(
+                    [json.dumps(v, default=str) if v is not None else None for v in col.to_pylist()]
+                )
+            )
         else:
             arrays.append(col)
     return pa.table(arrays, names=table.column_names)

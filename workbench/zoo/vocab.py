@@ -5,13 +5,67 @@ from typing import Any
 SPECIAL_TOKENS = ["<unk>", "<bos>", "<pad>"]
 
 # Short, distinct English nouns: zoo prompts read as text.
-WORDS = (
-    "apple river stone cloud tiger piano candle forest mirror rocket garden bottle "
-    "window castle pepper violin anchor basket camera dragon feather glacier harbor island "
-    "jacket kettle lantern meadow needle orange pillow quartz ribbon saddle tunnel umbrella "
-    "valley wagon yogurt zipper bridge carpet desert engine falcon ginger hammer igloo jungle "
-    "ladder magnet nectar oyster parrot rabbit salmon tomato velvet walnut"
-).split()
+WORDS = [
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "tiger",
+    "piano",
+    "candle",
+    "forest",
+    "mirror",
+    "rocket",
+    "garden",
+    "bottle",
+    "window",
+    "castle",
+    "pepper",
+    "violin",
+    "anchor",
+    "basket",
+    "camera",
+    "dragon",
+    "feather",
+    "glacier",
+    "harbor",
+    "island",
+    "jacket",
+    "kettle",
+    "lantern",
+    "meadow",
+    "needle",
+    "orange",
+    "pillow",
+    "quartz",
+    "ribbon",
+    "saddle",
+    "tunnel",
+    "umbrella",
+    "valley",
+    "wagon",
+    "yogurt",
+    "zipper",
+    "bridge",
+    "carpet",
+    "desert",
+    "engine",
+    "falcon",
+    "ginger",
+    "hammer",
+    "igloo",
+    "jungle",
+    "ladder",
+    "magnet",
+    "nectar",
+    "oyster",
+    "parrot",
+    "rabbit",
+    "salmon",
+    "tomato",
+    "velvet",
+    "walnut",
+]
 
 
 def build_word_tokenizer(words: list[str]) -> Any:

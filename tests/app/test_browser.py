@@ -1,0 +1,120 @@
+"""End to end in a real browser: `streamlit run app/main.py` served on localhost, driven by
+headless Chromium (Debian's chromium + chromium-driver) through Selenium."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
+
+pytestmark = pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="Debian chromium and chromium-driver are not installed (make browser)",
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture()
+def server(heads_db):
+    port = _free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.port",
+        str(port),
+        "--server.address",
+        "127.0.0.1",
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "WORKBENCH_DB": str(heads_db)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-quic",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait_for_text(driver, text: str, timeout: float = 60) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+
+
+def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait_for_text(browser, "Circuit Workbench")
+    _wait_for_text(browser, "Checkpoints")  # the overview's tables arrived
+    for view, expected in (
+        ("Heads", "Attention heads"),
+        ("Circuit", "Prune by"),
+        ("SQL", "SQL console"),
+    ):
+        label = browser.find_element(By.XPATH, f"//label[.//p[normalize-space()='{view}']]")
+        label.click()
+        _wait_for_text(browser, expected)
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    _wait_for_text(browser, "node_id")  # the SQL page ran its example query
+    browser.save_screenshot(str(tmp_path / "sql.png"))
