@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from workbench import records
 from workbench.errors import BadInput
@@ -77,7 +78,7 @@ def run_pipeline(
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     outcomes: list[RunOutcome] = []
     with Store(db) as store:
-        for ref in refs:
+        for ref in tqdm(refs, desc=f"{pipeline} checkpoints", disable=len(refs) < 2):
             loaded = load_checkpoint(ref)
             the_task = load_task(task, loaded, n_prompts=n_prompts)
             registry = {

@@ -9,23 +9,15 @@ from tests.store.test_store import counts
 from workbench.cli import cli
 
 
+def run_dla(model_dir, db) -> list[str]:
+    return ["run", "heads", "--model", str(model_dir), "--task", "induction", "--db", str(db),
+            "--method", "dla"]  # fmt: skip
+
+
 @pytest.fixture()
 def filled_db(tmp_path, induction_dir):
     db = tmp_path / "w.duckdb"
-    code = cli(
-        [
-            "run",
-            "heads",
-            "--model",
-            str(induction_dir),
-            "--task",
-            "induction",
-            "--db",
-            str(db),
-            "--method",
-            "dla",
-        ]
-    )
+    code = cli(run_dla(induction_dir, db))
     assert code == 0
     return db
 
@@ -163,19 +155,6 @@ def test_run_failure_exits_1(tmp_path, induction_dir, monkeypatch, capsys):
 
     monkeypatch.setattr(head_methods, "direct_logit_attribution", broken)
     db = tmp_path / "w.duckdb"
-    code = cli(
-        [
-            "run",
-            "heads",
-            "--model",
-            str(induction_dir),
-            "--task",
-            "induction",
-            "--db",
-            str(db),
-            "--method",
-            "dla",
-        ]
-    )
+    code = cli(run_dla(induction_dir, db))
     assert code == 1
     assert "failed" in capsys.readouterr().out

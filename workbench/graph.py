@@ -18,15 +18,16 @@ def split_port(node_id: str) -> tuple[str, str | None]:
     return node_id, None
 
 
-def node_position(node_id: str, n_layers: int) -> tuple[float, float]:
-    """x = layer (input at -1, logits at n_layers), y = head index."""
+def node_position(node_id: str, n_layers: int, n_heads: int = 1) -> tuple[float, float]:
+    """x = layer (input at -1, logits at n_layers), y = head index; input and logits centred."""
+    middle = (n_heads - 1) / 2
     match = HEAD.match(node_id)
     if match:
         return float(match.group(1)), float(match.group(2))
     if node_id == "input":
-        return -1.0, 0.0
+        return -1.0, middle
     if node_id == "logits":
-        return float(n_layers), 0.0
+        return float(n_layers), middle
     mlp = re.match(r"^m(\d+)$", node_id)
     if mlp:
         return float(mlp.group(1)) + 0.5, -1.0

@@ -52,17 +52,18 @@ def render() -> None:
         query("SELECT n_layers FROM models WHERE model_id = ?", (model_id,))["n_layers"][0]
     )
     triples = [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
-    st.plotly_chart(circuit_figure(triples, n_layers), key="circuit_graph")
+    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)
 
 
-def circuit_figure(edges: list[tuple[str, str, float]], n_layers: int) -> go.Figure:
+def circuit_figure(edges: list[tuple[str, str, float]], n_layers: int, n_heads: int) -> go.Figure:
     graph = build_graph(edges)
     fig = go.Figure()
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
     for src, dst, attrs in graph.edges(data=True):
-        (x0, y0), (x1, y1) = node_position(src, n_layers), node_position(dst, n_layers)
+        (x0, y0) = node_position(src, n_layers, n_heads)
+        (x1, y1) = node_position(dst, n_layers, n_heads)
         ports = ",".join(p for p in attrs["ports"] if p)
         fig.add_trace(
             go.Scatter(
@@ -79,7 +80,7 @@ def circuit_figure(edges: list[tuple[str, str, float]], n_layers: int) -> go.Fig
             )
         )
     nodes = list(graph.nodes)
-    xy = [node_position(n, n_layers) for n in nodes]
+    xy = [node_position(n, n_layers, n_heads) for n in nodes]
     fig.add_trace(
         go.Scatter(
             x=[p[0] for p in xy],

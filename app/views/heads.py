@@ -53,6 +53,8 @@ def render() -> None:
         aspect="auto",
         text_auto=".2f",
     )
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(dtick=1)
     st.caption(
         f"run `{run['run_id']}` · metric clean {run['metric_clean']:.3f}, "
         f"corrupt {run['metric_corrupt']:.3f}"

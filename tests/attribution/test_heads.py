@@ -60,6 +60,7 @@ def test_patching_results_do_not_depend_on_batching(induction_final, induction_t
     torch.testing.assert_close(one.scores, many.scores, atol=1e-5, rtol=0)
 
 
+@torch.no_grad()
 def test_dla_equals_removing_the_head_from_the_final_residual(model_and_batches):
     """With the final layer-norm scale frozen, removing a head's last-position output from the
     final residual stream changes the logit difference by exactly its DLA."""
