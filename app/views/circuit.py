@@ -48,9 +48,8 @@ def render() -> None:
             "ORDER BY abs(score) DESC",
             (run_id, threshold),
         )
-    n_layers = int(
-        query("SELECT n_layers FROM models WHERE model_id = ?", (model_id,))["n_layers"][0]
-    )
+    shape = query("SELECT n_layers, n_heads FROM models WHERE model_id = ?", (model_id,))
+    n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
     triples = [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
     st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
