@@ -40,7 +40,8 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, final_logit_diff, logit_diff, repeat_rows
+from workbench.attribution.batches import PromptBatch, logit_diff
+from workbench.attribution.patching import metric_gap, patch_sweep
 
 
 @dataclass
@@ -56,26 +57,6 @@ class HeadScores:
 
 def head_node(layer: int, head: int, port: str = "") -> str:
     return f"a{layer}.h{head}" + (f"<{port}>" if port else "")
-
-
-def _metric_gap(m_clean: float, m_corrupt: float) -> float:
-    gap = m_clean - m_corrupt
-    if abs(gap) < 1e-8:
-        raise ValueError(
-            f"the clean and corrupt metrics are equal ({m_clean:.6g}): normalised scores are "
-            "undefined for this model and task"
-        )
-    return gap
-
-
-@torch.no_grad()
-def clean_and_corrupt_metrics(
-    model: HookedTransformer, batches: list[PromptBatch]
-) -> tuple[float, float]:
-    n = sum(b.size for b in batches)
-    m_clean = sum(float(logit_diff(model(b.clean), b.answer, b.wrong).sum()) for b in batches)
-    m_corr = sum(float(logit_diff(model(b.corrupt), b.answer, b.wrong).sum()) for b in batches)
-    return m_clean / n, m_corr / n
 
 
 @torch.no_grad()
@@ -107,7 +88,6 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
     return HeadScores("dla", scores, metrics[0] / n, metrics[1] / n, edges)
 
 
-@torch.no_grad()
 def head_out_patching(
     model: HookedTransformer,
     batches: list[PromptBatch],
@@ -116,66 +96,11 @@ def head_out_patching(
     max_rows: int = 512,
 ) -> HeadScores:
     """Exact patching of every head's output (all positions), batched per layer."""
-    cfg = model.cfg
-    n = sum(b.size for b in batches)
-    patched_sum = torch.zeros(cfg.n_layers, cfg.n_heads)
-    m_clean = m_corrupt = 0.0
-    for batch in tqdm(batches, desc=f"act_patch_{direction}", leave=False):
-        names = lambda name: name.endswith(("hook_z", "hook_resid_pre"))  # noqa: E731
-        stop = {"names_filter": names, "stop_at_layer": cfg.n_layers}
-        clean_resid, clean_cache = model.run_with_cache(batch.clean, **stop)
-        corr_resid, corr_cache = model.run_with_cache(batch.corrupt, **stop)
-        m_clean += float(final_logit_diff(model, clean_resid, batch.answer, batch.wrong).sum())
-        m_corrupt += float(final_logit_diff(model, corr_resid, batch.answer, batch.wrong).sum())
-        base, source = (
-            (corr_cache, clean_cache) if direction == "denoise" else (clean_cache, corr_cache)
-        )
-        for layer in range(cfg.n_layers):
-            patched_sum[layer] += _patch_layer_heads(
-                model, batch, layer, base["resid_pre", layer], source["z", layer], max_rows
-            )
-    m_clean, m_corrupt = m_clean / n, m_corrupt / n
-    gap = _metric_gap(m_clean, m_corrupt)
-    patched = patched_sum / n
-    denoise = direction == "denoise"
-    scores = (patched - m_corrupt) / gap if denoise else (m_clean - patched) / gap
-    return HeadScores(f"act_patch_{direction}", scores, m_clean, m_corrupt)
-
-
-def _patch_layer_heads(
-    model: HookedTransformer,
-    batch: PromptBatch,
-    layer: int,
-    resid_pre: Float[torch.Tensor, "batch pos d_model"],
-    source_z: Float[torch.Tensor, "batch pos head d_head"],
-    max_rows: int,
-) -> Float[torch.Tensor, " head"]:
-    """Sum over prompts of the metric with each head of `layer` patched, one batch per chunk."""
-    n_heads = model.cfg.n_heads
-    per_chunk = max(1, max_rows // batch.size)
-    sums = torch.zeros(n_heads)
-    for first in range(0, n_heads, per_chunk):
-        heads = list(range(first, min(n_heads, first + per_chunk)))
-        k = len(heads)
-        mask = torch.zeros(k, 1, 1, n_heads, 1, dtype=resid_pre.dtype)
-        for row, head in enumerate(heads):
-            mask[row, :, :, head] = 1.0
-
-        def patch_z(z: torch.Tensor, hook: object, mask: torch.Tensor = mask, k: int = k):
-            z = z.view(k, batch.size, *z.shape[1:])
-            z = z * (1 - mask) + source_z.unsqueeze(0) * mask
-            return z.view(k * batch.size, *z.shape[2:])
-
-        resid_final = model.run_with_hooks(
-            repeat_rows(resid_pre, k),
-            start_at_layer=layer,
-            stop_at_layer=model.cfg.n_layers,
-            fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch_z)],
-        )
-        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
-        diffs = final_logit_diff(model, resid_final, answer, wrong)
-        sums[heads] = diffs.view(k, batch.size).sum(1)
-    return sums
+    result = patch_sweep(
+        model, batches, component="head_out", direction=direction, max_rows=max_rows
+    )
+    scores = result.scores[:, :, 0]
+    return HeadScores(f"act_patch_{direction}", scores, result.metric_clean, result.metric_corrupt)
 
 
 @contextmanager
@@ -224,7 +149,7 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
             grads.append(corrupt_acts[f"blocks.{L - 1}.hook_resid_post.grad"][None])
             edge_sum += torch.einsum("sbpd,tbpd->st", sources, torch.cat(grads))
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
-    gap = _metric_gap(m_clean, m_corrupt)
+    gap = metric_gap(m_clean, m_corrupt)
     scores = node_sum.detach() / gap
     edge_scores = edge_sum.detach() / gap
     edges = []

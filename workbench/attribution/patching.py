@@ -1,0 +1,279 @@
+"""Node-level activation patching, the least work the mathematics allows.
+
+Activation patching (Meng et al. 2022; Wang et al. 2022; Heimersheim & Nanda 2024) replaces one
+activation in one run by its value in another run and measures the metric. *Denoising* runs the
+corrupt prompts with a clean activation patched in; *noising* runs the clean prompts with the
+activation ablated: replaced by its value on the corrupt prompts (`resample`), by zero (`zero`),
+or by its mean over the task's clean prompts of the same length (`mean`). Scores are normalised
+so that 1 is the whole clean-vs-corrupt gap (DESIGN.md): denoising
+`(m_patched - m_corrupt) / (m_clean - m_corrupt)`, noising `(m_clean - m_patched) / (m_clean -
+m_corrupt)`.
+
+Components (`--component`), each per layer, and per head where the activation has heads:
+
+| component      | hook                          | node id            | by position |
+|----------------|-------------------------------|--------------------|-------------|
+| `resid`        | `blocks.L.hook_resid_pre`     | `r{L}`             | always      |
+| `attn_out`     | `blocks.L.hook_attn_out`      | `a{L}`             | optional    |
+| `mlp_out`      | `blocks.L.hook_mlp_out`       | `m{L}`             | optional    |
+| `head_out`     | `blocks.L.attn.hook_z`        | `a{L}.h{H}`        | optional    |
+| `head_q/k/v`   | `blocks.L.attn.hook_q/k/v`    | `a{L}.h{H}<q/k/v>` | no          |
+| `head_pattern` | `blocks.L.attn.hook_pattern`  | `a{L}.h{H}<pattern>` | no        |
+
+The numbers equal those of the matching `transformer_lens.patching` functions; the work is less:
+both runs are cached once; a patch at layer L cannot change earlier layers, so each patched run
+starts from the cached residual stream at layer L (`start_at_layer`); all patches of a layer run
+together as one batch (chunked to `max_rows` rows); and only the last position's logits of the
+answer and wrong tokens are computed.
+"""
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from workbench.attribution.batches import PromptBatch, final_logit_diff, repeat_rows
+
+Direction = Literal["denoise", "noise"]
+Ablation = Literal["resample", "zero", "mean"]
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    hook: str  # with {layer}
+    unit_axis: int | None  # axis of heads in the activation without its batch axis
+    pos_axis: int | None  # axis of positions (None: cannot patch by position)
+    node: Callable[[int, int | None], str]
+    by_position: Literal["always", "optional", "never"]
+    needs_mlp: bool = False
+
+
+def _head(port: str = "") -> Callable[[int, int | None], str]:
+    return lambda layer, head: f"a{layer}.h{head}" + (f"<{port}>" if port else "")
+
+
+COMPONENTS: dict[str, Component] = {
+    "resid": Component(
+        "resid", "blocks.{layer}.hook_resid_pre", None, 0, lambda layer, _: f"r{layer}", "always"
+    ),
+    "attn_out": Component(
+        "attn_out",
+        "blocks.{layer}.hook_attn_out",
+        None,
+        0,
+        lambda layer, _: f"a{layer}",
+        "optional",
+    ),
+    "mlp_out": Component(
+        "mlp_out",
+        "blocks.{layer}.hook_mlp_out",
+        None,
+        0,
+        lambda layer, _: f"m{layer}",
+        "optional",
+        needs_mlp=True,
+    ),
+    "head_out": Component("head_out", "blocks.{layer}.attn.hook_z", 1, 0, _head(), "optional"),
+    "head_q": Component("head_q", "blocks.{layer}.attn.hook_q", 1, 0, _head("q"), "never"),
+    "head_k": Component("head_k", "blocks.{layer}.attn.hook_k", 1, 0, _head("k"), "never"),
+    "head_v": Component("head_v", "blocks.{layer}.attn.hook_v", 1, 0, _head("v"), "never"),
+    "head_pattern": Component(
+        "head_pattern", "blocks.{layer}.attn.hook_pattern", 0, None, _head("pattern"), "never"
+    ),
+}
+
+
+@dataclass
+class PatchScores:
+    """`scores[layer, unit, position]` (unit = head, or 0 for layer-level components; position
+    = 0 when patching all positions at once) and the raw metrics."""
+
+    component: str
+    by_position: bool
+    scores: Float[torch.Tensor, "n_layers n_units n_pos"]
+    metric_clean: float
+    metric_corrupt: float
+
+    def rows(self) -> tuple[list[str], list[int | None], list[float]]:
+        """(node ids, positions, scores) for the store; position None = all positions."""
+        comp = COMPONENTS[self.component]
+        nodes, positions, values = [], [], []
+        n_layers, n_units, n_pos = self.scores.shape
+        for layer in range(n_layers):
+            for unit in range(n_units):
+                node = comp.node(layer, unit if comp.unit_axis is not None else None)
+                for pos in range(n_pos):
+                    nodes.append(node)
+                    positions.append(pos if self.by_position else None)
+                    values.append(float(self.scores[layer, unit, pos]))
+        return nodes, positions, values
+
+
+def check_component(model: HookedTransformer, component: str, by_position: bool) -> Component:
+    """The component, or a ValueError naming why it does not apply to this model."""
+    if component not in COMPONENTS:
+        raise ValueError(f"unknown component {component!r} (choose from {', '.join(COMPONENTS)})")
+    comp = COMPONENTS[component]
+    if comp.needs_mlp and model.cfg.attn_only:
+        raise ValueError(f"component {component!r}: the model is attention-only and has no MLPs")
+    if by_position and comp.by_position == "never":
+        raise ValueError(f"component {component!r} cannot be patched by position")
+    return comp
+
+
+@torch.no_grad()
+def patch_sweep(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    *,
+    component: str,
+    direction: Direction,
+    ablation: Ablation = "resample",
+    by_position: bool = False,
+    max_rows: int = 512,
+) -> PatchScores:
+    """Patch every unit (layer, head, position) of one component; see the module docstring."""
+    comp = check_component(model, component, by_position)
+    by_position = by_position or comp.by_position == "always"
+    if direction == "denoise" and ablation != "resample":
+        raise ValueError("zero and mean ablation apply to noising only")
+    lengths = {int(b.clean.shape[1]) for b in batches}
+    if by_position and len(lengths) > 1:
+        raise ValueError(
+            f"patching by position needs prompts of one length (lengths {sorted(lengths)})"
+        )
+    cfg = model.cfg
+    hooks = [comp.hook.format(layer=layer) for layer in range(cfg.n_layers)]
+    means = _mean_activations(model, batches, hooks) if ablation == "mean" else {}
+    n = sum(b.size for b in batches)
+    sums: torch.Tensor | None = None
+    m_clean = m_corrupt = 0.0
+    for batch in tqdm(batches, desc=f"patch {component}", leave=False):
+        clean_resid, clean_cache = _cache(model, batch.clean, hooks)
+        corr_resid, corr_cache = _cache(model, batch.corrupt, hooks)
+        m_clean += float(final_logit_diff(model, clean_resid, batch.answer, batch.wrong).sum())
+        m_corrupt += float(final_logit_diff(model, corr_resid, batch.answer, batch.wrong).sum())
+        base = corr_cache if direction == "denoise" else clean_cache
+        for layer, hook in enumerate(hooks):
+            if direction == "denoise" or ablation == "resample":
+                source = (clean_cache if direction == "denoise" else corr_cache)[hook]
+            elif ablation == "zero":
+                source = torch.zeros_like(clean_cache[hook])
+            else:
+                source = means[(int(batch.clean.shape[1]), hook)].expand_as(clean_cache[hook])
+            layer_sums = _patch_layer(
+                model, batch, layer, base[f"blocks.{layer}.hook_resid_pre"], hook, source, comp,
+                by_position, max_rows,
+            )  # fmt: skip
+            if sums is None:
+                sums = torch.zeros(cfg.n_layers, *layer_sums.shape)
+            sums[layer] += layer_sums
+    assert sums is not None
+    m_clean, m_corrupt = m_clean / n, m_corrupt / n
+    gap = metric_gap(m_clean, m_corrupt)
+    patched = sums / n
+    scores = (patched - m_corrupt) / gap if direction == "denoise" else (m_clean - patched) / gap
+    return PatchScores(component, by_position, scores, m_clean, m_corrupt)
+
+
+def metric_gap(m_clean: float, m_corrupt: float) -> float:
+    gap = m_clean - m_corrupt
+    if abs(gap) < 1e-8:
+        raise ValueError(
+            f"the clean and corrupt metrics are equal ({m_clean:.6g}): normalised scores are "
+            "undefined for this model and task"
+        )
+    return gap
+
+
+def _cache(
+    model: HookedTransformer, tokens: torch.Tensor, hooks: list[str]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Final residual stream and the activations patching needs, from one forward pass."""
+    wanted = set(hooks) | {f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)}
+    resid, cache = model.run_with_cache(
+        tokens, names_filter=lambda name: name in wanted, stop_at_layer=model.cfg.n_layers
+    )
+    return resid, {name: cache[name] for name in wanted}
+
+
+@torch.no_grad()
+def _mean_activations(
+    model: HookedTransformer, batches: list[PromptBatch], hooks: list[str]
+) -> dict[tuple[int, str], torch.Tensor]:
+    """Mean over the clean prompts of each length, per hook: `[1, ...]` tensors."""
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    counts: dict[int, int] = defaultdict(int)
+    for batch in batches:
+        length = int(batch.clean.shape[1])
+        _, cache = _cache(model, batch.clean, hooks)
+        counts[length] += batch.size
+        for hook in hooks:
+            total = cache[hook].sum(0, keepdim=True)
+            sums[(length, hook)] = sums[(length, hook)] + total if (length, hook) in sums else total
+    return {key: value / counts[key[0]] for key, value in sums.items()}
+
+
+def _unit_masks(
+    shape: tuple[int, ...], comp: Component, by_position: bool, n_units: int
+) -> list[torch.Tensor]:
+    masks = []
+    units = range(n_units) if comp.unit_axis is not None else [None]
+    n_pos = shape[comp.pos_axis] if by_position and comp.pos_axis is not None else 0
+    for unit in units:
+        for pos in range(n_pos) if by_position else [None]:
+            index: list[slice | int] = [slice(None)] * len(shape)
+            if unit is not None and comp.unit_axis is not None:
+                index[comp.unit_axis] = unit
+            if pos is not None and comp.pos_axis is not None:
+                index[comp.pos_axis] = pos
+            mask = torch.zeros(shape)
+            mask[tuple(index)] = 1.0
+            masks.append(mask)
+    return masks
+
+
+@torch.no_grad()
+def _patch_layer(
+    model: HookedTransformer,
+    batch: PromptBatch,
+    layer: int,
+    resid_pre: torch.Tensor,
+    hook: str,
+    source: torch.Tensor,
+    comp: Component,
+    by_position: bool,
+    max_rows: int,
+) -> torch.Tensor:
+    """Sum over prompts of the metric for every patch of `hook`: shape [n_units, n_pos]."""
+    shape = tuple(source.shape[1:])
+    n_units = model.cfg.n_heads if comp.unit_axis is not None else 1
+    masks = _unit_masks(shape, comp, by_position, n_units)
+    per_chunk = max(1, max_rows // batch.size)
+    sums = torch.zeros(len(masks))
+    for first in range(0, len(masks), per_chunk):
+        chunk = torch.stack(masks[first : first + per_chunk]).unsqueeze(1).to(source.dtype)
+        k = chunk.shape[0]
+
+        def patch(act: torch.Tensor, hook: object, chunk: torch.Tensor = chunk, k: int = k):
+            act = act.view(k, batch.size, *act.shape[1:])
+            act = act * (1 - chunk) + source.unsqueeze(0) * chunk
+            return act.view(k * batch.size, *act.shape[2:])
+
+        resid_final = model.run_with_hooks(
+            repeat_rows(resid_pre, k),
+            start_at_layer=layer,
+            stop_at_layer=model.cfg.n_layers,
+            fwd_hooks=[(hook, patch)],
+        )
+        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
+        diffs = final_logit_diff(model, resid_final, answer, wrong)
+        sums[first : first + k] = diffs.view(k, batch.size).sum(1)
+    n_pos = len(masks) // n_units
+    return sums.view(n_units, n_pos)
