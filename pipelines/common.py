@@ -44,6 +44,18 @@ class RunOutcome:
 MethodFn = Callable[[LoadedModel, Task], MethodResult]
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to make on a checkpoint: a method, its parameters and how to compute it."""
+
+    method: str
+    params: dict[str, Any]
+    compute: MethodFn
+
+
+Planner = Callable[[LoadedModel, Task], list[RunSpec]]
+
+
 def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -62,15 +74,19 @@ def run_key(
     )
 
 
+def graph_nodes(loaded: LoadedModel) -> pa.Table:
+    cfg = loaded.model.cfg
+    has_mlp = not cfg.attn_only
+    return records.model_graph_nodes(loaded.info.model_id, cfg.n_layers, cfg.n_heads, has_mlp)
+
+
 def run_pipeline(
     *,
     pipeline: str,
     model: str,
     task: str,
     checkpoint: str,
-    methods: dict[str, MethodFn],
-    params: dict[str, dict[str, Any]],
-    graph_nodes: Callable[[LoadedModel], pa.Table],
+    plan: Planner,
     db: str | None = None,
     force: bool = False,
     n_prompts: int | None = None,
@@ -88,35 +104,22 @@ def run_pipeline(
                 "prompts": records.prompt_rows(the_task),
                 "nodes": graph_nodes(loaded),
             }
-            for method, compute in methods.items():
-                outcomes.append(
-                    _run_one(
-                        store,
-                        pipeline,
-                        method,
-                        compute,
-                        loaded,
-                        the_task,
-                        params[method],
-                        registry,
-                        force,
-                    )
-                )
+            for spec in plan(loaded, the_task):
+                outcomes.append(_run_one(store, pipeline, spec, loaded, the_task, registry, force))
     return outcomes
 
 
 def _run_one(
     store: Store,
     pipeline: str,
-    method: str,
-    compute: MethodFn,
+    spec: RunSpec,
     loaded: LoadedModel,
     task: Task,
-    params: dict[str, Any],
     registry: dict[str, pa.Table],
     force: bool,
 ) -> RunOutcome:
     ckpt = loaded.checkpoint
+    method, params = spec.method, spec.params
     key = run_key(pipeline, method, ckpt.sha256, task.sha256, params)
     existing = store.done_run(key)
     if existing and not force:
@@ -132,7 +135,7 @@ def _run_one(
         key, pipeline, method, ckpt.checkpoint_id, task.task_id, params, started_at=now()
     )
     try:
-        result = compute(loaded, task)
+        result = spec.compute(loaded, task)
     except BadInput:
         raise
     except Exception as err:  # a failed run is recorded, not raised

@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from pipelines.common import MethodFn, MethodResult, RunOutcome, run_pipeline
+from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
 from workbench.tasks import Task
 
-METHODS = ("dla", "act_patch_denoise", "act_patch_noise", "attr_patch")
+METHODS = ("dla", "act_patch_denoise", "act_patch_noise", "attr_patch", "head_importance")
 
 
 @dataclass
@@ -56,6 +56,8 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> 
         result = head_methods.head_out_patching(model, batches, direction="noise")
     elif method == "attr_patch":
         result = head_methods.attribution_patching(model, batches)
+    elif method == "head_importance":
+        result = head_methods.head_importance(model, batches)
     else:
         raise BadInput(f"unknown method {method!r} for the heads pipeline")
     n_layers, n_heads = result.scores.shape
@@ -69,28 +71,22 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> 
     return MethodResult(result.metric_clean, result.metric_corrupt, rows)
 
 
-def graph_nodes(loaded: LoadedModel):  # type: ignore[no-untyped-def]
-    cfg = loaded.model.cfg
-    return records.head_graph_nodes(loaded.info.model_id, cfg.n_layers, cfg.n_heads)
-
-
 def run(cfg: HeadsConfig) -> list[RunOutcome]:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise BadInput(
             f"--method {unknown[0]}: not a heads method (choose from {', '.join(METHODS)})"
         )
-    methods: dict[str, MethodFn] = {
-        m: partial(compute, m, max_batch=cfg.max_batch) for m in cfg.methods
-    }
+    specs = [
+        RunSpec(m, method_params(m), partial(compute, m, max_batch=cfg.max_batch))
+        for m in cfg.methods
+    ]
     return run_pipeline(
         pipeline="heads",
         model=cfg.model,
         task=cfg.task,
         checkpoint=cfg.checkpoint,
-        methods=methods,
-        params={m: method_params(m) for m in cfg.methods},
-        graph_nodes=graph_nodes,
+        plan=lambda loaded, task: specs,
         db=cfg.db,
         force=cfg.force,
         n_prompts=cfg.n_prompts,

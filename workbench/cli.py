@@ -11,7 +11,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import click
 import typer
@@ -43,6 +43,7 @@ DbOption = Annotated[
 
 class Pipeline(StrEnum):
     heads = "heads"
+    patching = "patching"
     all = "all"
 
 
@@ -74,7 +75,7 @@ def zoo_train(
 
 @app.command("run")
 def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="heads, or all.")],
+    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, or all.")],
     model: Annotated[
         str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")
     ],
@@ -83,6 +84,16 @@ def run(
     method: Annotated[
         list[str] | None, typer.Option("--method", help="Method(s) to run (default: all).")
     ] = None,
+    component: Annotated[
+        list[str] | None,
+        typer.Option("--component", help="What `patching` patches (default: every component)."),
+    ] = None,
+    by_position: Annotated[
+        bool, typer.Option("--by-position", help="Patch each position separately.")
+    ] = False,
+    ablation: Annotated[
+        str, typer.Option(help="Noising ablation for `patching`: resample, zero or mean.")
+    ] = "resample",
     db: DbOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
@@ -90,14 +101,27 @@ def run(
     n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
-    from pipelines import heads
+    from pipelines import heads, patching
 
-    cfg = heads.HeadsConfig(
-        model=model, task=task, checkpoint=checkpoint, db=db, force=force, n_prompts=n_prompts
-    )
-    if method:
-        cfg.methods = method
-    outcomes = heads.run(cfg)
+    common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
+    common |= {"db": db, "force": force, "n_prompts": n_prompts}
+    patching_options = component or by_position or ablation != "resample"
+    if pipeline == Pipeline.heads and patching_options:
+        raise BadInput("--component, --by-position and --ablation apply to the patching pipeline")
+    outcomes = []
+    if pipeline in (Pipeline.heads, Pipeline.all):
+        cfg = heads.HeadsConfig(**common)
+        chosen = [m for m in method or [] if pipeline == Pipeline.heads or m in heads.METHODS]
+        cfg.methods = chosen or cfg.methods
+        if pipeline == Pipeline.heads or not method or chosen:
+            outcomes += heads.run(cfg)
+    if pipeline in (Pipeline.patching, Pipeline.all):
+        pcfg = patching.PatchingConfig(**common)
+        pcfg.components, pcfg.by_position, pcfg.ablation = component, by_position, ablation
+        chosen = [m for m in method or [] if pipeline == Pipeline.patching or m in patching.METHODS]
+        pcfg.methods = chosen or pcfg.methods
+        if pipeline == Pipeline.patching or not method or chosen:
+            outcomes += patching.run(pcfg)
     for o in outcomes:
         detail = f" ({o.error})" if o.error else ""
         typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
@@ -147,7 +171,7 @@ def demo(
     port: Annotated[int, typer.Option(help="App port.")] = 8501,
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, then the app."""
-    from pipelines import heads
+    from pipelines import heads, patching
     from workbench.zoo import TrainConfig, train_zoo_model
 
     started = time.perf_counter()
@@ -159,6 +183,9 @@ def demo(
             train_zoo_model(TrainConfig(task=task, out=str(zoo_dir)))
         outcomes = heads.run(
             heads.HeadsConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
+        )
+        outcomes += patching.run(
+            patching.PatchingConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
         )
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)

@@ -70,16 +70,23 @@ def prompt_rows(task: Task) -> pa.Table:
 PORT_LABELS = {"q": "query input", "k": "key input", "v": "value input", "pattern": "pattern"}
 
 
-def head_graph_nodes(model_id: str, n_layers: int, n_heads: int) -> pa.Table:
-    """The `input`, head, head-port and `logits` nodes of a model's head graph."""
+def model_graph_nodes(model_id: str, n_layers: int, n_heads: int, has_mlp: bool) -> pa.Table:
+    """Every node of a model's graph: `input`, residual streams `r{L}`, attention layers `a{L}`,
+    heads `a{L}.h{H}` with their `<q>`, `<k>`, `<v>`, `<pattern>` ports, MLPs `m{L}`, `logits`."""
     rows: list[dict[str, Any]] = [_node(model_id, "input", "input", None, None, "embeddings")]
+    for layer in range(n_layers + 1):
+        label = f"residual stream before layer {layer}" if layer < n_layers else "final residual"
+        rows.append(_node(model_id, f"r{layer}", "resid", layer, None, label))
     for layer in range(n_layers):
+        rows.append(_node(model_id, f"a{layer}", "attn", layer, None, f"attention layer {layer}"))
         for head in range(n_heads):
             base = f"a{layer}.h{head}"
             rows.append(_node(model_id, base, "attn_head", layer, head, f"L{layer}H{head}"))
             for port, label in PORT_LABELS.items():
                 node_id = f"{base}<{port}>"
                 rows.append(_node(model_id, node_id, "attn_head", layer, head, f"{base} {label}"))
+        if has_mlp:
+            rows.append(_node(model_id, f"m{layer}", "mlp", layer, None, f"MLP {layer}"))
     rows.append(_node(model_id, "logits", "logits", n_layers, None, "logits"))
     return pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
 

@@ -166,3 +166,27 @@ def test_induction_head_tops_final_denoising_scores(induction_final, induction_t
     layer, head = divmod(int(result.scores.argmax()), induction_final.model.cfg.n_heads)
     assert layer == 1
     assert result.metric_clean - result.metric_corrupt > 2.0
+
+
+@torch.no_grad()
+def test_head_importance_is_the_mean_absolute_derivative_of_a_head_mask(model_and_batches):
+    """Scaling a head's output by (1 +- eps) on every prompt gives each prompt's derivative."""
+    model, batches = model_and_batches
+    batch = batches[0]
+    result = heads.head_importance(model, batches)
+    eps = 1e-3
+    for layer, head in [(0, 0), (model.cfg.n_layers - 1, 1)]:
+
+        def per_prompt(scale, layer=layer, head=head):
+            def mask(z, hook):
+                z[:, :, head] *= scale
+                return z
+
+            hooks = [(f"blocks.{layer}.attn.hook_z", mask)]
+            logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+            return logit_diff(logits.double(), batch.answer, batch.wrong)
+
+        derivative = (per_prompt(1 + eps) - per_prompt(1 - eps)) / (2 * eps)
+        assert float(derivative.abs().mean()) == pytest.approx(
+            float(result.scores[layer, head]), abs=2e-3, rel=1e-3
+        )

@@ -30,7 +30,6 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
 The metric is the mean over prompts of `logit(answer) - logit(wrong)` at the last position.
 """
 
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -103,6 +102,53 @@ def head_out_patching(
     return HeadScores(f"act_patch_{direction}", scores, result.metric_clean, result.metric_corrupt)
 
 
+def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
+    """Head importance scores (Michel et al. 2019): `mean_x |d m(x) / d xi_h|`, where the mask
+    `xi_h` multiplies head h's output and the derivative is taken at `xi = 1` on each clean
+    prompt. At `xi = 1` the derivative is `sum_pos z_h . d m / d z_h`, so one forward and one
+    backward pass give every head. Unnormalised (logit-difference units)."""
+    cfg = model.cfg
+    n = sum(b.size for b in batches)
+    total = torch.zeros(cfg.n_layers, cfg.n_heads)
+    m_clean = m_corrupt = 0.0
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    for batch in tqdm(batches, desc="head_importance", leave=False):
+        acts = _activations_with_grads(model, batch.clean, batch, names)
+        m_clean += acts.pop("metric_sum").item()
+        with torch.no_grad():
+            m_corrupt += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
+        for layer, name in enumerate(names):
+            per_prompt = (acts[name] * acts[f"{name}.grad"]).sum((1, 3))  # [batch, head]
+            total[layer] += per_prompt.abs().sum(0)
+    return HeadScores("head_importance", total / n, m_clean / n, m_corrupt / n)
+
+
+def _activations_with_grads(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    batch: PromptBatch,
+    names: list[str],
+    *,
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Forward `tokens`, backward `scale` x the summed per-prompt metric; the activations at
+    `names`, their gradients (`name.grad`) and the metric's sum (`metric_sum`)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: object) -> None:
+        act.retain_grad()
+        store[hook.name] = act  # type: ignore[attr-defined]
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
+        diffs = logit_diff(model(tokens), batch.answer, batch.wrong)
+        (diffs.sum() * scale).backward()
+    model.zero_grad(set_to_none=True)
+    out = {name: act.detach() for name, act in store.items()}
+    out |= {f"{k}.grad": a.grad.detach() for k, a in store.items() if a.grad is not None}
+    out["metric_sum"] = diffs.detach().sum()
+    return out
+
+
 @contextmanager
 def _split_qkv_inputs(model: HookedTransformer):
     previous = bool(model.cfg.use_split_qkv_input)
@@ -130,7 +176,9 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
                 names = lambda name: name.endswith("hook_z") or name == "blocks.0.hook_resid_pre"  # noqa: E731
                 clean_logits, clean_cache = model.run_with_cache(batch.clean, names_filter=names)
             m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
-            corrupt_acts = _forward_backward(model, batch, n)
+            corrupt_acts = _activations_with_grads(
+                model, batch.corrupt, batch, _attribution_hooks(L), scale=1 / n
+            )
             m_corrupt += corrupt_acts.pop("metric_sum").item()
             src_delta = [
                 clean_cache["blocks.0.hook_resid_pre"] - corrupt_acts["blocks.0.hook_resid_pre"]
@@ -162,32 +210,10 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
     return HeadScores("attr_patch", scores, m_clean, m_corrupt, edges)
 
 
-def _forward_backward(
-    model: HookedTransformer, batch: PromptBatch, n_total: int
-) -> dict[str, torch.Tensor]:
-    """Corrupt forward pass keeping the activations and gradients attribution needs."""
-    L = model.cfg.n_layers
-    wanted = {"blocks.0.hook_resid_pre", f"blocks.{L - 1}.hook_resid_post"}
-    for layer in range(L):
-        wanted.add(f"blocks.{layer}.attn.hook_z")
-        wanted |= {f"blocks.{layer}.hook_{p}_input" for p in "qkv"}
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook: object) -> None:
-        act.retain_grad()
-        store[hook.name] = act  # type: ignore[attr-defined]
-
-    hooks: list[tuple[str | Callable[[str], bool], Callable[..., None]]] = [
-        (name, keep) for name in sorted(wanted)
-    ]
-    with model.hooks(fwd_hooks=hooks):
-        logits = model(batch.corrupt)
-        diffs = logit_diff(logits, batch.answer, batch.wrong)
-        (diffs.sum() / n_total).backward()
-    model.zero_grad(set_to_none=True)
-    out = {name: act.detach() for name, act in store.items()}
-    out |= {
-        f"{name}.grad": act.grad.detach() for name, act in store.items() if act.grad is not None
-    }
-    out["metric_sum"] = diffs.detach().sum()
-    return out
+def _attribution_hooks(n_layers: int) -> list[str]:
+    """Hooks attribution patching reads: embeddings, head outputs, q/k/v inputs, final resid."""
+    names = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post"]
+    for layer in range(n_layers):
+        names.append(f"blocks.{layer}.attn.hook_z")
+        names += [f"blocks.{layer}.hook_{p}_input" for p in "qkv"]
+    return names

@@ -118,12 +118,12 @@ class PatchScores:
 def check_component(model: HookedTransformer, component: str, by_position: bool) -> Component:
     """The component, or a ValueError naming why it does not apply to this model."""
     if component not in COMPONENTS:
-        raise ValueError(f"unknown component {component!r} (choose from {', '.join(COMPONENTS)})")
+        raise ValueError(f"{component}: unknown component (choose from {', '.join(COMPONENTS)})")
     comp = COMPONENTS[component]
     if comp.needs_mlp and model.cfg.attn_only:
-        raise ValueError(f"component {component!r}: the model is attention-only and has no MLPs")
+        raise ValueError(f"{component}: the model is attention-only and has no MLPs")
     if by_position and comp.by_position == "never":
-        raise ValueError(f"component {component!r} cannot be patched by position")
+        raise ValueError(f"{component}: cannot be patched by position")
     return comp
 
 
