@@ -87,12 +87,17 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
-    """A database filled by the heads pipeline over every zoo checkpoint."""
-    from pipelines import heads
+    """A database filled by the heads and patching pipelines over every zoo checkpoint."""
+    from pipelines import heads, patching
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
     outcomes = heads.run(
         heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
+    )
+    outcomes += patching.run(
+        patching.PatchingConfig(
+            model=str(induction_dir), task="induction", checkpoint="all", db=str(db)
+        )
     )
     assert all(o.status == "done" for o in outcomes)
     return db

@@ -71,6 +71,7 @@ def test_sql_view_runs_examples_and_reports_errors(app):
         "act_patch_denoise",
         "act_patch_noise",
         "attr_patch",
+        "head_importance",
     }
     key = "sql_text_Runs by method"
     at.text_area(key=key).set_value("DROP TABLE runs").run()
@@ -82,3 +83,15 @@ def test_app_without_database_says_how_to_fill_it(tmp_path, monkeypatch):
     at = AppTest.from_file(APP, default_timeout=60).run()
     assert not at.exception
     assert "workbench demo" in at.info[0].value
+
+
+def test_patching_view_shows_residual_stream_by_position(app):
+    at = _show(app, "Patching")
+    at.selectbox(key="patch_comp").set_value("resid").run()
+    at.selectbox(key="patch_method").set_value("act_patch_denoise").run()
+    assert not at.exception
+    top = at.dataframe[0].value
+    assert len(top) == 10 and top["position"].min() >= 0  # resid is patched position by position
+    at.selectbox(key="patch_comp").set_value("head_k").run()
+    assert not at.exception
+    assert set(at.dataframe[0].value["position"]) == {-1}  # all positions at once

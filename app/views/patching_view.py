@@ -1,0 +1,66 @@
+"""Patching: scores of any node-level patching run as a heatmap, by position where the run
+patched positions one at a time (e.g. the residual stream by layer and position)."""
+
+import plotly.express as px
+import streamlit as st
+
+from app.data import query
+from app.views.common import select_model
+
+
+def render() -> None:
+    st.header("Activation patching")
+    model_id = select_model("patch_model")
+    if model_id is None:
+        return
+    runs = query(
+        """SELECT r.run_id, r.method, r.task_id, c.step,
+                  json_extract_string(r.params, '$.component') AS component,
+                  json_extract_string(r.params, '$.positions') AS positions,
+                  json_extract_string(r.params, '$.ablation') AS ablation
+           FROM runs r JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? AND r.pipeline = 'patching' AND r.status = 'done'""",
+        (model_id,),
+    )
+    if runs.empty:
+        st.info("No patching runs for this model yet (`workbench run patching`).")
+        return
+    c1, c2, c3 = st.columns(3)
+    component = c1.selectbox("Component", sorted(runs["component"].unique()), key="patch_comp")
+    runs = runs[runs["component"] == component]
+    method = c2.selectbox("Method", sorted(runs["method"].unique()), key="patch_method")
+    runs = runs[runs["method"] == method]
+    variant = c3.selectbox(
+        "Positions / ablation",
+        sorted((runs["positions"] + " / " + runs["ablation"]).unique()),
+        key="patch_variant",
+    )
+    runs = runs[(runs["positions"] + " / " + runs["ablation"]) == variant]
+    task = st.selectbox("Task", sorted(runs["task_id"].unique()), key="patch_task")
+    runs = runs[runs["task_id"] == task]
+    steps = sorted(runs["step"].unique().tolist())
+    step = st.select_slider("Checkpoint (training step)", steps, value=steps[-1], key="patch_step")
+    run_id = runs[runs["step"] == step].iloc[0]["run_id"]
+    scores = query(
+        """SELECT s.node_id, coalesce(s.position, -1) AS position, s.score, n.layer, n.head
+           FROM node_scores s JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE s.run_id = ? ORDER BY n.layer, n.head, s.position""",
+        (run_id,),
+    )
+    grid = scores.pivot_table(index="node_id", columns="position", values="score", sort=False)
+    grid.columns = ["all" if c == -1 else str(c) for c in grid.columns]
+    bound = float(scores["score"].abs().max()) or 1.0
+    fig = px.imshow(
+        grid,
+        color_continuous_scale="RdBu",
+        zmin=-bound,
+        zmax=bound,
+        aspect="auto",
+        labels={"x": "position", "y": "node", "color": "score"},
+        text_auto=".2f" if grid.size <= 400 else False,
+    )
+    st.plotly_chart(fig, key="patch_heatmap")
+    st.caption(f"run `{run_id}`; 1 = the whole clean-vs-corrupt gap")
+    top = scores.reindex(scores["score"].abs().sort_values(ascending=False).index).head(10)
+    st.dataframe(top[["node_id", "position", "score"]], hide_index=True)
