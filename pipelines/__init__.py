@@ -1,3 +1,3 @@
 """Runnable pipeline definitions: each module has `run(cfg) -> outcomes` and `main(argv)`."""
 
-PIPELINES = ("heads", "patching")
+PIPELINES = ("heads", "patching", "edges")

@@ -44,6 +44,7 @@ DbOption = Annotated[
 class Pipeline(StrEnum):
     heads = "heads"
     patching = "patching"
+    edges = "edges"
     all = "all"
 
 
@@ -75,7 +76,7 @@ def zoo_train(
 
 @app.command("run")
 def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, or all.")],
+    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, edges, or all.")],
     model: Annotated[
         str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")
     ],
@@ -94,6 +95,9 @@ def run(
     ablation: Annotated[
         str, typer.Option(help="Noising ablation for `patching`: resample, zero or mean.")
     ] = "resample",
+    ig_steps: Annotated[
+        int, typer.Option(help="Interpolation steps for eap_ig (edges pipeline).")
+    ] = 5,
     db: DbOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
@@ -101,12 +105,12 @@ def run(
     n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
-    from pipelines import heads, patching
+    from pipelines import edges, heads, patching
 
     common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
     common |= {"db": db, "force": force, "n_prompts": n_prompts}
     patching_options = component or by_position or ablation != "resample"
-    if pipeline == Pipeline.heads and patching_options:
+    if pipeline in (Pipeline.heads, Pipeline.edges) and patching_options:
         raise BadInput("--component, --by-position and --ablation apply to the patching pipeline")
     outcomes = []
     if pipeline in (Pipeline.heads, Pipeline.all):
@@ -122,6 +126,12 @@ def run(
         pcfg.methods = chosen or pcfg.methods
         if pipeline == Pipeline.patching or not method or chosen:
             outcomes += patching.run(pcfg)
+    if pipeline in (Pipeline.edges, Pipeline.all):
+        ecfg = edges.EdgesConfig(**common, ig_steps=ig_steps)
+        chosen = [m for m in method or [] if pipeline == Pipeline.edges or m in edges.METHODS]
+        ecfg.methods = chosen or ecfg.methods
+        if pipeline == Pipeline.edges or not method or chosen:
+            outcomes += edges.run(ecfg)
     for o in outcomes:
         detail = f" ({o.error})" if o.error else ""
         typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
@@ -171,7 +181,7 @@ def demo(
     port: Annotated[int, typer.Option(help="App port.")] = 8501,
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, then the app."""
-    from pipelines import heads, patching
+    from pipelines import edges, heads, patching
     from workbench.zoo import TrainConfig, train_zoo_model
 
     started = time.perf_counter()
@@ -186,6 +196,9 @@ def demo(
         )
         outcomes += patching.run(
             patching.PatchingConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
+        )
+        outcomes += edges.run(
+            edges.EdgesConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
         )
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)

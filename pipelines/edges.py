@@ -1,0 +1,94 @@
+"""The `edges` pipeline: every edge of the model's graph scored by EAP, EAP-IG or exact edge
+patching (see `workbench.attribution.edges`).
+
+    workbench run edges --model data/zoo/induction --task induction --checkpoint all
+    workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-steps 10
+"""
+
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
+from workbench import records
+from workbench.errors import BadInput
+from workbench.models import LoadedModel
+from workbench.tasks import Task
+
+METHODS = ("eap", "eap_ig", "exact_edge")
+DEFAULT_METHODS = ("eap", "eap_ig", "exact_edge")
+
+
+@dataclass
+class EdgesConfig:
+    model: str
+    task: str
+    checkpoint: str = "latest"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    ig_steps: int = 5
+    db: str | None = None
+    force: bool = False
+    n_prompts: int | None = None
+    max_batch: int = 64
+    max_rows: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EdgesConfig":
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
+    params: dict[str, Any] = {"graph": "input+heads(qkv)+mlps+logits"}
+    if method == "eap_ig":
+        params["ig_steps"] = cfg.ig_steps
+    return params
+
+
+def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -> MethodResult:
+    from workbench.attribution import edges
+    from workbench.attribution.batches import make_batches
+
+    batches = make_batches(task, max_batch=cfg.max_batch)
+    if method == "exact_edge":
+        result = edges.exact_edge_patching(loaded.model, batches, max_rows=cfg.max_rows)
+    else:
+        steps = cfg.ig_steps if method == "eap_ig" else 0
+        result = edges.edge_attribution(loaded.model, batches, ig_steps=steps)
+    rows = {"edges": records.edge_rows(result.edges())}
+    return MethodResult(result.metric_clean, result.metric_corrupt, rows)
+
+
+def run(cfg: EdgesConfig) -> list[RunOutcome]:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise BadInput(f"--method {unknown[0]}: not an edges method ({', '.join(METHODS)})")
+    if cfg.ig_steps < 1:
+        raise BadInput(f"--ig-steps {cfg.ig_steps}: must be at least 1")
+    specs = [RunSpec(m, method_params(m, cfg), partial(compute, m, cfg=cfg)) for m in cfg.methods]
+    return run_pipeline(
+        pipeline="edges",
+        model=cfg.model,
+        task=cfg.task,
+        checkpoint=cfg.checkpoint,
+        plan=lambda loaded, task: specs,
+        db=cfg.db,
+        force=cfg.force,
+        n_prompts=cfg.n_prompts,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipelines.edges --model ... --task ...` (the options of `workbench run
+    edges`)."""
+    import sys
+
+    from workbench.cli import cli
+
+    sys.exit(cli(["run", "edges", *(sys.argv[1:] if argv is None else argv)]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Edge attribution against independent references: exact edge patching against a full forward
+pass with the edge moved by hand, EAP against finite differences of that intervention, EAP-IG
+against the completeness of integrated gradients, and EAP's ranking against exact patching."""
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from workbench.attribution import edges
+from workbench.attribution.batches import logit_diff, make_batches
+from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_hf_dirs):
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
+    return loaded.model, make_batches(load_task("induction", loaded, n_prompts=6))
+
+
+@pytest.fixture(scope="module")
+def zoo(induction_final, induction_task):
+    return induction_final.model, make_batches(induction_task)
+
+
+def _source_delta(model, batch, src):
+    """src_clean - src_corrupt from two ordinary cached runs."""
+    _, clean = model.run_with_cache(batch.clean)
+    _, corrupt = model.run_with_cache(batch.corrupt)
+    if src == "input":
+        return clean["blocks.0.hook_resid_pre"] - corrupt["blocks.0.hook_resid_pre"]
+    if src.startswith("m"):
+        name = f"blocks.{src[1:]}.hook_mlp_out"
+        return clean[name] - corrupt[name]
+    layer, head = int(src[1]), int(src[4])
+    return (clean["z", layer][:, :, head] - corrupt["z", layer][:, :, head]) @ model.W_O[
+        layer, head
+    ]
+
+
+@torch.no_grad()
+def _moved_metric(model, batch, dst, delta, t=1.0):
+    """Mean metric of the corrupt run with `dst`'s input moved by t * delta (full forward)."""
+    if dst == "logits":
+        hook, head = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
+    elif dst.startswith("m"):
+        hook, head = f"blocks.{dst[1:]}.hook_mlp_in", None
+    else:
+        hook, head = f"blocks.{dst[1]}.hook_{dst[-2]}_input", int(dst[4])
+
+    def move(act, hook):
+        if head is None:
+            return act + t * delta
+        act = act.clone()
+        act[:, :, head] += t * delta
+        return act
+
+    with edges.graph_hooks_enabled(model, edges.model_graph(model)):
+        logits = model.run_with_hooks(batch.corrupt, fwd_hooks=[(hook, move)])
+    return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean())
+
+
+def _gap(model, batch):
+    with torch.no_grad():
+        clean = logit_diff(model(batch.clean), batch.answer, batch.wrong).mean()
+        corrupt = logit_diff(model(batch.corrupt), batch.answer, batch.wrong).mean()
+    return float(clean), float(corrupt)
+
+
+GPT2_EDGES = [
+    ("m0", "a1.h1<v>"),
+    ("input", "m1"),
+    ("m1", "logits"),
+    ("a0.h2", "m0"),
+    ("a0.h1", "a1.h3<q>"),
+]
+
+
+def test_exact_edge_patching_is_a_real_edge_intervention(gpt2):
+    model, batches = gpt2
+    batch = batches[0]
+    result = edges.exact_edge_patching(model, batches, max_rows=10)
+    scores = {(s, d): v for s, d, v in result.edges()}
+    m_clean, m_corr = _gap(model, batch)
+    for src, dst in GPT2_EDGES:
+        moved = _moved_metric(model, batch, dst, _source_delta(model, batch, src))
+        assert scores[(src, dst)] == pytest.approx((moved - m_corr) / (m_clean - m_corr), abs=1e-4)
+
+
+def test_eap_is_the_derivative_of_the_edge_intervention(gpt2):
+    model, batches = gpt2
+    batch = batches[0]
+    scores = {(s, d): v for s, d, v in edges.edge_attribution(model, batches).edges()}
+    m_clean, m_corr = _gap(model, batch)
+    eps = 1e-2  # central differences: error O(eps^2); float32 noise would swamp a smaller eps
+    for src, dst in GPT2_EDGES:
+        delta = _source_delta(model, batch, src)
+        up = _moved_metric(model, batch, dst, delta, eps)
+        down = _moved_metric(model, batch, dst, delta, -eps)
+        derivative = (up - down) / (2 * eps) / (m_clean - m_corr)
+        assert scores[(src, dst)] == pytest.approx(derivative, rel=1e-2, abs=1e-3), (src, dst)
+
+
+def test_eap_ig_input_edges_are_complete(zoo):
+    """Integrated gradients along the input embeddings attribute the whole metric change:
+    the `input` edges of EAP-IG sum to 1 (the gap) as the number of steps grows."""
+    model, batches = zoo
+    result = edges.edge_attribution(model, batches, ig_steps=32)
+    total = sum(v for s, _, v in result.edges() if s == "input")
+    assert total == pytest.approx(1.0, abs=0.05)
+    coarse = edges.edge_attribution(model, batches, ig_steps=1)
+    assert abs(sum(v for s, _, v in coarse.edges() if s == "input") - 1.0) > abs(total - 1.0)
+
+
+def test_eap_ranks_edges_like_exact_patching(zoo):
+    model, batches = zoo
+    graph = edges.model_graph(model)
+    exact = edges.exact_edge_patching(model, batches)
+    eap = edges.edge_attribution(model, batches)
+    rho = spearmanr(exact.scores[graph.valid], eap.scores[graph.valid]).statistic
+    assert rho >= 0.8
+
+
+def test_graph_respects_parallel_attention_and_mlp(tiny_hf_dirs, induction_final):
+    neox = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt_neox"]))[0]).model
+    graph = edges.model_graph(neox)
+    valid = {
+        (s, d) for s, d, _ in graph.edges(torch.ones(len(graph.sources), len(graph.destinations)))
+    }
+    assert ("a0.h0", "m0") not in valid and ("a0.h0", "m1") in valid and ("m0", "a1.h0<k>") in valid
+    zoo_graph = edges.model_graph(induction_final.model)
+    assert not any(s.startswith("m") for s in zoo_graph.sources)  # attention-only
+    assert zoo_graph.n_edges == 12 * 1 + 12 * (1 + 4) + (1 + 8)  # q/k/v of layers 0 and 1, logits

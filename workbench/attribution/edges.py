@@ -1,0 +1,342 @@
+"""Edge attribution over the full graph of a model: EAP, EAP-IG and exact edge patching.
+
+The graph (Conmy et al. 2023; Syed et al. 2023): sources are the embeddings (`input`), each
+attention head's output (`a{L}.h{H}`, its `z @ W_O`) and each MLP's output (`m{L}`);
+destinations are each head's query, key and value inputs (`a{L}.h{H}<q|k|v>`), each MLP's input
+(`m{L}`) and the final residual stream (`logits`). An edge joins a source to every destination
+downstream of it (a head does not feed the MLP of its own layer when attention and MLP run in
+parallel, as in GPT-NeoX). The residual input of a destination is the sum of the outputs of
+every source upstream of it, so an edge is one term of that sum.
+
+* `exact_edge` — patch one edge: the corrupt run, with the destination's input moved by
+  `src_clean - src_corrupt` (the source's clean output replaces its corrupt output for that
+  destination only). Score `(m_patched - m_corrupt) / (m_clean - m_corrupt)`. One partial
+  forward pass per edge, batched per destination layer: for validation on small models.
+* `eap` — edge attribution patching (Syed et al. 2023): the first-order approximation of
+  exact edge patching, `(src_clean - src_corrupt) . d m / d dst_input` on the corrupt run,
+  normalised by the gap: every edge from two forward passes and one backward pass.
+* `eap_ig` — EAP with integrated gradients (Hanna et al. 2024, "Have Faith in Faithfulness"):
+  the gradient is averaged over `steps` runs whose input embeddings are interpolated from the
+  corrupt to the clean prompt (`alpha = k / steps`, k = 1..steps).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from workbench.attribution.batches import PromptBatch, final_logit_diff, logit_diff, repeat_rows
+from workbench.attribution.patching import metric_gap
+
+
+@dataclass(frozen=True)
+class EdgeGraph:
+    sources: list[str]
+    source_layer: list[float]
+    destinations: list[str]
+    destination_layer: list[float]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        src = torch.tensor(self.source_layer)[:, None]
+        dst = torch.tensor(self.destination_layer)[None, :]
+        return src < dst
+
+    def edges(self, scores: torch.Tensor) -> list[tuple[str, str, float]]:
+        valid = self.valid
+        return [
+            (src, dst, float(scores[s, t]))
+            for s, src in enumerate(self.sources)
+            for t, dst in enumerate(self.destinations)
+            if valid[s, t]
+        ]
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.valid.sum())
+
+
+def model_graph(model: HookedTransformer, *, include_mlps: bool = True) -> EdgeGraph:
+    cfg = model.cfg
+    mlps = include_mlps and not cfg.attn_only
+    parallel = bool(cfg.parallel_attn_mlp)
+    sources, source_layer = ["input"], [-1.0]
+    destinations: list[str] = []
+    destination_layer: list[float] = []
+    for layer in range(cfg.n_layers):
+        for head in range(cfg.n_heads):
+            sources.append(f"a{layer}.h{head}")
+            source_layer.append(layer)
+        for port in "qkv":
+            for head in range(cfg.n_heads):
+                destinations.append(f"a{layer}.h{head}<{port}>")
+                destination_layer.append(layer)
+        if mlps:
+            sources.append(f"m{layer}")
+            source_layer.append(layer + 0.5)
+            destinations.append(f"m{layer}")
+            destination_layer.append(layer if parallel else layer + 0.5)
+    destinations.append("logits")
+    destination_layer.append(cfg.n_layers)
+    return EdgeGraph(sources, source_layer, destinations, destination_layer)
+
+
+@contextmanager
+def graph_hooks_enabled(model: HookedTransformer, graph: EdgeGraph) -> Iterator[None]:
+    """Split q/k/v inputs per head and expose MLP inputs, restoring the model afterwards."""
+    split, mlp_in = bool(model.cfg.use_split_qkv_input), bool(model.cfg.use_hook_mlp_in)
+    has_mlp_dst = any(d.startswith("m") for d in graph.destinations)
+    model.set_use_split_qkv_input(True)
+    if has_mlp_dst:
+        model.set_use_hook_mlp_in(True)
+    try:
+        yield
+    finally:
+        model.set_use_split_qkv_input(split)
+        if has_mlp_dst:
+            model.set_use_hook_mlp_in(mlp_in)
+
+
+def _source_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
+    hooks = ["blocks.0.hook_resid_pre"]
+    for layer in range(model.cfg.n_layers):
+        hooks.append(f"blocks.{layer}.attn.hook_z")
+        if f"m{layer}" in graph.sources:
+            hooks.append(f"blocks.{layer}.hook_mlp_out")
+    return hooks
+
+
+def _destination_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
+    hooks = []
+    for layer in range(model.cfg.n_layers):
+        hooks += [f"blocks.{layer}.hook_{p}_input" for p in "qkv"]
+        if f"m{layer}" in graph.destinations:
+            hooks.append(f"blocks.{layer}.hook_mlp_in")
+    hooks.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    return hooks
+
+
+def source_outputs(
+    model: HookedTransformer, graph: EdgeGraph, acts: dict[str, torch.Tensor]
+) -> Float[torch.Tensor, "n_src batch pos d_model"]:
+    """Every source's output, in `graph.sources` order, from cached activations."""
+    outs = [acts["blocks.0.hook_resid_pre"][None]]
+    for layer in range(model.cfg.n_layers):
+        z = acts[f"blocks.{layer}.attn.hook_z"]
+        outs.append(torch.einsum("bphe,hed->hbpd", z, model.W_O[layer]))
+        if f"m{layer}" in graph.sources:
+            outs.append(acts[f"blocks.{layer}.hook_mlp_out"][None])
+    return torch.cat(outs)
+
+
+def destination_grads(
+    model: HookedTransformer, graph: EdgeGraph, grads: dict[str, torch.Tensor]
+) -> Float[torch.Tensor, "n_dst batch pos d_model"]:
+    """Gradients at every destination's input, in `graph.destinations` order."""
+    outs = []
+    for layer in range(model.cfg.n_layers):
+        outs += [grads[f"blocks.{layer}.hook_{p}_input"].permute(2, 0, 1, 3) for p in "qkv"]
+        if f"m{layer}" in graph.destinations:
+            outs.append(grads[f"blocks.{layer}.hook_mlp_in"][None])
+    outs.append(grads[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][None])
+    return torch.cat(outs)
+
+
+@dataclass
+class EdgeScores:
+    method: str
+    graph: EdgeGraph
+    scores: Float[torch.Tensor, "n_src n_dst"]
+    metric_clean: float
+    metric_corrupt: float
+
+    def edges(self) -> list[tuple[str, str, float]]:
+        return self.graph.edges(self.scores)
+
+
+def _run_keeping(
+    model: HookedTransformer,
+    tokens: torch.Tensor,
+    batch: PromptBatch,
+    keep: list[str],
+    grad_of: list[str],
+    *,
+    scale: float,
+    embed_override: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Forward (optionally replacing the input embeddings), keep activations `keep`, and
+    backward `scale` x the metric sum for the gradients at `grad_of`."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def save(act: torch.Tensor, hook: object) -> None:
+        acts[hook.name] = act.detach()  # type: ignore[attr-defined]
+
+    def grad_hook(act: torch.Tensor, hook: object) -> None:
+        act.retain_grad()
+        acts[hook.name + ".live"] = act  # type: ignore[attr-defined]
+
+    def override(act: torch.Tensor, hook: object) -> torch.Tensor:
+        assert embed_override is not None
+        return embed_override.clone().requires_grad_(True)
+
+    hooks: list = []
+    if embed_override is not None:
+        hooks.append(("blocks.0.hook_resid_pre", override))
+    hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        diffs = logit_diff(model(tokens), batch.answer, batch.wrong)
+        if grad_of:
+            (diffs.sum() * scale).backward()
+    model.zero_grad(set_to_none=True)
+    for name in grad_of:
+        live = acts.pop(name + ".live")
+        acts[name + ".grad"] = (
+            live.grad.detach() if live.grad is not None else torch.zeros_like(live)
+        )
+    return acts, float(diffs.detach().sum())
+
+
+def edge_attribution(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    *,
+    graph: EdgeGraph | None = None,
+    ig_steps: int = 0,
+) -> EdgeScores:
+    """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1) scores for every edge of `graph`."""
+    graph = graph or model_graph(model)
+    n = sum(b.size for b in batches)
+    src_hooks, dst_hooks = _source_hooks(model, graph), _destination_hooks(model, graph)
+    total = torch.zeros(len(graph.sources), len(graph.destinations))
+    m_clean = m_corrupt = 0.0
+    method = "eap_ig" if ig_steps else "eap"
+    with graph_hooks_enabled(model, graph):
+        for batch in tqdm(batches, desc=method, leave=False):
+            clean, mc = _run_keeping(model, batch.clean, batch, src_hooks, [], scale=1.0)
+            if ig_steps:
+                corrupt, mr = _run_keeping(model, batch.corrupt, batch, src_hooks, [], scale=1.0)
+                start = corrupt["blocks.0.hook_resid_pre"]
+                delta_in = clean["blocks.0.hook_resid_pre"] - start
+                grad_sum: torch.Tensor | None = None
+                for k in range(1, ig_steps + 1):
+                    point = start + (k / ig_steps) * delta_in
+                    acts, _ = _run_keeping(
+                        model, batch.corrupt, batch, [], dst_hooks,
+                        scale=1 / (n * ig_steps), embed_override=point,
+                    )  # fmt: skip
+                    grads = destination_grads(model, graph, _grads(acts))
+                    grad_sum = grads if grad_sum is None else grad_sum + grads
+                assert grad_sum is not None
+                dst_grad = grad_sum
+            else:
+                corrupt, mr = _run_keeping(
+                    model, batch.corrupt, batch, src_hooks, dst_hooks, scale=1 / n
+                )
+                dst_grad = destination_grads(model, graph, _grads(corrupt))
+            m_clean, m_corrupt = m_clean + mc, m_corrupt + mr
+            delta = source_outputs(model, graph, clean) - source_outputs(model, graph, corrupt)
+            total += torch.einsum("sbpd,tbpd->st", delta, dst_grad)
+    m_clean, m_corrupt = m_clean / n, m_corrupt / n
+    gap = metric_gap(m_clean, m_corrupt)
+    scores = (total.detach() / gap) * graph.valid
+    return EdgeScores(method, graph, scores, m_clean, m_corrupt)
+
+
+def _grads(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removesuffix(".grad"): v for k, v in acts.items() if k.endswith(".grad")}
+
+
+@torch.no_grad()
+def exact_edge_patching(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    *,
+    graph: EdgeGraph | None = None,
+    max_rows: int = 512,
+) -> EdgeScores:
+    """Patch every edge on its own (see the module docstring); batched per destination."""
+    graph = graph or model_graph(model)
+    cfg = model.cfg
+    n = sum(b.size for b in batches)
+    valid = graph.valid
+    sums = torch.zeros(len(graph.sources), len(graph.destinations))
+    m_clean = m_corrupt = 0.0
+    src_hooks = _source_hooks(model, graph)
+    with graph_hooks_enabled(model, graph):
+        for batch in tqdm(batches, desc="exact_edge", leave=False):
+            names = set(src_hooks) | {
+                f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)
+            }
+            stop = {"names_filter": names.__contains__, "stop_at_layer": cfg.n_layers}
+            clean_final, clean = model.run_with_cache(batch.clean, **stop)
+            corr_final, corrupt = model.run_with_cache(batch.corrupt, **stop)
+            m_clean += float(final_logit_diff(model, clean_final, batch.answer, batch.wrong).sum())
+            m_corrupt += float(final_logit_diff(model, corr_final, batch.answer, batch.wrong).sum())
+            delta = source_outputs(model, graph, dict(clean.items())) - source_outputs(
+                model, graph, dict(corrupt.items())
+            )
+            for t, dst in enumerate(graph.destinations):
+                srcs = [s for s in range(len(graph.sources)) if valid[s, t]]
+                if dst == "logits":
+                    for s in srcs:
+                        patched = corr_final + delta[s]
+                        sums[s, t] = final_logit_diff(
+                            model, patched, batch.answer, batch.wrong
+                        ).sum()
+                    continue
+                sums[srcs, t] = _patch_destination(
+                    model, batch, dst, corrupt, delta[srcs], max_rows
+                )
+    m_clean, m_corrupt = m_clean / n, m_corrupt / n
+    gap = metric_gap(m_clean, m_corrupt)
+    scores = ((sums / n - m_corrupt) / gap) * valid
+    return EdgeScores("exact_edge", graph, scores, m_clean, m_corrupt)
+
+
+def _patch_destination(
+    model: HookedTransformer,
+    batch: PromptBatch,
+    dst: str,
+    corrupt: object,
+    deltas: torch.Tensor,
+    max_rows: int,
+) -> torch.Tensor:
+    """Metric sums with `dst`'s input moved by each of `deltas` ([n_src, b, p, d])."""
+    if "<" in dst:
+        layer, head, port = (
+            int(dst[1 : dst.index(".")]),
+            int(dst[dst.index("h") + 1 : dst.index("<")]),
+            dst[-2],
+        )
+        hook = f"blocks.{layer}.hook_{port}_input"
+    else:
+        layer, head, hook = int(dst[1:]), None, f"blocks.{int(dst[1:])}.hook_mlp_in"
+    resid = corrupt[f"blocks.{layer}.hook_resid_pre"]  # type: ignore[index]
+    per_chunk = max(1, max_rows // batch.size)
+    out = torch.zeros(deltas.shape[0])
+    for first in range(0, deltas.shape[0], per_chunk):
+        chunk = deltas[first : first + per_chunk]
+        k = chunk.shape[0]
+        flat = chunk.reshape(k * batch.size, *chunk.shape[2:])
+
+        def move(act: torch.Tensor, hook: object, flat: torch.Tensor = flat) -> torch.Tensor:
+            act = act.clone()
+            if head is None:
+                act += flat
+            else:
+                act[:, :, head] += flat
+            return act
+
+        final = model.run_with_hooks(
+            repeat_rows(resid, k), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
+            fwd_hooks=[(hook, move)],
+        )  # fmt: skip
+        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
+        out[first : first + k] = (
+            final_logit_diff(model, final, answer, wrong).view(k, batch.size).sum(1)
+        )
+    return out
