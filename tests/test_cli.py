@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pipelines import heads
 from tests.conftest import write_jsonl
 from tests.store.test_store import counts
 from workbench.cli import cli
@@ -123,8 +124,9 @@ def test_user_jsonl_task_on_hf_model(tmp_path, tiny_hf_dirs, capsys):
         )
         == 0
     )
-    assert counts(db)["runs"] == 4
-    assert counts(db)["node_scores"] == 4 * 2 * 4
+    n_methods = len(heads.METHODS)
+    assert counts(db)["runs"] == n_methods
+    assert counts(db)["node_scores"] == n_methods * 2 * 4  # layers x heads
 
 
 def test_sql_formats(filled_db, capsys):
