@@ -30,6 +30,8 @@ class MethodResult:
     metric_clean: float | None
     metric_corrupt: float | None
     rows: dict[str, pa.Table] = field(default_factory=dict)
+    # rows that refer to the run by id but carry their own keys (circuits), built once known
+    linked: Callable[[str], dict[str, pa.Table]] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def _run_one(
         run_id = store.record_failed_run(run, registry=registry)
         return RunOutcome(ckpt.checkpoint_id, method, "failed", run_id, run.error)
     run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
-    run_id = store.write_run(run, registry=registry, rows=result.rows, replace=force)
+    linked = result.linked(run.run_id) if result.linked else None
+    run_id = store.write_run(run, registry=registry, rows=result.rows, linked=linked, replace=force)
     logger.info("%s %s on %s: run %s", pipeline, method, ckpt.checkpoint_id, run_id)
     return RunOutcome(ckpt.checkpoint_id, method, "done", run_id)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
+import pyarrow as pa
+
 from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
 from workbench import records
 from workbench.errors import BadInput
@@ -26,6 +28,7 @@ class EdgesConfig:
     checkpoint: str = "latest"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     ig_steps: int = 5
+    faithful_target: float = 0.8
     db: str | None = None
     force: bool = False
     n_prompts: int | None = None
@@ -42,12 +45,14 @@ class EdgesConfig:
 
 def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
     params: dict[str, Any] = {"graph": "input+heads(qkv)+mlps+logits"}
+    params["circuit"] = f"smallest top-n with faithfulness >= {cfg.faithful_target}"
     if method == "eap_ig":
         params["ig_steps"] = cfg.ig_steps
     return params
 
 
 def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -> MethodResult:
+    from workbench import circuits
     from workbench.attribution import edges
     from workbench.attribution.batches import make_batches
 
@@ -57,8 +62,24 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
     else:
         steps = cfg.ig_steps if method == "eap_ig" else 0
         result = edges.edge_attribution(loaded.model, batches, ig_steps=steps)
-    rows = {"edges": records.edge_rows(result.edges())}
-    return MethodResult(result.metric_clean, result.metric_corrupt, rows)
+    edge_list = result.edges()
+    curve = circuits.faithfulness_curve(loaded.model, batches, result.graph, edge_list)
+    size = circuits.smallest_faithful(curve, cfg.faithful_target)
+    circuit = circuits.select(edge_list, f"top:{size}")
+    faith = next(f for n, _, f in curve if n == size)
+    rows = {"edges": records.edge_rows(edge_list), "faithfulness_curves": records.curve_rows(curve)}
+
+    def linked(run_id: str) -> dict[str, pa.Table]:
+        return records.circuit_rows(
+            run_id,
+            name=f"{method}: smallest top-n with faithfulness >= {cfg.faithful_target}",
+            rule=circuit.rule,
+            edges=circuit.edges,
+            n_nodes=len(circuit.nodes),
+            faithfulness=faith,
+        )
+
+    return MethodResult(result.metric_clean, result.metric_corrupt, rows, linked)
 
 
 def run(cfg: EdgesConfig) -> list[RunOutcome]:

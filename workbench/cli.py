@@ -26,10 +26,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+export_app = typer.Typer(help="Export stored results.", no_args_is_help=True)
 zoo_app = typer.Typer(
     help="Train the zoo's small models with known circuits.", no_args_is_help=True
 )
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(export_app, name="export")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MAIN = REPO_ROOT / "app" / "main.py"
@@ -46,6 +48,11 @@ class Pipeline(StrEnum):
     patching = "patching"
     edges = "edges"
     all = "all"
+
+
+class GraphFormat(StrEnum):
+    graphml = "graphml"
+    json = "json"
 
 
 class OutputFormat(StrEnum):
@@ -151,6 +158,20 @@ def sql(
 
     table = run_readonly_query(query, db=db)
     typer.echo(format_table(table, format.value), nl=False)
+
+
+@export_app.command("circuit")
+def export_circuit_command(
+    circuit_id: Annotated[str, typer.Argument(help="A circuits.circuit_id.")],
+    format: Annotated[
+        GraphFormat, typer.Option("--format", help="graphml or json.")
+    ] = GraphFormat.graphml,
+    db: DbOption = None,
+) -> None:
+    """Print a stored circuit (nodes, edges with scores, provenance) as GraphML or JSON."""
+    from workbench.export import export_circuit
+
+    typer.echo(export_circuit(circuit_id, format.value, db=db), nl=False)
 
 
 @app.command("app")

@@ -140,3 +140,43 @@ def edge_rows(edges: list[tuple[str, str, float]]) -> pa.Table:
             "score": pa.array([e[2] for e in edges], pa.float64()),
         }
     )
+
+
+def circuit_rows(
+    run_id: str,
+    *,
+    name: str,
+    rule: str,
+    edges: list[tuple[str, str, float]],
+    n_nodes: int,
+    faithfulness: float,
+) -> dict[str, pa.Table]:
+    """A circuit of a run: one `circuits` row and its `circuit_edges`."""
+    circuit_id = f"{run_id}-{rule.replace(':', '')}"
+    circuit = pa.Table.from_pylist(
+        [
+            {
+                "circuit_id": circuit_id,
+                "run_id": run_id,
+                "name": name,
+                "rule": rule,
+                "n_nodes": n_nodes,
+                "n_edges": len(edges),
+                "faithfulness": faithfulness,
+            }
+        ]
+    )
+    circuit_edges = edge_rows(edges).add_column(
+        0, "circuit_id", pa.array([circuit_id] * len(edges), pa.string())
+    )
+    return {"circuits": circuit, "circuit_edges": circuit_edges}
+
+
+def curve_rows(curve: list[tuple[int, int, float]]) -> pa.Table:
+    return pa.table(
+        {
+            "requested_edges": pa.array([c[0] for c in curve], pa.int32()),
+            "n_edges": pa.array([c[1] for c in curve], pa.int32()),
+            "faithfulness": pa.array([c[2] for c in curve], pa.float64()),
+        }
+    )

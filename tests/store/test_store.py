@@ -52,8 +52,25 @@ def test_new_database_has_schema_v1(tmp_path):
     assert set(TABLES) <= tables
     Store(db).close()  # opening again migrates nothing and keeps one version row
     con = duckdb.connect(str(db), read_only=True)
-    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == 1
+    assert con.execute("SELECT count(*) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     con.close()
+
+
+def test_version_1_database_migrates_forward_keeping_its_rows(tmp_path):
+    from workbench.store.schema import SCHEMA_V1
+
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    for statement in SCHEMA_V1:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, current_timestamp)")
+    con.execute("INSERT INTO edges VALUES ('r1', 'a0.h0', 'logits', 0.5)")
+    con.close()
+    with Store(db) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert store.query("SELECT count(*) AS n FROM edges")["n"][0].as_py() == 1
+        assert store.query("SELECT count(*) AS n FROM faithfulness_curves")["n"][0].as_py() == 0
 
 
 def test_newer_database_is_refused(tmp_path):

@@ -164,13 +164,15 @@ class Store:
         *,
         registry: dict[str, pa.Table],
         rows: dict[str, pa.Table],
+        linked: dict[str, pa.Table] | None = None,
         replace: bool = False,
     ) -> str:
         """Write a run and everything it refers to in one transaction.
 
         `registry` holds rows for `models`, `checkpoints`, `tasks`, `prompts` and `nodes`,
         inserted only where their keys are new. `rows` holds the run's own rows
-        (`node_scores`, `edges`), each with a `run_id` column filled in here.
+        (`node_scores`, `edges`, `faithfulness_curves`), each with a `run_id` column filled in
+        here; `linked` holds rows that carry their own keys (`circuits`, `circuit_edges`).
         With `replace`, finished or failed runs with the same `run_key` are deleted first.
         """
         run.finished_at = run.finished_at or datetime.now(UTC).replace(tzinfo=None)
@@ -188,6 +190,9 @@ class Store:
                 if data.num_rows:
                     run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
                     self._insert(con, table, data.add_column(0, "run_id", run_ids))
+            for table, data in (linked or {}).items():
+                if data.num_rows:
+                    self._insert(con, table, data)
         return run.run_id
 
     def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
@@ -197,6 +202,9 @@ class Store:
     @staticmethod
     def _delete_runs(con: duckdb.DuckDBPyConnection, run_key: str) -> None:
         old = "SELECT run_id FROM runs WHERE run_key = ?"
+        circuits = f"SELECT circuit_id FROM circuits WHERE run_id IN ({old})"
+        con.execute(f"DELETE FROM circuit_edges WHERE circuit_id IN ({circuits})", [run_key])
+        con.execute(f"DELETE FROM circuits WHERE run_id IN ({old})", [run_key])
         for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id IN ({old})", [run_key])
         con.execute("DELETE FROM runs WHERE run_key = ?", [run_key])

@@ -48,8 +48,14 @@ SCHEMA_V1 = [
         tokens VARCHAR[], position INTEGER, activation DOUBLE)""",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1}
+# v2: the faithfulness-vs-size curve of each edge run.
+SCHEMA_V2 = [
+    """CREATE TABLE faithfulness_curves (
+        run_id VARCHAR, requested_edges INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
-RUN_TABLES = ("node_scores", "edges")
+RUN_TABLES = ("node_scores", "edges", "faithfulness_curves")

@@ -1,0 +1,81 @@
+"""The `edges` pipeline end to end: edge runs, their faithfulness curves and circuits, export."""
+
+import json
+
+import networkx as nx
+import pytest
+
+from pipelines import edges as edges_pipeline
+from tests.store.test_store import counts
+from workbench import circuits
+from workbench.attribution import edges
+from workbench.attribution.batches import make_batches
+from workbench.cli import cli
+from workbench.store import Store
+
+
+@pytest.fixture(scope="module")
+def edges_db(tmp_path_factory, induction_dir):
+    db = tmp_path_factory.mktemp("edges") / "w.duckdb"
+    argv = ["run", "edges", "--model", str(induction_dir), "--task", "induction", "--db", str(db)]
+    assert cli([*argv, "--method", "eap", "--method", "exact_edge"]) == 0
+    return db
+
+
+def test_edge_runs_store_edges_curves_and_a_faithful_circuit(
+    edges_db, induction_final, induction_task
+):
+    graph = edges.model_graph(induction_final.model)
+    with Store(edges_db, read_only=True) as store:
+        runs = store.query("SELECT run_id, method FROM runs ORDER BY method").to_pylist()
+        assert [r["method"] for r in runs] == ["eap", "exact_edge"]
+        for run in runs:
+            n = store.query("SELECT count(*) AS n FROM edges WHERE run_id = ?", [run["run_id"]])
+            assert n["n"][0].as_py() == graph.n_edges
+            curve = store.query(
+                "SELECT * FROM faithfulness_curves WHERE run_id = ? ORDER BY requested_edges",
+                [run["run_id"]],
+            ).to_pylist()
+            assert curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-4)  # the full graph
+            (circuit,) = store.query(
+                "SELECT * FROM circuits WHERE run_id = ?", [run["run_id"]]
+            ).to_pylist()
+            stored = store.query(
+                "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ?",
+                [circuit["circuit_id"]],
+            ).to_pylist()
+            assert circuit["faithfulness"] >= 0.8 and circuit["n_edges"] == len(stored)
+            recomputed = circuits.faithfulness(
+                induction_final.model,
+                make_batches(induction_task),
+                graph,
+                [(e["src"], e["dst"], e["score"]) for e in stored],
+            )
+            assert recomputed == pytest.approx(circuit["faithfulness"], abs=1e-5)
+            # the induction mechanism is in it: layer-1 heads write to the logits
+            assert any(e["src"].startswith("a1.") and e["dst"] == "logits" for e in stored)
+
+
+def test_force_replaces_circuits_without_duplicates(edges_db, induction_dir):
+    before = counts(edges_db)
+    cfg = edges_pipeline.EdgesConfig(
+        model=str(induction_dir), task="induction", methods=["eap"], db=str(edges_db), force=True
+    )
+    assert [o.status for o in edges_pipeline.run(cfg)] == ["done"]
+    assert counts(edges_db) == before
+
+
+def test_export_circuit_as_graphml_and_json(edges_db, capsys, tmp_path):
+    with Store(edges_db, read_only=True) as store:
+        circuit = store.query("SELECT circuit_id, n_edges FROM circuits LIMIT 1").to_pylist()[0]
+    assert cli(["export", "circuit", circuit["circuit_id"], "--db", str(edges_db)]) == 0
+    path = tmp_path / "c.graphml"
+    path.write_text(capsys.readouterr().out)
+    graph = nx.read_graphml(path)
+    assert graph.number_of_edges() == circuit["n_edges"]
+    assert "input" in graph and "logits" in graph
+    argv = ["export", "circuit", circuit["circuit_id"], "--format", "json", "--db", str(edges_db)]
+    assert cli(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["edges"]) == circuit["n_edges"] and data["circuit"]["rule"].startswith("top:")
+    assert cli(["export", "circuit", "missing", "--db", str(edges_db)]) == 2

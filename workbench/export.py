@@ -1,0 +1,57 @@
+"""`workbench export circuit ID`: a stored circuit as GraphML or JSON."""
+
+import json
+from typing import Any
+
+import networkx as nx
+
+from workbench.errors import BadInput
+from workbench.store.query import run_readonly_query
+
+
+def circuit_graph(circuit_id: str, *, db: str | None = None) -> nx.DiGraph:
+    meta = run_readonly_query(
+        """SELECT c.*, r.method, r.checkpoint_id, r.task_id, ck.model_id, ck.step
+           FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
+           WHERE c.circuit_id = ?""",
+        db=db,
+        params=[circuit_id],
+    ).to_pylist()
+    if not meta:
+        raise BadInput(f"no circuit {circuit_id!r} in the database")
+    info = {k: v for k, v in meta[0].items() if v is not None}
+    graph = nx.DiGraph(
+        **{k: str(v) if not isinstance(v, int | float) else v for k, v in info.items()}
+    )
+    nodes = run_readonly_query(
+        """SELECT DISTINCT n.node_id, n.kind, n.layer, n.head, n.label
+           FROM nodes n WHERE n.model_id = ? AND n.node_id IN (
+               SELECT src FROM circuit_edges WHERE circuit_id = ?
+               UNION SELECT dst FROM circuit_edges WHERE circuit_id = ?)""",
+        db=db,
+        params=[info["model_id"], circuit_id, circuit_id],
+    ).to_pylist()
+    for node in nodes:
+        graph.add_node(
+            node["node_id"], **{k: v for k, v in node.items() if v is not None and k != "node_id"}
+        )
+    edges = run_readonly_query(
+        "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ? ORDER BY abs(score) DESC",
+        db=db,
+        params=[circuit_id],
+    ).to_pylist()
+    for edge in edges:
+        graph.add_edge(edge["src"], edge["dst"], score=edge["score"])
+    return graph
+
+
+def export_circuit(circuit_id: str, fmt: str, *, db: str | None = None) -> str:
+    graph = circuit_graph(circuit_id, db=db)
+    if fmt == "graphml":
+        return "\n".join(nx.generate_graphml(graph)) + "\n"
+    data: dict[str, Any] = {
+        "circuit": dict(graph.graph),
+        "nodes": [{"id": n, **attrs} for n, attrs in graph.nodes(data=True)],
+        "edges": [{"src": s, "dst": d, **attrs} for s, d, attrs in graph.edges(data=True)],
+    }
+    return json.dumps(data, indent=1, default=str) + "\n"
