@@ -87,8 +87,9 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
-    """A database filled by the heads and patching pipelines over every zoo checkpoint."""
-    from pipelines import heads, patching
+    """A database filled by the heads and patching pipelines over every zoo checkpoint, and
+    by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
+    from pipelines import edges, heads, patching
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
     outcomes = heads.run(
@@ -99,6 +100,16 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
             model=str(induction_dir), task="induction", checkpoint="all", db=str(db)
         )
     )
+    for step in ("500", "1000"):
+        outcomes += edges.run(
+            edges.EdgesConfig(
+                model=str(induction_dir),
+                task="induction",
+                checkpoint=step,
+                db=str(db),
+                methods=["eap", "exact_edge"],
+            )  # fmt: skip
+        )
     assert all(o.status == "done" for o in outcomes)
     return db
 

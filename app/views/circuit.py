@@ -1,11 +1,18 @@
-"""Circuit: nodes by layer, edges weighted by score, pruned in SQL (threshold or top-k)."""
+"""Circuit: nodes by layer, edges weighted by score. Any edge run pruned in SQL (top-k or a
+threshold) with its faithfulness curve, any stored circuit, or two circuits side by side (shared,
+only-left and only-right edges); and every score a chosen node has across methods."""
 
+import pandas as pd
+import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
 from app.data import query
 from app.views.common import done_runs, select_model
-from workbench.graph import build_graph, node_position
+from workbench.graph import build_graph, node_position, split_port
+
+Edge = tuple[str, str, float]
+COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
 
 
 def render() -> None:
@@ -13,6 +20,25 @@ def render() -> None:
     model_id = select_model("circuit_model")
     if model_id is None:
         return
+    shape = query("SELECT n_layers, n_heads FROM models WHERE model_id = ?", (model_id,))
+    n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
+    source = st.radio(
+        "Show",
+        ["Edge run", "Stored circuit", "Compare circuits"],
+        horizontal=True,
+        key="circuit_source",
+    )
+    if source == "Edge run":
+        shown = _edge_run(model_id, n_layers, n_heads)
+    elif source == "Stored circuit":
+        shown = _stored_circuit(model_id, n_layers, n_heads)
+    else:
+        shown = _compare(model_id, n_layers, n_heads)
+    if shown:
+        _node_inspector(model_id, *shown)
+
+
+def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
     runs = done_runs(model_id)
     with_edges = query(
         """SELECT DISTINCT e.run_id FROM edges e JOIN runs r USING (run_id)
@@ -21,8 +47,8 @@ def render() -> None:
     )
     runs = runs[runs["run_id"].isin(with_edges["run_id"])]
     if runs.empty:
-        st.info("No runs with edges for this model yet (dla and attr_patch store edges).")
-        return
+        st.info("No runs with edges for this model yet (dla, attr_patch and the edges pipeline).")
+        return None
     c1, c2, c3 = st.columns(3)
     method = c1.selectbox("Method", sorted(runs["method"].unique()), key="circuit_method")
     runs = runs[runs["method"] == method]
@@ -30,7 +56,8 @@ def render() -> None:
     runs = runs[runs["task_id"] == task]
     steps = sorted(runs["step"].unique().tolist())
     step = c3.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="circuit_step")
-    run_id = runs[runs["step"] == step].iloc[0]["run_id"]
+    run = runs[runs["step"] == step].iloc[0]
+    run_id = run["run_id"]
     mode = st.radio("Prune by", ["top-k", "threshold"], horizontal=True, key="circuit_mode")
     if mode == "top-k":
         k = st.slider("Edges (top k by |score|)", 1, 100, 12, key="circuit_k")
@@ -48,15 +75,125 @@ def render() -> None:
             "ORDER BY abs(score) DESC",
             (run_id, threshold),
         )
-    shape = query("SELECT n_layers, n_heads FROM models WHERE model_id = ?", (model_id,))
-    n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
-    triples = [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
+    triples = _triples(edges)
     st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)
+    curve = query(
+        "SELECT n_edges, faithfulness FROM faithfulness_curves WHERE run_id = ? ORDER BY n_edges",
+        (run_id,),
+    )
+    if not curve.empty:
+        st.subheader("Faithfulness vs circuit size")
+        fig = px.line(curve, x="n_edges", y="faithfulness", markers=True, log_x=True)
+        fig.add_hline(y=0.8, line_dash="dot")
+        st.plotly_chart(fig, key="circuit_curve")
+    return triples, str(run["checkpoint_id"])
 
 
-def circuit_figure(edges: list[tuple[str, str, float]], n_layers: int, n_heads: int) -> go.Figure:
+def _circuits(model_id: str) -> pd.DataFrame:
+    return query(
+        """SELECT c.circuit_id, c.name, c.rule, c.n_edges, c.faithfulness, r.method,
+                  r.checkpoint_id, ck.step, r.task_id,
+                  r.method || ' @ step ' || ck.step || ' · ' || c.rule
+                    || ' · faithfulness ' || round(c.faithfulness, 2) AS label
+           FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
+           WHERE ck.model_id = ? ORDER BY r.method, ck.step""",
+        (model_id,),
+    )
+
+
+def _circuit_edges(circuit_id: str) -> list[Edge]:
+    edges = query(
+        "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ? ORDER BY abs(score) DESC",
+        (circuit_id,),
+    )
+    return _triples(edges)
+
+
+def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
+    stored = _circuits(model_id)
+    if stored.empty:
+        st.info("No stored circuits for this model yet (`workbench run edges` stores them).")
+        return None
+    label = st.selectbox("Circuit", stored["label"].tolist(), key="circuit_pick")
+    row = stored[stored["label"] == label].iloc[0]
+    triples = _circuit_edges(row["circuit_id"])
+    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_stored_graph")
+    st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
+    return triples, str(row["checkpoint_id"])
+
+
+def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
+    stored = _circuits(model_id)
+    if len(stored) < 2:
+        st.info("Comparing needs at least two stored circuits.")
+        return None
+    labels = stored["label"].tolist()
+    c1, c2 = st.columns(2)
+    left_label = c1.selectbox("Left", labels, index=0, key="circuit_left")
+    right_label = c2.selectbox("Right", labels, index=1, key="circuit_right")
+    left_row = stored[stored["label"] == left_label].iloc[0]
+    right_row = stored[stored["label"] == right_label].iloc[0]
+    left = {(s, d): v for s, d, v in _circuit_edges(left_row["circuit_id"])}
+    right = {(s, d): v for s, d, v in _circuit_edges(right_row["circuit_id"])}
+    membership = {e: "shared" for e in left.keys() & right.keys()}
+    membership |= {e: "left" for e in left.keys() - right.keys()}
+    membership |= {e: "right" for e in right.keys() - left.keys()}
+    merged = [(s, d, left.get((s, d), right.get((s, d), 0.0))) for s, d in membership]
+    colours = {e: COLOURS[m] for e, m in membership.items()}
+    counts = pd.Series(list(membership.values())).value_counts()
+    cols = st.columns(3)
+    for col, key in zip(cols, ("shared", "left", "right"), strict=True):
+        col.metric(f"{key} edges" if key == "shared" else f"only {key}", int(counts.get(key, 0)))
+    st.plotly_chart(
+        circuit_figure(merged, n_layers, n_heads, colours=colours), key="circuit_compare_graph"
+    )
+    st.caption("grey: in both · blue: only left · orange: only right")
+    table = pd.DataFrame(
+        [
+            {"src": s, "dst": d, "in": m, "left": left.get((s, d)), "right": right.get((s, d))}
+            for (s, d), m in membership.items()
+        ]  # fmt: skip
+    )
+    st.dataframe(table.sort_values("in"), hide_index=True)
+    return merged, str(left_row["checkpoint_id"])
+
+
+def _node_inspector(model_id: str, edges: list[Edge], checkpoint_id: str) -> None:
+    nodes = sorted({split_port(n)[0] for s, d, _ in edges for n in (s, d)})
+    if not nodes:
+        return
+    st.subheader("Node scores across methods")
+    node = st.selectbox("Node", nodes, key="circuit_node")
+    scores = query(
+        """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
+                  s.node_id, s.position, s.score
+           FROM node_scores s JOIN runs r USING (run_id)
+           WHERE r.checkpoint_id = ? AND r.status = 'done'
+             AND (s.node_id = ? OR s.node_id LIKE ? || '<%')
+           ORDER BY r.pipeline, r.method, s.node_id, s.position""",
+        (checkpoint_id, node, node),
+    )
+    incident = query(
+        """SELECT r.method, e.src, e.dst, e.score FROM edges e JOIN runs r USING (run_id)
+           WHERE r.checkpoint_id = ? AND r.status = 'done'
+             AND (e.src = ? OR e.dst = ? OR e.dst LIKE ? || '<%')
+           ORDER BY abs(e.score) DESC LIMIT 50""",
+        (checkpoint_id, node, node, node),
+    )
+    st.dataframe(scores, hide_index=True)
+    st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
+    st.dataframe(incident, hide_index=True)
+
+
+def _triples(edges: pd.DataFrame) -> list[Edge]:
+    return [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
+
+
+def circuit_figure(
+    edges: list[Edge], n_layers: int, n_heads: int, *, colours: dict | None = None
+) -> go.Figure:
     graph = build_graph(edges)
     fig = go.Figure()
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
@@ -64,15 +201,14 @@ def circuit_figure(edges: list[tuple[str, str, float]], n_layers: int, n_heads: 
         (x0, y0) = node_position(src, n_layers, n_heads)
         (x1, y1) = node_position(dst, n_layers, n_heads)
         ports = ",".join(p for p in attrs["ports"] if p)
+        key = next(((s, d) for s, d, _ in edges if s == src and split_port(d)[0] == dst), None)
+        colour = (colours or {}).get(key) or ("#1f77b4" if attrs["score"] >= 0 else "#d62728")
         fig.add_trace(
             go.Scatter(
                 x=[x0, x1],
                 y=[y0, y1],
                 mode="lines",
-                line={
-                    "width": 1 + 8 * abs(attrs["score"]) / biggest,
-                    "color": "#1f77b4" if attrs["score"] >= 0 else "#d62728",
-                },
+                line={"width": 1 + 8 * abs(attrs["score"]) / biggest, "color": colour},
                 hovertext=f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}",
                 hoverinfo="text",
                 showlegend=False,

@@ -66,7 +66,7 @@ def test_sql_view_runs_examples_and_reports_errors(app):
     at = _show(app, "SQL")
     assert len(at.dataframe[0].value) == 5  # the default example: top 5 heads
     at.selectbox(key="sql_example").set_value("Runs by method").run()
-    assert set(at.dataframe[0].value["method"]) == {
+    assert set(at.dataframe[0].value["method"]) >= {
         "dla",
         "act_patch_denoise",
         "act_patch_noise",
@@ -95,3 +95,25 @@ def test_patching_view_shows_residual_stream_by_position(app):
     at.selectbox(key="patch_comp").set_value("head_k").run()
     assert not at.exception
     assert set(at.dataframe[0].value["position"]) == {-1}  # all positions at once
+
+
+def test_circuit_view_shows_stored_circuits_curves_and_comparisons(app):
+    at = _show(app, "Circuit")
+    at.selectbox(key="circuit_method").set_value("eap").run()
+    assert not at.exception
+    assert at.get("plotly_chart") and len(at.get("plotly_chart")) >= 2  # graph and curve
+    at.radio(key="circuit_source").set_value("Stored circuit").run()
+    assert not at.exception and not at.info
+    at.radio(key="circuit_source").set_value("Compare circuits").run()
+    assert not at.exception
+    labels = at.selectbox(key="circuit_left").options
+    assert len(labels) == 4  # eap and exact_edge at two checkpoints
+    at.selectbox(key="circuit_right").set_value(labels[0]).run()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["only left"] == "0" and metrics["only right"] == "0"  # a circuit vs itself
+    assert int(metrics["shared edges"]) > 0
+    node_box = at.selectbox(key="circuit_node")
+    node_box.set_value("a1.h0").run()
+    scores = at.dataframe[-2].value
+    assert set(scores["node_id"]) >= {"a1.h0", "a1.h0<k>"}
+    assert {"act_patch_denoise", "head_importance"} <= set(scores["method"])
