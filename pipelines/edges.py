@@ -17,8 +17,8 @@ from workbench.errors import BadInput
 from workbench.models import LoadedModel
 from workbench.tasks import Task
 
-METHODS = ("eap", "eap_ig", "exact_edge")
-DEFAULT_METHODS = ("eap", "eap_ig", "exact_edge")
+METHODS = ("eap", "eap_ig", "exact_edge", "acdc")
+DEFAULT_METHODS = ("eap", "eap_ig")  # exact_edge and acdc cost a forward pass per edge
 
 
 @dataclass
@@ -28,6 +28,7 @@ class EdgesConfig:
     checkpoint: str = "latest"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     ig_steps: int = 5
+    acdc_threshold: float = 0.02
     faithful_target: float = 0.8
     db: str | None = None
     force: bool = False
@@ -48,6 +49,9 @@ def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
     params["circuit"] = f"smallest top-n with faithfulness >= {cfg.faithful_target}"
     if method == "eap_ig":
         params["ig_steps"] = cfg.ig_steps
+    if method == "acdc":
+        params["threshold"] = cfg.acdc_threshold
+        params["circuit"] = "edges kept by greedy pruning"
     return params
 
 
@@ -57,6 +61,8 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
     from workbench.attribution.batches import make_batches
 
     batches = make_batches(task, max_batch=cfg.max_batch)
+    if method == "acdc":
+        return _acdc(loaded, batches, cfg)
     if method == "exact_edge":
         result = edges.exact_edge_patching(loaded.model, batches, max_rows=cfg.max_rows)
     else:
@@ -80,6 +86,30 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
         )
 
     return MethodResult(result.metric_clean, result.metric_corrupt, rows, linked)
+
+
+def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:  # type: ignore[type-arg]
+    from workbench import circuits
+    from workbench.attribution import edges
+
+    model = loaded.model
+    graph = edges.model_graph(model)
+    tried, kept, faith = circuits.acdc(model, batches, graph, threshold=cfg.acdc_threshold)
+    ablator = circuits.EdgeAblator(model, batches, graph)
+    rows = {"edges": records.edge_rows(tried)}
+    rule = f"acdc:{cfg.acdc_threshold}"
+
+    def linked(run_id: str) -> dict[str, pa.Table]:
+        return records.circuit_rows(
+            run_id,
+            name=f"acdc: greedy pruning, threshold {cfg.acdc_threshold}",
+            rule=rule,
+            edges=kept,
+            n_nodes=len(circuits.Circuit(rule, kept).nodes),
+            faithfulness=faith,
+        )
+
+    return MethodResult(ablator.m_clean, ablator.m_corrupt, rows, linked)
 
 
 def run(cfg: EdgesConfig) -> list[RunOutcome]:

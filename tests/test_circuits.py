@@ -63,3 +63,16 @@ def test_removing_one_edge_is_a_direct_intervention(gpt2, src, dst):
     delta = -_source_delta(model, batch, src)
     moved = _moved_metric(model, dataclasses.replace(batch, corrupt=batch.clean), dst, delta)
     assert faith == pytest.approx((moved - m_corr) / (m_clean - m_corr), abs=1e-4)
+
+
+def test_acdc_prunes_greedily_and_its_circuit_is_as_faithful_as_reported(gpt2):
+    model, batches = gpt2
+    graph = edges.model_graph(model)
+    tried, kept, final = circuits.acdc(model, batches, graph, threshold=0.02)
+    assert len(tried) == graph.n_edges  # every edge tried once
+    kept_pairs = {(s, d) for s, d, _ in kept}
+    removed_drops = [drop for s, d, drop in tried if (s, d) not in kept_pairs]
+    assert all(drop < 0.02 for drop in removed_drops)
+    assert len(kept) < graph.n_edges
+    recomputed = circuits.faithfulness(model, batches, graph, kept)
+    assert recomputed == pytest.approx(final, abs=1e-4)

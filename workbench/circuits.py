@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, logit_diff
@@ -60,30 +61,55 @@ def on_input_to_logits_paths(edges: list[Edge]) -> list[Edge]:
     return [e for e in edges if e[0] in keep and split_port(e[1])[0] in keep]
 
 
-@torch.no_grad()
+class EdgeAblator:
+    """The metric with any set of graph edges ablated, caching what every evaluation shares
+    (the clean and corrupt metrics and every source's corrupt output): one forward pass per
+    evaluation."""
+
+    def __init__(self, model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph):
+        self.model, self.batches, self.graph = model, batches, graph
+        self.index_src = {s: i for i, s in enumerate(graph.sources)}
+        self.index_dst = {d: i for i, d in enumerate(graph.destinations)}
+        self.n = sum(b.size for b in batches)
+        m_clean = m_corrupt = 0.0
+        self.corrupt_out: list[torch.Tensor] = []
+        with torch.no_grad(), graph_hooks_enabled(model, graph):
+            for batch in batches:
+                clean_logits = model(batch.clean)
+                corr_logits, corrupt = model.run_with_cache(batch.corrupt)
+                m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
+                m_corrupt += float(logit_diff(corr_logits, batch.answer, batch.wrong).sum())
+                self.corrupt_out.append(source_outputs(model, graph, dict(corrupt.items())))
+        self.m_clean, self.m_corrupt = m_clean / self.n, m_corrupt / self.n
+        self.gap = metric_gap(self.m_clean, self.m_corrupt)
+
+    def mask(self, edges: list[Edge] | list[tuple[str, str]]) -> torch.Tensor:
+        """[n_src, n_dst] with 1 at the given edges."""
+        out = torch.zeros(len(self.graph.sources), len(self.graph.destinations))
+        for edge in edges:
+            out[self.index_src[edge[0]], self.index_dst[edge[1]]] = 1.0
+        return out
+
+    @torch.no_grad()
+    def faithfulness_of_kept(self, kept: torch.Tensor) -> float:
+        """Normalised metric with every valid edge outside `kept` ablated."""
+        removed = self.graph.valid.float() * (1 - kept)
+        total = 0.0
+        with graph_hooks_enabled(self.model, self.graph):
+            for batch, corrupt_out in zip(self.batches, self.corrupt_out, strict=True):
+                logits = _run_with_removed_edges(
+                    self.model, batch, self.graph, removed, corrupt_out
+                )
+                total += float(logit_diff(logits, batch.answer, batch.wrong).sum())
+        return (total / self.n - self.m_corrupt) / self.gap
+
+
 def faithfulness(
     model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph, circuit: list[Edge]
 ) -> float:
     """Metric with every graph edge outside `circuit` ablated, as a fraction of the gap."""
-    index_src = {s: i for i, s in enumerate(graph.sources)}
-    index_dst = {d: i for i, d in enumerate(graph.destinations)}
-    keep = torch.zeros(len(graph.sources), len(graph.destinations))
-    for src, dst, _ in circuit:
-        keep[index_src[src], index_dst[dst]] = 1.0
-    removed = graph.valid.float() * (1 - keep)
-    n = sum(b.size for b in batches)
-    m_clean = m_corrupt = m_circuit = 0.0
-    with graph_hooks_enabled(model, graph):
-        for batch in batches:
-            clean_logits, _ = model.run_with_cache(batch.clean, names_filter=lambda name: False)
-            corr_logits, corrupt = model.run_with_cache(batch.corrupt)
-            m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
-            m_corrupt += float(logit_diff(corr_logits, batch.answer, batch.wrong).sum())
-            corrupt_out = source_outputs(model, graph, dict(corrupt.items()))
-            logits = _run_with_removed_edges(model, batch, graph, removed, corrupt_out)
-            m_circuit += float(logit_diff(logits, batch.answer, batch.wrong).sum())
-    gap = metric_gap(m_clean / n, m_corrupt / n)
-    return (m_circuit / n - m_corrupt / n) / gap
+    ablator = EdgeAblator(model, batches, graph)
+    return ablator.faithfulness_of_kept(ablator.mask(circuit))
 
 
 def _run_with_removed_edges(
@@ -151,11 +177,47 @@ def faithfulness_curve(
     model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph, edges: list[Edge]
 ) -> list[tuple[int, int, float]]:
     """(requested top-n, edges kept on input->logits paths, faithfulness) along a size grid."""
+    ablator = EdgeAblator(model, batches, graph)
     curve = []
     for size in size_grid(len(edges)):
-        circuit = select(edges, f"top:{size}")
-        curve.append((size, len(circuit.edges), faithfulness(model, batches, graph, circuit.edges)))
+        kept = select(edges, f"top:{size}").edges
+        curve.append((size, len(kept), ablator.faithfulness_of_kept(ablator.mask(kept))))
     return curve
+
+
+def acdc(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    graph: EdgeGraph,
+    *,
+    threshold: float,
+) -> tuple[list[Edge], list[Edge], float]:
+    """ACDC-style greedy pruning (Conmy et al. 2023), with the normalised metric in place of
+    the KL divergence: starting from the full graph, visit destinations from the logits
+    backwards and try removing each incoming edge; keep it removed if the faithfulness drops by
+    less than `threshold`. One forward pass per edge tried. Returns (every tried edge scored by
+    the drop its removal caused when tried, the kept edges, the final faithfulness)."""
+    ablator = EdgeAblator(model, batches, graph)
+    kept = graph.valid.float().clone()
+    current = ablator.faithfulness_of_kept(kept)
+    order = sorted(
+        range(len(graph.destinations)), key=lambda t: -graph.destination_layer[t]
+    )  # logits first
+    tried: list[Edge] = []
+    for t in tqdm(order, desc="acdc", leave=False):
+        for s in range(len(graph.sources)):
+            if not graph.valid[s, t]:
+                continue
+            kept[s, t] = 0.0
+            value = ablator.faithfulness_of_kept(kept)
+            drop = current - value
+            tried.append((graph.sources[s], graph.destinations[t], drop))
+            if drop < threshold:
+                current = value
+            else:
+                kept[s, t] = 1.0
+    circuit = [e for e in tried if kept[ablator.index_src[e[0]], ablator.index_dst[e[1]]] > 0]
+    return tried, on_input_to_logits_paths(circuit), current
 
 
 def smallest_faithful(curve: list[tuple[int, int, float]], target: float = 0.8) -> int:

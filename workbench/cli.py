@@ -219,7 +219,9 @@ def demo(
             patching.PatchingConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
         )
         outcomes += edges.run(
-            edges.EdgesConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
+            edges.EdgesConfig(
+                model=str(run_dir), task=task, checkpoint="all", db=db, methods=list(edges.METHODS)
+            )
         )
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)

@@ -1,0 +1,135 @@
+"""Edge attribution cost and storage throughput, each a ratio against a baseline measured in the
+same run on the same model and prompts.
+
+* EAP over all edges vs one forward + one backward pass of the model (target <= 4x): EAP needs
+  two forward passes (clean, corrupt) and one backward pass.
+* EAP vs exact edge patching (one partial forward pass per edge).
+* EAP-IG vs EAP, against the predicted (2 + 3 steps) / 4: IG does the clean and corrupt forward
+  passes plus `steps` forward+backward passes (a backward costs about two forwards).
+* Edge rows written per second into DuckDB by the store's bulk Arrow insert vs row-wise
+  `executemany` (target >= 1M rows/s).
+
+    python benchmarks/bench_edges.py
+"""
+
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore")
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    from workbench.attribution import edges
+    from workbench.attribution.batches import logit_diff, make_batches
+    from workbench.tasks import load_task
+
+    model = loaded.model
+    batches = make_batches(load_task("induction", loaded, n_prompts=n_prompts), max_batch=n_prompts)
+    batch = batches[0]
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        logit_diff(model(batch.clean), batch.answer, batch.wrong).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    graph = edges.model_graph(model)
+    t_fb = best_time(forward_backward)
+    t_eap = best_time(lambda: edges.edge_attribution(model, batches))
+    steps = 5
+    t_ig = best_time(lambda: edges.edge_attribution(model, batches, ig_steps=steps))
+    rows = [
+        [name, f"{graph.n_edges}", "EAP / (1 forward + 1 backward)", f"{t_eap / t_fb:.2f}", "<= 4"],
+        [name, f"{graph.n_edges}", f"EAP-IG ({steps} steps) / EAP", f"{t_ig / t_eap:.2f}",
+         f"{(2 + 3 * steps) / 4:.2f} predicted"],
+    ]  # fmt: skip
+    if with_exact:
+        t_exact = best_time(lambda: edges.exact_edge_patching(model, batches), repeats=1)
+        rows.append(
+            [name, f"{graph.n_edges}", "exact edge patching / EAP", f"{t_exact / t_eap:.1f}", ""]
+        )
+    return rows
+
+
+def insert_rates(n_rows: int = 2_000_000, n_rowwise: int = 20_000) -> list[list[str]]:
+    from workbench.store import RunRecord, Store
+
+    srcs = [f"a{i % 12}.h{i % 7}" for i in range(1000)]
+    table = pa.table(
+        {
+            "src": pa.array([srcs[i % 1000] for i in range(n_rows)], pa.string()),
+            "dst": pa.array([srcs[(i * 7) % 1000] + "<k>" for i in range(n_rows)], pa.string()),
+            "score": pa.array(torch.randn(n_rows).tolist(), pa.float64()),
+        }
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        with Store(Path(tmp) / "bulk.duckdb") as store:
+            record = RunRecord(
+                "k",
+                "edges",
+                "eap",
+                "m@0",
+                "t",
+                {},
+                started_at=__import__("datetime").datetime.now(),
+            )
+            started = time.perf_counter()
+            store.write_run(record, registry={}, rows={"edges": table})
+            bulk = n_rows / (time.perf_counter() - started)
+        con = duckdb.connect(str(Path(tmp) / "rows.duckdb"))
+        con.execute("CREATE TABLE edges (run_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE)")
+        values = [
+            ("r", s, d, v)
+            for s, d, v in zip(
+                *(table.column(c).to_pylist()[:n_rowwise] for c in ("src", "dst", "score")),
+                strict=True,
+            )
+        ]
+        started = time.perf_counter()
+        con.executemany("INSERT INTO edges VALUES (?, ?, ?, ?)", values)
+        rowwise = n_rowwise / (time.perf_counter() - started)
+        con.close()
+    return [
+        ["DuckDB store", f"{n_rows:,} rows", "bulk Arrow insert rows/s", f"{bulk:,.0f}",
+         ">= 1,000,000"],
+        ["DuckDB store", f"{n_rowwise:,} rows", "executemany rows/s", f"{rowwise:,.0f}",
+         f"bulk is {bulk / rowwise:,.0f}x"],
+    ]  # fmt: skip
+
+
+def main() -> None:
+    from benchmarks.bench_head_patching import random_gpt2, zoo_model
+
+    rows = edge_costs("zoo induction (2L, d=64)", zoo_model(None), 32, with_exact=True)
+    rows += edge_costs("random GPT-2 4L (d=256)", random_gpt2(4, 256, 8, 5000), 32, with_exact=True)
+    rows += edge_costs(
+        "random GPT-2-small shape", random_gpt2(12, 768, 12, 50257), 16, with_exact=False
+    )
+    rows += insert_rates()
+    print("| model | edges | measurement | ratio or rate | target |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
