@@ -16,7 +16,6 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -27,15 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-
-def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
+from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # noqa: E402
 
 
 def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
@@ -117,8 +108,6 @@ def insert_rates(n_rows: int = 2_000_000, n_rowwise: int = 20_000) -> list[list[
 
 
 def main() -> None:
-    from benchmarks.bench_head_patching import random_gpt2, zoo_model
-
     rows = edge_costs("zoo induction (2L, d=64)", zoo_model(None), 32, with_exact=True)
     rows += edge_costs("random GPT-2 4L (d=256)", random_gpt2(4, 256, 8, 5000), 32, with_exact=True)
     rows += edge_costs(
