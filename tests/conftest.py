@@ -29,6 +29,15 @@ def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ioi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from workbench.zoo import TrainConfig, train_zoo_model
+
+    root = tmp_path_factory.mktemp("zoo-ioi")
+    train_zoo_model(TrainConfig(task="ioi", out=str(root), steps=600, save_every=100))
+    return root / "ioi"
+
+
+@pytest.fixture(scope="session")
 def induction_dir(zoo_root: Path) -> Path:
     return zoo_root / "induction"
 

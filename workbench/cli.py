@@ -63,7 +63,7 @@ class OutputFormat(StrEnum):
 
 @zoo_app.command("train")
 def zoo_train(
-    task: Annotated[str, typer.Argument(help="Zoo task: induction.")],
+    task: Annotated[str, typer.Argument(help="Zoo task: induction or ioi.")],
     out: Annotated[
         Path, typer.Option(help="Output directory; checkpoints go to OUT/TASK/step_N.")
     ] = DEFAULT_ZOO,
@@ -207,7 +207,7 @@ def demo(
 
     started = time.perf_counter()
     status = 0
-    for task in ("induction",):
+    for task in ("induction", "ioi"):
         run_dir = zoo_dir / task
         if not any(run_dir.glob("step_*")):
             typer.echo(f"training the {task} zoo model into {run_dir} ...")

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.tasks.spec import PromptPair, Task
 
@@ -53,4 +54,47 @@ def induction_task(model: LoadedModel, *, n_prompts: int | None = None, seed: in
     return Task(name="induction", source="builtin:induction", pairs=pairs, spec=spec)
 
 
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"induction": induction_task}
+def ioi_task(model: LoadedModel, *, n_prompts: int | None = None, seed: int = 0) -> Task:
+    """Indirect object identification (Wang et al. 2022) over the zoo's templates. Clean: "When
+    Mary and John went to the store , John gave a drink to" (answer " Mary", wrong " John", the
+    repeated subject). Corrupt: the two names of the first clause replaced by two other names
+    (the "ABC" distribution), so no name is repeated and the indirect object is not in the
+    sentence."""
+    from workbench.zoo import ioi
+
+    if model.tokenizer is None:
+        raise BadInput(f"the ioi task needs a tokenizer, and model {model.info.model_id} has none")
+    names = [n for n in ioi.NAMES if len(model.encode(" " + n, prompt=False)) == 1]
+    if len(names) < 5:
+        raise BadInput(
+            f"the ioi task needs single-token names; model {model.info.model_id} has too few"
+        )
+    n = n_prompts or INDUCTION_PROMPTS
+    generator = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        a, b, c, d = (names[int(j)] for j in torch.randperm(len(names), generator=generator)[:4])
+        subject, io = (a, b) if i % 2 else (b, a)
+        template = i % len(ioi.TEMPLATES)
+        place = ioi.PLACES[int(torch.randint(len(ioi.PLACES), (1,), generator=generator))]
+        obj = ioi.OBJECTS[int(torch.randint(len(ioi.OBJECTS), (1,), generator=generator))]
+        clean = ioi.sentence(template, a, b, subject, place, obj)
+        corrupt = ioi.sentence(template, c, d, subject, place, obj)
+        clean_ids, corrupt_ids = model.encode(clean), model.encode(corrupt)
+        if len(clean_ids) != len(corrupt_ids):
+            continue
+        pairs.append(
+            PromptPair(
+                clean_tokens=clean_ids,
+                corrupt_tokens=corrupt_ids,
+                answer=model.encode(" " + io, prompt=False)[0],
+                wrong=model.encode(" " + subject, prompt=False)[0],
+                clean_text=clean,
+                corrupt_text=corrupt,
+            )
+        )
+    spec = {"n_prompts": len(pairs), "seed": seed, "templates": len(ioi.TEMPLATES)}
+    return Task(name="ioi", source="builtin:ioi", pairs=pairs, spec=spec)
+
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"induction": induction_task, "ioi": ioi_task}

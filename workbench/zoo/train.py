@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from workbench.errors import BadInput
 from workbench.models import zoo_format
-from workbench.zoo import induction
+from workbench.zoo import induction, ioi
 from workbench.zoo.vocab import WORDS, build_word_tokenizer, word_ids
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ ZOO_TASKS: dict[str, ZooTask] = {
     "induction": ZooTask(
         induction.MODEL_CONFIG, WORDS, _induction_batch, induction.predictable_mask
     ),
+    "ioi": ZooTask(ioi.MODEL_CONFIG, ioi.WORDS, ioi.ioi_batch, ioi.answer_only_mask),
 }
 
 
