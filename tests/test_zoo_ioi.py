@@ -10,7 +10,7 @@ from workbench.tasks import load_task
 
 
 def _accuracy(loaded) -> float:
-    task = load_task("ioi", loaded, n_prompts=64, seed=123)  # name combinations of its own
+    task = load_task("ioi", loaded, n_prompts=64)
     (batch,) = make_batches(task)
     with torch.no_grad():
         predicted = loaded.model(batch.clean)[:, -1].argmax(-1)
