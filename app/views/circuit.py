@@ -98,7 +98,7 @@ def _circuits(model_id: str) -> pd.DataFrame:
                   r.method || ' @ step ' || ck.step || ' · ' || c.rule
                     || ' · faithfulness ' || round(c.faithfulness, 2) AS label
            FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
-           WHERE ck.model_id = ? ORDER BY r.method, ck.step""",
+           WHERE ck.model_id = ? ORDER BY ck.step DESC, r.method""",
         (model_id,),
     )
 
