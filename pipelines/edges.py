@@ -74,6 +74,7 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
     circuit = circuits.select(edge_list, f"top:{size}")
     faith = next(f for n, _, f in curve if n == size)
     rows = {"edges": records.edge_rows(edge_list), "faithfulness_curves": records.curve_rows(curve)}
+    rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, edge_list))
 
     def linked(run_id: str) -> dict[str, pa.Table]:
         return records.circuit_rows(
@@ -88,6 +89,18 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
     return MethodResult(result.metric_clean, result.metric_corrupt, rows, linked)
 
 
+def known_circuit_metrics(
+    loaded: LoadedModel, edge_list: list[tuple[str, str, float]]
+) -> dict[str, float]:
+    """ROC AUC of |edge score| against the known circuit, for zoo models that have one."""
+    if loaded.info.architecture != "zoo:induction" or loaded.tokenizer is None:
+        return {}
+    from workbench.zoo.ground_truth import known_induction_edges, roc_auc
+
+    auc = roc_auc(edge_list, known_induction_edges(loaded))
+    return {} if auc is None else {"roc_auc_known_circuit": auc}
+
+
 def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:  # type: ignore[type-arg]
     from workbench import circuits
     from workbench.attribution import edges
@@ -97,6 +110,7 @@ def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:
     tried, kept, faith = circuits.acdc(model, batches, graph, threshold=cfg.acdc_threshold)
     ablator = circuits.EdgeAblator(model, batches, graph)
     rows = {"edges": records.edge_rows(tried)}
+    rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, tried))
     rule = f"acdc:{cfg.acdc_threshold}"
 
     def linked(run_id: str) -> dict[str, pa.Table]:

@@ -79,3 +79,35 @@ def test_export_circuit_as_graphml_and_json(edges_db, capsys, tmp_path):
     data = json.loads(capsys.readouterr().out)
     assert len(data["edges"]) == circuit["n_edges"] and data["circuit"]["rule"].startswith("top:")
     assert cli(["export", "circuit", "missing", "--db", str(edges_db)]) == 2
+
+
+def test_edge_runs_on_the_induction_zoo_store_roc_auc_against_the_known_circuit(
+    edges_db, induction_final
+):
+    from workbench.zoo.ground_truth import known_induction_edges, roc_auc
+
+    known = known_induction_edges(induction_final)
+    assert ("a1.h0", "logits") in known  # the leading induction head of this zoo checkpoint
+    assert any(src.startswith("a0.") and dst.endswith("<k>") for src, dst in known)
+    with Store(edges_db, read_only=True) as store:
+        rows = store.query(
+            """SELECT r.run_id, r.method, m.value FROM run_metrics m JOIN runs r USING (run_id)
+               WHERE m.metric = 'roc_auc_known_circuit'"""
+        ).to_pylist()
+        assert {r["method"] for r in rows} == {"eap", "exact_edge"}
+        for row in rows:
+            stored = store.query(
+                "SELECT src, dst, score FROM edges WHERE run_id = ?", [row["run_id"]]
+            )
+            edges_ = [(e["src"], e["dst"], e["score"]) for e in stored.to_pylist()]
+            assert row["value"] == pytest.approx(roc_auc(edges_, known))
+            assert row["value"] > 0.6  # the methods rank the known circuit's edges high
+
+
+def test_roc_auc_counts_pairs():
+    from workbench.zoo.ground_truth import roc_auc
+
+    edges_ = [("a", "b", 0.9), ("c", "d", -0.8), ("e", "f", 0.1), ("g", "h", 0.1)]
+    assert roc_auc(edges_, {("a", "b"), ("c", "d")}) == 1.0
+    assert roc_auc(edges_, {("e", "f")}) == pytest.approx((0 + 0 + 0.5) / 3)
+    assert roc_auc(edges_, set()) is None

@@ -172,6 +172,15 @@ def circuit_rows(
     return {"circuits": circuit, "circuit_edges": circuit_edges}
 
 
+def metric_rows(metrics: dict[str, float]) -> pa.Table:
+    return pa.table(
+        {
+            "metric": pa.array(list(metrics), pa.string()),
+            "value": pa.array(list(metrics.values()), pa.float64()),
+        }
+    )
+
+
 def curve_rows(curve: list[tuple[int, int, float]]) -> pa.Table:
     return pa.table(
         {

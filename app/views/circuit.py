@@ -76,6 +76,12 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
             (run_id, threshold),
         )
     triples = _triples(edges)
+    measured = query("SELECT metric, value FROM run_metrics WHERE run_id = ?", (run_id,))
+    for row in measured.itertuples():
+        label = {"roc_auc_known_circuit": "ROC AUC vs the known circuit"}.get(
+            row.metric, row.metric
+        )
+        st.metric(label, f"{row.value:.3f}")
     st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)

@@ -29,6 +29,8 @@ TABLES = [
     "saes",
     "features",
     "feature_examples",
+    "faithfulness_curves",
+    "run_metrics",
 ]
 
 
@@ -71,6 +73,7 @@ def test_version_1_database_migrates_forward_keeping_its_rows(tmp_path):
         assert store.schema_version() == SCHEMA_VERSION
         assert store.query("SELECT count(*) AS n FROM edges")["n"][0].as_py() == 1
         assert store.query("SELECT count(*) AS n FROM faithfulness_curves")["n"][0].as_py() == 0
+        assert store.query("SELECT count(*) AS n FROM run_metrics")["n"][0].as_py() == 0
 
 
 def test_newer_database_is_refused(tmp_path):

@@ -54,8 +54,11 @@ SCHEMA_V2 = [
         run_id VARCHAR, requested_edges INTEGER, n_edges INTEGER, faithfulness DOUBLE)""",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2}
+# v3: named measurements of a run (e.g. the ROC AUC of its edge scores against a known circuit).
+SCHEMA_V3 = ["""CREATE TABLE run_metrics (run_id VARCHAR, metric VARCHAR, value DOUBLE)"""]
+
+MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
-RUN_TABLES = ("node_scores", "edges", "faithfulness_curves")
+RUN_TABLES = ("node_scores", "edges", "faithfulness_curves", "run_metrics")
