@@ -150,3 +150,27 @@ def _run_one(
     run_id = store.write_run(run, registry=registry, rows=result.rows, linked=linked, replace=force)
     logger.info("%s %s on %s: run %s", pipeline, method, ckpt.checkpoint_id, run_id)
     return RunOutcome(ckpt.checkpoint_id, method, "done", run_id)
+
+
+def run_configured(pipeline: str, cfg: Any, plan: Planner) -> list[RunOutcome]:
+    """`run_pipeline` with the options every pipeline config has (model, task, checkpoint,
+    db, force, n_prompts)."""
+    return run_pipeline(
+        pipeline=pipeline,
+        model=cfg.model,
+        task=cfg.task,
+        checkpoint=cfg.checkpoint,
+        plan=plan,
+        db=cfg.db,
+        force=cfg.force,
+        n_prompts=cfg.n_prompts,
+    )
+
+
+def pipeline_main(pipeline: str, argv: list[str] | None) -> None:
+    """`python -m pipelines.<name> ...`: the options of `workbench run <name>`."""
+    import sys
+
+    from workbench.cli import cli
+
+    sys.exit(cli(["run", pipeline, *(sys.argv[1:] if argv is None else argv)]))

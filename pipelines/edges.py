@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
+from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -133,26 +133,11 @@ def run(cfg: EdgesConfig) -> list[RunOutcome]:
     if cfg.ig_steps < 1:
         raise BadInput(f"--ig-steps {cfg.ig_steps}: must be at least 1")
     specs = [RunSpec(m, method_params(m, cfg), partial(compute, m, cfg=cfg)) for m in cfg.methods]
-    return run_pipeline(
-        pipeline="edges",
-        model=cfg.model,
-        task=cfg.task,
-        checkpoint=cfg.checkpoint,
-        plan=lambda loaded, task: specs,
-        db=cfg.db,
-        force=cfg.force,
-        n_prompts=cfg.n_prompts,
-    )
+    return run_configured("edges", cfg, lambda loaded, task: specs)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipelines.edges --model ... --task ...` (the options of `workbench run
-    edges`)."""
-    import sys
-
-    from workbench.cli import cli
-
-    sys.exit(cli(["run", "edges", *(sys.argv[1:] if argv is None else argv)]))
+    pipeline_main("edges", argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
+from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -81,25 +81,11 @@ def run(cfg: HeadsConfig) -> list[RunOutcome]:
         RunSpec(m, method_params(m), partial(compute, m, max_batch=cfg.max_batch))
         for m in cfg.methods
     ]
-    return run_pipeline(
-        pipeline="heads",
-        model=cfg.model,
-        task=cfg.task,
-        checkpoint=cfg.checkpoint,
-        plan=lambda loaded, task: specs,
-        db=cfg.db,
-        force=cfg.force,
-        n_prompts=cfg.n_prompts,
-    )
+    return run_configured("heads", cfg, lambda loaded, task: specs)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipelines.heads --model ... --task ...` (the options of `workbench run heads`)."""
-    import sys
-
-    from workbench.cli import cli
-
-    sys.exit(cli(["run", "heads", *(sys.argv[1:] if argv is None else argv)]))
+    pipeline_main("heads", argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, run_pipeline
+from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -123,26 +123,11 @@ def run(cfg: PatchingConfig) -> list[RunOutcome]:
         raise BadInput(f"--method {unknown[0]}: not a patching method ({', '.join(METHODS)})")
     if cfg.ablation not in ABLATIONS:
         raise BadInput(f"--ablation {cfg.ablation}: choose from {', '.join(ABLATIONS)}")
-    return run_pipeline(
-        pipeline="patching",
-        model=cfg.model,
-        task=cfg.task,
-        checkpoint=cfg.checkpoint,
-        plan=partial(plan, cfg),
-        db=cfg.db,
-        force=cfg.force,
-        n_prompts=cfg.n_prompts,
-    )
+    return run_configured("patching", cfg, partial(plan, cfg))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipelines.patching --model ... --task ...` (the options of `workbench run
-    patching`)."""
-    import sys
-
-    from workbench.cli import cli
-
-    sys.exit(cli(["run", "patching", *(sys.argv[1:] if argv is None else argv)]))
+    pipeline_main("patching", argv)
 
 
 if __name__ == "__main__":
