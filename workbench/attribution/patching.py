@@ -154,9 +154,12 @@ def patch_sweep(
     n = sum(b.size for b in batches)
     sums: torch.Tensor | None = None
     m_clean = m_corrupt = 0.0
+    reuse_prefix = by_position and comp.pos_axis == 0
+    kv_hooks = [f"blocks.{layer}.attn.hook_{kv}" for layer in range(cfg.n_layers) for kv in "kv"]
+    cached = hooks + kv_hooks if reuse_prefix else hooks
     for batch in tqdm(batches, desc=f"patch {component}", leave=False):
-        clean_resid, clean_cache = _cache(model, batch.clean, hooks)
-        corr_resid, corr_cache = _cache(model, batch.corrupt, hooks)
+        clean_resid, clean_cache = _cache(model, batch.clean, cached)
+        corr_resid, corr_cache = _cache(model, batch.corrupt, cached)
         m_clean += float(final_logit_diff(model, clean_resid, batch.answer, batch.wrong).sum())
         m_corrupt += float(final_logit_diff(model, corr_resid, batch.answer, batch.wrong).sum())
         base = corr_cache if direction == "denoise" else clean_cache
@@ -167,10 +170,15 @@ def patch_sweep(
                 source = torch.zeros_like(clean_cache[hook])
             else:
                 source = means[(int(batch.clean.shape[1]), hook)].expand_as(clean_cache[hook])
-            layer_sums = _patch_layer(
-                model, batch, layer, base[f"blocks.{layer}.hook_resid_pre"], hook, source, comp,
-                by_position, max_rows,
-            )  # fmt: skip
+            if reuse_prefix:
+                layer_sums = _patch_layer_each_position(
+                    model, batch, layer, base, hook, source, comp, max_rows
+                )
+            else:
+                layer_sums = _patch_layer(
+                    model, batch, layer, base[f"blocks.{layer}.hook_resid_pre"], hook, source,
+                    comp, by_position, max_rows,
+                )  # fmt: skip
             if sums is None:
                 sums = torch.zeros(cfg.n_layers, *layer_sums.shape)
             sums[layer] += layer_sums
@@ -277,3 +285,65 @@ def _patch_layer(
         sums[first : first + k] = diffs.view(k, batch.size).sum(1)
     n_pos = len(masks) // n_units
     return sums.view(n_units, n_pos)
+
+
+@torch.no_grad()
+def _patch_layer_each_position(
+    model: HookedTransformer,
+    batch: PromptBatch,
+    layer: int,
+    base: dict[str, torch.Tensor],
+    hook: str,
+    source: torch.Tensor,
+    comp: Component,
+    max_rows: int,
+) -> torch.Tensor:
+    """Patching position by position, reusing the base run for earlier positions: a patch at
+    position p changes nothing before p (attention is causal), so the patched run computes
+    positions p.. only, from layer `layer` on, with the keys and values of positions < p taken
+    from the base run (TransformerLens's key-value cache, frozen). Shape [n_units, n_pos]."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    cfg = model.cfg
+    n_units = cfg.n_heads if comp.unit_axis is not None else 1
+    n_pos = int(source.shape[1])
+    resid = base[f"blocks.{layer}.hook_resid_pre"]
+    sums = torch.zeros(n_units, n_pos)
+    per_chunk = max(1, max_rows // batch.size)
+    for pos in range(n_pos):
+        for first in range(0, n_units, per_chunk):
+            units = list(range(first, min(n_units, first + per_chunk)))
+            k = len(units)
+            kv_cache = TransformerLensKeyValueCache.init_cache(cfg, "cpu", k * batch.size)
+            for block in range(layer, cfg.n_layers):
+                entry = kv_cache[block]
+                entry.past_keys = repeat_rows(base[f"blocks.{block}.attn.hook_k"][:, :pos], k)
+                entry.past_values = repeat_rows(base[f"blocks.{block}.attn.hook_v"][:, :pos], k)
+            kv_cache.freeze()
+            mask = torch.zeros(k, 1, *source.shape[2:], dtype=source.dtype)
+            for row, unit in enumerate(units):
+                if comp.unit_axis is not None:
+                    mask[row, :, unit] = 1.0  # the head axis follows the position axis
+                else:
+                    mask[row] = 1.0
+
+            def patch(act: torch.Tensor, hook: object, mask=mask, k=k, pos=pos) -> torch.Tensor:
+                act = act.clone()
+                first_pos = act[:, 0].view(k, batch.size, *act.shape[2:])
+                src = source[:, pos].unsqueeze(0)
+                act[:, 0] = (first_pos * (1 - mask) + src * mask).view(
+                    k * batch.size, *act.shape[2:]
+                )
+                return act
+
+            final = model.run_with_hooks(
+                repeat_rows(resid[:, pos:], k),
+                start_at_layer=layer,
+                stop_at_layer=cfg.n_layers,
+                past_kv_cache=kv_cache,
+                fwd_hooks=[(hook, patch)],
+            )
+            answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
+            diffs = final_logit_diff(model, final, answer, wrong)
+            sums[units, pos] = diffs.view(k, batch.size).sum(1)
+    return sums
