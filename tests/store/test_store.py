@@ -76,6 +76,21 @@ def test_version_1_database_migrates_forward_keeping_its_rows(tmp_path):
         assert store.query("SELECT count(*) AS n FROM run_metrics")["n"][0].as_py() == 0
 
 
+def test_readers_of_an_old_database_see_the_current_schema(tmp_path):
+    from workbench.store.query import run_readonly_query
+    from workbench.store.schema import SCHEMA_V1
+
+    db = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
+    for statement in SCHEMA_V1:
+        con.execute(statement)
+    con.execute("INSERT INTO schema_version VALUES (1, current_timestamp)")
+    con.close()
+    table = run_readonly_query("SELECT count(*) AS n FROM run_metrics", db=str(db))
+    assert table["n"][0].as_py() == 0
+
+
 def test_newer_database_is_refused(tmp_path):
     db = tmp_path / "w.duckdb"
     Store(db).close()

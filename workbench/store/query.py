@@ -10,10 +10,17 @@ import pyarrow as pa
 
 from workbench.errors import BadInput
 from workbench.store.db import Store
+from workbench.store.schema import SCHEMA_VERSION
 
 
 def open_readonly(db: str | None = None) -> Store:
+    """A read-only, sandboxed connection. A database written by an older workbench is first
+    migrated forward (a short write), so readers always see the current schema."""
     store = Store(db, read_only=True)
+    if store.schema_version() < SCHEMA_VERSION:
+        store.close()
+        Store(db).close()
+        store = Store(db, read_only=True)
     store.con.execute("SET enable_external_access = false")
     store.con.execute("SET lock_configuration = true")
     return store
