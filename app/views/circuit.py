@@ -82,7 +82,7 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
             row.metric, row.metric
         )
         st.metric(label, f"{row.value:.3f}")
-    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_graph")
+    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)
     curve = query(
@@ -125,7 +125,7 @@ def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Ed
     label = st.selectbox("Circuit", stored["label"].tolist(), key="circuit_pick")
     row = stored[stored["label"] == label].iloc[0]
     triples = _circuit_edges(row["circuit_id"])
-    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_stored_graph")
+    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_stored_graph")
     st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
     return triples, str(row["checkpoint_id"])
 
@@ -152,7 +152,9 @@ def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], st
     cols = st.columns(3)
     for col, key in zip(cols, ("shared", "left", "right"), strict=True):
         col.metric(f"{key} edges" if key == "shared" else f"only {key}", int(counts.get(key, 0)))
-    _clickable(circuit_figure(merged, n_layers, n_heads, colours=colours), "circuit_compare_graph")
+    st.plotly_chart(
+        circuit_figure(merged, n_layers, n_heads, colours=colours), key="circuit_compare_graph"
+    )
     st.caption("grey: in both · blue: only left · orange: only right")
     table = pd.DataFrame(
         [
@@ -169,10 +171,7 @@ def _node_inspector(model_id: str, edges: list[Edge], checkpoint_id: str) -> Non
     if not nodes:
         return
     st.subheader("Node scores across methods")
-    clicked = st.session_state.pop("circuit_clicked_node", None)
-    if clicked in nodes:
-        st.session_state["circuit_node"] = clicked
-    node = st.selectbox("Node (or click one in the graph)", nodes, key="circuit_node")
+    node = st.selectbox("Node", nodes, key="circuit_node")
     scores = query(
         """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
                   s.node_id, s.position, s.score
@@ -192,17 +191,6 @@ def _node_inspector(model_id: str, edges: list[Edge], checkpoint_id: str) -> Non
     st.dataframe(scores, hide_index=True)
     st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
     st.dataframe(incident, hide_index=True)
-
-
-def _clickable(fig: go.Figure, key: str) -> None:
-    """Draw a circuit; a clicked node becomes the node the inspector below shows."""
-    event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
-    points = event.get("selection", {}).get("points", []) if event else []
-    chosen = [p.get("customdata") for p in points if p.get("customdata")]
-    node = (chosen[0][0] if isinstance(chosen[0], list) else chosen[0]) if chosen else None
-    if node and node != st.session_state.get("circuit_last_click"):  # a new click, once
-        st.session_state["circuit_last_click"] = node
-        st.session_state["circuit_clicked_node"] = node
 
 
 def _triples(edges: pd.DataFrame) -> list[Edge]:
@@ -240,7 +228,6 @@ def circuit_figure(
             y=[p[1] for p in xy],
             mode="markers+text",
             text=nodes,
-            customdata=nodes,
             textposition="top center",
             marker={"size": 16, "color": "#444"},
             hoverinfo="text",
