@@ -67,50 +67,11 @@ def zoo_model(zoo: str | None):  # type: ignore[no-untyped-def]
     return load_checkpoint(resolve_checkpoints(str(path))[-1])
 
 
-def compare(name: str, loaded, n_prompts: int, repeats: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    from transformer_lens import patching
-
-    from workbench.attribution import heads
-    from workbench.attribution.batches import logit_diff, make_batches
-    from workbench.tasks import load_task
-
-    model = loaded.model
-    task = load_task("induction", loaded, n_prompts=n_prompts)
-    (batch,) = make_batches(task, max_batch=n_prompts)
-
-    def ours() -> torch.Tensor:
-        return heads.head_out_patching(model, [batch], direction="denoise").scores
-
-    @torch.no_grad()
-    def baseline() -> torch.Tensor:
-        clean_logits, cache = model.run_with_cache(batch.clean)
-        m_clean = logit_diff(clean_logits, batch.answer, batch.wrong).mean()
-        m_corr = logit_diff(model(batch.corrupt), batch.answer, batch.wrong).mean()
-
-        def metric(logits: torch.Tensor) -> torch.Tensor:
-            return (logit_diff(logits, batch.answer, batch.wrong).mean() - m_corr) / (
-                m_clean - m_corr
-            )
-
-        return patching.get_act_patch_attn_head_out_all_pos(model, batch.corrupt, cache, metric)
-
-    max_diff = float((ours() - baseline()).abs().max())
-    t_ours, t_base = best_time(ours, repeats), best_time(baseline, repeats)
-    n_layers = model.cfg.n_layers
-    return {
-        "model": name,
-        "layers x heads": f"{n_layers} x {model.cfg.n_heads}",
-        "prompts x tokens": f"{n_prompts} x {batch.clean.shape[1]}",
-        "transformer_lens s": round(t_base, 3),
-        "workbench s": round(t_ours, 3),
-        "speed-up": round(t_base / t_ours, 2),
-        "start-at-layer bound": round(2 * n_layers / (n_layers + 1), 2),
-        "max |diff|": f"{max_diff:.1e}",
-    }
-
-
-def compare_by_position(name: str, loaded, n_prompts: int, repeats: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """Per-position head patching vs `get_act_patch_attn_head_out_by_pos`."""
+def compare(
+    name: str, loaded, n_prompts: int, repeats: int, *, by_position: bool = False
+) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Head-output patching (all positions, or each position) against the matching
+    `transformer_lens.patching` function, same model and prompts, same run."""
     from transformer_lens import patching
 
     from workbench.attribution.batches import logit_diff, make_batches
@@ -120,12 +81,17 @@ def compare_by_position(name: str, loaded, n_prompts: int, repeats: int) -> dict
     model = loaded.model
     task = load_task("induction", loaded, n_prompts=n_prompts)
     (batch,) = make_batches(task, max_batch=n_prompts)
+    tl_function = (
+        patching.get_act_patch_attn_head_out_by_pos
+        if by_position
+        else patching.get_act_patch_attn_head_out_all_pos
+    )
 
     def ours() -> torch.Tensor:
         result = patch_sweep(
-            model, [batch], component="head_out", direction="denoise", by_position=True
+            model, [batch], component="head_out", direction="denoise", by_position=by_position
         )
-        return result.scores.permute(0, 2, 1)
+        return result.scores.permute(0, 2, 1) if by_position else result.scores[:, :, 0]
 
     @torch.no_grad()
     def baseline() -> torch.Tensor:
@@ -138,20 +104,22 @@ def compare_by_position(name: str, loaded, n_prompts: int, repeats: int) -> dict
                 m_clean - m_corr
             )
 
-        return patching.get_act_patch_attn_head_out_by_pos(model, batch.corrupt, cache, metric)
+        return tl_function(model, batch.corrupt, cache, metric)
 
     max_diff = float((ours() - baseline()).abs().max())
     t_ours, t_base = best_time(ours, repeats), best_time(baseline, repeats)
     n_layers, n_pos = model.cfg.n_layers, int(batch.clean.shape[1])
-    bound = (2 * n_layers / (n_layers + 1)) * (2 * n_pos / (n_pos + 1))
+    bound = 2 * n_layers / (n_layers + 1)
+    if by_position:
+        bound *= 2 * n_pos / (n_pos + 1)
     return {
-        "model": name + ", by position",
+        "model": name + (", by position" if by_position else ""),
         "layers x heads": f"{n_layers} x {model.cfg.n_heads}",
         "prompts x tokens": f"{n_prompts} x {n_pos}",
         "transformer_lens s": round(t_base, 3),
         "workbench s": round(t_ours, 3),
         "speed-up": round(t_base / t_ours, 2),
-        "start-at-layer bound": f"{bound:.2f} (layers x positions)",
+        "start-at-layer bound": f"{bound:.2f}" + (" (layers x positions)" if by_position else ""),
         "max |diff|": f"{max_diff:.1e}",
     }
 
@@ -181,8 +149,8 @@ def main() -> None:
             ),
         ]
     rows += [
-        compare_by_position("zoo induction", zoo, 32, args.repeats),
-        compare_by_position("random GPT-2 4L (d=256)", gpt2_4l, 32, args.repeats),
+        compare("zoo induction", zoo, 32, args.repeats, by_position=True),
+        compare("random GPT-2 4L (d=256)", gpt2_4l, 32, args.repeats, by_position=True),
     ]
     columns = list(rows[0])
     print("| " + " | ".join(columns) + " |")

@@ -8,9 +8,9 @@ path, a malformed task file) raises `BadInput` before anything is written for th
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import pyarrow as pa
 from tqdm.auto import tqdm
@@ -23,6 +23,26 @@ from workbench.store import RunRecord, Store
 from workbench.tasks import Task, load_task
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    """Options every pipeline has; each pipeline's config adds its own `methods` and more."""
+
+    model: str
+    task: str
+    checkpoint: str = "latest"
+    db: str | None = None
+    force: bool = False
+    n_prompts: int | None = None
+    max_batch: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Self:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -152,7 +172,7 @@ def _run_one(
     return RunOutcome(ckpt.checkpoint_id, method, "done", run_id)
 
 
-def run_configured(pipeline: str, cfg: Any, plan: Planner) -> list[RunOutcome]:
+def run_configured(pipeline: str, cfg: PipelineConfig, plan: Planner) -> list[RunOutcome]:
     """`run_pipeline` with the options every pipeline config has (model, task, checkpoint,
     db, force, n_prompts)."""
     return run_pipeline(

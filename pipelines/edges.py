@@ -5,13 +5,20 @@ patching (see `workbench.attribution.edges`).
     workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-steps 10
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import pyarrow as pa
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
+from pipelines.common import (
+    MethodResult,
+    PipelineConfig,
+    RunOutcome,
+    RunSpec,
+    pipeline_main,
+    run_configured,
+)
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -22,26 +29,12 @@ DEFAULT_METHODS = ("eap", "eap_ig")  # exact_edge and acdc cost a forward pass p
 
 
 @dataclass
-class EdgesConfig:
-    model: str
-    task: str
-    checkpoint: str = "latest"
+class EdgesConfig(PipelineConfig):
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     ig_steps: int = 5
     acdc_threshold: float = 0.02
     faithful_target: float = 0.8
-    db: str | None = None
-    force: bool = False
-    n_prompts: int | None = None
-    max_batch: int = 64
     max_rows: int = 512
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EdgesConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
@@ -106,9 +99,8 @@ def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:
     from workbench.attribution import edges
 
     model = loaded.model
-    graph = edges.model_graph(model)
-    tried, kept, faith = circuits.acdc(model, batches, graph, threshold=cfg.acdc_threshold)
-    ablator = circuits.EdgeAblator(model, batches, graph)
+    ablator = circuits.EdgeAblator(model, batches, edges.model_graph(model))
+    tried, kept, faith = circuits.acdc(ablator, threshold=cfg.acdc_threshold)
     rows = {"edges": records.edge_rows(tried)}
     rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, tried))
     rule = f"acdc:{cfg.acdc_threshold}"

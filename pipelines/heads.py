@@ -4,11 +4,18 @@
     workbench run heads --model data/zoo/induction --task induction --checkpoint all
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
+from pipelines.common import (
+    MethodResult,
+    PipelineConfig,
+    RunOutcome,
+    RunSpec,
+    pipeline_main,
+    run_configured,
+)
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -18,22 +25,8 @@ METHODS = ("dla", "act_patch_denoise", "act_patch_noise", "attr_patch", "head_im
 
 
 @dataclass
-class HeadsConfig:
-    model: str
-    task: str
-    checkpoint: str = "latest"
+class HeadsConfig(PipelineConfig):
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    db: str | None = None
-    force: bool = False
-    n_prompts: int | None = None
-    max_batch: int = 64
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "HeadsConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def method_params(method: str) -> dict[str, Any]:

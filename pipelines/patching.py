@@ -6,11 +6,17 @@
     workbench run patching --model my-gpt2 --task ioi.jsonl --method act_patch_noise --ablation mean
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
-from pipelines.common import MethodResult, RunOutcome, RunSpec, pipeline_main, run_configured
+from pipelines.common import (
+    MethodResult,
+    PipelineConfig,
+    RunOutcome,
+    RunSpec,
+    pipeline_main,
+    run_configured,
+)
 from workbench import records
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
@@ -21,26 +27,12 @@ ABLATIONS = ("resample", "zero", "mean")
 
 
 @dataclass
-class PatchingConfig:
-    model: str
-    task: str
-    checkpoint: str = "latest"
+class PatchingConfig(PipelineConfig):
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     components: list[str] | None = None  # None: every component the model has
     by_position: bool = False
     ablation: str = "resample"  # for noising; denoising always patches in clean activations
-    db: str | None = None
-    force: bool = False
-    n_prompts: int | None = None
-    max_batch: int = 64
     max_rows: int = 512
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PatchingConfig":
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 def compute(

@@ -68,7 +68,7 @@ def test_removing_one_edge_is_a_direct_intervention(gpt2, src, dst):
 def test_acdc_prunes_greedily_and_its_circuit_is_as_faithful_as_reported(gpt2):
     model, batches = gpt2
     graph = edges.model_graph(model)
-    tried, kept, final = circuits.acdc(model, batches, graph, threshold=0.02)
+    tried, kept, final = circuits.acdc(circuits.EdgeAblator(model, batches, graph), threshold=0.02)
     assert len(tried) == graph.n_edges  # every edge tried once
     kept_pairs = {(s, d) for s, d, _ in kept}
     removed_drops = [drop for s, d, drop in tried if (s, d) not in kept_pairs]

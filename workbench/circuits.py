@@ -185,19 +185,13 @@ def faithfulness_curve(
     return curve
 
 
-def acdc(
-    model: HookedTransformer,
-    batches: list[PromptBatch],
-    graph: EdgeGraph,
-    *,
-    threshold: float,
-) -> tuple[list[Edge], list[Edge], float]:
+def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Edge], float]:
     """ACDC-style greedy pruning (Conmy et al. 2023), with the normalised metric in place of
     the KL divergence: starting from the full graph, visit destinations from the logits
     backwards and try removing each incoming edge; keep it removed if the faithfulness drops by
     less than `threshold`. One forward pass per edge tried. Returns (every tried edge scored by
     the drop its removal caused when tried, the kept edges, the final faithfulness)."""
-    ablator = EdgeAblator(model, batches, graph)
+    graph = ablator.graph
     kept = graph.valid.float().clone()
     current = ablator.faithfulness_of_kept(kept)
     order = sorted(

@@ -113,32 +113,33 @@ def run(
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
     from pipelines import edges, heads, patching
+    from pipelines.common import PipelineConfig
 
     common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
     common |= {"db": db, "force": force, "n_prompts": n_prompts}
     patching_options = component or by_position or ablation != "resample"
     if pipeline in (Pipeline.heads, Pipeline.edges) and patching_options:
         raise BadInput("--component, --by-position and --ablation apply to the patching pipeline")
+    configs: dict[Pipeline, tuple[Any, PipelineConfig]] = {
+        Pipeline.heads: (heads, heads.HeadsConfig(**common)),
+        Pipeline.patching: (
+            patching,
+            patching.PatchingConfig(
+                **common, components=component, by_position=by_position, ablation=ablation
+            ),
+        ),
+        Pipeline.edges: (edges, edges.EdgesConfig(**common, ig_steps=ig_steps)),
+    }
     outcomes = []
-    if pipeline in (Pipeline.heads, Pipeline.all):
-        cfg = heads.HeadsConfig(**common)
-        chosen = [m for m in method or [] if pipeline == Pipeline.heads or m in heads.METHODS]
-        cfg.methods = chosen or cfg.methods
-        if pipeline == Pipeline.heads or not method or chosen:
-            outcomes += heads.run(cfg)
-    if pipeline in (Pipeline.patching, Pipeline.all):
-        pcfg = patching.PatchingConfig(**common)
-        pcfg.components, pcfg.by_position, pcfg.ablation = component, by_position, ablation
-        chosen = [m for m in method or [] if pipeline == Pipeline.patching or m in patching.METHODS]
-        pcfg.methods = chosen or pcfg.methods
-        if pipeline == Pipeline.patching or not method or chosen:
-            outcomes += patching.run(pcfg)
-    if pipeline in (Pipeline.edges, Pipeline.all):
-        ecfg = edges.EdgesConfig(**common, ig_steps=ig_steps)
-        chosen = [m for m in method or [] if pipeline == Pipeline.edges or m in edges.METHODS]
-        ecfg.methods = chosen or ecfg.methods
-        if pipeline == Pipeline.edges or not method or chosen:
-            outcomes += edges.run(ecfg)
+    for name, (module, cfg) in configs.items():
+        if pipeline not in (name, Pipeline.all):
+            continue
+        # with `all`, each pipeline runs the --method values that are its own
+        chosen = [m for m in method or [] if pipeline == name or m in module.METHODS]
+        if method and not chosen:
+            continue
+        cfg.methods = chosen or cfg.methods  # type: ignore[attr-defined]
+        outcomes += module.run(cfg)
     for o in outcomes:
         detail = f" ({o.error})" if o.error else ""
         typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")

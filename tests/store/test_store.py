@@ -59,14 +59,8 @@ def test_new_database_has_schema_v1(tmp_path):
 
 
 def test_version_1_database_migrates_forward_keeping_its_rows(tmp_path):
-    from workbench.store.schema import SCHEMA_V1
-
     db = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
-    for statement in SCHEMA_V1:
-        con.execute(statement)
-    con.execute("INSERT INTO schema_version VALUES (1, current_timestamp)")
+    con = _version_1_database(db)
     con.execute("INSERT INTO edges VALUES ('r1', 'a0.h0', 'logits', 0.5)")
     con.close()
     with Store(db) as store:
@@ -76,16 +70,23 @@ def test_version_1_database_migrates_forward_keeping_its_rows(tmp_path):
         assert store.query("SELECT count(*) AS n FROM run_metrics")["n"][0].as_py() == 0
 
 
-def test_readers_of_an_old_database_see_the_current_schema(tmp_path):
-    from workbench.store.query import run_readonly_query
+def _version_1_database(path) -> duckdb.DuckDBPyConnection:
+    """An open connection to a new database at schema v1, as the first release wrote it."""
     from workbench.store.schema import SCHEMA_V1
 
-    db = tmp_path / "old.duckdb"
-    con = duckdb.connect(str(db))
+    con = duckdb.connect(str(path))
     con.execute("CREATE TABLE schema_version (version INTEGER, applied_at TIMESTAMP)")
     for statement in SCHEMA_V1:
         con.execute(statement)
     con.execute("INSERT INTO schema_version VALUES (1, current_timestamp)")
+    return con
+
+
+def test_readers_of_an_old_database_see_the_current_schema(tmp_path):
+    from workbench.store.query import run_readonly_query
+
+    db = tmp_path / "old.duckdb"
+    con = _version_1_database(db)
     con.close()
     table = run_readonly_query("SELECT count(*) AS n FROM run_metrics", db=str(db))
     assert table["n"][0].as_py() == 0

@@ -158,7 +158,7 @@ class EdgeScores:
         return self.graph.edges(self.scores)
 
 
-def _run_keeping(
+def run_with_grads(
     model: HookedTransformer,
     tokens: torch.Tensor,
     batch: PromptBatch,
@@ -216,15 +216,15 @@ def edge_attribution(
     method = "eap_ig" if ig_steps else "eap"
     with graph_hooks_enabled(model, graph):
         for batch in tqdm(batches, desc=method, leave=False):
-            clean, mc = _run_keeping(model, batch.clean, batch, src_hooks, [], scale=1.0)
+            clean, mc = run_with_grads(model, batch.clean, batch, src_hooks, [], scale=1.0)
             if ig_steps:
-                corrupt, mr = _run_keeping(model, batch.corrupt, batch, src_hooks, [], scale=1.0)
+                corrupt, mr = run_with_grads(model, batch.corrupt, batch, src_hooks, [], scale=1.0)
                 start = corrupt["blocks.0.hook_resid_pre"]
                 delta_in = clean["blocks.0.hook_resid_pre"] - start
                 grad_sum: torch.Tensor | None = None
                 for k in range(1, ig_steps + 1):
                     point = start + (k / ig_steps) * delta_in
-                    acts, _ = _run_keeping(
+                    acts, _ = run_with_grads(
                         model, batch.corrupt, batch, [], dst_hooks,
                         scale=1 / (n * ig_steps), embed_override=point,
                     )  # fmt: skip
@@ -233,7 +233,7 @@ def edge_attribution(
                 assert grad_sum is not None
                 dst_grad = grad_sum
             else:
-                corrupt, mr = _run_keeping(
+                corrupt, mr = run_with_grads(
                     model, batch.corrupt, batch, src_hooks, dst_hooks, scale=1 / n
                 )
                 dst_grad = destination_grads(model, graph, _grads(corrupt))

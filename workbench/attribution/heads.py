@@ -30,7 +30,7 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
 The metric is the mean over prompts of `logit(answer) - logit(wrong)` at the last position.
 """
 
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,7 +40,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, logit_diff
-from workbench.attribution.patching import metric_gap, patch_sweep
+from workbench.attribution.edges import edge_attribution, run_with_grads
+from workbench.attribution.patching import patch_sweep
+
+MLP_NODE = re.compile(r"^m\d+$")
 
 
 @dataclass
@@ -113,8 +116,8 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
     m_clean = m_corrupt = 0.0
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     for batch in tqdm(batches, desc="head_importance", leave=False):
-        acts = _activations_with_grads(model, batch.clean, batch, names)
-        m_clean += acts.pop("metric_sum").item()
+        acts, metric_sum = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
+        m_clean += metric_sum
         with torch.no_grad():
             m_corrupt += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
         for layer, name in enumerate(names):
@@ -123,97 +126,20 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
     return HeadScores("head_importance", total / n, m_clean / n, m_corrupt / n)
 
 
-def _activations_with_grads(
-    model: HookedTransformer,
-    tokens: torch.Tensor,
-    batch: PromptBatch,
-    names: list[str],
-    *,
-    scale: float = 1.0,
-) -> dict[str, torch.Tensor]:
-    """Forward `tokens`, backward `scale` x the summed per-prompt metric; the activations at
-    `names`, their gradients (`name.grad`) and the metric's sum (`metric_sum`)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def keep(act: torch.Tensor, hook: object) -> None:
-        act.retain_grad()
-        store[hook.name] = act  # type: ignore[attr-defined]
-
-    with torch.enable_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
-        diffs = logit_diff(model(tokens), batch.answer, batch.wrong)
-        (diffs.sum() * scale).backward()
-    model.zero_grad(set_to_none=True)
-    out = {name: act.detach() for name, act in store.items()}
-    out |= {f"{k}.grad": a.grad.detach() for k, a in store.items() if a.grad is not None}
-    out["metric_sum"] = diffs.detach().sum()
-    return out
-
-
-@contextmanager
-def _split_qkv_inputs(model: HookedTransformer):
-    previous = bool(model.cfg.use_split_qkv_input)
-    model.set_use_split_qkv_input(True)
-    try:
-        yield
-    finally:
-        model.set_use_split_qkv_input(previous)
-
-
 def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
-    """Attribution patching of every head, plus edge scores from the same pass."""
+    """Attribution patching of every head, plus its edges, from one edge-attribution pass.
+
+    A head's output reaches the metric only through the inputs of the nodes downstream of it
+    (later heads' q/k/v, MLPs, the final residual), so its attribution-patching score is the
+    sum of its outgoing EAP edge scores over the full graph. The stored edges are those among
+    `input`, heads and `logits`."""
+    result = edge_attribution(model, batches)
     cfg = model.cfg
-    n = sum(b.size for b in batches)
-    L, H = cfg.n_layers, cfg.n_heads
-    node_sum = torch.zeros(L, H)
-    src_names = ["input"] + [head_node(layer, h) for layer in range(L) for h in range(H)]
-    dst_names = [head_node(layer, h, p) for layer in range(L) for p in "qkv" for h in range(H)]
-    dst_names.append("logits")
-    edge_sum = torch.zeros(len(src_names), len(dst_names))
-    m_clean = m_corrupt = 0.0
-    with _split_qkv_inputs(model):
-        for batch in tqdm(batches, desc="attr_patch", leave=False):
-            with torch.no_grad():
-                names = lambda name: name.endswith("hook_z") or name == "blocks.0.hook_resid_pre"  # noqa: E731
-                clean_logits, clean_cache = model.run_with_cache(batch.clean, names_filter=names)
-            m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
-            corrupt_acts = _activations_with_grads(
-                model, batch.corrupt, batch, _attribution_hooks(L), scale=1 / n
-            )
-            m_corrupt += corrupt_acts.pop("metric_sum").item()
-            src_delta = [
-                clean_cache["blocks.0.hook_resid_pre"] - corrupt_acts["blocks.0.hook_resid_pre"]
-            ]
-            for layer in range(L):
-                dz = clean_cache["z", layer] - corrupt_acts[f"blocks.{layer}.attn.hook_z"]
-                grad_z = corrupt_acts[f"blocks.{layer}.attn.hook_z.grad"]
-                node_sum[layer] += (dz * grad_z).sum((0, 1, 3))
-                src_delta.append(torch.einsum("bphe,hed->hbpd", dz, model.W_O[layer]))
-            sources = torch.cat([src_delta[0][None], *src_delta[1:]])  # [n_src, b, p, d]
-            grads = [
-                corrupt_acts[f"blocks.{layer}.hook_{p}_input.grad"].permute(2, 0, 1, 3)
-                for layer in range(L)
-                for p in "qkv"
-            ]
-            grads.append(corrupt_acts[f"blocks.{L - 1}.hook_resid_post.grad"][None])
-            edge_sum += torch.einsum("sbpd,tbpd->st", sources, torch.cat(grads))
-    m_clean, m_corrupt = m_clean / n, m_corrupt / n
-    gap = metric_gap(m_clean, m_corrupt)
-    scores = node_sum.detach() / gap
-    edge_scores = edge_sum.detach() / gap
-    edges = []
-    for s, src in enumerate(src_names):
-        src_layer = -1 if src == "input" else int(src[1 : src.index(".")])
-        for t, dst in enumerate(dst_names):
-            dst_layer = L if dst == "logits" else int(dst[1 : dst.index(".")])
-            if src_layer < dst_layer:
-                edges.append((src, dst, edge_scores[s, t].item()))
-    return HeadScores("attr_patch", scores, m_clean, m_corrupt, edges)
-
-
-def _attribution_hooks(n_layers: int) -> list[str]:
-    """Hooks attribution patching reads: embeddings, head outputs, q/k/v inputs, final resid."""
-    names = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 1}.hook_resid_post"]
-    for layer in range(n_layers):
-        names.append(f"blocks.{layer}.attn.hook_z")
-        names += [f"blocks.{layer}.hook_{p}_input" for p in "qkv"]
-    return names
+    rows = [
+        result.graph.sources.index(head_node(layer, head))
+        for layer in range(cfg.n_layers)
+        for head in range(cfg.n_heads)
+    ]
+    scores = result.scores[rows].sum(1).view(cfg.n_layers, cfg.n_heads)
+    edges = [e for e in result.edges() if not (MLP_NODE.match(e[0]) or MLP_NODE.match(e[1]))]
+    return HeadScores("attr_patch", scores, result.metric_clean, result.metric_corrupt, edges)
