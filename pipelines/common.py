@@ -7,7 +7,7 @@ path, a malformed task file) raises `BadInput` before anything is written for th
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Self
@@ -52,6 +52,8 @@ class MethodResult:
     rows: dict[str, pa.Table] = field(default_factory=dict)
     # rows that refer to the run by id but carry their own keys (circuits), built once known
     linked: Callable[[str], dict[str, pa.Table]] | None = None
+    # more registry rows (e.g. the nodes of an SAE's features), inserted where their keys are new
+    registry: dict[str, pa.Table] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class RunSpec:
     compute: MethodFn
 
 
-Planner = Callable[[LoadedModel, Task], list[RunSpec]]
+Planner = Callable[[LoadedModel, Task], Iterable[RunSpec]]
 
 
 def now() -> datetime:
@@ -166,6 +168,10 @@ def _run_one(
         run_id = store.record_failed_run(run, registry=registry)
         return RunOutcome(ckpt.checkpoint_id, method, "failed", run_id, run.error)
     run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
+    for table, extra in result.registry.items():
+        registry = registry | {
+            table: pa.concat_tables([registry[table], extra]) if table in registry else extra
+        }
     linked = result.linked(run.run_id) if result.linked else None
     run_id = store.write_run(run, registry=registry, rows=result.rows, linked=linked, replace=force)
     logger.info("%s %s on %s: run %s", pipeline, method, ckpt.checkpoint_id, run_id)

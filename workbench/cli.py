@@ -47,6 +47,7 @@ class Pipeline(StrEnum):
     heads = "heads"
     patching = "patching"
     edges = "edges"
+    sae = "sae"
     all = "all"
 
 
@@ -83,7 +84,7 @@ def zoo_train(
 
 @app.command("run")
 def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, edges, or all.")],
+    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, edges, sae, or all.")],
     model: Annotated[
         str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")
     ],
@@ -103,16 +104,41 @@ def run(
         str, typer.Option(help="Noising ablation for `patching`: resample, zero or mean.")
     ] = "resample",
     ig_steps: Annotated[
-        int, typer.Option(help="Interpolation steps for eap_ig (edges pipeline).")
+        int, typer.Option(help="Interpolation steps for eap_ig and sae_attr (0: none).")
     ] = 5,
     db: DbOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
     ] = False,
     n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
+    hook: Annotated[
+        list[str] | None,
+        typer.Option("--hook", help="sae: train an SAE at this hook (repeatable)."),
+    ] = None,
+    sae: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sae", help="sae: load a SAELens SAE directory or pretrained:<release>/<sae_id>."
+        ),
+    ] = None,
+    architecture: Annotated[str, typer.Option(help="sae: standard (L1) or topk.")] = "topk",
+    expansion: Annotated[int, typer.Option(help="sae: d_sae = expansion * d_in.")] = 4,
+    d_sae: Annotated[int | None, typer.Option(help="sae: number of features.")] = None,
+    k: Annotated[int, typer.Option("--k", help="sae: active features of a topk SAE.")] = 8,
+    l1_coefficient: Annotated[float, typer.Option(help="sae: L1 weight, standard SAE.")] = 1.0,
+    training_tokens: Annotated[int, typer.Option(help="sae: tokens to train on.")] = 400_000,
+    corpus: Annotated[
+        str, typer.Option(help="sae: 'task' (the task's distribution), a .txt or .jsonl file.")
+    ] = "task",
+    corpus_tokens: Annotated[int, typer.Option(help="sae: tokens in the corpus.")] = 100_000,
+    context_size: Annotated[
+        int | None, typer.Option(help="sae: tokens per corpus window (default min(n_ctx, 128)).")
+    ] = None,
+    n_nodes: Annotated[int, typer.Option(help="sae_attr: nodes per SAE kept for edges.")] = 16,
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
     from pipelines import edges, heads, patching
+    from pipelines import sae as sae_pipeline
     from pipelines.common import PipelineConfig
 
     common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
@@ -129,11 +155,34 @@ def run(
             ),
         ),
         Pipeline.edges: (edges, edges.EdgesConfig(**common, ig_steps=ig_steps)),
+        Pipeline.sae: (
+            sae_pipeline,
+            sae_pipeline.SaeConfig(
+                **common,
+                hooks=hook or [],
+                saes=sae or [],
+                architecture=architecture,
+                expansion=expansion,
+                d_sae=d_sae,
+                k=k,
+                l1_coefficient=l1_coefficient,
+                training_tokens=training_tokens,
+                corpus=corpus,
+                corpus_tokens=corpus_tokens,
+                context_size=context_size,
+                n_nodes=n_nodes,
+                ig_steps=ig_steps,
+            ),
+        ),
     }
+    if (hook or sae) and pipeline not in (Pipeline.sae, Pipeline.all):
+        raise BadInput("--hook and --sae apply to the sae pipeline")
     outcomes = []
     for name, (module, cfg) in configs.items():
         if pipeline not in (name, Pipeline.all):
             continue
+        if name == Pipeline.sae and pipeline == Pipeline.all and not (hook or sae):
+            continue  # `all` trains or loads SAEs only when told which
         # with `all`, each pipeline runs the --method values that are its own
         chosen = [m for m in method or [] if pipeline == name or m in module.METHODS]
         if method and not chosen:

@@ -189,3 +189,76 @@ def curve_rows(curve: list[tuple[int, int, float]]) -> pa.Table:
             "faithfulness": pa.array([c[2] for c in curve], pa.float64()),
         }
     )
+
+
+def feature_node_rows(
+    model_id: str, sae_id: str, hook: str, layer: int | None, d_sae: int
+) -> pa.Table:
+    """An SAE's features `f:{sae_id}:{i}` and its error node `f:{sae_id}:err`."""
+    rows = []
+    for i in range(d_sae):
+        row = _node(model_id, f"f:{sae_id}:{i}", "feature", layer, None, f"{hook} #{i}")
+        rows.append(row | {"sae_id": sae_id, "feature": i})
+    error = _node(model_id, f"f:{sae_id}:err", "sae_error", layer, None, f"{hook} SAE error")
+    rows.append(error | {"sae_id": sae_id})
+    return pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
+
+
+def sae_rows(row: dict[str, Any]) -> pa.Table:
+    histogram_edges = row.pop("histogram_edges")
+    table = pa.Table.from_pylist([row])
+    return table.append_column(
+        "histogram_edges", pa.array([histogram_edges], pa.list_(pa.float64()))
+    )
+
+
+def feature_rows(
+    sae_id: str,
+    density: list[float],
+    max_activation: list[float],
+    mean_activation: list[float],
+    dead: list[bool],
+    dense: list[bool],
+    histograms: list[list[int]],
+    logits: list[tuple[list[dict[str, Any]], list[dict[str, Any]]]] | None,
+) -> pa.Table:
+    n = len(density)
+    top = [json.dumps(lg[0]) for lg in logits] if logits else [None] * n
+    bottom = [json.dumps(lg[1]) for lg in logits] if logits else [None] * n
+    return pa.table(
+        {
+            "sae_id": pa.array([sae_id] * n, pa.string()),
+            "feature": pa.array(range(n), pa.int32()),
+            "density": pa.array(density, pa.float64()),
+            "max_activation": pa.array(max_activation, pa.float64()),
+            "mean_activation": pa.array(mean_activation, pa.float64()),
+            "top_logits": pa.array(top, pa.string()),
+            "bottom_logits": pa.array(bottom, pa.string()),
+            "dead": pa.array(dead, pa.bool_()),
+            "dense": pa.array(dense, pa.bool_()),
+            "histogram": pa.array(histograms, pa.list_(pa.int32())),
+        }
+    )
+
+
+def feature_example_rows(
+    sae_id: str,
+    examples: list[tuple[int, int, int, float]],
+    windows: list[list[int]],
+    tokens: list[list[str]],
+    source: str,
+) -> pa.Table:
+    """`examples`: (feature, rank, position, activation), each with its window's ids/tokens."""
+    n = len(examples)
+    return pa.table(
+        {
+            "sae_id": pa.array([sae_id] * n, pa.string()),
+            "feature": pa.array([e[0] for e in examples], pa.int32()),
+            "rank": pa.array([e[1] for e in examples], pa.int32()),
+            "source": pa.array([source] * n, pa.string()),
+            "token_ids": pa.array(windows, pa.list_(pa.int32())),
+            "tokens": pa.array(tokens, pa.list_(pa.string())),
+            "position": pa.array([e[2] for e in examples], pa.int32()),
+            "activation": pa.array([e[3] for e in examples], pa.float64()),
+        }
+    )

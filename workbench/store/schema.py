@@ -57,8 +57,38 @@ SCHEMA_V2 = [
 # v3: named measurements of a run (e.g. the ROC AUC of its edge scores against a known circuit).
 SCHEMA_V3 = ["""CREATE TABLE run_metrics (run_id VARCHAR, metric VARCHAR, value DOUBLE)"""]
 
-MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
+# v4: SAEs, their features and examples belong to the run that made them (deleted with it on
+# --force); quality details per SAE; dead/dense flags, suppressed tokens and an activation
+# histogram per feature.
+SCHEMA_V4 = [
+    "ALTER TABLE saes ADD COLUMN run_id VARCHAR",
+    "ALTER TABLE saes ADD COLUMN source VARCHAR",
+    "ALTER TABLE saes ADD COLUMN corpus VARCHAR",
+    "ALTER TABLE saes ADD COLUMN n_tokens BIGINT",
+    "ALTER TABLE saes ADD COLUMN mse DOUBLE",
+    "ALTER TABLE saes ADD COLUMN ce_loss_clean DOUBLE",
+    "ALTER TABLE saes ADD COLUMN ce_loss_sae DOUBLE",
+    "ALTER TABLE saes ADD COLUMN ce_loss_zero DOUBLE",
+    "ALTER TABLE saes ADD COLUMN dead_fraction DOUBLE",
+    "ALTER TABLE saes ADD COLUMN histogram_edges DOUBLE[]",
+    "ALTER TABLE features ADD COLUMN run_id VARCHAR",
+    "ALTER TABLE features ADD COLUMN dead BOOLEAN",
+    "ALTER TABLE features ADD COLUMN dense BOOLEAN",
+    "ALTER TABLE features ADD COLUMN bottom_logits JSON",
+    "ALTER TABLE features ADD COLUMN histogram INTEGER[]",
+    "ALTER TABLE feature_examples ADD COLUMN run_id VARCHAR",
+]
+
+MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
-RUN_TABLES = ("node_scores", "edges", "faithfulness_curves", "run_metrics")
+RUN_TABLES = (
+    "node_scores",
+    "edges",
+    "faithfulness_curves",
+    "run_metrics",
+    "saes",
+    "features",
+    "feature_examples",
+)

@@ -1,0 +1,264 @@
+"""SAE quality metrics and feature statistics, streamed over a corpus.
+
+One pass over the corpus, a batch of windows at a time: the model runs up to the SAE's hook
+(`stop_at_layer`), the SAE encodes, and running totals are updated. Memory holds the totals
+(`d_sae` counts, sums and maxima, a `d_sae x n_bins` histogram and a `k x d_sae` top-k table),
+never the corpus's activations, so it does not grow with the corpus.
+
+Per SAE (table `saes`):
+* `l0` — mean number of active features per token;
+* `explained_variance` — `1 - sum |x - x_hat|^2 / sum |x - mean(x)|^2` over all corpus tokens;
+* `ce_loss_recovered` — `(CE_zero - CE_sae) / (CE_zero - CE_clean)`: next-token cross-entropy
+  with the SAE's reconstruction spliced in at its hook, between zero-ablating the hook (0) and
+  the unmodified model (1), on the first `ce_windows` windows.
+
+Per feature (table `features`): `density` (fraction of tokens where it fires), `max_activation`,
+`mean_activation` (mean over the tokens where it fires), `dead` (never fires on the corpus),
+`dense` (fires on more than `DENSE_DENSITY` of tokens), `histogram` (counts of its non-zero
+activations in the bins `HISTOGRAM_EDGES`, log-spaced), and logit effects: the tokens its decoder
+direction promotes and suppresses most through the unembedding (the direct path, `W_dec W_U`, with
+`W_O` or `W_out` first for `hook_z` and `mlp.hook_post` SAEs).
+
+Per feature, its top-k windows (table `feature_examples`): the windows where its maximum
+activation is largest, each with the position of that maximum.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from workbench.models.base import LoadedModel
+from workbench.sae.corpus import Corpus
+from workbench.sae.saes import LoadedSae, hook_activations, hook_layer
+
+logger = logging.getLogger(__name__)
+
+DENSE_DENSITY = 0.1
+HISTOGRAM_EDGES: list[float] = torch.logspace(-4, 3, 43).tolist()  # 42 bins, 1e-4 .. 1e3
+N_LOGITS = 10
+
+
+@dataclass
+class Quality:
+    l0: float
+    explained_variance: float
+    mse: float
+    ce_loss_recovered: float | None
+    ce_loss_clean: float | None = None
+    ce_loss_sae: float | None = None
+    ce_loss_zero: float | None = None
+
+
+@dataclass
+class FeatureStats:
+    """Running totals over the corpus, and the result once the pass is done."""
+
+    d_sae: int
+    top_k: int
+    n_tokens: int = 0
+    counts: torch.Tensor = field(init=False)
+    sums: torch.Tensor = field(init=False)
+    maxima: torch.Tensor = field(init=False)
+    histogram: torch.Tensor = field(init=False)
+    top_values: torch.Tensor = field(init=False)
+    top_windows: torch.Tensor = field(init=False)
+    top_positions: torch.Tensor = field(init=False)
+    # for the quality metrics
+    sq_error: float = 0.0
+    sq_norm: float = 0.0
+    l0_total: float = 0.0
+    x_sum: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n_bins = len(HISTOGRAM_EDGES) - 1
+        self.counts = torch.zeros(self.d_sae, dtype=torch.long)
+        self.sums = torch.zeros(self.d_sae, dtype=torch.float64)
+        self.maxima = torch.zeros(self.d_sae)
+        self.histogram = torch.zeros(self.d_sae * n_bins, dtype=torch.long)
+        self.top_values = torch.zeros(0, self.d_sae)
+        self.top_windows = torch.zeros(0, self.d_sae, dtype=torch.long)
+        self.top_positions = torch.zeros(0, self.d_sae, dtype=torch.long)
+
+    def update(
+        self,
+        first_window: int,
+        x: Float[torch.Tensor, "batch pos d_in"],
+        f: Float[torch.Tensor, "batch pos d_sae"],
+        x_hat: Float[torch.Tensor, "batch pos d_in"],
+    ) -> None:
+        batch, pos, _ = f.shape
+        flat = f.reshape(-1, self.d_sae)
+        fired = flat > 0
+        self.n_tokens += flat.shape[0]
+        self.counts += fired.sum(0)
+        self.sums += flat.sum(0, dtype=torch.float64)
+        self.maxima = torch.maximum(self.maxima, flat.max(0).values)
+        self.l0_total += float(fired.sum())
+        rows, cols = fired.nonzero(as_tuple=True)
+        bins = torch.bucketize(flat[rows, cols], torch.tensor(HISTOGRAM_EDGES)) - 1
+        n_bins = len(HISTOGRAM_EDGES) - 1
+        bins = bins.clamp(0, n_bins - 1)
+        self.histogram.scatter_add_(0, cols * n_bins + bins, torch.ones_like(bins))
+        # top-k windows by the feature's maximum within the window
+        window_max, window_pos = f.max(dim=1)  # [batch, d_sae]
+        windows = torch.arange(first_window, first_window + batch)[:, None].expand(-1, self.d_sae)
+        values = torch.cat([self.top_values, window_max])
+        keep = min(self.top_k, values.shape[0])
+        self.top_values, order = values.topk(keep, dim=0)
+        self.top_windows = torch.cat([self.top_windows, windows]).gather(0, order)
+        self.top_positions = torch.cat([self.top_positions, window_pos]).gather(0, order)
+        # reconstruction
+        xf = x.reshape(-1, x.shape[-1]).double()
+        self.sq_error += float(((xf - x_hat.reshape(xf.shape).double()) ** 2).sum())
+        self.sq_norm += float((xf**2).sum())
+        xs = xf.sum(0)
+        self.x_sum = xs if self.x_sum is None else self.x_sum + xs
+
+    @property
+    def density(self) -> torch.Tensor:
+        return self.counts.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_when_active(self) -> torch.Tensor:
+        return torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1), 0.0)
+
+    def quality(self) -> Quality:
+        assert self.x_sum is not None
+        n = max(self.n_tokens, 1)
+        total_var = self.sq_norm - float((self.x_sum**2).sum()) / n
+        ev = 1.0 - self.sq_error / total_var if total_var > 0 else float("nan")
+        d_in = int(self.x_sum.numel())
+        return Quality(
+            l0=self.l0_total / n,
+            explained_variance=ev,
+            mse=self.sq_error / (n * d_in),
+            ce_loss_recovered=None,
+        )
+
+    def examples(self) -> list[tuple[int, int, int, int, float]]:
+        """(feature, rank, window, position, activation) for every stored example that fires."""
+        out = []
+        for rank in range(self.top_values.shape[0]):
+            for feat in (self.top_values[rank] > 0).nonzero().flatten().tolist():
+                out.append(
+                    (
+                        feat,
+                        rank,
+                        int(self.top_windows[rank, feat]),
+                        int(self.top_positions[rank, feat]),
+                        float(self.top_values[rank, feat]),
+                    )
+                )
+        return out
+
+
+def scan(
+    loaded: LoadedModel,
+    sae: LoadedSae,
+    corpus: Corpus,
+    *,
+    top_k: int = 10,
+    batch_size: int = 32,
+) -> FeatureStats:
+    """Statistics of every feature and the reconstruction totals, in one pass over the corpus."""
+    stats = FeatureStats(sae.d_sae, top_k)
+    n_batches = -(-len(corpus.windows) // batch_size)
+    with torch.no_grad():
+        for first, windows in tqdm(
+            corpus.batches(batch_size), total=n_batches, desc="features", leave=False
+        ):
+            x = hook_activations(loaded, sae.hook, windows)
+            f = sae.encode(x)
+            stats.update(first, x, f, sae.decode(f))
+    return stats
+
+
+@torch.no_grad()
+def ce_losses(
+    loaded: LoadedModel, sae: LoadedSae, windows: Int[torch.Tensor, "batch pos"]
+) -> tuple[float, float, float]:
+    """Next-token cross-entropy: unmodified, with the SAE spliced in, with the hook zeroed."""
+    model = loaded.model
+
+    def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        flat = act.reshape(act.shape[0], act.shape[1], -1)
+        return sae.decode(sae.encode(flat)).reshape(act.shape)
+
+    def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(act)
+
+    losses = []
+    for hooks in ([], [(sae.hook, splice)], [(sae.hook, zero)]):
+        logits = model.run_with_hooks(windows, fwd_hooks=hooks)
+        losses.append(float(next_token_loss(logits, windows)))
+    return losses[0], losses[1], losses[2]
+
+
+def next_token_loss(
+    logits: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"]
+) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
+    )
+
+
+def quality(
+    loaded: LoadedModel, sae: LoadedSae, corpus: Corpus, stats: FeatureStats, ce_windows: int = 64
+) -> Quality:
+    result = stats.quality()
+    clean, spliced, zeroed = ce_losses(loaded, sae, corpus.windows[:ce_windows])
+    result.ce_loss_clean, result.ce_loss_sae, result.ce_loss_zero = clean, spliced, zeroed
+    if zeroed - clean > 1e-6:
+        result.ce_loss_recovered = (zeroed - spliced) / (zeroed - clean)
+    return result
+
+
+def residual_directions(
+    loaded: LoadedModel, sae: LoadedSae
+) -> Float[torch.Tensor, "d_sae d_model"] | None:
+    """Each feature's decoder direction as a write to the residual stream (None if the hook is
+    not one whose output is a residual-stream write)."""
+    model = loaded.model
+    w_dec = sae.sae.W_dec.detach()
+    hook = sae.hook
+    layer = hook_layer(hook)
+    if hook.endswith("attn.hook_z") and layer is not None:
+        w_o = model.blocks[layer].attn.W_O.detach()  # [head_index, d_head, d_model]
+        return torch.einsum("fhd,hdm->fm", w_dec.reshape(len(w_dec), *w_o.shape[:2]), w_o)
+    if hook.endswith("mlp.hook_post") and layer is not None:
+        return w_dec @ model.blocks[layer].mlp.W_out.detach()
+    residual = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")
+    if hook.endswith(residual) or hook.endswith("hook_mlp_out") or hook == "hook_embed":
+        return w_dec if w_dec.shape[1] == model.cfg.d_model else None
+    return None
+
+
+def logit_effects(
+    loaded: LoadedModel, sae: LoadedSae, n: int = N_LOGITS, chunk: int = 1024
+) -> list[tuple[list[tuple[int, float]], list[tuple[int, float]]]] | None:
+    """Per feature, the `n` tokens most promoted and most suppressed (token id, logit per unit
+    of activation) through `W_dec W_U`."""
+    directions = residual_directions(loaded, sae)
+    if directions is None:
+        return None
+    w_u = loaded.model.W_U.detach()
+    out = []
+    for start in range(0, len(directions), chunk):
+        logits = directions[start : start + chunk] @ w_u
+        logits = logits - logits.mean(-1, keepdim=True)
+        k = min(n, logits.shape[-1])
+        top, top_ids = logits.topk(k, dim=-1)
+        bottom, bottom_ids = (-logits).topk(k, dim=-1)
+        for i in range(len(logits)):
+            out.append(
+                (
+                    list(zip(top_ids[i].tolist(), top[i].tolist(), strict=True)),
+                    list(zip(bottom_ids[i].tolist(), (-bottom[i]).tolist(), strict=True)),
+                )
+            )
+    return out
