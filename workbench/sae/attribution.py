@@ -1,27 +1,30 @@
 """`sae_attr`: attribution of a task metric to SAE features, and feature circuits.
 
-Following Marks et al. 2024 ("Sparse Feature Circuits"), every SAE is spliced into the model at
-its hook: the activation `x` is replaced by `decode(f) + err` with `f = encode(x)` and the
+Following Marks et al. 2024 ("Sparse Feature Circuits"), an SAE is spliced into the model at its
+hook: the activation `x` is replaced by `decode(f) + err` with `f = encode(x)` and the
 reconstruction error `err = x - decode(f)` kept as its own node (`f:{sae_id}:err`), so the
-spliced model computes exactly what the model computes. Scores use the corrupt run's gradients
-and the clean-minus-corrupt activations, normalised by the clean-vs-corrupt gap, as for `eap`:
+spliced model computes exactly what the model computes. Scores are normalised by the
+clean-vs-corrupt gap of the metric, as for `eap`:
 
-* node `a` (a feature or an error): `sum_pos (a_clean - a_corrupt) . d m / d a`, the
-  attribution-patching estimate of patching `a` from the clean into the corrupt run. Error nodes
-  are held fixed when gradients flow through them, so a feature's gradient includes its effect
-  through the features of later SAEs.
+* node `a` (a feature or an error): `sum_pos (a_clean - a_corrupt) . grad`, where `grad` is
+  `d m / d a` averaged over `ig_steps` runs with the SAE's features and error interpolated from
+  corrupt to clean (integrated gradients, as Marks et al. use for nodes; `ig_steps = 0` takes the
+  corrupt run's gradient, plain attribution patching). Each SAE is spliced in alone for its own
+  scores, the model running unchanged around it, so an SAE's scores add up to about the effect
+  of patching all of it (IG's completeness).
 * edge `u -> d` between SAEs at consecutive hooks: `sum_pos (u_clean - u_corrupt) .
-  d/du [ sum_pos' (d m / d d) . d ]`, the part of `d`'s attribution that goes through `u` (one
-  backward pass per downstream node, over the layers between the two hooks only).
+  d/du [ sum_pos' grad_d . d ]` on the corrupt run, the part of `d`'s score that goes through
+  `u` (one backward pass per downstream node, over the layers between the two hooks only).
 * `input -> a` for the first SAE's nodes and `a -> logits` for the last SAE's nodes carry the
   node's own score, so a feature circuit is a graph from `input` to `logits`.
 * `a{L}.h{H} -> f:{sae_id}:{i}`: the head's direct write into the feature, `sum_pos
-  d m / d f_i . 1[f_i > 0] . W_enc[:, i] . (head_out_clean - head_out_corrupt)`, for SAEs that
-  read the residual stream; these link head circuits to feature circuits.
+  grad_i . 1[f_i > 0] . W_enc[:, i] . (head_out_clean - head_out_corrupt)`, for SAEs that read the
+  residual stream; these link head circuits to feature circuits.
 
-Edges are kept for the `n_nodes` nodes of largest |score| per SAE. Faithfulness of a set of nodes
-K: the spliced model on the clean prompts with every feature and error outside K set to its
-corrupt value, as a fraction of the gap (1 with every node, 0 with none).
+Faithfulness of a node set K: the spliced model (every SAE in) on the clean prompts with every
+feature and error outside K set to its corrupt value, as a fraction of the gap (1 with every
+node, 0 with none). The circuit is the smallest top-n of nodes by |score| (n = 1, 2, 4, ...)
+reaching the target; edges are computed among its nodes and the `n_nodes` best of each SAE.
 """
 
 import math
@@ -94,11 +97,12 @@ class SplicedModel:
         self,
         tokens: torch.Tensor,
         batch: PromptBatch,
-        edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+        edit: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]
         | None = None,
     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """Per-prompt metric and each SAE's (features, error); `edit(k, f, err)` may replace
-        them before the SAE's output goes on."""
+        them before the SAE's output `decode(f) + err` goes on, or return None to leave the
+        activation as it is (the SAE only reads)."""
         values: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def splice(k: int, sae: LoadedSae) -> Callable[..., torch.Tensor]:
@@ -107,7 +111,11 @@ class SplicedModel:
                 f = sae.encode(x)
                 err = x - sae.decode(f)
                 if edit is not None:
-                    f, err = edit(k, f, err)
+                    edited = edit(k, f, err)
+                    if edited is None:
+                        values.append((f, err))
+                        return act
+                    f, err = edited
                 values.append((f, err))
                 return (sae.decode(f) + err).reshape(act.shape)
 
@@ -164,29 +172,25 @@ class SplicedModel:
 
 
 def _grad_run(
-    spliced: SplicedModel, b: int, at: tuple[int, float] | None = None
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-    """The corrupt run of batch `b` with a graph from every SAE's features and errors to the
-    summed metric. Errors enter as leaves (held fixed); `err_fns` are the errors as functions
-    of the upstream nodes, for edges into error nodes. With `at = (k, alpha)`, SAE k's features
-    and error are set to `corrupt + alpha * (clean - corrupt)` (leaves)."""
+    spliced: SplicedModel, b: int, k: int, alpha: float = 0.0
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The corrupt run of batch `b` with SAE k spliced in, its features and error set to
+    `corrupt + alpha * (clean - corrupt)` as leaves of the autograd graph; every other SAE only
+    reads (the model runs unchanged around SAE k), so gradients reach SAE k through the model
+    itself. Returns the summed metric and every SAE's (features, error): after SAE k they are
+    functions of SAE k's nodes, for edges."""
     batch = spliced.batches[b]
-    err_fns: list[torch.Tensor] = []
 
-    def edit(k: int, f: torch.Tensor, err: torch.Tensor) -> Any:
-        err_fns.append(err)
-        if at is not None and at[0] == k:
-            (f_clean, err_clean), (f_corr, err_corr) = spliced.clean[b][k], spliced.corrupt[b][k]
-            alpha = at[1]
-            f = (f_corr + alpha * (f_clean - f_corr)).requires_grad_(True)
-            return f, (err_corr + alpha * (err_clean - err_corr)).requires_grad_(True)
-        if k == 0 or (at is not None and k < at[0]):
-            f = f.detach().requires_grad_(True)
-        return f, err.detach().requires_grad_(True)
+    def edit(j: int, f: torch.Tensor, err: torch.Tensor) -> Any:
+        if j != k:
+            return None
+        (f_clean, err_clean), (f_corr, err_corr) = spliced.clean[b][k], spliced.corrupt[b][k]
+        f = (f_corr + alpha * (f_clean - f_corr)).requires_grad_(True)
+        return f, (err_corr + alpha * (err_clean - err_corr)).requires_grad_(True)
 
     with torch.enable_grad():
         m, values = spliced.run(batch.corrupt, batch, edit)
-    return m.sum(), values, err_fns
+    return m.sum(), values
 
 
 Grads = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [batch][sae] -> (d m/d f, d m/d err)
@@ -203,23 +207,17 @@ def node_attribution(spliced: SplicedModel, ig_steps: int = 0) -> tuple[dict[str
     n_saes = len(spliced.saes)
     totals = [torch.zeros(s.d_sae + 1, dtype=torch.float64) for s in spliced.saes]
     grads_per_batch: Grads = []
-    runs: list[tuple[int, float] | None] = [None]
-    if ig_steps:
-        runs = [(k, j / ig_steps) for k in range(n_saes) for j in range(1, ig_steps + 1)]
+    alphas = [j / ig_steps for j in range(1, ig_steps + 1)] if ig_steps else [0.0]
     for b in tqdm(range(len(spliced.batches)), desc="sae_attr nodes", leave=False):
         sums = [
             (torch.zeros_like(spliced.corrupt[b][k][0]), torch.zeros_like(spliced.corrupt[b][k][1]))
             for k in range(n_saes)
         ]
-        for at in runs:
-            metric, values, _ = _grad_run(spliced, b, at)
-            wanted = range(n_saes) if at is None else [at[0]]
-            inputs = [t for k in wanted for t in values[k]]
-            grads = torch.autograd.grad(metric, inputs, allow_unused=True)
-            for i, k in enumerate(wanted):
-                weight = 1.0 if at is None else 1.0 / ig_steps
-                g_f = _zero_if_none(grads[2 * i], values[k][0])
-                g_err = _zero_if_none(grads[2 * i + 1], values[k][1])
+        for k in range(n_saes):
+            for alpha in alphas:
+                metric, values = _grad_run(spliced, b, k, alpha)
+                g_f, g_err = torch.autograd.grad(metric, values[k])
+                weight = 1.0 / len(alphas)
                 sums[k] = (sums[k][0] + weight * g_f, sums[k][1] + weight * g_err)
         for k in range(n_saes):
             g_f, g_err = sums[k]
@@ -316,9 +314,9 @@ def _pair_edges(
     up_err = [j for j, i in enumerate(up) if i == d_up]
     up_feat_rows = [j for j, i in enumerate(up) if i < d_up]
     for b in range(len(spliced.batches)):
-        _, values, err_fns = _grad_run(spliced, b)
+        _, values = _grad_run(spliced, b, k)
         f_up, err_up = values[k]
-        f_down, _ = values[k + 1]
+        f_down, err_down = values[k + 1]
         g_f_down, g_err_down = grads_per_batch[b][k + 1]
         delta_f = spliced.clean[b][k][0] - spliced.corrupt[b][k][0]
         delta_err = spliced.clean[b][k][1] - spliced.corrupt[b][k][1]
@@ -326,7 +324,7 @@ def _pair_edges(
             if j < spliced.saes[k + 1].d_sae:
                 target = (g_f_down[..., j] * f_down[..., j]).sum()
             else:
-                target = (g_err_down * err_fns[k + 1]).sum()
+                target = (g_err_down * err_down).sum()
             g_f, g_err = torch.autograd.grad(
                 target, [f_up, err_up], retain_graph=True, allow_unused=True
             )

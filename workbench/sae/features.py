@@ -17,7 +17,8 @@ Per feature (table `features`): `density` (fraction of tokens where it fires), `
 `dense` (fires on more than `DENSE_DENSITY` of tokens), `histogram` (counts of its non-zero
 activations in the bins `HISTOGRAM_EDGES`, log-spaced), and logit effects: the tokens its decoder
 direction promotes and suppresses most through the unembedding (the direct path, `W_dec W_U`, with
-`W_O` or `W_out` first for `hook_z` and `mlp.hook_post` SAEs).
+`W_O` or `W_out` first for `hook_z` and `mlp.hook_post` SAEs, centred as the final LayerNorm
+centres the residual stream; logits are centred over the vocabulary).
 
 Per feature, its top-k windows (table `feature_examples`): the windows where its maximum
 activation is largest, each with the position of that maximum.
@@ -246,6 +247,9 @@ def logit_effects(
     directions = residual_directions(loaded, sae)
     if directions is None:
         return None
+    if loaded.model.cfg.normalization_type in ("LN", "LNPre"):
+        # the final LayerNorm centres the residual stream (its scale is folded into W_U)
+        directions = directions - directions.mean(-1, keepdim=True)
     w_u = loaded.model.W_U.detach()
     out = []
     for start in range(0, len(directions), chunk):

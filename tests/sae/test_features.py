@@ -1,0 +1,167 @@
+"""Stored SAE quality, feature statistics and examples, recomputed independently: the SAE
+reloaded with SAELens, activations from TransformerLens, everything held in memory at once."""
+
+import json
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from tests.sae.conftest import CORPUS_TOKENS, HOOKS, query
+from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.sae import features
+from workbench.sae.corpus import load_corpus
+from workbench.sae.saes import load_sae
+from workbench.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def model(induction_dir):
+    return load_checkpoint(resolve_checkpoints(str(induction_dir))[-1])
+
+
+@pytest.fixture(scope="module")
+def corpus(model):
+    return load_corpus("task", model, load_task("induction", model), n_tokens=CORPUS_TOKENS)
+
+
+def all_features(model, sae, hook, windows):
+    """Every feature activation of the corpus at once: [window, pos, d_sae]."""
+    with torch.no_grad():
+        _, cache = model.model.run_with_cache(windows, names_filter=[hook])
+        return sae.encode(cache[hook])
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_reloaded_sae_recomputes_stored_examples_and_statistics(sae_run, model, corpus, hook):
+    row = sae_run.saes[hook]
+    sae = SAE.load_from_disk(row["path"], device="cpu")  # SAELens's own loader and encoder
+    assert sae.cfg.metadata.hook_name == hook and sae.cfg.d_in == model.info.d_model
+    acts = all_features(model, sae, hook, corpus.windows)
+    sae_id = row["sae_id"]
+
+    examples = query(
+        sae_run.db,
+        "SELECT * FROM feature_examples WHERE sae_id = ? ORDER BY feature, rank",
+        [sae_id],
+    )
+    assert examples
+    for ex in examples:  # the stored context, fed to the model again
+        with torch.no_grad():
+            tokens = torch.tensor([ex["token_ids"]])
+            _, cache = model.model.run_with_cache(tokens, names_filter=[hook])
+            value = sae.encode(cache[hook])[0, ex["position"], ex["feature"]]
+        assert float(value) == pytest.approx(ex["activation"], abs=1e-4)
+        assert ex["tokens"] == model.token_strs(ex["token_ids"])
+
+    # top-k windows per feature by the maximum over positions, from all activations at once
+    window_max = acts.max(dim=1).values  # [window, d_sae]
+    stored = {}
+    for ex in examples:
+        stored.setdefault(ex["feature"], []).append(ex["activation"])
+    for feat, values in stored.items():
+        expected = window_max[:, feat].topk(len(values)).values
+        assert torch.allclose(torch.tensor(values), expected, atol=1e-4)
+    k = max(len(v) for v in stored.values())
+    assert k == 10
+    firing = (window_max > 0).sum(0)
+    assert {f for f in range(sae.cfg.d_sae) if firing[f] > 0} == set(stored)
+
+    flat = acts.reshape(-1, sae.cfg.d_sae)
+    feats = query(sae_run.db, "SELECT * FROM features WHERE sae_id = ? ORDER BY feature", [sae_id])
+    density = torch.tensor([f["density"] for f in feats])
+    assert torch.allclose(density, (flat > 0).double().mean(0).float(), atol=1e-6)
+    maxima = torch.tensor([f["max_activation"] for f in feats])
+    assert torch.allclose(maxima, flat.max(0).values, atol=1e-4)
+    fired = flat > 0
+    mean_active = torch.where(
+        fired.any(0), (flat * fired).sum(0) / fired.sum(0).clamp(min=1), torch.tensor(0.0)
+    )
+    stored_mean = torch.tensor([f["mean_activation"] for f in feats])
+    assert torch.allclose(stored_mean, mean_active, atol=1e-4)
+    assert [f["dead"] for f in feats] == (~fired.any(0)).tolist()
+    assert [f["dense"] for f in feats] == ((flat > 0).double().mean(0) > 0.1).tolist()
+    for f in feats:
+        assert sum(f["histogram"]) == int(fired[:, f["feature"]].sum())
+    assert row["n_tokens"] == flat.shape[0]
+    assert row["dead_fraction"] == pytest.approx(float((~fired.any(0)).double().mean()))
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_quality_metrics_match_sae_lens_forward_and_tl_loss(sae_run, model, corpus, hook):
+    row = sae_run.saes[hook]
+    sae = SAE.load_from_disk(row["path"], device="cpu")
+    with torch.no_grad():
+        _, cache = model.model.run_with_cache(corpus.windows, names_filter=[hook])
+        x = cache[hook].reshape(-1, sae.cfg.d_in)
+        f = sae.encode(x)
+        x_hat = sae(x)  # SAELens's forward: decode(encode(x))
+    assert row["l0"] == pytest.approx(float((f > 0).sum(-1).double().mean()), rel=1e-5)
+    resid = ((x - x_hat) ** 2).sum()
+    total = ((x - x.mean(0)) ** 2).sum()
+    assert row["explained_variance"] == pytest.approx(float(1 - resid / total), abs=1e-4)
+    assert row["explained_variance"] > 0.5
+
+    windows = corpus.windows[:64]
+    with torch.no_grad():
+        clean = model.model(windows, return_type="loss")
+        spliced = model.model.run_with_hooks(
+            windows, return_type="loss", fwd_hooks=[(hook, lambda a, hook: sae(a))]
+        )
+        zero = model.model.run_with_hooks(
+            windows, return_type="loss", fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))]
+        )
+    assert row["ce_loss_clean"] == pytest.approx(float(clean), abs=1e-4)
+    assert row["ce_loss_sae"] == pytest.approx(float(spliced), abs=1e-4)
+    assert row["ce_loss_zero"] == pytest.approx(float(zero), abs=1e-4)
+    expected = float((zero - spliced) / (zero - clean))
+    assert row["ce_loss_recovered"] == pytest.approx(expected, abs=1e-4)
+    assert row["ce_loss_recovered"] > 0.5
+
+
+def test_logit_effects_match_an_intervention_on_the_final_residual_stream(sae_run, model):
+    """Adding a feature's decoder direction to the final residual stream, with the final
+    LayerNorm's scale frozen (the direct path, as in direct logit attribution), moves the stored
+    most-promoted token up most and the most-suppressed token down most."""
+    hook = "blocks.1.hook_resid_post"  # the final residual stream of the 2-layer model
+    row = sae_run.saes[hook]
+    sae = load_sae(row["path"], model)
+    feats = query(
+        sae_run.db,
+        "SELECT feature, top_logits, bottom_logits FROM features WHERE sae_id = ? AND NOT dead",
+        [row["sae_id"]],
+    )
+    tokens = torch.tensor([[model.bos_token_id or 0, 5, 6, 7]])
+    with torch.no_grad():
+        base, cache = model.model.run_with_cache(tokens, names_filter=["ln_final.hook_scale"])
+    base = base[0, -1]
+    frozen = (
+        "ln_final.hook_scale",
+        lambda act, hook: cache["ln_final.hook_scale"],
+    )
+    agree = 0
+    for f in feats:
+        direction = sae.sae.W_dec[f["feature"]]
+
+        def add(act, hook, d=direction):
+            return act + d
+
+        with torch.no_grad():
+            moved = model.model.run_with_hooks(tokens, fwd_hooks=[(hook, add), frozen])[0, -1]
+        change = moved - base
+        top = json.loads(f["top_logits"])
+        bottom = json.loads(f["bottom_logits"])
+        assert len(top) == features.N_LOGITS and top[0]["value"] >= top[-1]["value"]
+        agree += int(change.argmax()) == top[0]["id"] and int(change.argmin()) == bottom[0]["id"]
+    assert agree >= 0.95 * len(feats)
+
+
+def test_streaming_in_small_batches_equals_one_batch(sae_run, model, corpus):
+    sae = load_sae(sae_run.saes[HOOKS[0]]["path"], model)
+    small = features.scan(model, sae, corpus, batch_size=7)
+    whole = features.scan(model, sae, corpus, batch_size=len(corpus.windows))
+    assert torch.equal(small.counts, whole.counts)
+    assert torch.equal(small.histogram, whole.histogram)
+    assert torch.allclose(small.maxima, whole.maxima)
+    assert torch.allclose(small.top_values, whole.top_values)
+    assert small.quality().explained_variance == pytest.approx(whole.quality().explained_variance)
