@@ -135,6 +135,9 @@ def run(
         int | None, typer.Option(help="sae: tokens per corpus window (default min(n_ctx, 128)).")
     ] = None,
     n_nodes: Annotated[int, typer.Option(help="sae_attr: nodes per SAE kept for edges.")] = 16,
+    sae_dir: Annotated[
+        str | None, typer.Option(help="sae: where trained SAEs go (default: <db dir>/saes).")
+    ] = None,
 ) -> int:
     """Run a pipeline over one or more checkpoints and store the results."""
     from pipelines import edges, heads, patching
@@ -172,6 +175,7 @@ def run(
                 context_size=context_size,
                 n_nodes=n_nodes,
                 ig_steps=ig_steps,
+                sae_dir=sae_dir,
             ),
         ),
     }

@@ -15,6 +15,8 @@ Sources (`--corpus`):
 * a text file (`.txt`): one document a line;
 * a JSONL file: one document a line, `{"text": "..."}` or `{"tokens": [ids...]}`.
 
+A file is read once, up to `n_tokens` tokens.
+
 Errors name the file, the line and the field.
 """
 
@@ -75,17 +77,22 @@ def load_corpus(
         path = Path(spec).expanduser()
         documents = _file_documents(path, loaded)
         name = str(path.resolve())
-    windows = pack(documents, ctx, n_tokens, loaded)
+    windows = pack(documents, ctx, n_tokens, loaded, cycle=spec == "task")
     if len(windows) == 0:
         raise BadInput(f"corpus {spec}: fewer than {ctx} tokens, not one window of context")
     return Corpus(name=name, windows=windows)
 
 
 def pack(
-    documents: list[list[int]], context_size: int, n_tokens: int, loaded: LoadedModel
+    documents: list[list[int]],
+    context_size: int,
+    n_tokens: int,
+    loaded: LoadedModel,
+    *,
+    cycle: bool = False,
 ) -> Int[torch.Tensor, "n_windows context"]:
-    """Concatenate documents (BOS first when the model uses one), cut into windows, cycling
-    through the documents until `n_tokens` tokens are packed or one pass is done without room."""
+    """Concatenate documents (BOS first when the model uses one) and cut into windows of at most
+    `n_tokens` tokens in all; with `cycle`, go through the documents again until there are."""
     bos = [int(loaded.bos_token_id)] if loaded.prepend_bos and loaded.bos_token_id else []
     stream: list[int] = []
     n_windows = max(1, n_tokens // context_size)
@@ -97,7 +104,7 @@ def pack(
             stream.extend(ids)
             if len(stream) >= total:
                 break
-        if len(stream) == before:
+        if len(stream) == before or not cycle:
             break
     usable = (min(len(stream), total) // context_size) * context_size
     return torch.tensor(stream[:usable], dtype=torch.long).reshape(-1, context_size)

@@ -135,7 +135,9 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     sae_logger = logging.getLogger("sae_lens")
     level = sae_logger.level
-    sae_logger.setLevel(logging.ERROR)  # it warns that we pass our own model and dataset
+    # it warns that we pass our own model and dataset, and logs an error for hook_z activations
+    # it cannot `view` before falling back to `reshape`
+    sae_logger.setLevel(logging.CRITICAL)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
