@@ -36,6 +36,8 @@ app.add_typer(export_app, name="export")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_ZOO = Path("data") / "zoo"
+# the demo trains an SAE on the residual stream after each layer of the 2-layer zoo models
+DEMO_SAE_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
 
 DbOption = Annotated[
     str | None,
@@ -255,8 +257,10 @@ def demo(
     zoo_dir: Annotated[Path, typer.Option(help="Where the zoo checkpoints live.")] = DEFAULT_ZOO,
     port: Annotated[int, typer.Option(help="App port.")] = 8501,
 ) -> int:
-    """The embedded default end to end: zoo, every pipeline on every checkpoint, then the app."""
+    """The embedded default end to end: zoo, every pipeline on every checkpoint, SAEs on the
+    final checkpoints, then the app."""
     from pipelines import edges, heads, patching
+    from pipelines import sae as sae_pipeline
     from workbench.zoo import TrainConfig, train_zoo_model
 
     started = time.perf_counter()
@@ -276,6 +280,9 @@ def demo(
             edges.EdgesConfig(
                 model=str(run_dir), task=task, checkpoint="all", db=db, methods=list(edges.METHODS)
             )
+        )
+        outcomes += sae_pipeline.run(
+            sae_pipeline.SaeConfig(model=str(run_dir), task=task, db=db, hooks=list(DEMO_SAE_HOOKS))
         )
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)

@@ -103,14 +103,19 @@ def test_quality_metrics_match_sae_lens_forward_and_tl_loss(sae_run, model, corp
     assert row["explained_variance"] > 0.5
 
     windows = corpus.windows[:64]
-    with torch.no_grad():
-        clean = model.model(windows, return_type="loss")
-        spliced = model.model.run_with_hooks(
-            windows, return_type="loss", fwd_hooks=[(hook, lambda a, hook: sae(a))]
-        )
-        zero = model.model.run_with_hooks(
-            windows, return_type="loss", fwd_hooks=[(hook, lambda a, hook: torch.zeros_like(a))]
-        )
+    mask = corpus.loss_mask[:64]  # the zoo's own loss positions
+    assert mask.any() and not mask.all()
+
+    def loss(hooks):
+        with torch.no_grad():
+            per_token = model.model.run_with_hooks(
+                windows, return_type="loss", loss_per_token=True, fwd_hooks=hooks
+            )
+        return per_token[mask].mean()
+
+    clean = loss([])
+    spliced = loss([(hook, lambda a, hook: sae(a))])
+    zero = loss([(hook, lambda a, hook: torch.zeros_like(a))])
     assert row["ce_loss_clean"] == pytest.approx(float(clean), abs=1e-4)
     assert row["ce_loss_sae"] == pytest.approx(float(spliced), abs=1e-4)
     assert row["ce_loss_zero"] == pytest.approx(float(zero), abs=1e-4)

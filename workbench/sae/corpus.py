@@ -7,10 +7,10 @@ windows. A window is the whole context fed to the model; feature examples store 
 
 Sources (`--corpus`):
 
-* `task` (default): the task's own distribution. For the built-in `induction` task on the
-  induction zoo model, sequences of random words with a repeated segment (periods 4-19, as the
-  zoo is trained on, plus the held-out ones); another built-in task is generated afresh with
-  many prompts (another seed than the task itself); a JSONL task contributes its clean and
+* `task` (default): the task's own distribution. For a zoo model and its own built-in task
+  (`induction`, `ioi`), the zoo's training sequences, whole, with the zoo's loss mask (the
+  induction sequences include the held-out periods); another built-in task is generated afresh
+  with many prompts (another seed than the task itself); a JSONL task contributes its clean and
   corrupt prompts, repeated until the corpus has `n_tokens`.
 * a text file (`.txt`): one document a line;
 * a JSONL file: one document a line, `{"text": "..."}` or `{"tokens": [ids...]}`.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Int
 
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
@@ -43,6 +43,8 @@ class Corpus:
 
     name: str
     windows: Int[torch.Tensor, "n_windows context"]
+    # where next-token loss counts ([n_windows, context - 1]); None: every position
+    loss_mask: Bool[torch.Tensor, "n_windows prediction"] | None = None
 
     @property
     def context_size(self) -> int:
@@ -70,6 +72,9 @@ def load_corpus(
     n_ctx = int(loaded.model.cfg.n_ctx)
     if ctx < 2 or ctx > n_ctx:
         raise BadInput(f"--context-size {ctx}: must be between 2 and the model's n_ctx ({n_ctx})")
+    zoo = _zoo_corpus(loaded, task, n_tokens) if spec == "task" else None
+    if zoo is not None:
+        return zoo
     if spec == "task":
         documents = _task_documents(loaded, task, n_tokens)
         name = f"task:{task.name}"
@@ -113,8 +118,6 @@ def pack(
 def _task_documents(loaded: LoadedModel, task: Task, n_tokens: int) -> list[list[int]]:
     from workbench.tasks import builtin
 
-    if task.source == "builtin:induction" and loaded.info.architecture == "zoo:induction":
-        return _repeated_segments(loaded, n_tokens)
     if task.source.startswith("builtin:") and task.name in builtin.BUILTIN_TASKS:
         prompt_len = max(len(p.clean_tokens) for p in task.pairs)
         n_prompts = max(16, n_tokens // (2 * prompt_len) + 1)
@@ -125,22 +128,36 @@ def _task_documents(loaded: LoadedModel, task: Task, n_tokens: int) -> list[list
     return [doc for p in pairs for doc in (p.clean_tokens, p.corrupt_tokens)]
 
 
-def _repeated_segments(loaded: LoadedModel, n_tokens: int) -> list[list[int]]:
+def _zoo_corpus(loaded: LoadedModel, task: Task, n_tokens: int) -> Corpus | None:
+    """A zoo model's own training distribution, for its own built-in task: whole training
+    sequences (not packed), with the zoo's loss mask (the predictable tokens of a repeated
+    segment, or the indirect object of an IOI sentence)."""
     from workbench.tasks.builtin import _ordinary_token_ids
-    from workbench.zoo import induction
+    from workbench.zoo import induction, ioi
 
-    n_ctx = int(loaded.model.cfg.n_ctx)
-    periods = tuple(sorted(induction.TRAIN_PERIODS + induction.HELD_OUT_PERIODS))
-    rows = induction.repeated_sequences(
-        _ordinary_token_ids(loaded),
-        batch=n_tokens // n_ctx + 1,
-        n_ctx=n_ctx,
-        bos_id=int(loaded.bos_token_id or 0),
-        periods=periods,
-        max_offset=n_ctx // 4,
-        generator=torch.Generator().manual_seed(TASK_CORPUS_SEED),
+    generator = torch.Generator().manual_seed(TASK_CORPUS_SEED)
+    kind = loaded.info.architecture
+    if task.source == "builtin:induction" and kind == "zoo:induction":
+        n_ctx = int(loaded.model.cfg.n_ctx)
+        windows = induction.repeated_sequences(
+            _ordinary_token_ids(loaded),
+            batch=max(1, n_tokens // n_ctx),
+            n_ctx=n_ctx,
+            bos_id=int(loaded.bos_token_id or 0),
+            periods=tuple(sorted(induction.TRAIN_PERIODS + induction.HELD_OUT_PERIODS)),
+            max_offset=n_ctx // 4,
+            generator=generator,
+        )
+        mask = induction.predictable_mask(windows)
+    elif task.source == "builtin:ioi" and kind == "zoo:ioi" and loaded.tokenizer is not None:
+        length = ioi.ioi_batch(loaded.tokenizer, 1, torch.Generator()).shape[1]
+        windows = ioi.ioi_batch(loaded.tokenizer, max(1, n_tokens // length), generator)
+        mask = ioi.answer_only_mask(windows)
+    else:
+        return None
+    return Corpus(
+        name=f"task:{task.name} (zoo training distribution)", windows=windows, loss_mask=mask
     )
-    return rows.tolist()
 
 
 def _file_documents(path: Path, loaded: LoadedModel) -> list[list[int]]:

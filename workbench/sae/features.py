@@ -10,7 +10,9 @@ Per SAE (table `saes`):
 * `explained_variance` — `1 - sum |x - x_hat|^2 / sum |x - mean(x)|^2` over all corpus tokens;
 * `ce_loss_recovered` — `(CE_zero - CE_sae) / (CE_zero - CE_clean)`: next-token cross-entropy
   with the SAE's reconstruction spliced in at its hook, between zero-ablating the hook (0) and
-  the unmodified model (1), on the first `ce_windows` windows.
+  the unmodified model (1), on the first `ce_windows` windows (at the positions of the corpus's
+  loss mask: for a zoo corpus, the tokens the zoo model was trained to predict). Undefined
+  (NULL) when zero-ablating does not raise the loss.
 
 Per feature (table `features`): `density` (fraction of tokens where it fires), `max_activation`,
 `mean_activation` (mean over the tokens where it fires), `dead` (never fires on the corpus),
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from workbench.models.base import LoadedModel
@@ -181,7 +183,10 @@ def scan(
 
 @torch.no_grad()
 def ce_losses(
-    loaded: LoadedModel, sae: LoadedSae, windows: Int[torch.Tensor, "batch pos"]
+    loaded: LoadedModel,
+    sae: LoadedSae,
+    windows: Int[torch.Tensor, "batch pos"],
+    mask: Bool[torch.Tensor, "batch prediction"] | None = None,
 ) -> tuple[float, float, float]:
     """Next-token cross-entropy: unmodified, with the SAE spliced in, with the hook zeroed."""
     model = loaded.model
@@ -196,23 +201,28 @@ def ce_losses(
     losses = []
     for hooks in ([], [(sae.hook, splice)], [(sae.hook, zero)]):
         logits = model.run_with_hooks(windows, fwd_hooks=hooks)
-        losses.append(float(next_token_loss(logits, windows)))
+        losses.append(float(next_token_loss(logits, windows, mask)))
     return losses[0], losses[1], losses[2]
 
 
 def next_token_loss(
-    logits: Float[torch.Tensor, "batch pos vocab"], tokens: Int[torch.Tensor, "batch pos"]
+    logits: Float[torch.Tensor, "batch pos vocab"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    mask: Bool[torch.Tensor, "batch prediction"] | None = None,
 ) -> torch.Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
+    """Mean next-token cross-entropy, over the positions in `mask` (all if None)."""
+    losses = F.cross_entropy(
+        logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
     )
+    return losses.mean() if mask is None else losses[mask].mean()
 
 
 def quality(
     loaded: LoadedModel, sae: LoadedSae, corpus: Corpus, stats: FeatureStats, ce_windows: int = 64
 ) -> Quality:
     result = stats.quality()
-    clean, spliced, zeroed = ce_losses(loaded, sae, corpus.windows[:ce_windows])
+    mask = None if corpus.loss_mask is None else corpus.loss_mask[:ce_windows]
+    clean, spliced, zeroed = ce_losses(loaded, sae, corpus.windows[:ce_windows], mask)
     result.ce_loss_clean, result.ce_loss_sae, result.ce_loss_zero = clean, spliced, zeroed
     if zeroed - clean > 1e-6:
         result.ce_loss_recovered = (zeroed - spliced) / (zeroed - clean)
