@@ -11,13 +11,21 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app import data  # noqa: E402
-from app.views import circuit, heads, overview, patching_view, sql_console  # noqa: E402
+from app.views import (  # noqa: E402
+    circuit,
+    features,
+    heads,
+    overview,
+    patching_view,
+    sql_console,
+)
 
 VIEWS = {
     "Overview": overview.render,
     "Heads": heads.render,
     "Patching": patching_view.render,
     "Circuit": circuit.render,
+    "Features": features.render,
     "SQL": sql_console.render,
 }
 

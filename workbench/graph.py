@@ -34,6 +34,33 @@ def node_position(node_id: str, n_layers: int, n_heads: int = 1) -> tuple[float,
     return float(n_layers) / 2, -2.0
 
 
+def layout(
+    nodes: list[str], n_layers: int, n_heads: int, sae_depth: dict[str, float] | None = None
+) -> dict[str, tuple[float, float]]:
+    """Positions for drawing: `node_position` for model nodes; an SAE's features and error
+    (`f:{sae_id}:...`) in a column just before the depth of the SAE's hook (`sae_depth`, in
+    layers), spread evenly around the middle."""
+    middle = (n_heads - 1) / 2
+    positions = {}
+    columns: dict[str, list[str]] = {}
+    for node in nodes:
+        if node.startswith("f:"):
+            columns.setdefault(node.split(":")[1], []).append(node)
+        else:
+            positions[node] = node_position(node, n_layers, n_heads)
+    for sae_id, members in columns.items():
+        x = (sae_depth or {}).get(sae_id, n_layers / 2) - 0.25
+        spacing = max(n_heads, 1) / max(len(members), 1)
+        for i, node in enumerate(sorted(members, key=_feature_order)):
+            positions[node] = (x, middle + (i - (len(members) - 1) / 2) * spacing)
+    return positions
+
+
+def _feature_order(node: str) -> tuple[int, int]:
+    tail = node.rsplit(":", 1)[1]
+    return (1, 0) if not tail.isdigit() else (0, int(tail))
+
+
 def build_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:
     graph = nx.DiGraph()
     for src, dst, score in edges:

@@ -1,6 +1,8 @@
 """Circuit: nodes by layer, edges weighted by score. Any edge run pruned in SQL (top-k or a
 threshold) with its faithfulness curve, any stored circuit, or two circuits side by side (shared,
-only-left and only-right edges); and every score a chosen node has across methods."""
+only-left and only-right edges); and every score a chosen node has across methods. Feature
+circuits (`sae_attr`) draw each SAE's features in a column at its hook; a head links to the
+features it writes most, a feature to its dashboard."""
 
 import pandas as pd
 import plotly.express as px
@@ -8,8 +10,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.data import query
+from app.views import features
 from app.views.common import done_runs, select_model
-from workbench.graph import build_graph, node_position, split_port
+from workbench.graph import build_graph, layout, split_port
+from workbench.sae.saes import hook_depth
 
 Edge = tuple[str, str, float]
 COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
@@ -35,7 +39,8 @@ def render() -> None:
     else:
         shown = _compare(model_id, n_layers, n_heads)
     if shown:
-        _node_inspector(model_id, *shown)
+        heads = [f"a{layer}.h{head}" for layer in range(n_layers) for head in range(n_heads)]
+        _node_inspector(model_id, *shown, extra=heads)
 
 
 def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
@@ -166,8 +171,12 @@ def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], st
     return merged, str(left_row["checkpoint_id"])
 
 
-def _node_inspector(model_id: str, edges: list[Edge], checkpoint_id: str) -> None:
-    nodes = sorted({split_port(n)[0] for s, d, _ in edges for n in (s, d)})
+def _node_inspector(
+    model_id: str, edges: list[Edge], checkpoint_id: str, extra: list[str] | None = None
+) -> None:
+    """Scores of a node of the shown edges (or any head, in `extra`) across every method."""
+    shown = [split_port(n)[0] for s, d, _ in edges for n in (s, d)]
+    nodes = list(dict.fromkeys(sorted(set(shown)) + (extra or [])))
     if not nodes:
         return
     st.subheader("Node scores across methods")
@@ -191,21 +200,65 @@ def _node_inspector(model_id: str, edges: list[Edge], checkpoint_id: str) -> Non
     st.dataframe(scores, hide_index=True)
     st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
     st.dataframe(incident, hide_index=True)
+    _feature_links(node, checkpoint_id)
+
+
+def _short(node: str) -> str:
+    """Feature nodes are labelled by their index (or `err`); the full id is in the hover."""
+    return "#" + node.rsplit(":", 1)[1] if node.startswith("f:") else node
+
+
+def _feature_links(node: str, checkpoint_id: str) -> None:
+    """A head: the features its output writes most (sae_attr); a feature: its dashboard."""
+    if node.startswith("f:"):
+        _, sae_id, index = node.split(":")
+        if index.isdigit():
+            st.button(
+                f"Open feature {index} of {sae_id}",
+                on_click=features.open_feature,
+                args=(sae_id, int(index)),
+                key="circuit_open_feature",
+            )
+        return
+    writes = query(
+        """SELECT e.dst AS feature, e.score FROM edges e JOIN runs r USING (run_id)
+           WHERE r.checkpoint_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
+             AND e.src = ? AND e.dst LIKE 'f:%'
+           ORDER BY abs(e.score) DESC LIMIT 5""",
+        (checkpoint_id, node),
+    )
+    if writes.empty:
+        return
+    st.caption(f"features `{node}` writes most (sae_attr: direct write × gradient)")
+    for i, row in enumerate(writes.itertuples()):
+        _, sae_id, index = str(row.feature).split(":")
+        st.button(
+            f"{row.feature}  ({row.score:+.4f})",
+            on_click=features.open_feature,
+            args=(sae_id, int(index)),
+            key=f"circuit_head_feature_{i}",
+        )
 
 
 def _triples(edges: pd.DataFrame) -> list[Edge]:
     return [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
 
 
+def sae_depths(n_layers: int) -> dict[str, float]:
+    saes = query("SELECT sae_id, hook FROM saes")
+    return {str(r.sae_id): hook_depth(str(r.hook), n_layers) for r in saes.itertuples()}
+
+
 def circuit_figure(
     edges: list[Edge], n_layers: int, n_heads: int, *, colours: dict | None = None
 ) -> go.Figure:
     graph = build_graph(edges)
+    where = layout(list(graph.nodes), n_layers, n_heads, sae_depths(n_layers))
     fig = go.Figure()
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
     for src, dst, attrs in graph.edges(data=True):
-        (x0, y0) = node_position(src, n_layers, n_heads)
-        (x1, y1) = node_position(dst, n_layers, n_heads)
+        (x0, y0) = where[src]
+        (x1, y1) = where[dst]
         ports = ",".join(p for p in attrs["ports"] if p)
         key = next(((s, d) for s, d, _ in edges if s == src and split_port(d)[0] == dst), None)
         colour = (colours or {}).get(key) or ("#1f77b4" if attrs["score"] >= 0 else "#d62728")
@@ -221,13 +274,14 @@ def circuit_figure(
             )
         )
     nodes = list(graph.nodes)
-    xy = [node_position(n, n_layers, n_heads) for n in nodes]
+    xy = [where[n] for n in nodes]
     fig.add_trace(
         go.Scatter(
             x=[p[0] for p in xy],
             y=[p[1] for p in xy],
             mode="markers+text",
-            text=nodes,
+            text=[_short(n) for n in nodes],
+            hovertext=nodes,
             textposition="top center",
             marker={"size": 16, "color": "#444"},
             hoverinfo="text",

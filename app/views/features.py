@@ -1,0 +1,209 @@
+"""Features: pick an SAE (its quality metrics), search its features by index or by the tokens
+they promote, and a feature dashboard: statistics, activation histogram, top examples with the
+activating token highlighted, logit effects, its attribution in every `sae_attr` run and the
+heads that write into it."""
+
+import html
+import json
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from app.data import query
+from app.views.common import select_model
+
+WINDOW = 10  # tokens shown either side of the activating one
+
+
+def open_feature(sae_id: str, feature: int) -> None:
+    """Switch to this page showing one feature (a button callback, run before the rerun)."""
+    st.session_state["view"] = "Features"
+    st.session_state["features_sae"] = sae_id
+    st.session_state["features_index"] = feature
+
+
+def render() -> None:
+    st.header("SAE features")
+    model_id = select_model("features_model")
+    if model_id is None:
+        return
+    saes = query(
+        """SELECT s.*, c.step, s.hook || ' · ' || s.architecture || ' · ' || s.d_sae
+                  || ' features · step ' || c.step || ' · ' || s.sae_id AS label
+           FROM saes s JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? ORDER BY c.step DESC, s.hook""",
+        (model_id,),
+    )
+    if saes.empty:
+        st.info("No SAEs for this model yet: `workbench run sae --model ... --hook ...`.")
+        return
+    ids = saes["sae_id"].tolist()
+    if st.session_state.get("features_sae") not in ids:
+        st.session_state["features_sae"] = ids[0]
+    sae_id = st.selectbox(
+        "SAE",
+        ids,
+        format_func=lambda i: saes.set_index("sae_id").loc[i, "label"],
+        key="features_sae",
+    )
+    sae = saes[saes["sae_id"] == sae_id].iloc[0]
+    _quality(sae)
+    _search(sae_id, int(sae["d_sae"]))
+    feature = int(
+        st.number_input(
+            "Feature", min_value=0, max_value=int(sae["d_sae"]) - 1, step=1, key="features_index"
+        )
+    )
+    _dashboard(sae, feature)
+
+
+def _quality(sae: pd.Series) -> None:
+    cols = st.columns(5)
+    cols[0].metric("L0", f"{sae['l0']:.2f}")
+    cols[1].metric("explained variance", f"{sae['explained_variance']:.3f}")
+    ce = sae["ce_loss_recovered"]
+    cols[2].metric("CE loss recovered", "n/a" if pd.isna(ce) else f"{ce:.3f}")
+    cols[3].metric("dead features", f"{100 * sae['dead_fraction']:.1f}%")
+    cols[4].metric("corpus tokens", f"{int(sae['n_tokens']):,}")
+    st.caption(f"`{sae['path'] or sae['source']}` · corpus {sae['corpus']}")
+
+
+def _search(sae_id: str, d_sae: int) -> None:
+    with st.expander("Search features", expanded=False):
+        c1, c2 = st.columns([3, 1])
+        text = c1.text_input("Token the feature promotes (substring)", key="features_search")
+        order = c2.selectbox(
+            "Order by", ["max_activation", "density", "feature"], key="features_order"
+        )
+        flags = st.multiselect(
+            "Show", ["alive", "dead", "dense"], default=["alive"], key="features_flags"
+        )
+        conditions = ["sae_id = ?"]
+        params: list = [sae_id]
+        if text:
+            conditions.append("lower(top_logits) LIKE ?")
+            params.append(f"%{text.lower()}%")
+        shown = []
+        if "alive" in flags:
+            shown.append("(NOT dead AND NOT dense)")
+        if "dead" in flags:
+            shown.append("dead")
+        if "dense" in flags:
+            shown.append("dense")
+        conditions.append("(" + (" OR ".join(shown) or "false") + ")")
+        direction = "ASC" if order == "feature" else "DESC"
+        found = query(
+            f"""SELECT feature, density, max_activation, mean_activation, dead, dense,
+                       list_transform(from_json(top_logits, '["json"]')[1:5],
+                                      lambda x: x->>'token') AS promotes
+                FROM features WHERE {" AND ".join(conditions)}
+                ORDER BY {order} {direction} LIMIT 200""",
+            tuple(params),
+        )
+        st.caption(f"{len(found)} of {d_sae} features")
+        st.dataframe(found, hide_index=True, key="features_table")
+
+
+def _dashboard(sae: pd.Series, feature: int) -> None:
+    sae_id = str(sae["sae_id"])
+    row = query("SELECT * FROM features WHERE sae_id = ? AND feature = ?", (sae_id, feature))
+    if row.empty:
+        st.warning(f"feature {feature} of `{sae_id}` has no statistics")
+        return
+    f = row.iloc[0]
+    st.subheader(f"Feature {feature}  ·  `f:{sae_id}:{feature}`")
+    cols = st.columns(4)
+    cols[0].metric("density", f"{f['density']:.4f}")
+    cols[1].metric("max activation", f"{f['max_activation']:.3f}")
+    cols[2].metric("mean when active", f"{f['mean_activation']:.3f}")
+    cols[3].metric("flag", "dead" if f["dead"] else ("dense" if f["dense"] else "—"))
+    left, right = st.columns([3, 2])
+    with left:
+        _histogram(f["histogram"], sae["histogram_edges"])
+        _examples(sae_id, feature)
+    with right:
+        _logits(f)
+        _attribution(sae_id, feature)
+
+
+def _histogram(counts: object, edges: object) -> None:
+    counts_list = [int(c) for c in list(counts)]  # type: ignore[call-overload]
+    edges_list = [float(e) for e in list(edges)]  # type: ignore[call-overload]
+    if not any(counts_list):
+        st.caption("never active on the corpus")
+        return
+    centres = [(a * b) ** 0.5 for a, b in zip(edges_list[:-1], edges_list[1:], strict=True)]
+    widths = [b - a for a, b in zip(edges_list[:-1], edges_list[1:], strict=True)]
+    fig = go.Figure(go.Bar(x=centres, y=counts_list, width=widths))
+    fig.update_layout(
+        xaxis={"type": "log", "title": "activation"},
+        yaxis={"title": "tokens"},
+        height=240,
+        margin={"l": 40, "r": 10, "t": 10, "b": 40},
+    )
+    st.plotly_chart(fig, key="features_histogram")
+
+
+def _examples(sae_id: str, feature: int) -> None:
+    examples = query(
+        """SELECT rank, tokens, position, activation FROM feature_examples
+           WHERE sae_id = ? AND feature = ? ORDER BY rank""",
+        (sae_id, feature),
+    )
+    st.markdown("**Top activating contexts**")
+    if examples.empty:
+        st.caption("no examples")
+        return
+    lines = []
+    for ex in examples.itertuples():
+        tokens = list(ex.tokens)
+        pos = int(ex.position)
+        start = max(0, pos - WINDOW)
+        shown = []
+        for i in range(start, min(len(tokens), pos + WINDOW + 1)):
+            token = html.escape(str(tokens[i]))
+            if i == pos:
+                token = f"<mark><b>{token}</b></mark>"
+            shown.append(token)
+        prefix = "… " if start > 0 else ""
+        lines.append(f"<code>{ex.activation:7.3f}</code> {prefix}{' '.join(shown)}")
+    st.markdown("<br>".join(lines), unsafe_allow_html=True)
+
+
+def _logits(f: pd.Series) -> None:
+    st.markdown("**Logit effects** (per unit of activation, through `W_dec W_U`)")
+    if f["top_logits"] is None or pd.isna(f["top_logits"]):
+        st.caption("this SAE's hook does not write to the residual stream")
+        return
+    top = pd.DataFrame(json.loads(f["top_logits"]))[["token", "value"]]
+    bottom = pd.DataFrame(json.loads(f["bottom_logits"]))[["token", "value"]]
+    c1, c2 = st.columns(2)
+    c1.caption("promoted")
+    c1.dataframe(top, hide_index=True, key="features_promoted")
+    c2.caption("suppressed")
+    c2.dataframe(bottom, hide_index=True, key="features_suppressed")
+
+
+def _attribution(sae_id: str, feature: int) -> None:
+    node = f"f:{sae_id}:{feature}"
+    scores = query(
+        """SELECT r.task_id, r.checkpoint_id, s.score FROM node_scores s JOIN runs r USING (run_id)
+           WHERE s.node_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
+           ORDER BY abs(s.score) DESC""",
+        (node,),
+    )
+    st.markdown("**Attribution to the task metric** (`sae_attr`)")
+    if scores.empty:
+        st.caption("not scored by any sae_attr run")
+    else:
+        st.dataframe(scores, hide_index=True, key="features_scores")
+    heads = query(
+        """SELECT e.src AS head, e.score FROM edges e JOIN runs r USING (run_id)
+           WHERE e.dst = ? AND e.src LIKE 'a%' AND r.method = 'sae_attr' AND r.status = 'done'
+           ORDER BY abs(e.score) DESC LIMIT 10""",
+        (node,),
+    )
+    if not heads.empty:
+        st.caption("heads writing into this feature (direct write × gradient)")
+        st.dataframe(heads, hide_index=True, key="features_heads")
