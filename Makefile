@@ -42,6 +42,7 @@ test: lint typecheck pytest
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_head_patching.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_edges
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_sae_features
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -170,3 +170,12 @@ def test_streaming_in_small_batches_equals_one_batch(sae_run, model, corpus):
     assert torch.allclose(small.maxima, whole.maxima)
     assert torch.allclose(small.top_values, whole.top_values)
     assert small.quality().explained_variance == pytest.approx(whole.quality().explained_variance)
+
+
+def test_sparse_reconstruction_equals_sae_lens_decode(sae_run, model, corpus):
+    for hook in HOOKS:
+        sae = load_sae(sae_run.saes[hook]["path"], model)
+        with torch.no_grad():
+            _, cache = model.model.run_with_cache(corpus.windows[:16], names_filter=[hook])
+            f = sae.sae.encode(cache[hook])
+            assert torch.allclose(features.reconstruct(sae, f), sae.sae.decode(f), atol=1e-5)

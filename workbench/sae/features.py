@@ -94,25 +94,33 @@ class FeatureStats:
         f: Float[torch.Tensor, "batch pos d_sae"],
         x_hat: Float[torch.Tensor, "batch pos d_in"],
     ) -> None:
-        batch, pos, _ = f.shape
-        flat = f.reshape(-1, self.d_sae)
-        fired = flat > 0
+        batch, pos, d_sae = f.shape
+        flat = f.reshape(-1, d_sae)
+        # every statistic comes from the active entries only: one dense pass finds them
+        rows, cols = flat.nonzero(as_tuple=True)
+        values = flat[rows, cols]
         self.n_tokens += flat.shape[0]
-        self.counts += fired.sum(0)
-        self.sums += flat.sum(0, dtype=torch.float64)
-        self.maxima = torch.maximum(self.maxima, flat.max(0).values)
-        self.l0_total += float(fired.sum())
-        rows, cols = fired.nonzero(as_tuple=True)
-        bins = torch.bucketize(flat[rows, cols], torch.tensor(HISTOGRAM_EDGES)) - 1
+        self.l0_total += rows.numel()
+        self.counts += torch.bincount(cols, minlength=d_sae)
+        self.sums.index_add_(0, cols, values.double())
+        self.maxima = self.maxima.scatter_reduce(0, cols, values, reduce="amax")
         n_bins = len(HISTOGRAM_EDGES) - 1
-        bins = bins.clamp(0, n_bins - 1)
-        self.histogram.scatter_add_(0, cols * n_bins + bins, torch.ones_like(bins))
-        # top-k windows by the feature's maximum within the window
-        window_max, window_pos = f.max(dim=1)  # [batch, d_sae]
-        windows = torch.arange(first_window, first_window + batch)[:, None].expand(-1, self.d_sae)
-        values = torch.cat([self.top_values, window_max])
-        keep = min(self.top_k, values.shape[0])
-        self.top_values, order = values.topk(keep, dim=0)
+        bins = (torch.bucketize(values, torch.tensor(HISTOGRAM_EDGES)) - 1).clamp(0, n_bins - 1)
+        self.histogram.index_add_(0, cols * n_bins + bins, torch.ones_like(bins))
+        # each window's maximum per feature, and its first position
+        key = (rows // pos) * d_sae + cols
+        window_max = torch.zeros(batch * d_sae).scatter_reduce(0, key, values, reduce="amax")
+        at_max = values == window_max[key]
+        window_pos = torch.full((batch * d_sae,), pos, dtype=torch.long).scatter_reduce(
+            0, key[at_max], (rows % pos)[at_max], reduce="amin"
+        )
+        window_pos = torch.where(window_pos == pos, 0, window_pos)
+        window_max, window_pos = window_max.view(batch, d_sae), window_pos.view(batch, d_sae)
+        # merge into the running top-k windows
+        windows = torch.arange(first_window, first_window + batch)[:, None].expand(-1, d_sae)
+        merged = torch.cat([self.top_values, window_max])
+        keep = min(self.top_k, merged.shape[0])
+        self.top_values, order = merged.topk(keep, dim=0)
         self.top_windows = torch.cat([self.top_windows, windows]).gather(0, order)
         self.top_positions = torch.cat([self.top_positions, window_pos]).gather(0, order)
         # reconstruction
@@ -177,8 +185,29 @@ def scan(
         ):
             x = hook_activations(loaded, sae.hook, windows)
             f = sae.encode(x)
-            stats.update(first, x, f, sae.decode(f))
+            stats.update(first, x, f, reconstruct(sae, f))
     return stats
+
+
+LINEAR_DECODERS = ("standard", "topk", "batchtopk", "jumprelu", "gated")
+
+
+def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Tensor:
+    """`sae.decode(f)` from the active features only: a sparse matrix product, so decoding
+    costs L0 rows of `W_dec` per token rather than all `d_sae` (SAELens's dense decode is used
+    where the decoder is not the plain `f @ W_dec + b_dec`)."""
+    cfg = sae.sae.cfg
+    if sae.architecture not in LINEAR_DECODERS or cfg.normalize_activations != "none":
+        return sae.decode(f)
+    w_dec = sae.sae.W_dec
+    flat = f.reshape(-1, f.shape[-1])
+    rows, cols = flat.nonzero(as_tuple=True)
+    values = flat[rows, cols]
+    if getattr(cfg, "rescale_acts_by_decoder_norm", False):
+        values = values / w_dec.norm(dim=-1)[cols]
+    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, flat.shape)
+    out = torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
+    return out.reshape(*f.shape[:-1], w_dec.shape[1])
 
 
 @torch.no_grad()
