@@ -38,7 +38,8 @@ from workbench.errors import BadInput
 from workbench.hashing import sha256_files
 from workbench.models import LoadedModel
 from workbench.sae.corpus import Corpus, load_corpus
-from workbench.sae.saes import PRETRAINED_PREFIX, LoadedSae, activation_size, hook_layer, load_sae
+from workbench.sae.hooks import hook_layer
+from workbench.sae.saes import PRETRAINED_PREFIX, LoadedSae, activation_size, load_sae
 from workbench.sae.train import SaeTrainConfig
 from workbench.store import Store
 from workbench.store.db import default_db_path

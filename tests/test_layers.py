@@ -13,6 +13,11 @@ RULES = [
     ("workbench.store", ["torch", "transformer_lens", "streamlit"]),
     ("workbench.store.query", ["torch", "transformer_lens", "streamlit"]),
     ("workbench.records", ["torch", "transformer_lens", "duckdb", "streamlit"]),
+    ("workbench.sae.attribution", ["duckdb", "streamlit"]),
+    ("workbench.sae.features", ["duckdb", "streamlit"]),
+    ("workbench.sae.train", ["duckdb", "streamlit"]),
+    ("workbench.sae.hooks", ["torch", "duckdb", "streamlit"]),
+    ("app.views.circuit", ["torch", "transformer_lens"]),
 ]
 
 

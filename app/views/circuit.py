@@ -13,7 +13,7 @@ from app.data import query
 from app.views import features
 from app.views.common import done_runs, select_model
 from workbench.graph import build_graph, layout, split_port
-from workbench.sae.saes import hook_depth
+from workbench.sae.hooks import hook_depth
 
 Edge = tuple[str, str, float]
 COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}

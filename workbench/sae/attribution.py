@@ -38,7 +38,8 @@ from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, logit_diff
 from workbench.attribution.patching import metric_gap
-from workbench.sae.saes import LoadedSae, hook_depth, hook_layer
+from workbench.sae.hooks import hook_depth, hook_layer
+from workbench.sae.saes import LoadedSae
 
 Edge = tuple[str, str, float]
 ERROR = "err"

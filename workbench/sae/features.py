@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
-from workbench.sae.saes import LoadedSae, hook_activations, hook_layer
+from workbench.sae.hooks import hook_layer
+from workbench.sae.saes import LoadedSae, hook_activations
 
 logger = logging.getLogger(__name__)
 
