@@ -9,6 +9,8 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,13 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def server(heads_db):
+    with streamlit_server(heads_db) as url:
+        yield url
+
+
+@contextmanager
+def streamlit_server(db) -> Iterator[str]:
+    """`streamlit run app/main.py` on a free port, reading `db`; yields its URL."""
     port = _free_port()
     cmd = [
         sys.executable,
@@ -49,7 +58,7 @@ def server(heads_db):
     ]
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, "WORKBENCH_DB": str(heads_db)},
+        env={**os.environ, "WORKBENCH_DB": str(db)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -64,13 +73,22 @@ def server(heads_db):
     else:
         proc.kill()
         pytest.fail("streamlit did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture()
 def browser():
+    with chromium_driver() as driver:
+        yield driver
+
+
+@contextmanager
+def chromium_driver() -> Iterator:
+    """Headless Chromium driven through Selenium."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -90,8 +108,10 @@ def browser():
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def _wait_for_text(driver, text: str, timeout: float = 60) -> None:

@@ -206,7 +206,9 @@ def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Te
     values = flat[rows, cols]
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         values = values / w_dec.norm(dim=-1)[cols]
-    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, flat.shape)
+    sparse = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, flat.shape, check_invariants=False
+    )
     out = torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
     return out.reshape(*f.shape[:-1], w_dec.shape[1])
 
