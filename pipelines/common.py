@@ -56,6 +56,22 @@ class MethodResult:
     registry: dict[str, pa.Table] = field(default_factory=dict)
 
 
+def link_circuit(
+    name: str, rule: str, edges: list[tuple[str, str, float]], faithfulness: float
+) -> Callable[[str], dict[str, pa.Table]]:
+    """`MethodResult.linked` for a run that stores one circuit."""
+    from workbench.circuits import Circuit
+
+    n_nodes = len(Circuit(rule, edges).nodes)
+
+    def linked(run_id: str) -> dict[str, pa.Table]:
+        return records.circuit_rows(
+            run_id, name=name, rule=rule, edges=edges, n_nodes=n_nodes, faithfulness=faithfulness
+        )
+
+    return linked
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     checkpoint_id: str

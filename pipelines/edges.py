@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import pyarrow as pa
-
 from pipelines.common import (
     MethodResult,
     PipelineConfig,
     RunOutcome,
     RunSpec,
+    link_circuit,
     pipeline_main,
     run_configured,
 )
@@ -69,15 +68,12 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
     rows = {"edges": records.edge_rows(edge_list), "faithfulness_curves": records.curve_rows(curve)}
     rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, edge_list))
 
-    def linked(run_id: str) -> dict[str, pa.Table]:
-        return records.circuit_rows(
-            run_id,
-            name=f"{method}: smallest top-n with faithfulness >= {cfg.faithful_target}",
-            rule=circuit.rule,
-            edges=circuit.edges,
-            n_nodes=len(circuit.nodes),
-            faithfulness=faith,
-        )
+    linked = link_circuit(
+        f"{method}: smallest top-n with faithfulness >= {cfg.faithful_target}",
+        circuit.rule,
+        circuit.edges,
+        faith,
+    )
 
     return MethodResult(result.metric_clean, result.metric_corrupt, rows, linked)
 
@@ -103,17 +99,12 @@ def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:
     tried, kept, faith = circuits.acdc(ablator, threshold=cfg.acdc_threshold)
     rows = {"edges": records.edge_rows(tried)}
     rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, tried))
-    rule = f"acdc:{cfg.acdc_threshold}"
-
-    def linked(run_id: str) -> dict[str, pa.Table]:
-        return records.circuit_rows(
-            run_id,
-            name=f"acdc: greedy pruning, threshold {cfg.acdc_threshold}",
-            rule=rule,
-            edges=kept,
-            n_nodes=len(circuits.Circuit(rule, kept).nodes),
-            faithfulness=faith,
-        )
+    linked = link_circuit(
+        f"acdc: greedy pruning, threshold {cfg.acdc_threshold}",
+        f"acdc:{cfg.acdc_threshold}",
+        kept,
+        faith,
+    )
 
     return MethodResult(ablator.m_clean, ablator.m_corrupt, rows, linked)
 

@@ -29,6 +29,7 @@ from pipelines.common import (
     PipelineConfig,
     RunOutcome,
     RunSpec,
+    link_circuit,
     pipeline_main,
     run_configured,
     run_key,
@@ -264,17 +265,12 @@ def compute_attr(
             {"circuit_nodes": float(size), "error_nodes_in_circuit": float(_errors(kept))}
         ),
     }
-    rule = f"nodes:{size}"
-
-    def linked(run_id: str) -> dict[str, pa.Table]:
-        return records.circuit_rows(
-            run_id,
-            name=f"sae_attr: smallest top-n nodes with faithfulness >= {cfg.faithful_target}",
-            rule=rule,
-            edges=circuit,
-            n_nodes=len(circuits.Circuit(rule, circuit).nodes),
-            faithfulness=faith,
-        )
+    linked = link_circuit(
+        f"sae_attr: smallest top-n nodes with faithfulness >= {cfg.faithful_target}",
+        f"nodes:{size}",
+        circuit,
+        faith,
+    )
 
     nodes = pa.concat_tables(
         [
