@@ -1,4 +1,5 @@
-"""The induction zoo model forms a previous-token head and an induction head.
+"""The induction zoo model forms a previous-token head and an induction head, and by the end of
+training leaves the task to them.
 
 Scores are computed here from attention patterns alone, on repeat periods that training never
 used, independently of the attribution code.
@@ -49,6 +50,17 @@ def test_final_checkpoint_has_previous_token_and_induction_heads(induction_dir):
         # uniform attention over ~24 earlier positions would give ~0.04
         assert prev.max() > 0.2, (period, prev)
         assert induction.max() > 0.5, (period, induction)
+
+
+def test_final_checkpoint_leaves_the_task_to_few_heads(induction_dir):
+    """One previous-token head and one or two induction heads; the other heads' attention is as
+    unspecific as it is before training (below the step-200 bounds of the next test)."""
+    final = load_checkpoint(resolve_checkpoints(str(induction_dir))[-1])
+    for period in HELD_OUT_PERIODS:
+        prev, induction = pattern_scores(final, period)
+        assert int((prev > 0.2).sum()) == 1 and int((prev > 0.12).sum()) == 1, (period, prev)
+        assert 1 <= int((induction > 0.5).sum()) <= 2, (period, induction)
+        assert int((induction > 0.15).sum()) == int((induction > 0.5).sum()), (period, induction)
 
 
 def test_early_checkpoint_has_neither(induction_dir):

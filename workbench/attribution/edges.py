@@ -16,8 +16,23 @@ every source upstream of it, so an edge is one term of that sum.
   exact edge patching, `(src_clean - src_corrupt) . d m / d dst_input` on the corrupt run,
   normalised by the gap: every edge from two forward passes and one backward pass.
 * `eap_ig` — EAP with integrated gradients (Hanna et al. 2024, "Have Faith in Faithfulness"):
-  the gradient is averaged over `steps` runs whose input embeddings are interpolated from the
-  corrupt to the clean prompt (`alpha = k / steps`, k = 1..steps).
+  the gradient is averaged over `steps` runs whose input embeddings (`hook_resid_pre` of layer
+  0: token plus positional embeddings) are interpolated from the corrupt to the clean prompt
+  (`alpha = k / steps`, k = 1..steps, the right Riemann sum of the paper's formula; the authors'
+  code sums k = 0..steps-1). The `input` edges sum to the gap as `steps` grows (completeness).
+
+What EAP-IG estimates is not what `exact_edge` measures. `exact_edge` and `eap` score an edge in
+the corrupt run with everything else corrupt; EAP-IG averages its effect along a path on which
+every input moves from corrupt to clean together, so an edge whose effect depends on other edges
+is credited with roughly the mean of its effect with the rest corrupt (denoising) and with the
+rest clean (noising: `1 - ` the faithfulness of the full graph without that edge). On the
+induction zoo the key path (previous-token head -> induction head key) and the value path (the
+attended token) form an AND whose corrupt half works against the answer: patched alone into the
+corrupt run, the key edge makes the induction head attend to the corrupt token and scores about
+-0.8; removed alone from the clean run it costs about +0.8; EAP-IG gives it about 0.1, and gives
+the value edge, which `exact_edge` barely scores, most of the credit. So EAP-IG's signed ranks
+differ from `exact_edge`'s there (`tests/test_ground_truth.py`); on models whose edges interact
+weakly the two agree (`tests/attribution/test_edges.py`).
 """
 
 from collections.abc import Iterator

@@ -1,0 +1,142 @@
+"""Ground truth on the final induction zoo checkpoint, whose circuit is known from attention
+patterns alone (`workbench.zoo.ground_truth`, independent of every attribution method).
+
+Every edge method's stored circuit (the smallest top-n circuit with faithfulness >= 0.8, or
+ACDC's) contains the previous-token head -> induction head key edge and the induction head ->
+`logits` edge, is faithful when recomputed, and keeps at most `MAX_FRACTION` of the model's
+edges; its |scores| rank the known circuit's edges high (ROC AUC). EAP ranks the edges like
+exact edge patching. EAP-IG does not, for a reason shown here: it integrates along a path on
+which every input moves at once, and splits the interaction of the key and value paths that
+exact patching of one edge in the corrupt run sees from one side only (see
+`workbench.attribution.edges`).
+"""
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from pipelines import edges as edges_pipeline
+from tests.attribution.test_edges import noising_scores
+from workbench import circuits
+from workbench.attribution import edges
+from workbench.attribution.batches import make_batches
+from workbench.store import Store
+from workbench.zoo.ground_truth import known_induction_edges
+
+MAX_FRACTION = 0.15  # 12 of the zoo model's 81 edges
+# |normalised score| below which an edge counts as null: 0.1% of the clean-corrupt gap, far above
+# float32 noise (~1e-7) and far below the circuit's edges (~0.1 to 1). Most of the zoo's edges
+# touch heads whose weights decayed to zero in training; ranks among their noise mean nothing.
+NULL_SCORE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def known(induction_final) -> set[tuple[str, str]]:
+    return known_induction_edges(induction_final)
+
+
+@pytest.fixture(scope="module")
+def core_edges(known) -> set[tuple[str, str]]:
+    """Previous-token head -> induction head key, and induction head -> logits."""
+    key = {(s, d) for s, d in known if s.startswith("a0.") and d.endswith("<k>")}
+    out = {(s, d) for s, d in known if d == "logits"}
+    assert key and out, known
+    return key | out
+
+
+@pytest.fixture(scope="module")
+def circuits_db(tmp_path_factory, induction_dir):
+    db = tmp_path_factory.mktemp("ground-truth") / "w.duckdb"
+    cfg = edges_pipeline.EdgesConfig(
+        model=str(induction_dir), task="induction", db=str(db), methods=list(edges_pipeline.METHODS)
+    )
+    assert [o.status for o in edges_pipeline.run(cfg)] == ["done"] * len(edges_pipeline.METHODS)
+    return db
+
+
+@pytest.mark.parametrize("method", edges_pipeline.METHODS)
+def test_every_method_finds_the_known_circuit_small_and_faithful(
+    circuits_db, core_edges, induction_final, induction_task, method
+):
+    graph = edges.model_graph(induction_final.model)
+    with Store(circuits_db, read_only=True) as store:
+        (circuit,) = store.query(
+            """SELECT c.* FROM circuits c JOIN runs r USING (run_id)
+               WHERE r.method = ? AND r.status = 'done'""",
+            [method],
+        ).to_pylist()
+        stored = store.query(
+            "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ?",
+            [circuit["circuit_id"]],
+        ).to_pylist()
+        (auc,) = store.query(
+            """SELECT m.value FROM run_metrics m JOIN runs r USING (run_id)
+               WHERE r.method = ? AND m.metric = 'roc_auc_known_circuit'""",
+            [method],
+        ).to_pylist()
+    assert auc["value"] >= 0.8  # the method's |scores| rank the known edges above the others
+    pairs = {(e["src"], e["dst"]) for e in stored}
+    assert core_edges <= pairs, (method, sorted(pairs))
+    assert circuit["n_edges"] == len(stored) <= MAX_FRACTION * graph.n_edges
+    assert circuit["faithfulness"] >= 0.8
+    recomputed = circuits.faithfulness(
+        induction_final.model,
+        make_batches(induction_task),
+        graph,
+        [(e["src"], e["dst"], e["score"]) for e in stored],
+    )
+    assert recomputed == pytest.approx(circuit["faithfulness"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def scores(induction_final, induction_task) -> dict[str, torch.Tensor]:
+    """Every valid edge's score, in one order, by each method and by noising (the clean run
+    with that edge alone ablated)."""
+    model = induction_final.model
+    batches = make_batches(induction_task)
+    graph = edges.model_graph(model)
+    valid = graph.valid
+    return {
+        "exact_edge": edges.exact_edge_patching(model, batches).scores[valid],
+        "noising": noising_scores(model, batches, graph)[valid],
+        "eap": edges.edge_attribution(model, batches).scores[valid],
+        "eap_ig": edges.edge_attribution(model, batches, ig_steps=5).scores[valid],
+        "eap_ig_20": edges.edge_attribution(model, batches, ig_steps=20).scores[valid],
+    }
+
+
+@pytest.fixture(scope="module")
+def edge_index(induction_final) -> dict[tuple[str, str], int]:
+    """(src, dst) -> position in the `scores` vectors (the order of `graph.valid`'s entries)."""
+    graph = edges.model_graph(induction_final.model)
+    pairs = graph.valid.nonzero().tolist()
+    return {(graph.sources[s], graph.destinations[t]): i for i, (s, t) in enumerate(pairs)}
+
+
+def live_spearman(reference: torch.Tensor, estimate: torch.Tensor) -> float:
+    """Spearman correlation over the edges that either side scores as non-null."""
+    live = (reference.abs() >= NULL_SCORE) | (estimate.abs() >= NULL_SCORE)
+    assert int(live.sum()) >= 5
+    return float(spearmanr(reference[live], estimate[live]).statistic)
+
+
+def test_eap_ranks_edges_like_exact_patching(scores):
+    assert live_spearman(scores["exact_edge"], scores["eap"]) >= 0.8
+
+
+@pytest.mark.parametrize("method", ["eap_ig", "eap_ig_20"])
+def test_eap_ig_splits_the_interaction_of_the_key_and_value_paths(
+    scores, edge_index, core_edges, method
+):
+    """Why EAP-IG's signed ranks differ from `exact_edge` on this model (where it ranks edges
+    like `exact_edge` is `tests/attribution/test_edges.py`): the previous-token -> induction key
+    edge hurts when patched alone into the corrupt run (the induction head then attends to the
+    corrupt token) and helps when removed alone from the clean run; EAP-IG credits it in
+    between, and gives the induction head's value input far more than `exact_edge` does."""
+    (key,) = [e for e in core_edges if e[1].endswith("<k>")]
+    i = edge_index[key]
+    denoise, noise, ig = (float(scores[m][i]) for m in ("exact_edge", "noising", method))
+    assert denoise < -0.1 and noise > 0.1
+    assert denoise < ig < noise and abs(ig) < min(-denoise, noise) / 2
+    value = edge_index[("input", key[1].replace("<k>", "<v>"))]
+    assert float(scores[method][value]) > float(scores["exact_edge"][value]) + 0.5
