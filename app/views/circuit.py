@@ -87,7 +87,7 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
             row.metric, row.metric
         )
         st.metric(label, f"{row.value:.3f}")
-    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_graph")
+    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)
     curve = query(
@@ -130,7 +130,7 @@ def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Ed
     label = st.selectbox("Circuit", stored["label"].tolist(), key="circuit_pick")
     row = stored[stored["label"] == label].iloc[0]
     triples = _circuit_edges(row["circuit_id"])
-    st.plotly_chart(circuit_figure(triples, n_layers, n_heads), key="circuit_stored_graph")
+    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_stored_graph")
     st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
     return triples, str(row["checkpoint_id"])
 
@@ -180,7 +180,10 @@ def _node_inspector(
     if not nodes:
         return
     st.subheader("Node scores across methods")
-    node = st.selectbox("Node", nodes, key="circuit_node")
+    clicked = st.session_state.pop("circuit_clicked_node", None)
+    if clicked in nodes:
+        st.session_state["circuit_node"] = clicked
+    node = st.selectbox("Node (or click one in the graph)", nodes, key="circuit_node")
     scores = query(
         """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
                   s.node_id, s.position, s.score
@@ -201,6 +204,19 @@ def _node_inspector(
     st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
     st.dataframe(incident, hide_index=True)
     _feature_links(node, checkpoint_id)
+
+
+def _clickable(fig: go.Figure, key: str) -> None:
+    """Draw a circuit; a node clicked in it becomes the node the inspector below shows."""
+    event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
+    points = event.get("selection", {}).get("points", []) if event else []
+    chosen = [p["customdata"] for p in points if p.get("customdata")]
+    node = chosen[0] if chosen else None
+    if isinstance(node, list):
+        node = node[0]
+    if node and node != st.session_state.get(f"{key}_last_click"):  # a new click, once
+        st.session_state[f"{key}_last_click"] = node
+        st.session_state["circuit_clicked_node"] = node
 
 
 def _short(node: str) -> str:
@@ -256,6 +272,7 @@ def circuit_figure(
     where = layout(list(graph.nodes), n_layers, n_heads, sae_depths(n_layers))
     fig = go.Figure()
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
+    middles: list[tuple[float, float, str]] = []
     for src, dst, attrs in graph.edges(data=True):
         (x0, y0) = where[src]
         (x1, y1) = where[dst]
@@ -268,11 +285,23 @@ def circuit_figure(
                 y=[y0, y1],
                 mode="lines",
                 line={"width": 1 + 8 * abs(attrs["score"]) / biggest, "color": colour},
-                hovertext=f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}",
-                hoverinfo="text",
+                hoverinfo="skip",  # lines end on the nodes: clicks there must reach the nodes
                 showlegend=False,
             )
         )
+        label = f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}"
+        middles.append(((x0 + x1) / 2, (y0 + y1) / 2, label))
+    fig.add_trace(  # each edge's score, on hover over its midpoint
+        go.Scatter(
+            x=[m[0] for m in middles],
+            y=[m[1] for m in middles],
+            mode="markers",
+            marker={"size": 7, "color": "#999", "opacity": 0.4},
+            hovertext=[m[2] for m in middles],
+            hoverinfo="text",
+            showlegend=False,
+        )
+    )
     nodes = list(graph.nodes)
     xy = [where[n] for n in nodes]
     fig.add_trace(
@@ -282,6 +311,7 @@ def circuit_figure(
             mode="markers+text",
             text=[_short(n) for n in nodes],
             hovertext=nodes,
+            customdata=nodes,
             textposition="top center",
             marker={"size": 16, "color": "#444"},
             hoverinfo="text",

@@ -138,3 +138,33 @@ def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     _wait_for_text(browser, "node_id")  # the SQL page ran its example query
     browser.save_screenshot(str(tmp_path / "sql.png"))
+
+
+def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def node_value(driver) -> str:
+        css = "input[aria-label='Node (or click one in the graph)']"
+        return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
+
+    browser.get(server)
+    _wait_for_text(browser, "Checkpoints")
+    view = "//label[.//p[normalize-space()='Circuit']]"
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, view))
+    browser.find_element(By.XPATH, view).click()
+    _wait_for_text(browser, "click one in the graph")
+    traces = "g.scatterlayer g.trace"
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, traces))
+    nodes = browser.find_elements(By.CSS_SELECTOR, traces)[-1]  # the node markers, drawn last
+    points = nodes.find_elements(By.CSS_SELECTOR, "path.point")
+    labels = [t.text for t in nodes.find_elements(By.CSS_SELECTOR, "g.textpoint text")]
+    assert len(points) == len(labels) > 1
+    chosen = node_value(browser)
+    target = next(i for i, label in enumerate(labels) if label and label != chosen)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", points[target])
+    # plotly's drag layer lies over the points and turns a click at a point into its selection
+    ActionChains(browser).move_to_element(points[target]).pause(0.5).click().perform()
+    WebDriverWait(browser, 60).until(lambda d: node_value(d) == labels[target])
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
