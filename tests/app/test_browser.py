@@ -121,6 +121,32 @@ def _wait_for_text(driver, text: str, timeout: float = 60) -> None:
     WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
 
 
+def click_view(driver, view: str, timeout: float = 60) -> None:
+    """Click a page in the sidebar once its label is there (the sidebar re-renders on load)."""
+    from selenium.common.exceptions import (
+        ElementClickInterceptedException,
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    xpath = f"//label[.//p[normalize-space()='{view}']]"
+
+    def clicked(d) -> bool:  # type: ignore[no-untyped-def]
+        try:
+            d.find_element(By.XPATH, xpath).click()
+            return True
+        except (
+            NoSuchElementException,
+            StaleElementReferenceException,
+            ElementClickInterceptedException,
+        ):
+            return False
+
+    WebDriverWait(driver, timeout).until(clicked)
+
+
 def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -132,8 +158,7 @@ def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
         ("Circuit", "Prune by"),
         ("SQL", "SQL console"),
     ):
-        label = browser.find_element(By.XPATH, f"//label[.//p[normalize-space()='{view}']]")
-        label.click()
+        click_view(browser, view)
         _wait_for_text(browser, expected)
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     _wait_for_text(browser, "node_id")  # the SQL page ran its example query
@@ -151,9 +176,7 @@ def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
 
     browser.get(server)
     _wait_for_text(browser, "Checkpoints")
-    view = "//label[.//p[normalize-space()='Circuit']]"
-    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, view))
-    browser.find_element(By.XPATH, view).click()
+    click_view(browser, "Circuit")
     _wait_for_text(browser, "click one in the graph")
     traces = "g.scatterlayer g.trace"
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, traces))

@@ -5,6 +5,7 @@ import pytest
 from tests.app.test_browser import (  # noqa: F401  (pytestmark: skipped without Chromium)
     _wait_for_text,
     chromium_driver,
+    click_view,
     pytestmark,
     streamlit_server,
 )
@@ -24,14 +25,11 @@ def browser():
 
 def test_feature_dashboard_renders_with_highlighted_contexts(sae_server, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(sae_server)
     _wait_for_text(browser, "Circuit Workbench")
     _wait_for_text(browser, "Checkpoints")  # the overview has arrived
-    xpath = "//label[.//p[normalize-space()='Features']]"
-    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, xpath))
-    browser.find_element(By.XPATH, xpath).click()
+    click_view(browser, "Features")
     for text in ("SAE features", "explained variance", "Top activating contexts", "promoted"):
         _wait_for_text(browser, text)
     marks = browser.find_elements(By.TAG_NAME, "mark")
