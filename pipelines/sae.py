@@ -125,10 +125,13 @@ def compute_features(
     cfg: SaeConfig,
     loaded: LoadedModel,
     task: Task,
+    *,
+    checked: LoadedSae | None = None,
 ) -> MethodResult:
+    """`checked`: the SAE as loaded and checked while planning, so it is not loaded again."""
     from workbench.sae import features
 
-    sae = obtain_sae(source, sae_id, corpus, cfg, loaded)
+    sae = checked or obtain_sae(source, sae_id, corpus, cfg, loaded)
     stats = features.scan(loaded, sae, corpus, top_k=cfg.top_k_examples, batch_size=cfg.max_batch)
     quality = features.quality(loaded, sae, corpus, stats)
     effects = features.logit_effects(loaded, sae)
@@ -310,25 +313,26 @@ def plan(cfg: SaeConfig, loaded: LoadedModel, task: Task) -> Iterator[RunSpec]:
         corpus = load_corpus(
             cfg.corpus, loaded, task, n_tokens=cfg.corpus_tokens, context_size=cfg.context_size
         )
-    planned: list[tuple[SaeSource, dict[str, Any], str, Corpus]] = []
+    planned: list[tuple[SaeSource, dict[str, Any], str, Corpus, LoadedSae | None]] = []
     for source in sources:  # bad hooks and SAEs fail here, before anything is written
+        checked = None
         if source.kind == "train":
             activation_size(loaded, source.spec)
             cfg.train_config(source.spec).check()
         else:
-            load_sae(source.spec, loaded)
+            checked = load_sae(source.spec, loaded)
         assert corpus is not None
         params = features_params(source, cfg, corpus)
         key = run_key("sae", "sae_features", loaded.checkpoint.sha256, task.sha256, params)
-        planned.append((source, params, f"sae-{key[:10]}", corpus))
+        planned.append((source, params, f"sae-{key[:10]}", corpus, checked))
     if "sae_features" in cfg.methods:
-        for source, params, sae_id, source_corpus in planned:
-            compute = partial(compute_features, source, sae_id, source_corpus, cfg)
+        for source, params, sae_id, source_corpus, checked in planned:
+            compute = partial(compute_features, source, sae_id, source_corpus, cfg, checked=checked)
             yield RunSpec("sae_features", params, compute)
     if "sae_attr" in cfg.methods:
         chosen = [
             (sae_id, str(cfg.sae_root / sae_id) if src.kind == "train" else src.spec)
-            for src, _, sae_id, _ in planned
+            for src, _, sae_id, _, _ in planned
         ]
         if not sources:
             chosen = stored_saes(cfg.db, loaded.checkpoint.checkpoint_id)
