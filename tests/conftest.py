@@ -64,6 +64,9 @@ def _save_tiny_hf(kind: str, out: Path, seed: int = 0) -> Path:
     if kind == "gpt2":
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64, n_ctx=64)
         model = GPT2LMHeadModel(cfg)
+    elif kind == "gpt2_no_n_ctx":  # as transformers 5 saves GPT-2: n_positions only
+        cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64)
+        model = GPT2LMHeadModel(cfg)
     else:
         cfg = GPTNeoXConfig(
             num_hidden_layers=2,
@@ -83,7 +86,8 @@ def _save_tiny_hf(kind: str, out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {kind: _save_tiny_hf(kind, root / kind) for kind in ("gpt2", "gpt_neox")}
+    kinds = ("gpt2", "gpt2_no_n_ctx", "gpt_neox")
+    return {kind: _save_tiny_hf(kind, root / kind) for kind in kinds}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Model sources: our HookedTransformers against the Hugging Face models they came from."""
 
+import json
 import time
 
 import pytest
@@ -9,11 +10,13 @@ from workbench.errors import BadInput
 from workbench.models import load_checkpoint, resolve_checkpoints, select_checkpoints
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2_no_n_ctx", "gpt_neox"])
 def test_hf_directory_logits_match_hf_model(tiny_hf_dirs, kind):
     from transformers import AutoModelForCausalLM
 
     path = tiny_hf_dirs[kind]
+    if kind == "gpt2_no_n_ctx":
+        assert "n_ctx" not in json.loads((path / "config.json").read_text())
     (ref,) = resolve_checkpoints(str(path))
     assert ref.kind == "hf"
     loaded = load_checkpoint(ref)
@@ -83,3 +86,16 @@ def test_hub_model_offline_fails_fast_with_clear_message(monkeypatch):
     with pytest.raises(BadInput, match="gpt2-small.*offline"):
         load_checkpoint(ref)
     assert time.monotonic() - started < 60  # fails, does not hang on the network
+
+
+def test_directory_name_does_not_choose_the_architecture(tmp_path, tiny_hf_dirs):
+    """TransformerLens picks some architectures by substrings of a name: a GPT-2 fine-tune
+    in a directory called `my-llama-finetune` still loads from its own config.json."""
+    import shutil
+
+    path = tmp_path / "my-llama-finetune"
+    shutil.copytree(tiny_hf_dirs["gpt2_no_n_ctx"], path)
+    loaded = load_checkpoint(resolve_checkpoints(str(path))[0])
+    assert loaded.info.architecture == "GPT2LMHeadModel"
+    assert loaded.model.cfg.original_architecture == "GPT2LMHeadModel"
+    assert loaded.model.cfg.n_ctx == 64

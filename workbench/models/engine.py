@@ -7,8 +7,11 @@ weights centred (both leave the logits unchanged), the unembedding left uncentre
 equal the source model's, and value biases left in place so that `hook_z` is the head's own value.
 """
 
+import dataclasses
+import json
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -42,14 +45,103 @@ PROCESSING = {
 
 
 def build_from_state_dict(
-    cfg_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor]
+    cfg_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: Path | None = None
 ) -> HookedTransformer:
-    """A HookedTransformer from `HookedTransformerConfig` kwargs and its raw `state_dict`."""
-    cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu"})
-    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    """A HookedTransformer from `HookedTransformerConfig` kwargs and its raw `state_dict`.
+
+    With `source` (the checkpoint directory), a config or weights that do not describe a working
+    model are a `BadInput` naming `config.json` or `model.safetensors` and what is wrong."""
+    where = source or Path(".")
+    config_file, weights_file = where / "config.json", where / "model.safetensors"
+    _check_config_fields(cfg_kwargs, config_file)
+    try:
+        cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu"})
+        model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    except Exception as err:  # TransformerLens validates with asserts and ValueErrors
+        raise BadInput(f"{config_file}: not a valid model configuration ({_reason(err)})") from err
+    _check_weights(model, state_dict, weights_file)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     model.eval()
+    _check_runs(model, config_file)
     return model
+
+
+# HookedTransformerConfig fields that must be positive integers when given
+_POSITIVE_INT_FIELDS = ("n_layers", "d_model", "n_ctx", "d_head", "n_heads", "d_vocab", "d_mlp")
+
+
+def _check_config_fields(cfg_kwargs: dict[str, Any], config_file: Path) -> None:
+    fields = {f.name: f for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    unknown = sorted(set(cfg_kwargs) - set(fields))
+    if unknown:
+        raise BadInput(
+            f"{config_file}: unknown field {unknown[0]!r} (not a HookedTransformerConfig field)"
+        )
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and name not in cfg_kwargs
+    ]
+    if missing:
+        raise BadInput(f"{config_file}: required field {missing[0]!r} is missing")
+    for name in _POSITIVE_INT_FIELDS:
+        value = cfg_kwargs.get(name)
+        if value is None and name not in ("n_layers", "d_model", "n_ctx", "d_head"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise BadInput(
+                f"{config_file}: field {name!r} must be a positive integer, got {value!r}"
+            )
+
+
+def _check_weights(
+    model: HookedTransformer, weights: dict[str, torch.Tensor], weights_file: Path
+) -> None:
+    """Every parameter the config implies is present with its shape, nothing unknown, all
+    finite (buffers such as attention masks may be absent: they are rebuilt)."""
+    expected = model.state_dict()
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(parameters) - set(weights))
+    if missing:
+        raise BadInput(f"{weights_file}: tensor {missing[0]!r} is missing")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise BadInput(f"{weights_file}: unexpected tensor {unexpected[0]!r} for this config.json")
+    for name, tensor in weights.items():
+        want = tuple(expected[name].shape)
+        if tuple(tensor.shape) != want:
+            raise BadInput(
+                f"{weights_file}: tensor {name!r} has shape {list(tensor.shape)}, but config.json "
+                f"implies {list(want)}"
+            )
+    check_finite({name: weights[name] for name in parameters}, weights_file)
+
+
+def check_finite(weights: dict[str, torch.Tensor], weights_file: Path) -> None:
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadInput(f"{weights_file}: tensor {name!r} has NaN or infinite values")
+
+
+def _check_runs(model: HookedTransformer, config_file: Path) -> None:
+    """One forward pass on two tokens: settings that only fail when the model runs (an unknown
+    positional embedding, activation or normalisation) fail here, naming the config."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, min(2, model.cfg.n_ctx), dtype=torch.long))
+    except Exception as err:
+        raise BadInput(
+            f"{config_file}: the model it describes does not run ({_reason(err)})"
+        ) from err
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, for a one-sentence error."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def new_untrained(cfg_kwargs: dict[str, Any]) -> HookedTransformer:
@@ -72,23 +164,67 @@ def hf_architecture(config: dict[str, Any], path: Path) -> str:
 
 
 def from_hf_directory(path: Path) -> HookedTransformer:
-    """Convert a local Hugging Face causal LM directory with TransformerLens's converters."""
-    from transformers import AutoModelForCausalLM
+    """Convert a local Hugging Face causal LM directory with TransformerLens's converters.
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    hf_model.eval()
+    A config or weights that transformers cannot load are a `BadInput` naming the file."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_file = path / "config.json"
     try:
-        cfg = tl_loading.get_pretrained_model_config(str(path), fold_ln=True, device="cpu")
+        hf_config = AutoConfig.from_pretrained(str(path))
+    except Exception as err:
+        raise BadInput(f"{config_file}: not a valid Hugging Face config ({_reason(err)})") from err
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            str(path), config=hf_config, dtype=torch.float32
+        )
+    except Exception as err:
+        reason = _reason(err)
+        if "ignore_mismatched_sizes" in reason:  # transformers' summary of a shape mismatch
+            reason = "tensor shapes do not match the config"
+        raise BadInput(
+            f"{hf_weights_file(path)}: cannot be loaded with {config_file.name} ({reason})"
+        ) from err
+    hf_model.eval()
+    check_finite(dict(hf_model.state_dict()), hf_weights_file(path))
+    try:
+        cfg = _tl_config(path)
         state_dict = tl_loading.get_pretrained_state_dict(str(path), cfg, hf_model=hf_model)
     except (AttributeError, KeyError) as err:
-        raise BadInput(
-            f"{path / 'config.json'}: TransformerLens cannot convert it ({err})"
-        ) from err
+        raise BadInput(f"{config_file}: TransformerLens cannot convert it ({err})") from err
     del hf_model
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     model.eval()
     return model
+
+
+def hf_weights_file(path: Path) -> Path:
+    """The weights file of a Hugging Face directory (the first, if sharded), for messages."""
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return path / name
+    shards = sorted(path.glob("model-*.safetensors"))
+    return shards[0] if shards else path / "model.safetensors"
+
+
+def _tl_config(path: Path) -> HookedTransformerConfig:
+    """TransformerLens's config for a Hugging Face directory, converted from a staged copy of
+    its `config.json`:
+
+    - TransformerLens picks some architectures by substrings of the path it is given (a path
+      containing `llama` or `gemma` never has its config read), so it is given a neutral one;
+    - transformers 5 no longer writes GPT-2's `n_ctx` (only `n_positions`), which
+      TransformerLens's GPT-2 converter reads: it is filled in from `n_positions`."""
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config:
+        config["n_ctx"] = config.get("n_positions", 1024)
+    with tempfile.TemporaryDirectory(prefix="workbench-hf-config-") as staged:
+        (Path(staged) / "config.json").write_text(json.dumps(config))
+        cfg = tl_loading.get_pretrained_model_config(staged, fold_ln=True, device="cpu")
+    cfg.model_name = path.name
+    cfg.tokenizer_name = None  # the workbench loads the directory's tokenizer itself
+    return cfg
 
 
 def known_tl_name(name: str) -> str | None:

@@ -40,17 +40,35 @@ def is_hf_directory(path: Path) -> bool:
 def _single_dir_ref(path: Path, run_dir: Path, step: int | None) -> CheckpointRef:
     if zoo_format.is_zoo_checkpoint(path):
         meta = zoo_format.read_json(path / "meta.json")
-        step = int(meta.get("step", step or 0))
+        step = _int_field(meta, "step", step or 0, path / "meta.json")
         return CheckpointRef("zoo", str(path), model_id_for(run_dir), step, source=str(run_dir))
     if is_hf_directory(path):
         if step is None:
             state = path / "trainer_state.json"
-            step = int(zoo_format.read_json(state).get("global_step", 0)) if state.is_file() else 0
+            step = (
+                _int_field(zoo_format.read_json(state), "global_step", 0, state)
+                if state.is_file()
+                else 0
+            )
         return CheckpointRef("hf", str(path), model_id_for(run_dir), step, source=str(run_dir))
+    if (path / "meta.json").is_file() or (path / "config.json").is_file():
+        absent = [name for name in zoo_format.ZOO_FILES if not (path / name).is_file()]
+        if (path / "meta.json").is_file() and absent:
+            raise BadInput(f"{path / absent[0]}: file not found (a zoo checkpoint needs it)")
+        raise BadInput(
+            f"{path / 'model.safetensors'}: file not found (no weights beside config.json)"
+        )
     raise BadInput(
         f"{path}: not a model directory (expected a zoo checkpoint with config.json, "
         "model.safetensors and meta.json, or a Hugging Face config.json with weights)"
     )
+
+
+def _int_field(data: dict, name: str, default: int, file: Path) -> int:  # type: ignore[type-arg]
+    value = data.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInput(f"{file}: field {name!r} must be an integer, got {value!r}")
+    return value
 
 
 def resolve_checkpoints(model: str) -> list[CheckpointRef]:
@@ -111,12 +129,8 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
     path = Path(ref.location)
     if ref.kind == "zoo":
         cfg_kwargs = zoo_format.read_json(path / "config.json")
-        try:
-            model = engine.build_from_state_dict(cfg_kwargs, zoo_format.load_zoo_weights(path))
-        except (TypeError, RuntimeError) as err:
-            raise BadInput(
-                f"{path}: config.json and model.safetensors do not match ({err})"
-            ) from err
+        weights = zoo_format.load_zoo_weights(path)
+        model = engine.build_from_state_dict(cfg_kwargs, weights, source=path)
         tokenizer = _local_tokenizer(path)
         architecture = "zoo:" + str(zoo_format.read_json(path / "meta.json").get("task", ""))
         weight_files = [path / "config.json", path / "model.safetensors"]
@@ -151,9 +165,22 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, checkpoint=ckpt)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
 def _local_tokenizer(path: Path):  # type: ignore[no-untyped-def]
-    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()):
+    """The directory's Hugging Face tokenizer, or None; a broken one is a `BadInput` naming
+    its file."""
+    present = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not present:
         return None
+    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+        if (path / name).is_file():
+            zoo_format.read_json(path / name)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # transformers and tokenizers raise many types here
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInput(f"{present[0]}: not a usable Hugging Face tokenizer ({reason})") from err
