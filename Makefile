@@ -3,16 +3,20 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default; on a GPU machine: make demo TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
 TORCH_SPEC ?= torch==2.13.0
+# Exact versions of every other package (make lock regenerates it from pyproject.toml)
+LOCK := requirements.lock
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PIP := $(BIN)/python -m pip install -q -c $(LOCK)
+TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: demo test lint typecheck pytest bench browser clean
+.PHONY: demo test lint typecheck pytest test-portable spread bench browser lock clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) pip setuptools wheel
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,14 +39,33 @@ browser:
 	fi
 
 pytest: $(STAMP) browser
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(BIN)/pytest -q
+	$(TEST_ENV) $(BIN)/pytest -q
 
-test: lint typecheck pytest
+# The tests whose outcome depends on training or float reduction order, again with the
+# kernels of other CPUs (ATEN_CPU_CAPABILITY=default and =avx2), one thread each.
+test-portable: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m tests.portable
+
+test: lint typecheck pytest test-portable
+
+# The range of every measured quantity over seeds and kernels (the spreads beside thresholds).
+spread: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m tests.portable --spread
+
+# Re-resolve pyproject.toml's ranges in a fresh environment and pin the result.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip setuptools wheel
+	.lock-venv/bin/python -m pip install -q $(TORCH_SPEC)
+	.lock-venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+	$(PYTHON) -m tests.lockfile write .lock-venv
+	rm -rf .lock-venv
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_head_patching.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_edges
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_sae_features
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ig_rules
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -100,16 +100,23 @@ def now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
+# Parameters added after runs were first stored, with the value that reproduces those runs'
+# numbers: at that value a parameter is left out of the run key, so a stored run keeps its key
+# (and is skipped, not repeated) while `runs.params` still records the value.
+KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right"}
+
+
 def run_key(
     pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
 ) -> str:
+    keyed = {k: v for k, v in params.items() if k not in KEY_DEFAULTS or KEY_DEFAULTS[k] != v}
     return sha256_json(
         {
             "pipeline": pipeline,
             "method": method,
             "checkpoint": ckpt_sha,
             "task": task_sha,
-            "params": params,
+            "params": keyed,
         }
     )
 

@@ -3,6 +3,7 @@ patching (see `workbench.attribution.edges`).
 
     workbench run edges --model data/zoo/induction --task induction --checkpoint all
     workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-steps 10
+    workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-rule left
 """
 
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pipelines.common import (
     run_configured,
 )
 from workbench import records
+from workbench.attribution.ig import DEFAULT_IG_RULE, check_ig_rule
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
 from workbench.tasks import Task
@@ -31,6 +33,7 @@ DEFAULT_METHODS = ("eap", "eap_ig")  # exact_edge and acdc cost a forward pass p
 class EdgesConfig(PipelineConfig):
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     ig_steps: int = 5
+    ig_rule: str = DEFAULT_IG_RULE
     acdc_threshold: float = 0.02
     faithful_target: float = 0.8
     max_rows: int = 512
@@ -41,6 +44,7 @@ def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
     params["circuit"] = f"smallest top-n with faithfulness >= {cfg.faithful_target}"
     if method == "eap_ig":
         params["ig_steps"] = cfg.ig_steps
+        params["ig_rule"] = cfg.ig_rule
     if method == "acdc":
         params["threshold"] = cfg.acdc_threshold
         params["circuit"] = "edges kept by greedy pruning"
@@ -59,14 +63,17 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -
         result = edges.exact_edge_patching(loaded.model, batches, max_rows=cfg.max_rows)
     else:
         steps = cfg.ig_steps if method == "eap_ig" else 0
-        result = edges.edge_attribution(loaded.model, batches, ig_steps=steps)
+        result = edges.edge_attribution(loaded.model, batches, ig_steps=steps, ig_rule=cfg.ig_rule)
     edge_list = result.edges()
     curve = circuits.faithfulness_curve(loaded.model, batches, result.graph, edge_list)
     size = circuits.smallest_faithful(curve, cfg.faithful_target)
     circuit = circuits.select(edge_list, f"top:{size}")
     faith = next(f for n, _, f in curve if n == size)
     rows = {"edges": records.edge_rows(edge_list), "faithfulness_curves": records.curve_rows(curve)}
-    rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, edge_list))
+    metrics = known_circuit_metrics(loaded, edge_list)
+    if method == "eap_ig":
+        metrics["ig_completeness"] = result.completeness
+    rows["run_metrics"] = records.metric_rows(metrics)
 
     linked = link_circuit(
         f"{method}: smallest top-n with faithfulness >= {cfg.faithful_target}",
@@ -115,6 +122,7 @@ def run(cfg: EdgesConfig) -> list[RunOutcome]:
         raise BadInput(f"--method {unknown[0]}: not an edges method ({', '.join(METHODS)})")
     if cfg.ig_steps < 1:
         raise BadInput(f"--ig-steps {cfg.ig_steps}: must be at least 1")
+    check_ig_rule(cfg.ig_rule)
     specs = [RunSpec(m, method_params(m, cfg), partial(compute, m, cfg=cfg)) for m in cfg.methods]
     return run_configured("edges", cfg, lambda loaded, task: specs)
 

@@ -35,6 +35,7 @@ from pipelines.common import (
     run_key,
 )
 from workbench import records
+from workbench.attribution.ig import DEFAULT_IG_RULE, check_ig_rule
 from workbench.errors import BadInput
 from workbench.hashing import sha256_files
 from workbench.models import LoadedModel
@@ -70,6 +71,7 @@ class SaeConfig(PipelineConfig):
     top_k_examples: int = 10
     n_nodes: int = 16  # nodes per SAE kept for edges in sae_attr
     ig_steps: int = 5  # integrated-gradient steps for sae_attr's node scores (0: plain AtP)
+    ig_rule: str = DEFAULT_IG_RULE  # Riemann rule of those steps (workbench.attribution.ig)
     faithful_target: float = 0.8
     sae_dir: str | None = None  # where trained SAEs are written (default <db dir>/saes)
 
@@ -255,7 +257,11 @@ def compute_attr(
     batches = make_batches(task, max_batch=cfg.max_batch)
     spliced = attribution.SplicedModel(loaded.model, saes, sae_ids, batches)
     attr, curve, kept, faith = attribution.feature_circuit(
-        spliced, ig_steps=cfg.ig_steps, n_nodes=cfg.n_nodes, target=cfg.faithful_target
+        spliced,
+        ig_steps=cfg.ig_steps,
+        ig_rule=cfg.ig_rule,
+        n_nodes=cfg.n_nodes,
+        target=cfg.faithful_target,
     )
     size = len(kept)
     circuit = circuits.on_input_to_logits_paths(attribution.circuit_edges(attr, kept))
@@ -266,6 +272,7 @@ def compute_attr(
         "faithfulness_curves": records.curve_rows(curve),
         "run_metrics": records.metric_rows(
             {"circuit_nodes": float(size), "error_nodes_in_circuit": float(_errors(kept))}
+            | {f"ig_completeness:{sid}": value for sid, value in attr.completeness.items()}
         ),
     }
     linked = link_circuit(
@@ -345,6 +352,7 @@ def plan(cfg: SaeConfig, loaded: LoadedModel, task: Task) -> Iterator[RunSpec]:
             "saes": [sae_id for sae_id, _ in chosen],
             "n_nodes": cfg.n_nodes,
             "ig_steps": cfg.ig_steps,
+            "ig_rule": cfg.ig_rule,
             "circuit": f"smallest top-n nodes with faithfulness >= {cfg.faithful_target}",
         }
         yield RunSpec("sae_attr", params, partial(compute_attr, chosen, cfg))
@@ -356,6 +364,7 @@ def run(cfg: SaeConfig) -> list[RunOutcome]:
         raise BadInput(f"--method {unknown[0]}: not an sae method ({', '.join(METHODS)})")
     if "sae_features" in cfg.methods and not (cfg.hooks or cfg.saes):
         raise BadInput("the sae pipeline needs --hook (train an SAE there) or --sae (load one)")
+    check_ig_rule(cfg.ig_rule)
     return run_configured("sae", cfg, partial(plan, cfg))
 
 

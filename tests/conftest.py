@@ -1,6 +1,15 @@
 """Session fixtures: the zoo trained once per session, tiny random Hugging Face models, and a
-database filled by the real heads pipeline. All read-only once built."""
+database filled by the real heads pipeline. All read-only once built.
 
+Portability: a test whose outcome depends on a training run or on float reduction order is
+marked `numerics` (every test that uses a trained zoo model or SAE is marked automatically);
+`make test-portable` reruns them with other CPU kernels and one thread. `WORKBENCH_TEST_SEED`
+trains the zoo models and SAEs with another seed (another valid training), and the `measured`
+fixture appends each measured quantity to `$WORKBENCH_MEASURE_FILE` (JSON lines) so that
+`make spread` can report its range over seeds and kernels, the spread written beside each
+threshold."""
+
+import json
 import os
 import warnings
 from pathlib import Path
@@ -15,6 +24,41 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 ZOO_STEPS = 1000
 ZOO_SAVE_EVERY = 100
+SEED = int(os.environ.get("WORKBENCH_TEST_SEED", "0"))
+TRAINED_FIXTURES = {"zoo_root", "ioi_dir", "sae_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & _closure(item):
+            item.add_marker(pytest.mark.numerics)
+
+
+def _closure(item: pytest.Item) -> set[str]:
+    info = getattr(item, "_fixtureinfo", None)
+    return set(info.names_closure) if info is not None else set()
+
+
+@pytest.fixture
+def measured(request: pytest.FixtureRequest):
+    """`measured(name, value)`: record a quantity a threshold is checked against."""
+    out = os.environ.get("WORKBENCH_MEASURE_FILE")
+
+    def record(name: str, value: float) -> float:
+        if out:
+            row = {
+                "test": request.node.nodeid,
+                "name": name,
+                "value": float(value),
+                "seed": SEED,
+                "kernel": os.environ.get("ATEN_CPU_CAPABILITY", "native"),
+                "threads": os.environ.get("OMP_NUM_THREADS", ""),
+            }
+            with open(out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        return value
+
+    return record
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +67,9 @@ def zoo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("zoo")
     train_zoo_model(
-        TrainConfig(task="induction", out=str(root), steps=ZOO_STEPS, save_every=ZOO_SAVE_EVERY)
+        TrainConfig(
+            task="induction", out=str(root), steps=ZOO_STEPS, save_every=ZOO_SAVE_EVERY, seed=SEED
+        )
     )
     return root
 
@@ -33,7 +79,7 @@ def ioi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workbench.zoo import TrainConfig, train_zoo_model
 
     root = tmp_path_factory.mktemp("zoo-ioi")
-    train_zoo_model(TrainConfig(task="ioi", out=str(root), steps=600, save_every=100))
+    train_zoo_model(TrainConfig(task="ioi", out=str(root), steps=600, save_every=100, seed=SEED))
     return root / "ioi"
 
 
@@ -67,6 +113,14 @@ def _save_tiny_hf(kind: str, out: Path, seed: int = 0) -> Path:
     elif kind == "gpt2_no_n_ctx":  # as transformers 5 saves GPT-2: n_positions only
         cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64)
         model = GPT2LMHeadModel(cfg)
+    elif kind == "llama":  # grouped-query attention: 4 query heads share 2 key/value heads
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg)
     else:
         cfg = GPTNeoXConfig(
             num_hidden_layers=2,
@@ -86,7 +140,7 @@ def _save_tiny_hf(kind: str, out: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    kinds = ("gpt2", "gpt2_no_n_ctx", "gpt_neox")
+    kinds = ("gpt2", "gpt2_no_n_ctx", "gpt_neox", "llama")
     return {kind: _save_tiny_hf(kind, root / kind) for kind in kinds}
 
 
@@ -130,3 +184,38 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+NORMALISATIONS = ("LN", "LNPre", "RMS", "RMSPre", None)
+
+
+def _save_norm_model(norm: str | None, out: Path) -> Path:
+    """A zoo-format checkpoint (no tokenizer) of a small random model with MLPs and the given
+    normalisation; LayerNorm and RMSNorm weights are random too, so folding them matters."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from workbench.models.zoo_format import save_zoo_checkpoint
+
+    cfg_kwargs = {
+        "n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64, "d_vocab": 61,
+        "n_ctx": 32, "act_fn": "gelu", "normalization_type": norm, "seed": 0,
+    }  # fmt: skip
+    torch.manual_seed(0)
+    model = HookedTransformer(HookedTransformerConfig(**cfg_kwargs))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.split(".")[-2].startswith("ln"):
+                param.add_(0.3 * torch.randn_like(param))
+    save_zoo_checkpoint(
+        out, cfg_kwargs=cfg_kwargs, state_dict=model.state_dict(), tokenizer=None,
+        meta={"task": "random", "step": 0, "seed": 0},
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def norm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str | None, Path]:
+    """One random zoo-format model per normalisation TransformerLens supports."""
+    root = tmp_path_factory.mktemp("norms")
+    return {norm: _save_norm_model(norm, root / str(norm)) for norm in NORMALISATIONS}

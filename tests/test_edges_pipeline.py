@@ -23,7 +23,7 @@ def edges_db(tmp_path_factory, induction_dir):
 
 
 def test_edge_runs_store_edges_curves_and_a_faithful_circuit(
-    edges_db, induction_final, induction_task
+    edges_db, induction_final, induction_task, measured
 ):
     graph = edges.model_graph(induction_final.model)
     with Store(edges_db, read_only=True) as store:
@@ -44,6 +44,7 @@ def test_edge_runs_store_edges_curves_and_a_faithful_circuit(
                 "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ?",
                 [circuit["circuit_id"]],
             ).to_pylist()
+            measured(f"circuit_edges_{run['method']}", circuit["n_edges"])
             assert circuit["faithfulness"] >= 0.8 and circuit["n_edges"] == len(stored)
             recomputed = circuits.faithfulness(
                 induction_final.model,
@@ -82,12 +83,12 @@ def test_export_circuit_as_graphml_and_json(edges_db, capsys, tmp_path):
 
 
 def test_edge_runs_on_the_induction_zoo_store_roc_auc_against_the_known_circuit(
-    edges_db, induction_final
+    edges_db, induction_final, measured
 ):
     from workbench.zoo.ground_truth import known_induction_edges, roc_auc
 
     known = known_induction_edges(induction_final)
-    assert ("a1.h0", "logits") in known  # the leading induction head of this zoo checkpoint
+    assert any(src.startswith("a1.") and dst == "logits" for src, dst in known)
     assert any(src.startswith("a0.") and dst.endswith("<k>") for src, dst in known)
     with Store(edges_db, read_only=True) as store:
         rows = store.query(
@@ -101,7 +102,8 @@ def test_edge_runs_on_the_induction_zoo_store_roc_auc_against_the_known_circuit(
             )
             edges_ = [(e["src"], e["dst"], e["score"]) for e in stored.to_pylist()]
             assert row["value"] == pytest.approx(roc_auc(edges_, known))
-            assert row["value"] > 0.6  # the methods rank the known circuit's edges high
+            # the methods rank the known circuit's edges high (the bound of test_ground_truth)
+            assert measured(f"roc_auc_{row['method']}", row["value"]) >= 0.75
 
 
 def test_roc_auc_counts_pairs():

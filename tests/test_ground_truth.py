@@ -3,9 +3,9 @@ patterns alone (`workbench.zoo.ground_truth`, independent of every attribution m
 
 Every edge method's stored circuit (the smallest top-n circuit with faithfulness >= 0.8, or
 ACDC's) contains the previous-token head -> induction head key edge and the induction head ->
-`logits` edge, is faithful when recomputed, and keeps at most `MAX_FRACTION` of the model's
-edges; its |scores| rank the known circuit's edges high (ROC AUC). EAP ranks the edges like
-exact edge patching. EAP-IG does not, for a reason shown here: it integrates along a path on
+`logits` edge, is faithful when recomputed, and is about the size of the known circuit; its
+|scores| rank the known circuit's edges high (ROC AUC). EAP ranks the edges like exact edge
+patching. EAP-IG does not, for a reason shown here: it integrates along a path on
 which every input moves at once, and splits the interaction of the key and value paths that
 exact patching of one edge in the corrupt run sees from one side only (see
 `workbench.attribution.edges`).
@@ -23,7 +23,12 @@ from workbench.attribution.batches import make_batches
 from workbench.store import Store
 from workbench.zoo.ground_truth import known_induction_edges
 
-MAX_FRACTION = 0.15  # 12 of the zoo model's 81 edges
+# Thresholds on trained outcomes, with what `make spread` measured over zoo seeds 0-2 and the
+# avx512, avx2 and default kernels (seed 1 grows two induction heads, seeds 0 and 2 one):
+# circuit edges / known circuit edges: at most 1.0 (5-11 edges against 7 or 11 known)
+MAX_SIZE_OVER_KNOWN = 1.25
+MIN_ROC_AUC = 0.75  # measured 0.81-0.91 (eap and eap_ig lowest)
+MIN_SPEARMAN = 0.75  # measured 0.86-1.0
 # |normalised score| below which an edge counts as null: 0.1% of the clean-corrupt gap, far above
 # float32 noise (~1e-7) and far below the circuit's edges (~0.1 to 1). Most of the zoo's edges
 # touch heads whose weights decayed to zero in training; ranks among their noise mean nothing.
@@ -56,7 +61,7 @@ def circuits_db(tmp_path_factory, induction_dir):
 
 @pytest.mark.parametrize("method", edges_pipeline.METHODS)
 def test_every_method_finds_the_known_circuit_small_and_faithful(
-    circuits_db, core_edges, induction_final, induction_task, method
+    circuits_db, known, core_edges, induction_final, induction_task, method, measured
 ):
     graph = edges.model_graph(induction_final.model)
     with Store(circuits_db, read_only=True) as store:
@@ -74,11 +79,14 @@ def test_every_method_finds_the_known_circuit_small_and_faithful(
                WHERE r.method = ? AND m.metric = 'roc_auc_known_circuit'""",
             [method],
         ).to_pylist()
-    assert auc["value"] >= 0.8  # the method's |scores| rank the known edges above the others
+    # the method's |scores| rank the known edges above the others
+    assert measured("roc_auc", auc["value"]) >= MIN_ROC_AUC
     pairs = {(e["src"], e["dst"]) for e in stored}
     assert core_edges <= pairs, (method, sorted(pairs))
-    assert circuit["n_edges"] == len(stored) <= MAX_FRACTION * graph.n_edges
-    assert circuit["faithfulness"] >= 0.8
+    size = measured("size_over_known", circuit["n_edges"] / len(known))
+    assert circuit["n_edges"] == len(stored) and size <= MAX_SIZE_OVER_KNOWN
+    assert len(known) <= 0.15 * graph.n_edges  # the known circuit itself is small
+    assert measured("faithfulness", circuit["faithfulness"]) >= 0.8
     recomputed = circuits.faithfulness(
         induction_final.model,
         make_batches(induction_task),
@@ -120,23 +128,31 @@ def live_spearman(reference: torch.Tensor, estimate: torch.Tensor) -> float:
     return float(spearmanr(reference[live], estimate[live]).statistic)
 
 
-def test_eap_ranks_edges_like_exact_patching(scores):
-    assert live_spearman(scores["exact_edge"], scores["eap"]) >= 0.8
+def test_eap_ranks_edges_like_exact_patching(scores, measured):
+    assert measured("spearman", live_spearman(scores["exact_edge"], scores["eap"])) >= MIN_SPEARMAN
 
 
 @pytest.mark.parametrize("method", ["eap_ig", "eap_ig_20"])
 def test_eap_ig_splits_the_interaction_of_the_key_and_value_paths(
-    scores, edge_index, core_edges, method
+    scores, edge_index, core_edges, method, measured
 ):
     """Why EAP-IG's signed ranks differ from `exact_edge` on this model (where it ranks edges
     like `exact_edge` is `tests/attribution/test_edges.py`): the previous-token -> induction key
     edge hurts when patched alone into the corrupt run (the induction head then attends to the
     corrupt token) and helps when removed alone from the clean run; EAP-IG credits it in
-    between, and gives the induction head's value input far more than `exact_edge` does."""
-    (key,) = [e for e in core_edges if e[1].endswith("<k>")]
+    between, and gives the induction head's value input far more than `exact_edge` does. With
+    two induction heads (zoo seed 1), the key edge of the one that matters most (the largest
+    noising score). Measured over seeds 0-2 and three kernels: denoising -0.88 to -0.60,
+    noising 0.54 to 0.85, |EAP-IG| / min(|denoising|, noising) 0.001-0.19, value-edge excess
+    0.70-1.21."""
+    keys = [e for e in core_edges if e[1].endswith("<k>")]
+    key = max(keys, key=lambda e: float(scores["noising"][edge_index[e]]))
     i = edge_index[key]
-    denoise, noise, ig = (float(scores[m][i]) for m in ("exact_edge", "noising", method))
+    denoise, noise, ig = (
+        measured(m, float(scores[m][i])) for m in ("exact_edge", "noising", method)
+    )
     assert denoise < -0.1 and noise > 0.1
-    assert denoise < ig < noise and abs(ig) < min(-denoise, noise) / 2
+    assert denoise < ig < noise and measured("ig_share", abs(ig) / min(-denoise, noise)) < 0.5
     value = edge_index[("input", key[1].replace("<k>", "<v>"))]
-    assert float(scores[method][value]) > float(scores["exact_edge"][value]) + 0.5
+    excess = float(scores[method][value]) - float(scores["exact_edge"][value])
+    assert measured("value_edge_excess", excess) > 0.5

@@ -108,6 +108,13 @@ def run(
     ig_steps: Annotated[
         int, typer.Option(help="Interpolation steps for eap_ig and sae_attr (0: none).")
     ] = 5,
+    ig_rule: Annotated[
+        str,
+        typer.Option(
+            help="Riemann rule of those steps: right (k=1..N, default), left (k=0..N-1, as "
+            "the EAP-IG authors' code) or midpoint (most accurate)."
+        ),
+    ] = "right",
     db: DbOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
@@ -129,6 +136,7 @@ def run(
     k: Annotated[int, typer.Option("--k", help="sae: active features of a topk SAE.")] = 8,
     l1_coefficient: Annotated[float, typer.Option(help="sae: L1 weight, standard SAE.")] = 1.0,
     training_tokens: Annotated[int, typer.Option(help="sae: tokens to train on.")] = 400_000,
+    seed: Annotated[int, typer.Option(help="sae: training seed.")] = 0,
     corpus: Annotated[
         str, typer.Option(help="sae: 'task' (the task's distribution), a .txt or .jsonl file.")
     ] = "task",
@@ -159,7 +167,7 @@ def run(
                 **common, components=component, by_position=by_position, ablation=ablation
             ),
         ),
-        Pipeline.edges: (edges, edges.EdgesConfig(**common, ig_steps=ig_steps)),
+        Pipeline.edges: (edges, edges.EdgesConfig(**common, ig_steps=ig_steps, ig_rule=ig_rule)),
         Pipeline.sae: (
             sae_pipeline,
             sae_pipeline.SaeConfig(
@@ -172,11 +180,13 @@ def run(
                 k=k,
                 l1_coefficient=l1_coefficient,
                 training_tokens=training_tokens,
+                seed=seed,
                 corpus=corpus,
                 corpus_tokens=corpus_tokens,
                 context_size=context_size,
                 n_nodes=n_nodes,
                 ig_steps=ig_steps,
+                ig_rule=ig_rule,
                 sae_dir=sae_dir,
             ),
         ),

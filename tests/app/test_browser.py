@@ -19,10 +19,13 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
 
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="Debian chromium and chromium-driver are not installed (make browser)",
-)
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="Debian chromium and chromium-driver are not installed (make browser)",
+    ),
+]
 
 
 def _free_port() -> int:

@@ -15,12 +15,6 @@ from workbench.tasks import load_task
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_hf_dirs):
-    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
-    return loaded.model, make_batches(load_task("induction", loaded, n_prompts=6))
-
-
-@pytest.fixture(scope="module")
 def zoo(induction_final, induction_task):
     return induction_final.model, make_batches(induction_task)
 
@@ -91,8 +85,8 @@ GPT2_EDGES = [
 ]
 
 
-def test_exact_edge_patching_is_a_real_edge_intervention(gpt2):
-    model, batches = gpt2
+def test_exact_edge_patching_is_a_real_edge_intervention(tiny):
+    model, batches = tiny
     batch = batches[0]
     result = edges.exact_edge_patching(model, batches, max_rows=10)
     scores = {(s, d): v for s, d, v in result.edges()}
@@ -102,8 +96,8 @@ def test_exact_edge_patching_is_a_real_edge_intervention(gpt2):
         assert scores[(src, dst)] == pytest.approx((moved - m_corr) / (m_clean - m_corr), abs=1e-4)
 
 
-def test_eap_is_the_derivative_of_the_edge_intervention(gpt2):
-    model, batches = gpt2
+def test_eap_is_the_derivative_of_the_edge_intervention(tiny):
+    model, batches = tiny
     batch = batches[0]
     scores = {(s, d): v for s, d, v in edges.edge_attribution(model, batches).edges()}
     m_clean, m_corr = _gap(model, batch)
@@ -116,22 +110,28 @@ def test_eap_is_the_derivative_of_the_edge_intervention(gpt2):
         assert scores[(src, dst)] == pytest.approx(derivative, rel=1e-2, abs=1e-3), (src, dst)
 
 
-def test_eap_ig_input_edges_are_complete(zoo):
+def test_eap_ig_input_edges_are_complete(zoo, measured):
     """Integrated gradients along the input embeddings attribute the whole metric change:
-    the `input` edges of EAP-IG sum to 1 (the gap) as the number of steps grows."""
+    the `input` edges of EAP-IG sum to 1 (the gap) as the number of steps grows. The midpoint
+    rule at 32 steps: |sum - 1| measured 0.0001-0.0002 over zoo seeds 0-2 and the avx512, avx2
+    and default kernels (make spread)."""
     model, batches = zoo
-    result = edges.edge_attribution(model, batches, ig_steps=32)
+    result = edges.edge_attribution(model, batches, ig_steps=32, ig_rule="midpoint")
     total = sum(v for s, _, v in result.edges() if s == "input")
-    assert total == pytest.approx(1.0, abs=0.05)
+    assert total == pytest.approx(result.completeness, abs=1e-6)
+    assert abs(measured("completeness_error", total - 1.0)) <= 0.005
     coarse = edges.edge_attribution(model, batches, ig_steps=1)
-    assert abs(sum(v for s, _, v in coarse.edges() if s == "input") - 1.0) > abs(total - 1.0)
+    assert abs(coarse.completeness - 1.0) > abs(total - 1.0)
 
 
-def test_eap_and_eap_ig_rank_edges_like_exact_patching_when_edges_interact_weakly(gpt2):
-    """On a random model an edge's effect hardly depends on the other edges: patching it into
+def test_eap_and_eap_ig_rank_edges_like_exact_patching_when_edges_interact_weakly(tiny_hf_dirs):
+    """On a random GPT-2 an edge's effect hardly depends on the other edges: patching it into
     the corrupt run (`exact_edge`) and removing it from the clean run (noising) rank the edges
-    alike, and then the integrated gradients along the joint path rank them alike too."""
-    model, batches = gpt2
+    alike, and then the integrated gradients along the joint path rank them alike too. (A
+    property of this random model, checked first: on the random Llama exact and noising
+    correlate at 0.80, so the premise is weaker there.)"""
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
+    model, batches = loaded.model, make_batches(load_task("induction", loaded, n_prompts=6))
     graph = edges.model_graph(model)
     valid = graph.valid
     exact = edges.exact_edge_patching(model, batches).scores[valid]

@@ -6,6 +6,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tests.conftest import SEED
 from workbench.cli import cli
 
 HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
@@ -37,6 +38,7 @@ def sae_run(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Sa
     for hook in HOOKS:
         argv += ["--hook", hook]
     argv += ["--training-tokens", "200000", "--corpus-tokens", str(CORPUS_TOKENS)]
+    argv += ["--seed", str(SEED)]
     assert cli(argv) == 0
     rows = query(db, "SELECT * FROM saes")
     return SaeRun(db=db, sae_dir=root / "saes", saes={r["hook"]: r for r in rows})

@@ -44,35 +44,67 @@ def test_spliced_model_with_error_nodes_is_the_model(spliced):
     assert spliced.faithfulness(set()) == pytest.approx(0.0, abs=1e-5)
 
 
-def test_patching_single_features_matches_their_scores(spliced, scores):
-    """The last SAE reads the final residual stream: a feature's score is the effect of patching
-    that one feature from the clean into the corrupt run."""
-    node_scores, _ = scores
-    top = ranked(node_scores, 1, spliced)[:10]
-    exact = torch.tensor([spliced.patch_nodes({n}) for n in top])
-    predicted = torch.tensor([node_scores[n] for n in top])
-    assert torch.corrcoef(torch.stack([exact, predicted]))[0, 1] > 0.95
-    assert torch.allclose(predicted, exact, rtol=0.4, atol=0.01)
+@pytest.fixture(scope="module")
+def frozen(sae_run, induction_dir):
+    """The spliced model on one batch with the final normalisation's scale frozen at its value
+    in the corrupt run. The last SAE reads the final residual stream, so everything after it
+    (its decoder, the frozen normalisation, the unembedding, the logit difference) is then
+    linear: a last-SAE node's gradient is the same at every point, and its attribution must
+    equal the effect of patching it, for any number of steps and any rule."""
+    loaded = load_checkpoint(resolve_checkpoints(str(induction_dir))[-1])
+    model = loaded.model
+    batches = make_batches(load_task("induction", loaded))[:1]
+    _, cache = model.run_with_cache(batches[0].corrupt, names_filter="ln_final.hook_scale")
+    scale = cache["ln_final.hook_scale"]
+    model.add_hook("ln_final.hook_scale", lambda act, hook: scale, is_permanent=True)
+    saes = [load_sae(sae_run.saes[h]["path"], loaded) for h in HOOKS]
+    return attribution.SplicedModel(model, saes, ["early", "late"], batches)
+
+
+@pytest.mark.parametrize(("steps", "rule"), [(0, "right"), (5, "right"), (3, "left")])
+def test_with_the_final_scale_frozen_each_score_is_its_patch_effect(frozen, steps, rule):
+    """Every last-SAE node with a score, the error node included."""
+    scores, _ = attribution.node_attribution(frozen, ig_steps=steps, ig_rule=rule)
+    nodes = [n for n in frozen.node_ids(1) if n in scores]
+    assert frozen.node_ids(1)[-1] in nodes and len(nodes) > 10
+    for node in nodes:
+        assert scores[node] == pytest.approx(frozen.patch_nodes({node}), abs=1e-5), node
 
 
 @pytest.mark.parametrize("n", [1, 4, 16, 64])
-def test_ablating_the_top_features_moves_the_metric_as_predicted(spliced, scores, n):
-    node_scores, _ = scores
-    top = ranked(node_scores, 1, spliced)[:n]
-    every = {x for k in range(len(spliced.saes)) for x in spliced.node_ids(k)}
-    drop = 1.0 - spliced.faithfulness(every - set(top))
-    assert drop == pytest.approx(sum(node_scores[x] for x in top), abs=0.1)
+def test_with_the_final_scale_frozen_ablating_top_nodes_removes_their_scores(frozen, n):
+    """Faithfulness with the top-n last-SAE nodes set to their corrupt values in the clean run:
+    the metric drops by exactly the sum of their scores."""
+    scores, _ = attribution.node_attribution(frozen, ig_steps=2)
+    top = ranked(scores, 1, frozen)[:n]
+    every = {x for k in range(len(frozen.saes)) for x in frozen.node_ids(k)}
+    drop = 1.0 - frozen.faithfulness(every - set(top))
+    assert drop == pytest.approx(sum(scores[x] for x in top), abs=1e-5)
+    assert sum(attribution.completeness(frozen, scores).values()) != 0.0
+
+
+def test_with_the_final_scale_frozen_the_last_sae_is_complete(frozen):
+    scores, _ = attribution.node_attribution(frozen, ig_steps=1, ig_rule="left")
+    assert attribution.completeness(frozen, scores)["late"] == pytest.approx(1.0, abs=1e-5)
+
+
+# |completeness - 1| of each SAE, midpoint rule at 16 steps on the real (unfrozen) model:
+# measured 0.0002-0.0006 over zoo and SAE seeds 0-2 and the avx512, avx2 and default kernels
+# (make spread); the right rule at 5 steps is off by up to 0.14 on the same models.
+COMPLETENESS_MARGIN = 0.005
 
 
 @pytest.mark.parametrize("k", [0, 1])
-def test_an_saes_scores_add_up_to_patching_all_of_it(spliced, scores, k):
-    node_scores, _ = scores
-    total = sum(node_scores.get(n, 0.0) for n in spliced.node_ids(k))
+def test_an_saes_scores_add_up_to_patching_all_of_it(spliced, k, measured):
+    """Patching every node of one SAE (error included) is the whole gap, exactly; integrated
+    gradients along that path add up to it up to the Riemann error."""
     assert spliced.patch_nodes(set(spliced.node_ids(k))) == pytest.approx(1.0, abs=1e-4)
-    assert total == pytest.approx(1.0, abs=0.2)
+    scores, _ = attribution.node_attribution(spliced, ig_steps=16, ig_rule="midpoint")
+    total = attribution.completeness(spliced, scores)[spliced.sae_ids[k]]
+    assert abs(measured("completeness_error", total - 1.0)) <= COMPLETENESS_MARGIN
 
 
-def test_edges_match_moving_one_upstream_feature(spliced, scores):
+def test_edges_match_moving_one_upstream_feature(spliced, scores, measured):
     """Edge u -> d is first order, like EAP: move u alone a small step (0.1%) from its corrupt
     towards its clean value in the corrupt run and measure how far d moves, weighted by d's
     gradient, against the edge's score (scaled by the step). A TopK SAE's features are piecewise
@@ -124,4 +156,6 @@ def test_edges_match_moving_one_upstream_feature(spliced, scores):
         predicted.append(score)
     assert max(abs(p) for p in predicted) > 1e-3
     close = torch.isclose(torch.tensor(predicted), torch.tensor(exact), rtol=0.05, atol=2e-4)
-    assert int(close.sum()) >= len(pair) - 2, list(zip(predicted, exact, strict=True))
+    # edges that do not match: none of 12 over seeds 0-2 and three kernels (make spread)
+    misses = measured("edges_crossing_a_kink", len(pair) - int(close.sum()))
+    assert misses <= 2, list(zip(predicted, exact, strict=True))

@@ -7,6 +7,7 @@ import shutil
 import pytest
 from sae_lens import SAE
 
+from tests.conftest import SEED
 from tests.sae.conftest import HOOKS, query
 from tests.store.test_store import counts
 from workbench.cli import cli
@@ -57,7 +58,7 @@ def test_rerun_skips_and_force_replaces(sae_run, induction_dir, tmp_path, capsys
     shutil.copy(sae_run.db, db)
     argv = ["run", "sae", "--model", str(induction_dir), "--task", "induction", "--db", str(db)]
     argv += ["--hook", HOOKS[0], "--training-tokens", "200000", "--corpus-tokens", "24000"]
-    argv += ["--sae-dir", str(sae_run.sae_dir), "--method", "sae_features"]
+    argv += ["--sae-dir", str(sae_run.sae_dir), "--method", "sae_features", "--seed", str(SEED)]
     before = counts(db)
     capsys.readouterr()
     assert cli(argv) == 0
@@ -77,6 +78,22 @@ def test_attr_alone_uses_the_stored_saes(sae_run, induction_dir, tmp_path):
     assert set(json.loads(params[-1]["params"])["saes"]) == {
         r["sae_id"] for r in sae_run.saes.values()
     }
+    assert json.loads(params[-1]["params"])["ig_rule"] == "right"
+    argv += ["--method", "sae_attr", "--n-nodes", "4", "--ig-steps", "2", "--ig-rule", "left"]
+    assert cli(argv) == 0  # another rule is another run
+    # each SAE's completeness is the sum of its nodes' stored scores
+    rows = query(
+        db,
+        """SELECT r.params->>'ig_rule' AS rule, m.metric, m.value,
+                  (SELECT sum(score) FROM node_scores s WHERE s.run_id = r.run_id
+                     AND s.node_id LIKE 'f:' || split_part(m.metric, ':', 2) || ':%') AS total
+           FROM runs r JOIN run_metrics m USING (run_id)
+           WHERE r.method = 'sae_attr' AND m.metric LIKE 'ig_completeness:%'""",
+    )
+    # the stored run of the fixture, the one above and the left-rule one: two SAEs each
+    assert sorted({r["rule"] for r in rows}) == ["left", "right"] and len(rows) == 6
+    for row in rows:
+        assert row["value"] == pytest.approx(row["total"], abs=1e-6)
 
 
 def test_standard_sae_on_hook_z_of_a_hugging_face_model_with_a_corpus_file(tiny_hf_dirs, tmp_path):

@@ -18,8 +18,11 @@ every source upstream of it, so an edge is one term of that sum.
 * `eap_ig` — EAP with integrated gradients (Hanna et al. 2024, "Have Faith in Faithfulness"):
   the gradient is averaged over `steps` runs whose input embeddings (`hook_resid_pre` of layer
   0: token plus positional embeddings) are interpolated from the corrupt to the clean prompt
-  (`alpha = k / steps`, k = 1..steps, the right Riemann sum of the paper's formula; the authors'
-  code sums k = 0..steps-1). The `input` edges sum to the gap as `steps` grows (completeness).
+  at the points of a Riemann rule (`workbench.attribution.ig`: `right`, alpha = k / steps,
+  k = 1..steps, by default; `left`, k = 0..steps-1, as the authors' code; or `midpoint`). The
+  `input` edges sum to the gap as `steps` grows (completeness): the gradient at the embeddings
+  is the sum of the gradients at every destination's input, so the sum of the `input` edges'
+  normalised scores is integrated gradients' own estimate of 1, stored as `completeness`.
 
 What EAP-IG estimates is not what `exact_edge` measures. `exact_edge` and `eap` score an edge in
 the corrupt run with everything else corrupt; EAP-IG averages its effect along a path on which
@@ -45,6 +48,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, final_logit_diff, logit_diff, repeat_rows
+from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 
 
@@ -172,6 +176,11 @@ class EdgeScores:
     def edges(self) -> list[tuple[str, str, float]]:
         return self.graph.edges(self.scores)
 
+    @property
+    def completeness(self) -> float:
+        """Sum of the `input` edges' normalised scores: 1 for exact integrated gradients."""
+        return float(self.scores[self.graph.sources.index("input")].sum())
+
 
 def run_with_grads(
     model: HookedTransformer,
@@ -221,8 +230,11 @@ def edge_attribution(
     *,
     graph: EdgeGraph | None = None,
     ig_steps: int = 0,
+    ig_rule: str = DEFAULT_IG_RULE,
 ) -> EdgeScores:
-    """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1) scores for every edge of `graph`."""
+    """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1, points chosen by `ig_rule`) scores
+    for every edge of `graph`."""
+    alphas = ig_alphas(ig_steps, ig_rule)
     graph = graph or model_graph(model)
     n = sum(b.size for b in batches)
     src_hooks, dst_hooks = _source_hooks(model, graph), _destination_hooks(model, graph)
@@ -237,11 +249,10 @@ def edge_attribution(
                 start = corrupt["blocks.0.hook_resid_pre"]
                 delta_in = clean["blocks.0.hook_resid_pre"] - start
                 grad_sum: torch.Tensor | None = None
-                for k in range(1, ig_steps + 1):
-                    point = start + (k / ig_steps) * delta_in
+                for alpha in alphas:
                     acts, _ = run_with_grads(
                         model, batch.corrupt, batch, [], dst_hooks,
-                        scale=1 / (n * ig_steps), embed_override=point,
+                        scale=1 / (n * len(alphas)), embed_override=start + alpha * delta_in,
                     )  # fmt: skip
                     grads = destination_grads(model, graph, _grads(acts))
                     grad_sum = grads if grad_sum is None else grad_sum + grads

@@ -129,8 +129,8 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
     path = Path(ref.location)
     if ref.kind == "zoo":
         cfg_kwargs = zoo_format.read_json(path / "config.json")
-        weights = zoo_format.load_zoo_weights(path)
-        model = engine.build_from_state_dict(cfg_kwargs, weights, source=path)
+        state_dict = zoo_format.load_zoo_weights(path)
+        model = engine.build_from_state_dict(cfg_kwargs, state_dict, source=path)
         tokenizer = _local_tokenizer(path)
         architecture = "zoo:" + str(zoo_format.read_json(path / "meta.json").get("task", ""))
         weight_files = [path / "config.json", path / "model.safetensors"]

@@ -9,9 +9,11 @@ clean-vs-corrupt gap of the metric, as for `eap`:
 * node `a` (a feature or an error): `sum_pos (a_clean - a_corrupt) . grad`, where `grad` is
   `d m / d a` averaged over `ig_steps` runs with the SAE's features and error interpolated from
   corrupt to clean (integrated gradients, as Marks et al. use for nodes; `ig_steps = 0` takes the
-  corrupt run's gradient, plain attribution patching). Each SAE is spliced in alone for its own
-  scores, the model running unchanged around it, so an SAE's scores add up to about the effect
-  of patching all of it (IG's completeness).
+  corrupt run's gradient, plain attribution patching; the interpolation points follow a Riemann
+  rule, `workbench.attribution.ig`). Each SAE is spliced in alone for its own scores, the model
+  running unchanged around it, so an SAE's scores add up to about the effect of patching all of
+  it, which is exactly the gap with the error node included (IG's completeness: each SAE's sum
+  is stored as `ig_completeness:{sae_id}`).
 * edge `u -> d` between SAEs at consecutive hooks: `sum_pos (u_clean - u_corrupt) .
   d/du [ sum_pos' grad_d . d ]` on the corrupt run, the part of `d`'s score that goes through
   `u` (one backward pass per downstream node, over the layers between the two hooks only).
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, logit_diff
+from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 from workbench.sae.hooks import hook_depth, hook_layer
 from workbench.sae.saes import LoadedSae
@@ -58,6 +61,7 @@ class SaeAttribution:
     metric_clean: float
     metric_corrupt: float
     selected: list[list[str]] = field(default_factory=list)  # per SAE, its kept nodes
+    completeness: dict[str, float] = field(default_factory=dict)  # per SAE id, sum of its scores
 
 
 class SplicedModel:
@@ -197,18 +201,20 @@ def _grad_run(
 Grads = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [batch][sae] -> (d m/d f, d m/d err)
 
 
-def node_attribution(spliced: SplicedModel, ig_steps: int = 0) -> tuple[dict[str, float], Grads]:
+def node_attribution(
+    spliced: SplicedModel, ig_steps: int = 0, ig_rule: str = DEFAULT_IG_RULE
+) -> tuple[dict[str, float], Grads]:
     """Every feature's and error's score, and the gradients (per batch and SAE) behind them.
 
     `ig_steps = 0`: attribution patching, gradients of the corrupt run. `ig_steps = N`:
     integrated gradients (as Marks et al. use for nodes): for each SAE, the gradient averaged
-    over N runs with that SAE's features and error interpolated from corrupt to clean
-    (`alpha = j / N`, j = 1..N), so an SAE's scores sum to nearly the whole effect of patching
-    all of it, however non-linear the layers after it are."""
+    over N runs with that SAE's features and error interpolated from corrupt to clean (at the
+    points of `ig_rule`), so an SAE's scores sum to nearly the whole effect of patching all of
+    it, however non-linear the layers after it are."""
     n_saes = len(spliced.saes)
     totals = [torch.zeros(s.d_sae + 1, dtype=torch.float64) for s in spliced.saes]
     grads_per_batch: Grads = []
-    alphas = [j / ig_steps for j in range(1, ig_steps + 1)] if ig_steps else [0.0]
+    alphas = ig_alphas(ig_steps, ig_rule)
     for b in tqdm(range(len(spliced.batches)), desc="sae_attr nodes", leave=False):
         sums = [
             (torch.zeros_like(spliced.corrupt[b][k][0]), torch.zeros_like(spliced.corrupt[b][k][1]))
@@ -226,7 +232,7 @@ def node_attribution(spliced: SplicedModel, ig_steps: int = 0) -> tuple[dict[str
             totals[k][:-1] += ((f_clean - f_corr) * g_f).sum((0, 1)).double()
             totals[k][-1] += float(((err_clean - err_corr) * g_err).sum())
         grads_per_batch.append([(g.detach(), e.detach()) for g, e in sums])
-    scale = 1.0 / (spliced.n * spliced.gap)
+    scale = spliced_scale(spliced)
     scores: dict[str, float] = {}
     for k in range(n_saes):
         for node, value in zip(spliced.node_ids(k), (totals[k] * scale).tolist(), strict=True):
@@ -239,6 +245,7 @@ def feature_circuit(
     spliced: SplicedModel,
     *,
     ig_steps: int = 10,
+    ig_rule: str = DEFAULT_IG_RULE,
     n_nodes: int = 16,
     target: float = 0.8,
     max_nodes: int = 256,
@@ -247,7 +254,7 @@ def feature_circuit(
     """Node scores; the faithfulness curve over the top 1, 2, 4, ... nodes; the smallest node
     set reaching `target`; edges among the kept nodes plus the `n_nodes` best of each SAE (at
     most `max_nodes` per SAE). Returns (attribution, curve, circuit nodes, faithfulness)."""
-    scores, grads = node_attribution(spliced, ig_steps)
+    scores, grads = node_attribution(spliced, ig_steps, ig_rule)
     ranked = sorted(scores, key=lambda n: -abs(scores[n]))
     curve = []
     for size in _sizes(len(ranked)):
@@ -271,6 +278,7 @@ def feature_circuit(
         metric_clean=spliced.m_clean,
         metric_corrupt=spliced.m_corrupt,
         selected=[[spliced.node_ids(k)[i] for i in sel] for k, sel in enumerate(selected)],
+        completeness=completeness(spliced, scores),
     )
     full_curve = [(n, len(circuit_edges(attribution, set(ranked[:n]))), f) for n, f in curve]
     return attribution, full_curve, kept, faith
@@ -278,6 +286,15 @@ def feature_circuit(
 
 def spliced_scale(spliced: SplicedModel) -> float:
     return 1.0 / (spliced.n * spliced.gap)
+
+
+def completeness(spliced: SplicedModel, scores: dict[str, float]) -> dict[str, float]:
+    """Per SAE, the sum of its nodes' scores: patching every node of an SAE (error included)
+    is the whole gap, so exact integrated gradients give 1."""
+    return {
+        sae_id: sum(scores.get(n, 0.0) for n in spliced.node_ids(k))
+        for k, sae_id in enumerate(spliced.sae_ids)
+    }
 
 
 def _sizes(n: int) -> list[int]:
