@@ -12,11 +12,18 @@ from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.tasks import load_task
 
 
-@pytest.fixture(scope="module", params=["zoo", "gpt2"])
-def model_and_batches(request, induction_final, induction_task, tiny_hf_dirs):
+@pytest.fixture(scope="module", params=["zoo", "gpt2", "llama", "norm-LN", "norm-RMS", "norm-None"])
+def model_and_batches(request, induction_final, induction_task, tiny_hf_dirs, norm_dirs):
+    """The induction zoo; random GPT-2 and Llama (grouped-query attention); random models with
+    LayerNorm, RMSNorm and no normalisation at all."""
     if request.param == "zoo":
         return induction_final.model, make_batches(induction_task)
-    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
+    if request.param.startswith("norm-"):
+        norm = request.param.removeprefix("norm-")
+        path = norm_dirs[None if norm == "None" else norm]
+    else:
+        path = tiny_hf_dirs[request.param]
+    loaded = load_checkpoint(resolve_checkpoints(str(path))[0])
     return loaded.model, make_batches(load_task("induction", loaded, n_prompts=12))
 
 
@@ -62,8 +69,9 @@ def test_patching_results_do_not_depend_on_batching(induction_final, induction_t
 
 @torch.no_grad()
 def test_dla_equals_removing_the_head_from_the_final_residual(model_and_batches):
-    """With the final layer-norm scale frozen, removing a head's last-position output from the
-    final residual stream changes the logit difference by exactly its DLA."""
+    """With the final normalisation's scale frozen (a model without one has nothing to freeze),
+    removing a head's last-position output from the final residual stream changes the logit
+    difference by exactly its DLA."""
     model, batches = model_and_batches
     batch = batches[0]
     dla = heads.direct_logit_attribution(model, batches)
@@ -80,13 +88,10 @@ def test_dla_equals_removing_the_head_from_the_final_residual(model_and_batches)
         def freeze_scale(scale, hook):
             return cache["ln_final.hook_scale"]
 
-        logits = model.run_with_hooks(
-            batch.clean,
-            fwd_hooks=[
-                (f"blocks.{last}.hook_resid_post", remove),
-                ("ln_final.hook_scale", freeze_scale),
-            ],
-        )
+        hooks = [(f"blocks.{last}.hook_resid_post", remove)]
+        if hasattr(model, "ln_final"):
+            hooks.append(("ln_final.hook_scale", freeze_scale))
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
         change = base - logit_diff(logits, batch.answer, batch.wrong).mean()
         assert float(change) == pytest.approx(float(dla.scores[layer, head]), abs=1e-4)
 

@@ -11,9 +11,11 @@ from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.tasks import load_task
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny_hf_dirs):
-    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, tiny_hf_dirs):
+    """A random GPT-2, and a random Llama whose 4 query heads share 2 key/value heads: its
+    `head_k`/`head_v` scores are per query head, as TransformerLens's functions give them."""
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs[request.param]))[0])
     (batch,) = make_batches(load_task("induction", loaded, n_prompts=6))
     return loaded.model, batch
 
@@ -59,8 +61,8 @@ CASES = [
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize(("component", "by_position", "tl_fn", "reshape"), CASES)
-def test_matches_transformer_lens(gpt2, component, by_position, tl_fn, reshape, direction):
-    model, batch = gpt2
+def test_matches_transformer_lens(tiny, component, by_position, tl_fn, reshape, direction):
+    model, batch = tiny
     ours = patch_sweep(
         model,
         [batch],
@@ -70,12 +72,74 @@ def test_matches_transformer_lens(gpt2, component, by_position, tl_fn, reshape, 
         max_rows=20,
     )
     reference = _tl(tl_fn, model, batch, direction)
-    torch.testing.assert_close(reshape(ours.scores), reference.float(), atol=1e-4, rtol=0)
+    scores = reshape(ours.scores)
+    if component in ("head_k", "head_v") and model.cfg.n_key_value_heads is not None:
+        # TransformerLens's loop covers the first n_key_value_heads query heads' copies only;
+        # every query head's copy is checked against a direct intervention below
+        scores = scores[..., : model.cfg.n_key_value_heads]
+    torch.testing.assert_close(scores, reference.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("port", ["k", "v"])
+@torch.no_grad()
+def test_grouped_query_attention_nodes_are_per_query_head(tiny_hf_dirs, port):
+    """With 4 query heads sharing 2 key/value heads, `a{L}.h{H}<k>` is query head H's own copy
+    of its group's key: patching it changes that query head alone, and its score is that
+    intervention's effect; patching every query head of a group is patching the group."""
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["llama"]))[0])
+    model = loaded.model
+    (batch,) = make_batches(load_task("induction", loaded, n_prompts=6))
+    assert model.cfg.n_key_value_heads == 2 and model.cfg.n_heads == 4
+    ours = patch_sweep(model, [batch], component=f"head_{port}", direction="denoise")
+    _, clean = model.run_with_cache(batch.clean)
+    metric = _metric(model, batch, "denoise")
+    for layer in range(model.cfg.n_layers):
+        name = f"blocks.{layer}.attn.hook_{port}"
+        for head in range(model.cfg.n_heads):
+
+            def patch(act, hook, head=head):
+                act[:, :, head] = clean[hook.name][:, :, head]
+                return act
+
+            logits = model.run_with_hooks(batch.corrupt, fwd_hooks=[(name, patch)])
+            expected = float(metric(logits))
+            assert float(ours.scores[layer, head, 0]) == pytest.approx(expected, abs=1e-4)
+        # the whole group 0 (query heads 0 and 1) is TransformerLens's grouped key/value head 0
+        group = model.run_with_hooks(
+            batch.corrupt,
+            fwd_hooks=[
+                (name, lambda act, hook: torch.cat([clean[hook.name][:, :, :2], act[:, :, 2:]], 2))
+            ],
+        )
+        grouped = _grouped_patch(tiny_hf_dirs["llama"], batch, layer, port)
+        assert float(metric(group)) == pytest.approx(grouped, abs=1e-4)
+
+
+def _grouped_patch(path, batch, layer, port) -> float:
+    """TransformerLens's own patch of key/value head 0 of `layer` on the grouped model."""
+    from transformer_lens import HookedTransformer
+
+    from workbench.models import engine
+
+    cfg = engine._tl_config(path)
+    cfg.ungroup_grouped_query_attention = False
+    grouped = HookedTransformer(cfg, move_to_device=False)
+    ungrouped = load_checkpoint(resolve_checkpoints(str(path))[0]).model
+    grouped.load_state_dict(ungrouped.state_dict(), strict=False)
+    grouped.eval()
+    with torch.no_grad():
+        _, clean = grouped.run_with_cache(batch.clean)
+    fn = (
+        patching.get_act_patch_attn_head_k_all_pos
+        if port == "k"
+        else (patching.get_act_patch_attn_head_v_all_pos)
+    )
+    return float(fn(grouped, batch.corrupt, clean, _metric(grouped, batch, "denoise"))[layer, 0])
 
 
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
-def test_zero_and_mean_ablation_match_transformer_lens(gpt2, ablation):
-    model, batch = gpt2
+def test_zero_and_mean_ablation_match_transformer_lens(tiny, ablation):
+    model, batch = tiny
     ours = patch_sweep(model, [batch], component="head_out", direction="noise", ablation=ablation)
     _, clean_cache = model.run_with_cache(batch.clean)
     replaced = {}
@@ -93,8 +157,8 @@ def test_zero_and_mean_ablation_match_transformer_lens(gpt2, ablation):
 
 
 @torch.no_grad()
-def test_attn_out_all_positions_is_a_real_intervention(gpt2):
-    model, batch = gpt2
+def test_attn_out_all_positions_is_a_real_intervention(tiny):
+    model, batch = tiny
     ours = patch_sweep(model, [batch], component="attn_out", direction="denoise")
     _, clean = model.run_with_cache(batch.clean)
     metric = _metric(model, batch, "denoise")
@@ -116,7 +180,7 @@ def test_mlp_component_on_attention_only_model_is_refused(induction_final, induc
         )
 
 
-def test_ablation_other_than_resample_needs_noising(gpt2):
-    model, batch = gpt2
+def test_ablation_other_than_resample_needs_noising(tiny):
+    model, batch = tiny
     with pytest.raises(ValueError, match="noising only"):
         patch_sweep(model, [batch], component="head_out", direction="denoise", ablation="zero")

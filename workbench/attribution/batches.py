@@ -63,9 +63,18 @@ def final_logit_diff(
     """`logit_diff` from the final residual stream, unembedding only the last position and the
     two tokens compared: the same numbers as the full logits, without the `d_vocab`-wide matmul
     over every position."""
-    last = model.ln_final(resid_final[:, -1:, :])[:, 0]  # [b, d_model]
+    last = final_norm(model, resid_final[:, -1:, :])[:, 0]  # [b, d_model]
     direction = model.W_U[:, answer] - model.W_U[:, wrong]  # [d_model, b]
     return torch.einsum("bd,db->b", last, direction) + model.b_U[answer] - model.b_U[wrong]
+
+
+def final_norm(
+    model: "HookedTransformer", resid: Float[torch.Tensor, "batch pos d_model"]
+) -> Float[torch.Tensor, "batch pos d_model"]:
+    """The model's final normalisation (LayerNorm or RMSNorm, folded or not), or the identity
+    for a model without one (`normalization_type` None)."""
+    ln_final = getattr(model, "ln_final", None)
+    return resid if ln_final is None else ln_final(resid)
 
 
 def repeat_rows(batch_values: torch.Tensor, copies: int) -> torch.Tensor:

@@ -67,19 +67,22 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
     n = sum(b.size for b in batches)
     total = torch.zeros(cfg.n_layers, cfg.n_heads)
     metrics = [0.0, 0.0]
+    # the final normalisation, linearised at the clean run: centring (LayerNorm only) and the
+    # division by the clean run's scale; a model without one unembeds the residual as it is
+    normalised = hasattr(model, "ln_final")
     for batch in batches:
         names = lambda name: name.endswith("hook_z") or name == "ln_final.hook_scale"  # noqa: E731
         logits, cache = model.run_with_cache(batch.clean, names_filter=names)
         metrics[0] += float(logit_diff(logits, batch.answer, batch.wrong).sum())
         metrics[1] += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
         direction = model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]  # [d_model, b]
-        scale = cache["ln_final.hook_scale"][:, -1]  # [b, 1]
         for layer in range(cfg.n_layers):
             z_last = cache["z", layer][:, -1]  # [b, head, d_head]
             out = torch.einsum("bhe,hed->bhd", z_last, model.W_O[layer])
             if cfg.normalization_type in ("LN", "LNPre"):
                 out = out - out.mean(-1, keepdim=True)
-            out = out / scale[:, None, :]
+            if normalised:
+                out = out / cache["ln_final.hook_scale"][:, -1][:, None, :]
             total[layer] += torch.einsum("bhd,db->h", out, direction)
     scores = total / n
     edges = [

@@ -28,10 +28,20 @@ warnings.filterwarnings("ignore", message=r".*TransformerBridge.*", category=Dep
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens import loading_from_pretrained as tl_loading  # noqa: E402
 
-# Hugging Face architectures whose TransformerLens weight converters we support offline.
+# Hugging Face architectures whose TransformerLens weight converters we support offline (each
+# checked against the Hugging Face model's logits in tests/models/test_architectures.py), by
+# the `model_type` a config.json without `architectures` names.
 HF_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
     "GPTNeoXForCausalLM": "gpt_neox",
+    "GPTJForCausalLM": "gptj",
+    "OPTForCausalLM": "opt",
+    "BloomForCausalLM": "bloom",
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 MODEL_TYPE_TO_ARCHITECTURE = {v: k for k, v in HF_ARCHITECTURES.items()}
 
@@ -215,8 +225,10 @@ def _tl_config(path: Path) -> HookedTransformerConfig:
     - TransformerLens picks some architectures by substrings of the path it is given (a path
       containing `llama` or `gemma` never has its config read), so it is given a neutral one;
     - transformers 5 no longer writes GPT-2's `n_ctx` (only `n_positions`), which
-      TransformerLens's GPT-2 converter reads: it is filled in from `n_positions`."""
+      TransformerLens's GPT-2 converter reads: it is filled in from `n_positions`;
+    - a config without `architectures` gets the one its `model_type` names."""
     config = json.loads((path / "config.json").read_text())
+    config["architectures"] = [hf_architecture(config, path)]  # TransformerLens reads the first
     if config.get("model_type") == "gpt2" and "n_ctx" not in config:
         config["n_ctx"] = config.get("n_positions", 1024)
     with tempfile.TemporaryDirectory(prefix="workbench-hf-config-") as staged:
@@ -224,6 +236,12 @@ def _tl_config(path: Path) -> HookedTransformerConfig:
         cfg = tl_loading.get_pretrained_model_config(staged, fold_ln=True, device="cpu")
     cfg.model_name = path.name
     cfg.tokenizer_name = None  # the workbench loads the directory's tokenizer itself
+    if cfg.n_key_value_heads is not None:
+        # grouped-query attention: every query head gets its own copy of its group's key and
+        # value weights, so `hook_k_input`, `hook_k`, `hook_v` (and the node a{L}.h{H}<k|v>)
+        # are per query head, as TransformerLens's patching functions see them (README, "Grouped-
+        # query attention"). The forward pass is unchanged.
+        cfg.ungroup_grouped_query_attention = True
     return cfg
 
 

@@ -1,0 +1,111 @@
+"""The architectures researchers have: each Hugging Face architecture the workbench converts,
+from a directory and from a Trainer run, with logits equal to the Hugging Face model's; every
+normalisation TransformerLens supports; and every method running on each kind of model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+from workbench.cli import cli
+from workbench.models import engine, load_checkpoint, resolve_checkpoints
+
+SMALL = {"num_hidden_layers": 2, "vocab_size": 97}
+DECODER = SMALL | {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+DECODER |= {"max_position_embeddings": 64}
+GQA = DECODER | {"num_key_value_heads": 2}
+
+# architecture -> (config class, config kwargs): tiny random models of every supported kind
+CONFIGS = {
+    "GPT2LMHeadModel": ("GPT2Config", {"n_layer": 2, "n_embd": 32, "n_head": 4, "vocab_size": 97}),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", DECODER | {"rotary_pct": 0.5}),
+    "GPTJForCausalLM": ("GPTJConfig", {"n_layer": 2, "n_embd": 32, "n_head": 4, "rotary_dim": 4}),
+    "OPTForCausalLM": (
+        "OPTConfig",
+        SMALL | {"hidden_size": 32, "num_attention_heads": 4, "ffn_dim": 64},
+    ),
+    "BloomForCausalLM": ("BloomConfig", {"hidden_size": 32, "n_layer": 2, "n_head": 4}),
+    "LlamaForCausalLM": ("LlamaConfig", GQA),
+    "MistralForCausalLM": ("MistralConfig", GQA | {"sliding_window": None}),
+    "MixtralForCausalLM": (
+        "MixtralConfig",
+        GQA | {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    "Qwen2ForCausalLM": ("Qwen2Config", GQA),
+    "Qwen3ForCausalLM": ("Qwen3Config", GQA | {"head_dim": 8}),
+}
+
+
+def test_every_supported_architecture_has_a_case():
+    assert set(CONFIGS) == set(engine.HF_ARCHITECTURES)
+
+
+def _save(arch: str, out, seed: int = 0):
+    config_class, kwargs = CONFIGS[arch]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class)(**{"vocab_size": 97} | kwargs)
+    model = getattr(transformers, arch)(config).eval()
+    model.save_pretrained(str(out))
+    return model
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_directory_and_trainer_run_logits_match_hugging_face(tmp_path, arch):
+    run = tmp_path / "my-llama-run"  # the name must not choose the architecture
+    hf_models = {step: _save(arch, run / f"checkpoint-{step}", seed=step) for step in (5, 10)}
+    refs = resolve_checkpoints(str(run))
+    assert [r.step for r in refs] == [5, 10]
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    for ref in refs:
+        loaded = load_checkpoint(ref)
+        assert loaded.info.architecture == arch
+        with torch.no_grad():
+            ours, theirs = loaded.model(tokens), hf_models[ref.step](tokens).logits
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    (single,) = resolve_checkpoints(str(run / "checkpoint-10"))
+    assert single.step == 10 and single.model_id == refs[0].model_id
+
+
+def test_unsupported_architecture_is_bad_input(tmp_path, capsys):
+    path = tmp_path / "gemma"
+    config = transformers.GemmaConfig(**GQA, head_dim=8)
+    transformers.GemmaForCausalLM(config).save_pretrained(str(path))
+    argv = ["run", "heads", "--model", str(path), "--task", "induction"]
+    assert cli([*argv, "--db", str(tmp_path / "w.duckdb")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path / 'config.json'}: architecture 'GemmaForCausalLM' is not supported" in err
+
+
+def test_config_without_architectures_uses_its_model_type(tmp_path, tiny_hf_dirs):
+    path = tmp_path / "no-architectures"
+    shutil.copytree(tiny_hf_dirs["llama"], path)
+    config = json.loads((path / "config.json").read_text())
+    del config["architectures"]
+    (path / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(resolve_checkpoints(str(path))[0]).info.architecture == (
+        "LlamaForCausalLM"
+    )
+
+
+def _model_dirs(tiny_hf_dirs, norm_dirs):
+    dirs = {f"norm-{norm}": path for norm, path in norm_dirs.items()}
+    return dirs | {"llama-gqa": tiny_hf_dirs["llama"], "gpt-neox": tiny_hf_dirs["gpt_neox"]}
+
+
+@pytest.mark.parametrize(
+    "kind", ["norm-LN", "norm-LNPre", "norm-RMS", "norm-RMSPre", "norm-None", "llama-gqa"]
+)
+def test_every_method_runs(tmp_path, tiny_hf_dirs, norm_dirs, kind, capsys):
+    """heads (every method), patching (every component) and edges (every method) store a run
+    for each normalisation and for grouped-query attention."""
+    model = _model_dirs(tiny_hf_dirs, norm_dirs)[kind]
+    common = ["--model", str(model), "--task", "induction", "--n-prompts", "6"]
+    common += ["--db", str(tmp_path / "w.duckdb")]
+    assert cli(["run", "heads", *common]) == 0
+    assert cli(["run", "patching", *common]) == 0
+    methods = ["--method", "eap", "--method", "eap_ig", "--method", "exact_edge"]
+    assert cli(["run", "edges", *common, *methods, "--method", "acdc"]) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out and out.count("done") >= 5 + 2 + 4
