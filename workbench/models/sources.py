@@ -141,6 +141,7 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
         architecture = engine.hf_architecture(config, path)
         model = engine.from_hf_directory(path)
         tokenizer = _local_tokenizer(path)
+        model.cfg.default_prepend_bos = engine.prepends_bos(architecture, tokenizer)
         weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
         sha = sha256_files([path / "config.json", *weights])
     else:

@@ -1,0 +1,111 @@
+"""SmolLM2-135M-Instruct, a real pretrained Llama (`make smollm2`), through the pipelines.
+
+Slow (a forward pass over 16 short prompts takes seconds on two cores), so marked `slow`:
+`make test` runs it when the model has been imported, `make test-real` imports it and runs it.
+What it checks against is computed here independently of the pipelines: the induction score of
+every head from its attention pattern on repeated random tokens.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.sae.conftest import query
+from workbench.cli import cli
+from workbench.models import load_checkpoint, resolve_checkpoints
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2 = Path(os.environ.get("WORKBENCH_SMOLLM2", ROOT / "data/models/smollm2-135m-instruct"))
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (SMOLLM2 / "model.safetensors").is_file(),
+        reason=f"SmolLM2 is not imported at {SMOLLM2} (make smollm2)",
+    ),
+]
+N_PROMPTS = "16"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_checkpoint(resolve_checkpoints(str(SMOLLM2))[0])
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> Path:
+    db = tmp_path_factory.mktemp("smollm2") / "w.duckdb"
+    common = ["--model", str(SMOLLM2), "--n-prompts", N_PROMPTS, "--db", str(db)]
+    for task in ("induction", "ioi"):
+        argv = ["run", "heads", "--task", task, *common, "--method", "dla"]
+        assert cli([*argv, "--method", "act_patch_noise"]) == 0
+    return db
+
+
+def induction_scores(loaded, period: int = 20) -> torch.Tensor:
+    """[layer, head]: mean attention from each token of the second copy of a random sequence
+    to the token after its first occurrence."""
+    generator = torch.Generator().manual_seed(0)
+    first = torch.randint(1000, 20000, (8, period), generator=generator)
+    tokens = torch.cat([first, first], 1)
+    model = loaded.model
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+    query_pos = torch.arange(period, 2 * period)
+    return torch.stack(
+        [
+            cache["pattern", layer][:, :, query_pos, query_pos - period + 1].mean((0, 2))
+            for layer in range(model.cfg.n_layers)
+        ]
+    )
+
+
+def _scores(db: Path, task: str, method: str) -> dict[str, float]:
+    rows = query(
+        db,
+        """SELECT s.node_id, s.score FROM node_scores s JOIN runs r USING (run_id)
+           WHERE r.method = ? AND r.task_id LIKE ? AND s.position IS NULL""",
+        [method, f"{task}-%"],
+    )
+    return {r["node_id"]: r["score"] for r in rows}
+
+
+def _gap(db: Path, task: str) -> tuple[float, float]:
+    (row,) = query(
+        db,
+        "SELECT metric_clean, metric_corrupt FROM runs WHERE method = 'dla' AND task_id LIKE ?",
+        [f"{task}-%"],
+    )
+    return row["metric_clean"], row["metric_corrupt"]
+
+
+def test_smollm2_loads_as_the_model_it_is(smollm2):
+    cfg = smollm2.model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_key_value_heads) == (30, 576, 9, 3)
+    assert cfg.d_vocab == 49152 and not smollm2.prepend_bos
+    ids = smollm2.encode(" The capital of France is", prompt=True)
+    with torch.no_grad():
+        top = smollm2.model(torch.tensor([ids]))[0, -1].argmax()
+    assert smollm2.decode([int(top)]).strip() == "Paris"
+
+
+def test_induction_task_is_done_by_its_induction_heads(db, smollm2, measured):
+    clean, corrupt = _gap(db, "induction")
+    assert measured("induction_gap", clean - corrupt) > 5  # measured 12.2
+    induction = induction_scores(smollm2)
+    noising = _scores(db, "induction", "act_patch_noise")
+    top = sorted(noising, key=lambda n: -noising[n])[:10]
+    strong = [n for n in top if induction[int(n[1 : n.index(".")]), int(n.split("h")[-1])] > 0.3]
+    # of the ten heads whose removal costs the most, those with an induction pattern: measured
+    assert measured("induction_heads_in_top10", len(strong)) >= 2
+    layer, head = divmod(int(induction.argmax()), smollm2.model.cfg.n_heads)
+    assert measured("best_induction_head_noising", noising[f"a{layer}.h{head}"]) > 0.05
+
+
+def test_ioi_prefers_the_indirect_object(db, measured):
+    clean, corrupt = _gap(db, "ioi")
+    assert measured("ioi_logit_diff", clean) > 0.5
+    dla = _scores(db, "ioi", "dla")
+    top = max(dla, key=lambda n: dla[n])
+    assert measured("ioi_top_dla", dla[top]) > 0.2
