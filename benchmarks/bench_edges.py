@@ -6,6 +6,8 @@ same run on the same model and prompts.
 * EAP vs exact edge patching (one partial forward pass per edge).
 * EAP-IG vs EAP, against the predicted (2 + 3 steps) / 4: IG does the clean and corrupt forward
   passes plus `steps` forward+backward passes (a backward costs about two forwards).
+* The faithfulness curve an edge run stores (every point ablates every edge outside its top-n,
+  several points per batched forward pass) vs one plain forward pass per point.
 * Edge rows written per second into DuckDB by the store's bulk Arrow insert vs row-wise
   `executemany` (target >= 1M rows/s).
 
@@ -30,6 +32,7 @@ from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # 
 
 
 def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    from workbench import circuits
     from workbench.attribution import edges
     from workbench.attribution.batches import logit_diff, make_batches
     from workbench.tasks import load_task
@@ -52,6 +55,18 @@ def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list
         [name, f"{graph.n_edges}", "EAP / (1 forward + 1 backward)", f"{t_eap / t_fb:.2f}", "<= 4"],
         [name, f"{graph.n_edges}", f"EAP-IG ({steps} steps) / EAP", f"{t_ig / t_eap:.2f}",
          f"{(2 + 3 * steps) / 4:.2f} predicted"],
+    ]  # fmt: skip
+    edge_list = edges.edge_attribution(model, batches).edges()
+    points = len(circuits.size_grid(len(edge_list)))
+    with torch.no_grad():
+        t_forward = best_time(lambda: model(batch.clean))
+    t_curve = best_time(
+        lambda: circuits.faithfulness_curve(model, batches, graph, edge_list), repeats=1
+    )
+    rows += [
+        [name, f"{graph.n_edges}", f"curve ({points} points) / {points} forward passes",
+         f"{t_curve / (points * t_forward):.2f}", "a small multiple"],
+        [name, f"{graph.n_edges}", "faithfulness curve / EAP", f"{t_curve / t_eap:.2f}", ""],
     ]  # fmt: skip
     if with_exact:
         t_exact = best_time(lambda: edges.exact_edge_patching(model, batches), repeats=1)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff
+from workbench.attribution.batches import PromptBatch, logit_diff, repeat_rows
 from workbench.attribution.edges import EdgeGraph, graph_hooks_enabled, source_outputs
 from workbench.attribution.patching import metric_gap
 from workbench.graph import split_port
@@ -90,18 +90,33 @@ class EdgeAblator:
             out[self.index_src[edge[0]], self.index_dst[edge[1]]] = 1.0
         return out
 
-    @torch.no_grad()
     def faithfulness_of_kept(self, kept: torch.Tensor) -> float:
         """Normalised metric with every valid edge outside `kept` ablated."""
-        removed = self.graph.valid.float() * (1 - kept)
-        total = 0.0
+        return self.faithfulness_of_many([kept])[0]
+
+    @torch.no_grad()
+    def faithfulness_of_many(self, kept: list[torch.Tensor], *, max_rows: int = 64) -> list[float]:
+        """`faithfulness_of_kept` of several edge masks, as many per forward pass as fit in
+        `max_rows` prompt rows (each mask runs on its own copy of the batch)."""
+        valid = self.graph.valid.float()
+        removed = torch.stack([valid * (1 - k) for k in kept])  # [m, n_src, n_dst]
+        totals = torch.zeros(len(kept), dtype=torch.float64)
         with graph_hooks_enabled(self.model, self.graph):
             for batch, corrupt_out in zip(self.batches, self.corrupt_out, strict=True):
-                logits = _run_with_removed_edges(
-                    self.model, batch, self.graph, removed, corrupt_out
-                )
-                total += float(logit_diff(logits, batch.answer, batch.wrong).sum())
-        return (total / self.n - self.m_corrupt) / self.gap
+                per_pass = max(1, max_rows // batch.size)
+                for first in range(0, len(kept), per_pass):
+                    chunk = removed[first : first + per_pass]
+                    logits = _run_with_removed_edges(
+                        self.model, batch, self.graph, chunk, corrupt_out
+                    )
+                    copies = chunk.shape[0]
+                    answer, wrong = (
+                        repeat_rows(batch.answer, copies),
+                        repeat_rows(batch.wrong, copies),
+                    )
+                    metric = logit_diff(logits, answer, wrong).view(copies, batch.size)
+                    totals[first : first + copies] += metric.sum(1).double()
+        return [(float(t) / self.n - self.m_corrupt) / self.gap for t in totals]
 
 
 def faithfulness(
@@ -119,28 +134,41 @@ def _run_with_removed_edges(
     removed: torch.Tensor,
     corrupt_out: torch.Tensor,
 ) -> torch.Tensor:
-    """Clean forward pass in which each destination's input moves by
-    `sum over removed sources of (src_corrupt - src_current)`."""
+    """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
+    in which each destination's input moves by `sum over removed sources of
+    (src_corrupt - src_current)`. Sources are recorded in graph order as the pass reaches
+    them; `diffs` holds `src_corrupt - src_current` for those seen so far (a destination only
+    reads sources upstream of it, which the pass has already recorded)."""
     cfg = model.cfg
-    current: dict[int, torch.Tensor] = {}  # source index -> its output in this run
+    copies = removed.shape[0]
+    n_src, b = corrupt_out.shape[0], batch.size
+    diffs = torch.zeros(n_src, copies * b, *corrupt_out.shape[2:], dtype=corrupt_out.dtype)
+    corrupt_rows = repeat_rows(corrupt_out.transpose(0, 1), copies).transpose(0, 1)
     order = {name: i for i, name in enumerate(graph.sources)}
+    seen = [0]  # how many sources (a prefix of graph.sources) have been recorded
+
+    def record(index: int, out: torch.Tensor) -> None:
+        diffs[index] = corrupt_rows[index] - out
+        seen[0] = max(seen[0], index + 1)
 
     def record_input(act: torch.Tensor, hook: object) -> None:
-        current[order["input"]] = act.clone()
+        record(order["input"], act)
 
     def record_heads(z: torch.Tensor, hook: object) -> None:
         layer = int(hook.name.split(".")[1])  # type: ignore[attr-defined]
         outs = torch.einsum("bphe,hed->hbpd", z, model.W_O[layer])
-        for head in range(cfg.n_heads):
-            current[order[f"a{layer}.h{head}"]] = outs[head]
+        first = order[f"a{layer}.h0"]
+        diffs[first : first + cfg.n_heads] = corrupt_rows[first : first + cfg.n_heads] - outs
+        seen[0] = max(seen[0], first + cfg.n_heads)
 
     def record_mlp(act: torch.Tensor, hook: object) -> None:
-        current[order[f"m{hook.name.split('.')[1]}"]] = act.clone()  # type: ignore[attr-defined]
+        record(order[f"m{hook.name.split('.')[1]}"], act)  # type: ignore[attr-defined]
 
     def shift_for(dst_indices: list[int]) -> torch.Tensor:
-        srcs = sorted(current)
-        diffs = corrupt_out[srcs] - torch.stack([current[s] for s in srcs])  # [s, b, p, d]
-        return torch.einsum("sbpd,st->tbpd", diffs, removed[srcs][:, dst_indices])
+        k = seen[0]
+        upstream = diffs[:k].view(k, copies, b, *diffs.shape[2:])  # [s, m, b, p, d]
+        shift = torch.einsum("smbpd,mst->tmbpd", upstream, removed[:, :k][:, :, dst_indices])
+        return shift.reshape(len(dst_indices), copies * b, *diffs.shape[2:])
 
     dst_index = {d: i for i, d in enumerate(graph.destinations)}
 
@@ -164,7 +192,7 @@ def _run_with_removed_edges(
         if f"m{layer}" in graph.sources:
             hooks.append((f"blocks.{layer}.hook_mlp_out", record_mlp))
     hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", move_single("logits")))
-    return model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+    return model.run_with_hooks(repeat_rows(batch.clean, copies), fwd_hooks=hooks)
 
 
 def size_grid(n_edges: int, points: int = 12) -> list[int]:
@@ -178,11 +206,11 @@ def faithfulness_curve(
 ) -> list[tuple[int, int, float]]:
     """(requested top-n, edges kept on input->logits paths, faithfulness) along a size grid."""
     ablator = EdgeAblator(model, batches, graph)
-    curve = []
-    for size in size_grid(len(edges)):
-        kept = select(edges, f"top:{size}").edges
-        curve.append((size, len(kept), ablator.faithfulness_of_kept(ablator.mask(kept))))
-    return curve
+    sizes = size_grid(len(edges))
+    ranked = sorted(edges, key=lambda e: -abs(e[2]))
+    kept = [on_input_to_logits_paths(ranked[:size]) for size in sizes]
+    values = ablator.faithfulness_of_many([ablator.mask(k) for k in kept])
+    return [(size, len(k), v) for size, k, v in zip(sizes, kept, values, strict=True)]
 
 
 def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Edge], float]:

@@ -41,6 +41,7 @@ def db(tmp_path_factory) -> Path:
     for task in ("induction", "ioi"):
         argv = ["run", "heads", "--task", task, *common, "--method", "dla"]
         assert cli([*argv, "--method", "act_patch_noise"]) == 0
+    assert cli(["run", "edges", "--task", "induction", *common, "--method", "eap"]) == 0
     return db
 
 
@@ -109,3 +110,22 @@ def test_ioi_prefers_the_indirect_object(db, measured):
     dla = _scores(db, "ioi", "dla")
     top = max(dla, key=lambda n: dla[n])
     assert measured("ioi_top_dla", dla[top]) > 0.2
+
+
+def test_eap_over_every_edge_and_its_faithfulness_curve(db, measured):
+    """All ~123,000 edges scored; the curve runs from the empty circuit (0) to the full graph
+    (1, exactly: nothing ablated), and the stored circuit is the smallest top-n reaching 0.8."""
+    (run,) = query(db, "SELECT run_id FROM runs WHERE method = 'eap'")
+    (n_edges,) = query(db, "SELECT count(*) AS n FROM edges WHERE run_id = ?", [run["run_id"]])
+    assert n_edges["n"] > 120_000
+    curve = query(
+        db,
+        "SELECT * FROM faithfulness_curves WHERE run_id = ? ORDER BY requested_edges",
+        [run["run_id"]],
+    )
+    assert curve[0]["faithfulness"] == pytest.approx(0.0, abs=1e-3)
+    assert curve[-1]["faithfulness"] == pytest.approx(1.0, abs=1e-3)
+    (circuit,) = query(db, "SELECT * FROM circuits WHERE run_id = ?", [run["run_id"]])
+    smallest = min(c["requested_edges"] for c in curve if c["faithfulness"] >= 0.8)
+    assert circuit["rule"] == f"top:{smallest}" and circuit["faithfulness"] >= 0.8
+    measured("eap_circuit_edges", circuit["n_edges"])
