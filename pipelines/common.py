@@ -36,6 +36,8 @@ class PipelineConfig:
     force: bool = False
     n_prompts: int | None = None
     max_batch: int = 64
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, bfloat16, float16
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,13 +105,20 @@ def now() -> datetime:
 # Parameters added after runs were first stored, with the value that reproduces those runs'
 # numbers: at that value a parameter is left out of the run key, so a stored run keeps its key
 # (and is skipped, not repeated) while `runs.params` still records the value.
-KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right"}
+KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right", "dtype": "float32"}
+# Recorded in `runs.params` but never part of the run key: where a run computed does not change
+# what it computes (up to float order), so a run made on a GPU is not repeated on a CPU.
+KEY_EXCLUDED = {"device"}
 
 
 def run_key(
     pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
 ) -> str:
-    keyed = {k: v for k, v in params.items() if k not in KEY_DEFAULTS or KEY_DEFAULTS[k] != v}
+    keyed = {
+        k: v
+        for k, v in params.items()
+        if k not in KEY_EXCLUDED and (k not in KEY_DEFAULTS or KEY_DEFAULTS[k] != v)
+    }
     return sha256_json(
         {
             "pipeline": pipeline,
@@ -137,12 +146,14 @@ def run_pipeline(
     db: str | None = None,
     force: bool = False,
     n_prompts: int | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
 ) -> list[RunOutcome]:
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     outcomes: list[RunOutcome] = []
     with Store(db) as store:
         for ref in tqdm(refs, desc=f"{pipeline} checkpoints", disable=len(refs) < 2):
-            loaded = load_checkpoint(ref)
+            loaded = load_checkpoint(ref, device=device, dtype=dtype)
             the_task = load_task(task, loaded, n_prompts=n_prompts)
             registry = {
                 "models": records.model_rows(loaded.info),
@@ -166,7 +177,8 @@ def _run_one(
     force: bool,
 ) -> RunOutcome:
     ckpt = loaded.checkpoint
-    method, params = spec.method, spec.params
+    placement = {"device": str(loaded.model.cfg.device), "dtype": _dtype_name(loaded)}
+    method, params = spec.method, {**spec.params, **placement}
     key = run_key(pipeline, method, ckpt.sha256, task.sha256, params)
     existing = store.done_run(key)
     if existing and not force:
@@ -213,7 +225,13 @@ def run_configured(pipeline: str, cfg: PipelineConfig, plan: Planner) -> list[Ru
         db=cfg.db,
         force=cfg.force,
         n_prompts=cfg.n_prompts,
+        device=cfg.device,
+        dtype=cfg.dtype,
     )
+
+
+def _dtype_name(loaded: LoadedModel) -> str:
+    return str(loaded.model.cfg.dtype).removeprefix("torch.")
 
 
 def pipeline_main(pipeline: str, argv: list[str] | None) -> None:

@@ -54,9 +54,9 @@ def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
 def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -> MethodResult:
     from workbench import circuits
     from workbench.attribution import edges
-    from workbench.attribution.batches import make_batches
+    from workbench.attribution.batches import make_batches, model_device
 
-    batches = make_batches(task, max_batch=cfg.max_batch)
+    batches = make_batches(task, max_batch=cfg.max_batch, device=model_device(loaded.model))
     if method == "acdc":
         return _acdc(loaded, batches, cfg)
     if method == "exact_edge":

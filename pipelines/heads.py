@@ -37,10 +37,10 @@ def method_params(method: str) -> dict[str, Any]:
 
 def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> MethodResult:
     from workbench.attribution import heads as head_methods
-    from workbench.attribution.batches import make_batches
+    from workbench.attribution.batches import make_batches, model_device
 
     model = loaded.model
-    batches = make_batches(task, max_batch=max_batch)
+    batches = make_batches(task, max_batch=max_batch, device=model_device(loaded.model))
     if method == "dla":
         result = head_methods.direct_logit_attribution(model, batches)
     elif method == "act_patch_denoise":

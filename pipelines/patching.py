@@ -46,12 +46,12 @@ def compute(
     max_batch: int,
     max_rows: int,
 ) -> MethodResult:
-    from workbench.attribution.batches import make_batches
+    from workbench.attribution.batches import make_batches, model_device
     from workbench.attribution.patching import patch_sweep
 
     result = patch_sweep(
         loaded.model,
-        make_batches(task, max_batch=max_batch),
+        make_batches(task, max_batch=max_batch, device=model_device(loaded.model)),
         component=component,
         direction=direction,  # type: ignore[arg-type]
         ablation=ablation,  # type: ignore[arg-type]

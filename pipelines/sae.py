@@ -117,6 +117,7 @@ def features_params(source: SaeSource, cfg: SaeConfig, corpus: Corpus) -> dict[s
         "corpus_sha256": corpus.sha256,
         "context_size": corpus.context_size,
         "top_k_examples": cfg.top_k_examples,
+        "dtype": cfg.dtype,  # the run key (and so the SAE id) of a run in another dtype differs
     }
 
 
@@ -249,12 +250,12 @@ def compute_attr(
 ) -> MethodResult:
     """`sources`: (sae_id, directory or pretrained spec) of each SAE to splice in."""
     from workbench import circuits
-    from workbench.attribution.batches import make_batches
+    from workbench.attribution.batches import make_batches, model_device
     from workbench.sae import attribution
 
     saes = [load_sae(spec, loaded) for _, spec in sources]
     sae_ids = [sae_id for sae_id, _ in sources]
-    batches = make_batches(task, max_batch=cfg.max_batch)
+    batches = make_batches(task, max_batch=cfg.max_batch, device=model_device(loaded.model))
     spliced = attribution.SplicedModel(loaded.model, saes, sae_ids, batches)
     attr, curve, kept, faith = attribution.feature_circuit(
         spliced,

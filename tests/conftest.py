@@ -219,3 +219,6 @@ def norm_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str | None, Path
     """One random zoo-format model per normalisation TransformerLens supports."""
     root = tmp_path_factory.mktemp("norms")
     return {norm: _save_norm_model(norm, root / str(norm)) for norm in NORMALISATIONS}
+
+
+from tests.sae.conftest import sae_run  # noqa: E402, F401  (the session SAEs, for every test)

@@ -44,7 +44,10 @@ def test_by_position_head_out_and_mean_ablation(tmp_path, tiny_hf_dirs):
     assert cli(argv) == 0
     con = duckdb.connect(str(db), read_only=True)
     params = json.loads(con.execute("SELECT params FROM runs").fetchone()[0])
-    assert params == {"component": "head_out", "positions": "each", "ablation": "mean"}
+    assert params == {"component": "head_out", "positions": "each", "ablation": "mean"} | {
+        "device": "cpu",  # where and in what precision the run computed (every run records it)
+        "dtype": "float32",
+    }
     n = con.execute("SELECT count(*) FROM node_scores").fetchone()[0]
     con.close()
     assert n == 2 * 4 * 13  # layers x heads x positions

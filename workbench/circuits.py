@@ -85,7 +85,7 @@ class EdgeAblator:
 
     def mask(self, edges: list[Edge] | list[tuple[str, str]]) -> torch.Tensor:
         """[n_src, n_dst] with 1 at the given edges."""
-        out = torch.zeros(len(self.graph.sources), len(self.graph.destinations))
+        out = torch.zeros(len(self.graph.sources), len(self.graph.destinations), device="cpu")
         for edge in edges:
             out[self.index_src[edge[0]], self.index_dst[edge[1]]] = 1.0
         return out
@@ -99,8 +99,9 @@ class EdgeAblator:
         """`faithfulness_of_kept` of several edge masks, as many per forward pass as fit in
         `max_rows` prompt rows (each mask runs on its own copy of the batch)."""
         valid = self.graph.valid.float()
-        removed = torch.stack([valid * (1 - k) for k in kept])  # [m, n_src, n_dst]
-        totals = torch.zeros(len(kept), dtype=torch.float64)
+        removed = torch.stack([valid * (1 - k.cpu()) for k in kept])  # [m, n_src, n_dst]
+        removed = removed.to(self.corrupt_out[0])  # the activations' device and dtype
+        totals = torch.zeros(len(kept), dtype=torch.float64, device=removed.device)
         with graph_hooks_enabled(self.model, self.graph):
             for batch, corrupt_out in zip(self.batches, self.corrupt_out, strict=True):
                 per_pass = max(1, max_rows // batch.size)
@@ -142,7 +143,7 @@ def _run_with_removed_edges(
     cfg = model.cfg
     copies = removed.shape[0]
     n_src, b = corrupt_out.shape[0], batch.size
-    diffs = torch.zeros(n_src, copies * b, *corrupt_out.shape[2:], dtype=corrupt_out.dtype)
+    diffs = corrupt_out.new_zeros(n_src, copies * b, *corrupt_out.shape[2:])
     corrupt_rows = repeat_rows(corrupt_out.transpose(0, 1), copies).transpose(0, 1)
     order = {name: i for i, name in enumerate(graph.sources)}
     seen = [0]  # how many sources (a prefix of graph.sources) have been recorded

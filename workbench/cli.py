@@ -129,6 +129,10 @@ def run(
             "the EAP-IG authors' code) or midpoint (most accurate)."
         ),
     ] = "right",
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     db: DbOption = None,
     force: Annotated[
         bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
@@ -169,7 +173,7 @@ def run(
     from pipelines.common import PipelineConfig
 
     common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
-    common |= {"db": db, "force": force, "n_prompts": n_prompts}
+    common |= {"db": db, "force": force, "n_prompts": n_prompts, "device": device, "dtype": dtype}
     patching_options = component or by_position or ablation != "resample"
     if pipeline in (Pipeline.heads, Pipeline.edges) and patching_options:
         raise BadInput("--component, --by-position and --ablation apply to the patching pipeline")

@@ -29,16 +29,19 @@ class PromptBatch:
         return int(self.clean.shape[0])
 
 
-def make_batches(task: Task, *, max_batch: int = 64) -> list[PromptBatch]:
+def make_batches(
+    task: Task, *, max_batch: int = 64, device: torch.device | str = "cpu"
+) -> list[PromptBatch]:
+    """The task's prompts as token tensors on `device` (the model's), grouped by length."""
     batches = []
     for idx in task.length_groups(max_batch):
         pairs = [task.pairs[i] for i in idx]
         batches.append(
             PromptBatch(
-                clean=torch.tensor([p.clean_tokens for p in pairs]),
-                corrupt=torch.tensor([p.corrupt_tokens for p in pairs]),
-                answer=torch.tensor([p.answer for p in pairs]),
-                wrong=torch.tensor([p.wrong for p in pairs]),
+                clean=torch.tensor([p.clean_tokens for p in pairs], device=device),
+                corrupt=torch.tensor([p.corrupt_tokens for p in pairs], device=device),
+                answer=torch.tensor([p.answer for p in pairs], device=device),
+                wrong=torch.tensor([p.wrong for p in pairs], device=device),
             )
         )
     return batches
@@ -66,6 +69,11 @@ def final_logit_diff(
     last = final_norm(model, resid_final[:, -1:, :])[:, 0]  # [b, d_model]
     direction = model.W_U[:, answer] - model.W_U[:, wrong]  # [d_model, b]
     return torch.einsum("bd,db->b", last, direction) + model.b_U[answer] - model.b_U[wrong]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are: every tensor a method makes for it goes there."""
+    return next(model.parameters()).device
 
 
 def final_norm(

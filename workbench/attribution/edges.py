@@ -47,7 +47,13 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, final_logit_diff, logit_diff, repeat_rows
+from workbench.attribution.batches import (
+    PromptBatch,
+    final_logit_diff,
+    logit_diff,
+    model_device,
+    repeat_rows,
+)
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 
@@ -61,8 +67,8 @@ class EdgeGraph:
 
     @property
     def valid(self) -> torch.Tensor:
-        src = torch.tensor(self.source_layer)[:, None]
-        dst = torch.tensor(self.destination_layer)[None, :]
+        src = torch.tensor(self.source_layer, device="cpu")[:, None]  # graph structure: CPU
+        dst = torch.tensor(self.destination_layer, device="cpu")[None, :]
         return src < dst
 
     def edges(self, scores: torch.Tensor) -> list[tuple[str, str, float]]:
@@ -238,7 +244,8 @@ def edge_attribution(
     graph = graph or model_graph(model)
     n = sum(b.size for b in batches)
     src_hooks, dst_hooks = _source_hooks(model, graph), _destination_hooks(model, graph)
-    total = torch.zeros(len(graph.sources), len(graph.destinations))
+    device = model_device(model)
+    total = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     m_clean = m_corrupt = 0.0
     method = "eap_ig" if ig_steps else "eap"
     with graph_hooks_enabled(model, graph):
@@ -268,7 +275,7 @@ def edge_attribution(
             total += torch.einsum("sbpd,tbpd->st", delta, dst_grad)
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
-    scores = (total.detach() / gap) * graph.valid
+    scores = ((total.detach() / gap) * graph.valid.to(device)).float().cpu()
     return EdgeScores(method, graph, scores, m_clean, m_corrupt)
 
 
@@ -289,7 +296,8 @@ def exact_edge_patching(
     cfg = model.cfg
     n = sum(b.size for b in batches)
     valid = graph.valid
-    sums = torch.zeros(len(graph.sources), len(graph.destinations))
+    device = model_device(model)
+    sums = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     m_clean = m_corrupt = 0.0
     src_hooks = _source_hooks(model, graph)
     with graph_hooks_enabled(model, graph):
@@ -319,7 +327,7 @@ def exact_edge_patching(
                 )
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
-    scores = ((sums / n - m_corrupt) / gap) * valid
+    scores = (((sums / n - m_corrupt) / gap) * valid.to(device)).float().cpu()
     return EdgeScores("exact_edge", graph, scores, m_clean, m_corrupt)
 
 
@@ -343,7 +351,7 @@ def _patch_destination(
         layer, head, hook = int(dst[1:]), None, f"blocks.{int(dst[1:])}.hook_mlp_in"
     resid = corrupt[f"blocks.{layer}.hook_resid_pre"]  # type: ignore[index]
     per_chunk = max(1, max_rows // batch.size)
-    out = torch.zeros(deltas.shape[0])
+    out = torch.zeros(deltas.shape[0], device=deltas.device)
     for first in range(0, deltas.shape[0], per_chunk):
         chunk = deltas[first : first + per_chunk]
         k = chunk.shape[0]

@@ -39,7 +39,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff
+from workbench.attribution.batches import PromptBatch, logit_diff, model_device
 from workbench.attribution.edges import edge_attribution, run_with_grads
 from workbench.attribution.patching import patch_sweep
 
@@ -65,7 +65,7 @@ def head_node(layer: int, head: int, port: str = "") -> str:
 def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
     cfg = model.cfg
     n = sum(b.size for b in batches)
-    total = torch.zeros(cfg.n_layers, cfg.n_heads)
+    total = torch.zeros(cfg.n_layers, cfg.n_heads, device=model_device(model))
     metrics = [0.0, 0.0]
     # the final normalisation, linearised at the clean run: centring (LayerNorm only) and the
     # division by the clean run's scale; a model without one unembeds the residual as it is
@@ -83,8 +83,8 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
                 out = out - out.mean(-1, keepdim=True)
             if normalised:
                 out = out / cache["ln_final.hook_scale"][:, -1][:, None, :]
-            total[layer] += torch.einsum("bhd,db->h", out, direction)
-    scores = total / n
+            total[layer] += torch.einsum("bhd,db->h", out.float(), direction.float())
+    scores = (total / n).float().cpu()
     edges = [
         (head_node(layer, head), "logits", float(scores[layer, head]))
         for layer in range(cfg.n_layers)
@@ -115,7 +115,7 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
     backward pass give every head. Unnormalised (logit-difference units)."""
     cfg = model.cfg
     n = sum(b.size for b in batches)
-    total = torch.zeros(cfg.n_layers, cfg.n_heads)
+    total = torch.zeros(cfg.n_layers, cfg.n_heads, device=model_device(model))
     m_clean = m_corrupt = 0.0
     names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
     for batch in tqdm(batches, desc="head_importance", leave=False):
@@ -126,7 +126,8 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
         for layer, name in enumerate(names):
             per_prompt = (acts[name] * acts[f"{name}.grad"]).sum((1, 3))  # [batch, head]
             total[layer] += per_prompt.abs().sum(0)
-    return HeadScores("head_importance", total / n, m_clean / n, m_corrupt / n)
+    scores = (total / n).float().cpu()
+    return HeadScores("head_importance", scores, m_clean / n, m_corrupt / n)
 
 
 def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:

@@ -180,14 +180,14 @@ def patch_sweep(
                     comp, by_position, max_rows,
                 )  # fmt: skip
             if sums is None:
-                sums = torch.zeros(cfg.n_layers, *layer_sums.shape)
+                sums = torch.zeros(cfg.n_layers, *layer_sums.shape, device=layer_sums.device)
             sums[layer] += layer_sums
     assert sums is not None
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     patched = sums / n
     scores = (patched - m_corrupt) / gap if direction == "denoise" else (m_clean - patched) / gap
-    return PatchScores(component, by_position, scores, m_clean, m_corrupt)
+    return PatchScores(component, by_position, scores.float().cpu(), m_clean, m_corrupt)
 
 
 def metric_gap(m_clean: float, m_corrupt: float) -> float:
@@ -229,8 +229,9 @@ def _mean_activations(
 
 
 def _unit_masks(
-    shape: tuple[int, ...], comp: Component, by_position: bool, n_units: int
+    shape: tuple[int, ...], comp: Component, by_position: bool, n_units: int, like: torch.Tensor
 ) -> list[torch.Tensor]:
+    """One mask per patch (unit, and position if `by_position`), on `like`'s device and dtype."""
     masks = []
     units = range(n_units) if comp.unit_axis is not None else [None]
     n_pos = shape[comp.pos_axis] if by_position and comp.pos_axis is not None else 0
@@ -241,7 +242,7 @@ def _unit_masks(
                 index[comp.unit_axis] = unit
             if pos is not None and comp.pos_axis is not None:
                 index[comp.pos_axis] = pos
-            mask = torch.zeros(shape)
+            mask = torch.zeros(shape, dtype=like.dtype, device=like.device)
             mask[tuple(index)] = 1.0
             masks.append(mask)
     return masks
@@ -262,11 +263,11 @@ def _patch_layer(
     """Sum over prompts of the metric for every patch of `hook`: shape [n_units, n_pos]."""
     shape = tuple(source.shape[1:])
     n_units = model.cfg.n_heads if comp.unit_axis is not None else 1
-    masks = _unit_masks(shape, comp, by_position, n_units)
+    masks = _unit_masks(shape, comp, by_position, n_units, source)
     per_chunk = max(1, max_rows // batch.size)
-    sums = torch.zeros(len(masks))
+    sums = torch.zeros(len(masks), device=source.device)
     for first in range(0, len(masks), per_chunk):
-        chunk = torch.stack(masks[first : first + per_chunk]).unsqueeze(1).to(source.dtype)
+        chunk = torch.stack(masks[first : first + per_chunk]).unsqueeze(1)
         k = chunk.shape[0]
 
         def patch(act: torch.Tensor, hook: object, chunk: torch.Tensor = chunk, k: int = k):
@@ -282,7 +283,7 @@ def _patch_layer(
         )
         answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
         diffs = final_logit_diff(model, resid_final, answer, wrong)
-        sums[first : first + k] = diffs.view(k, batch.size).sum(1)
+        sums[first : first + k] = diffs.view(k, batch.size).sum(1).float()
     n_pos = len(masks) // n_units
     return sums.view(n_units, n_pos)
 
@@ -308,19 +309,19 @@ def _patch_layer_each_position(
     n_units = cfg.n_heads if comp.unit_axis is not None else 1
     n_pos = int(source.shape[1])
     resid = base[f"blocks.{layer}.hook_resid_pre"]
-    sums = torch.zeros(n_units, n_pos)
+    sums = torch.zeros(n_units, n_pos, device=source.device)
     per_chunk = max(1, max_rows // batch.size)
     for pos in range(n_pos):
         for first in range(0, n_units, per_chunk):
             units = list(range(first, min(n_units, first + per_chunk)))
             k = len(units)
-            kv_cache = TransformerLensKeyValueCache.init_cache(cfg, "cpu", k * batch.size)
+            kv_cache = TransformerLensKeyValueCache.init_cache(cfg, source.device, k * batch.size)
             for block in range(layer, cfg.n_layers):
                 entry = kv_cache[block]
                 entry.past_keys = repeat_rows(base[f"blocks.{block}.attn.hook_k"][:, :pos], k)
                 entry.past_values = repeat_rows(base[f"blocks.{block}.attn.hook_v"][:, :pos], k)
             kv_cache.freeze()
-            mask = torch.zeros(k, 1, *source.shape[2:], dtype=source.dtype)
+            mask = torch.zeros(k, 1, *source.shape[2:], dtype=source.dtype, device=source.device)
             for row, unit in enumerate(units):
                 if comp.unit_axis is not None:
                     mask[row, :, unit] = 1.0  # the head axis follows the position axis
@@ -345,5 +346,5 @@ def _patch_layer_each_position(
             )
             answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
             diffs = final_logit_diff(model, final, answer, wrong)
-            sums[units, pos] = diffs.view(k, batch.size).sum(1)
+            sums[units, pos] = diffs.view(k, batch.size).sum(1).float()
     return sums

@@ -73,6 +73,52 @@ PROCESSING = {
 }
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` (CUDA if available, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps`; a
+    device this machine does not have is a `BadInput`."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as err:
+        raise BadInput(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise BadInput(f"--device {spec}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise BadInput(f"--device {spec}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BadInput(f"--device {spec}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise BadInput(f"--device {spec}: expected auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise BadInput(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def place(model: HookedTransformer, device: torch.device, dtype: torch.dtype) -> HookedTransformer:
+    """Move a loaded model (built and weight-processed in float32 on the CPU) to `device` and
+    `dtype`; TransformerLens updates `cfg.device` and `cfg.dtype` with it."""
+    if dtype != torch.float32:
+        model = model.to(dtype, print_details=False)
+    if device.type != "cpu":
+        model = model.to(device, print_details=False)
+    return model
+
+
 def build_from_state_dict(
     cfg_kwargs: dict[str, Any], state_dict: dict[str, torch.Tensor], *, source: Path | None = None
 ) -> HookedTransformer:

@@ -122,10 +122,14 @@ def select_checkpoints(refs: list[CheckpointRef], which: str) -> list[Checkpoint
     return chosen
 
 
-def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
-    """Load one checkpoint as a HookedTransformer with its tokenizer and provenance."""
+def load_checkpoint(
+    ref: CheckpointRef, *, device: str = "cpu", dtype: str = "float32"
+) -> LoadedModel:
+    """Load one checkpoint as a HookedTransformer with its tokenizer and provenance, on `device`
+    (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) in `dtype` (`float32`, `bfloat16`, `float16`)."""
     from workbench.models import engine
 
+    target_device, target_dtype = engine.resolve_device(device), engine.resolve_dtype(dtype)
     path = Path(ref.location)
     if ref.kind == "zoo":
         cfg_kwargs = zoo_format.read_json(path / "config.json")
@@ -149,6 +153,7 @@ def load_checkpoint(ref: CheckpointRef) -> LoadedModel:
         architecture = str(model.cfg.original_architecture)
         sha = sha256_json({"name": ref.location, "checkpoint_index": ref.checkpoint_index})
         config = {"name": ref.location, "checkpoint_index": ref.checkpoint_index}
+    model = engine.place(model, target_device, target_dtype)
     cfg = model.cfg
     info = ModelInfo(
         model_id=ref.model_id,

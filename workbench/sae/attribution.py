@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff
+from workbench.attribution.batches import PromptBatch, logit_diff, model_device
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 from workbench.sae.hooks import hook_depth, hook_layer
@@ -83,6 +83,7 @@ class SplicedModel:
         if len(set(hooks)) != len(hooks):
             raise ValueError("sae_attr needs SAEs at distinct hooks")
         self.batches = batches
+        self.device = model_device(model)
         self.n = sum(b.size for b in batches)
         self.clean: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         self.corrupt: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
@@ -141,8 +142,7 @@ class SplicedModel:
         masks = []
         for k in range(len(self.saes)):
             ids = self.node_ids(k)
-            masks.append(torch.tensor([nid in kept for nid in ids[:-1]]))
-            masks[-1] = torch.cat([masks[-1], torch.tensor([ids[-1] in kept])])
+            masks.append(torch.tensor([nid in kept for nid in ids], device=self.device))
         total = 0.0
         with torch.no_grad():
             for b, batch in enumerate(self.batches):
@@ -166,7 +166,7 @@ class SplicedModel:
 
                 def edit(k: int, f: torch.Tensor, err: torch.Tensor, b: int = b) -> Any:
                     ids = self.node_ids(k)
-                    take = torch.tensor([nid in nodes for nid in ids[:-1]])
+                    take = torch.tensor([nid in nodes for nid in ids[:-1]], device=self.device)
                     f_clean, err_clean = self.clean[b][k]
                     f = torch.where(take, f_clean, f)
                     return f, (err_clean if ids[-1] in nodes else err)
@@ -212,7 +212,8 @@ def node_attribution(
     points of `ig_rule`), so an SAE's scores sum to nearly the whole effect of patching all of
     it, however non-linear the layers after it are."""
     n_saes = len(spliced.saes)
-    totals = [torch.zeros(s.d_sae + 1, dtype=torch.float64) for s in spliced.saes]
+    device = spliced.device
+    totals = [torch.zeros(s.d_sae + 1, dtype=torch.float64, device=device) for s in spliced.saes]
     grads_per_batch: Grads = []
     alphas = ig_alphas(ig_steps, ig_rule)
     for b in tqdm(range(len(spliced.batches)), desc="sae_attr nodes", leave=False):
@@ -327,8 +328,8 @@ def _pair_edges(
     """Edges from SAE k's selected nodes to SAE k+1's selected nodes."""
     up, down = selected[k], selected[k + 1]
     d_up = spliced.saes[k].d_sae
-    totals = torch.zeros(len(up), len(down), dtype=torch.float64)
-    up_index = torch.tensor([i for i in up if i < d_up], dtype=torch.long)
+    totals = torch.zeros(len(up), len(down), dtype=torch.float64, device=spliced.device)
+    up_index = torch.tensor([i for i in up if i < d_up], dtype=torch.long, device=spliced.device)
     up_err = [j for j, i in enumerate(up) if i == d_up]
     up_feat_rows = [j for j, i in enumerate(up) if i < d_up]
     for b in range(len(spliced.batches)):
@@ -389,7 +390,9 @@ def _head_edges(
             continue
         w_enc = sae.sae.W_enc.detach()[:, feats]  # [d_model, n_feats]
         names = [f"blocks.{lyr}.attn.hook_z" for lyr in layers]
-        totals = torch.zeros(len(layers), model.cfg.n_heads, len(feats), dtype=torch.float64)
+        totals = torch.zeros(
+            len(layers), model.cfg.n_heads, len(feats), dtype=torch.float64, device=spliced.device
+        )
         for b, batch in enumerate(spliced.batches):
             with torch.no_grad():
                 _, clean = model.run_with_cache(batch.clean, names_filter=names)

@@ -112,7 +112,7 @@ def pack(
         if len(stream) == before or not cycle:
             break
     usable = (min(len(stream), total) // context_size) * context_size
-    return torch.tensor(stream[:usable], dtype=torch.long).reshape(-1, context_size)
+    return torch.tensor(stream[:usable], dtype=torch.long, device="cpu").reshape(-1, context_size)
 
 
 def _task_documents(loaded: LoadedModel, task: Task, n_tokens: int) -> list[list[int]]:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from workbench.attribution.batches import model_device
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
 from workbench.sae.hooks import hook_layer
@@ -80,13 +81,14 @@ class FeatureStats:
 
     def __post_init__(self) -> None:
         n_bins = len(HISTOGRAM_EDGES) - 1
-        self.counts = torch.zeros(self.d_sae, dtype=torch.long)
-        self.sums = torch.zeros(self.d_sae, dtype=torch.float64)
-        self.maxima = torch.zeros(self.d_sae)
-        self.histogram = torch.zeros(self.d_sae * n_bins, dtype=torch.long)
-        self.top_values = torch.zeros(0, self.d_sae)
-        self.top_windows = torch.zeros(0, self.d_sae, dtype=torch.long)
-        self.top_positions = torch.zeros(0, self.d_sae, dtype=torch.long)
+        cpu = torch.device("cpu")  # the statistics are bookkeeping, kept on the CPU
+        self.counts = torch.zeros(self.d_sae, dtype=torch.long, device=cpu)
+        self.sums = torch.zeros(self.d_sae, dtype=torch.float64, device=cpu)
+        self.maxima = torch.zeros(self.d_sae, device=cpu)
+        self.histogram = torch.zeros(self.d_sae * n_bins, dtype=torch.long, device=cpu)
+        self.top_values = torch.zeros(0, self.d_sae, device=cpu)
+        self.top_windows = torch.zeros(0, self.d_sae, dtype=torch.long, device=cpu)
+        self.top_positions = torch.zeros(0, self.d_sae, dtype=torch.long, device=cpu)
 
     def update(
         self,
@@ -95,6 +97,8 @@ class FeatureStats:
         f: Float[torch.Tensor, "batch pos d_sae"],
         x_hat: Float[torch.Tensor, "batch pos d_in"],
     ) -> None:
+        # on the CPU, like the statistics, whatever device the model runs on
+        x, f, x_hat = (t.detach().float().cpu() for t in (x, f, x_hat))
         batch, pos, d_sae = f.shape
         flat = f.reshape(-1, d_sae)
         # every statistic comes from the active entries only: one dense pass finds them
@@ -106,19 +110,22 @@ class FeatureStats:
         self.sums.index_add_(0, cols, values.double())
         self.maxima = self.maxima.scatter_reduce(0, cols, values, reduce="amax")
         n_bins = len(HISTOGRAM_EDGES) - 1
-        bins = (torch.bucketize(values, torch.tensor(HISTOGRAM_EDGES)) - 1).clamp(0, n_bins - 1)
+        bins = (
+            torch.bucketize(values, torch.tensor(HISTOGRAM_EDGES, device=values.device)) - 1
+        ).clamp(0, n_bins - 1)
         self.histogram.index_add_(0, cols * n_bins + bins, torch.ones_like(bins))
         # each window's maximum per feature, and its first position
         key = (rows // pos) * d_sae + cols
-        window_max = torch.zeros(batch * d_sae).scatter_reduce(0, key, values, reduce="amax")
+        window_max = values.new_zeros(batch * d_sae).scatter_reduce(0, key, values, reduce="amax")
         at_max = values == window_max[key]
-        window_pos = torch.full((batch * d_sae,), pos, dtype=torch.long).scatter_reduce(
+        window_pos = rows.new_full((batch * d_sae,), pos).scatter_reduce(
             0, key[at_max], (rows % pos)[at_max], reduce="amin"
         )
         window_pos = torch.where(window_pos == pos, 0, window_pos)
         window_max, window_pos = window_max.view(batch, d_sae), window_pos.view(batch, d_sae)
         # merge into the running top-k windows
-        windows = torch.arange(first_window, first_window + batch)[:, None].expand(-1, d_sae)
+        windows = torch.arange(first_window, first_window + batch, device=values.device)
+        windows = windows[:, None].expand(-1, d_sae)
         merged = torch.cat([self.top_values, window_max])
         keep = min(self.top_k, merged.shape[0])
         self.top_values, order = merged.topk(keep, dim=0)
@@ -207,7 +214,7 @@ def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Te
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         values = values / w_dec.norm(dim=-1)[cols]
     sparse = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), values, flat.shape, check_invariants=False
+        torch.stack([rows, cols]), values, flat.shape, check_invariants=False, device=f.device
     )
     out = torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
     return out.reshape(*f.shape[:-1], w_dec.shape[1])
@@ -222,6 +229,8 @@ def ce_losses(
 ) -> tuple[float, float, float]:
     """Next-token cross-entropy: unmodified, with the SAE spliced in, with the hook zeroed."""
     model = loaded.model
+    windows = windows.to(model_device(model))
+    mask = None if mask is None else mask.to(windows.device)
 
     def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
         flat = act.reshape(act.shape[0], act.shape[1], -1)

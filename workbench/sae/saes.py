@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from workbench.attribution.batches import model_device
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.sae.hooks import stop_layer
@@ -61,7 +62,7 @@ def activation_size(loaded: LoadedModel, hook: str) -> int:
             f"hook {hook!r} is not a hook of model {loaded.info.model_id} "
             "(e.g. blocks.0.hook_resid_post, blocks.0.attn.hook_z, blocks.0.hook_mlp_out)"
         )
-    tokens = torch.zeros((1, 2), dtype=torch.long)
+    tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop_layer(hook))
     return int(cache[hook][0, 0].numel())
@@ -73,7 +74,7 @@ def hook_activations(
 ) -> Float[torch.Tensor, "batch pos d_in"]:
     """Activations at `hook`, flattened to `d_in`; the forward pass stops after the hook."""
     _, cache = loaded.model.run_with_cache(
-        tokens, names_filter=[hook], stop_at_layer=stop_layer(hook)
+        tokens.to(model_device(loaded.model)), names_filter=[hook], stop_at_layer=stop_layer(hook)
     )
     act = cache[hook]
     return act.reshape(act.shape[0], act.shape[1], -1)
@@ -92,9 +93,10 @@ def check_fits(sae: LoadedSae, loaded: LoadedModel, where: str) -> None:
         raise BadInput(f"{where}: SAEs on a single head (hook_head_index) are not supported")
 
 
-def prepare(sae: Any) -> Any:
-    """Evaluation mode on the CPU, flat hook_z inputs, no gradients into the SAE's weights."""
-    sae = sae.to("cpu")
+def prepare(sae: Any, device: torch.device | str = "cpu") -> Any:
+    """Evaluation mode on `device` (the model's), flat hook_z inputs, no gradients into the
+    SAE's weights."""
+    sae = sae.to(device)
     sae.eval()
     if getattr(sae, "hook_z_reshaping_mode", False):
         sae.turn_off_forward_pass_hook_z_reshaping()
@@ -110,6 +112,7 @@ def load_sae(spec: str, loaded: LoadedModel) -> LoadedSae:
     else:
         result = _load_directory(Path(spec).expanduser())
     check_fits(result, loaded, spec)
+    result.sae = result.sae.to(model_device(loaded.model))
     return result
 
 

@@ -20,6 +20,7 @@ from typing import Any, Self
 
 import torch
 
+from workbench.attribution.batches import model_device
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
@@ -118,7 +119,7 @@ def train_sae(
         n_batches_in_buffer=max(16, math.ceil(4 * batch / ctx)),
         lr=cfg.lr,
         lr_warm_up_steps=0,
-        device="cpu",
+        device=str(model_device(loaded.model)),
         seed=cfg.seed,
         dtype="float32",
         logger=LoggingConfig(log_to_wandb=False),
@@ -151,6 +152,9 @@ def train_sae(
     logger.info("trained %s SAE (%d features) at %s", cfg.architecture, d_sae, cfg.hook)
     from sae_lens import SAE
 
-    sae = SAE.load_from_disk(str(output_dir), device="cpu")  # the inference form, as saved
+    device = model_device(loaded.model)
+    sae = SAE.load_from_disk(str(output_dir), device=str(device))  # the inference form, as saved
     del trained
-    return LoadedSae(prepare(sae), cfg.hook, sae.cfg.architecture(), "trained", str(output_dir))
+    return LoadedSae(
+        prepare(sae, device), cfg.hook, sae.cfg.architecture(), "trained", str(output_dir)
+    )

@@ -22,10 +22,10 @@ INDUCTION_PROMPTS = 32
 
 def _ordinary_token_ids(model: LoadedModel) -> torch.Tensor:
     if model.tokenizer is None:
-        return torch.arange(model.info.d_vocab)
+        return torch.arange(model.info.d_vocab, device="cpu")
     special = set(model.tokenizer.all_special_ids)
     vocab_ids = sorted(i for i in model.tokenizer.get_vocab().values() if i < model.info.d_vocab)
-    return torch.tensor([i for i in vocab_ids if i not in special])
+    return torch.tensor([i for i in vocab_ids if i not in special], device="cpu")
 
 
 def induction_task(model: LoadedModel, *, n_prompts: int | None = None, seed: int = 0) -> Task:
@@ -36,7 +36,9 @@ def induction_task(model: LoadedModel, *, n_prompts: int | None = None, seed: in
     bos = [model.bos_token_id] if model.prepend_bos and model.bos_token_id is not None else []
     pairs = []
     for _ in range(n):
-        perm = ids[torch.randperm(ids.numel(), generator=generator)[: 2 * period]].tolist()
+        perm = ids[
+            torch.randperm(ids.numel(), generator=generator, device="cpu")[: 2 * period]
+        ].tolist()
         seg_a, seg_b = perm[:period], perm[period:]
         clean = bos + seg_a + seg_a[:prefix]
         corrupt = bos + seg_b + seg_a[:prefix]
@@ -73,11 +75,17 @@ def ioi_task(model: LoadedModel, *, n_prompts: int | None = None, seed: int = 0)
     generator = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(n):
-        a, b, c, d = (names[int(j)] for j in torch.randperm(len(names), generator=generator)[:4])
+        a, b, c, d = (
+            names[int(j)] for j in torch.randperm(len(names), generator=generator, device="cpu")[:4]
+        )
         subject, io = (a, b) if i % 2 else (b, a)
         template = i % len(ioi.TEMPLATES)
-        place = ioi.PLACES[int(torch.randint(len(ioi.PLACES), (1,), generator=generator))]
-        obj = ioi.OBJECTS[int(torch.randint(len(ioi.OBJECTS), (1,), generator=generator))]
+        place = ioi.PLACES[
+            int(torch.randint(len(ioi.PLACES), (1,), generator=generator, device="cpu"))
+        ]
+        obj = ioi.OBJECTS[
+            int(torch.randint(len(ioi.OBJECTS), (1,), generator=generator, device="cpu"))
+        ]
         clean = ioi.sentence(template, a, b, subject, place, obj)
         corrupt = ioi.sentence(template, c, d, subject, place, obj)
         clean_ids, corrupt_ids = model.encode(clean), model.encode(corrupt)

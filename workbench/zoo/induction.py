@@ -54,13 +54,13 @@ def repeated_sequences(
     rows = []
     n_words = word_ids.numel()
     for _ in range(batch):
-        period = periods[int(torch.randint(len(periods), (1,), generator=generator))]
-        offset = int(torch.randint(max_offset + 1, (1,), generator=generator))
-        prefix = word_ids[torch.randint(n_words, (offset,), generator=generator)]
-        segment = word_ids[torch.randperm(n_words, generator=generator)[:period]]
+        period = periods[int(torch.randint(len(periods), (1,), generator=generator, device="cpu"))]
+        offset = int(torch.randint(max_offset + 1, (1,), generator=generator, device="cpu"))
+        prefix = word_ids[torch.randint(n_words, (offset,), generator=generator, device="cpu")]
+        segment = word_ids[torch.randperm(n_words, generator=generator, device="cpu")[:period]]
         reps = (n_ctx - 1 - offset) // period + 1
         body = torch.cat([prefix, segment.repeat(reps)])[: n_ctx - 1]
-        rows.append(torch.cat([torch.tensor([bos_id]), body]))
+        rows.append(torch.cat([torch.tensor([bos_id], device=body.device), body]))
     return torch.stack(rows)
 
 
@@ -72,5 +72,5 @@ def predictable_mask(tokens: torch.Tensor) -> torch.Tensor:
     """
     n = tokens.shape[1]
     seen = tokens[:, 1:, None] == tokens[:, None, :]  # target j+1 vs every earlier token k
-    causal = torch.ones(n - 1, n, dtype=torch.bool).tril()
+    causal = torch.ones(n - 1, n, dtype=torch.bool, device=tokens.device).tril()
     return (seen & causal).any(-1)

@@ -7,6 +7,9 @@ indirect object, IO). Predicting it needs the mechanism Wang et al. 2022 found i
 output. Three templates, 16 names, 8 places and 8 objects; the loss is taken on the answer only.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
 NAMES = (
@@ -45,19 +48,24 @@ def ioi_batch(tokenizer, batch: int, generator: torch.Generator) -> torch.Tensor
     vocab = tokenizer.get_vocab()
     rows = []
     for _ in range(batch):
-        pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=generator))]  # noqa: E731
-        first, second = (NAMES[int(i)] for i in torch.randperm(len(NAMES), generator=generator)[:2])
-        subject_first = bool(torch.randint(2, (1,), generator=generator))
+
+        def pick(seq: Sequence[Any]) -> Any:
+            return seq[int(torch.randint(len(seq), (1,), generator=generator, device="cpu"))]
+
+        first, second = (
+            NAMES[int(i)] for i in torch.randperm(len(NAMES), generator=generator, device="cpu")[:2]
+        )
+        subject_first = bool(torch.randint(2, (1,), generator=generator, device="cpu"))
         subject, io = (first, second) if subject_first else (second, first)
         text = sentence(
             pick(range(len(TEMPLATES))), first, second, subject, pick(PLACES), pick(OBJECTS)
         )
         rows.append([tokenizer.bos_token_id] + [vocab[w] for w in text.split()] + [vocab[io]])
-    return torch.tensor(rows)
+    return torch.tensor(rows, device="cpu")
 
 
 def answer_only_mask(tokens: torch.Tensor) -> torch.Tensor:
     """[batch, pos-1]: True at the last prediction (the indirect object) only."""
-    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool)
+    mask = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.bool, device=tokens.device)
     mask[:, -1] = True
     return mask
