@@ -149,17 +149,23 @@ def half(request, induction_dir):
 
 
 HALF_SPREAD = {"bfloat16": 0.1, "float16": 0.02}  # about 10x the measured maxima (below)
+# a TopK SAE keeps its k largest features: in half precision near-ties flip which features fire,
+# which moves densities and top examples (measured 0.086 bfloat16, 0.046 float16)
+SAE_FEATURES_SPREAD = {"bfloat16": 0.3, "float16": 0.15}
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if not m.startswith("sae")])
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_in_half_precision(
     half, induction_final, induction_task, sae_run, method, measured
 ):
     """The same scores as in float32, up to the precision: bfloat16 keeps 8 bits of mantissa,
     float16 11. Max |difference| to float32 on the zoo, measured here: bfloat16 0.0002-0.011
-    (head_importance, in logit units, the largest), float16 0.0001-0.0009."""
+    (head_importance, in logit units, the largest; sae_attr 0.0065), float16 0.0001-0.0009;
+    sae_features below."""
     reference = _methods(induction_final, induction_task, sae_run)[method]()
     got = _methods(half, induction_task, sae_run)[method]()
     assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
     difference = measured("max_abs_difference", float((got - reference).abs().max()))
-    assert difference <= HALF_SPREAD[str(half.model.cfg.dtype).removeprefix("torch.")]
+    dtype = str(half.model.cfg.dtype).removeprefix("torch.")
+    bounds = SAE_FEATURES_SPREAD if method == "sae_features" else HALF_SPREAD
+    assert difference <= bounds[dtype]

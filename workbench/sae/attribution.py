@@ -113,7 +113,8 @@ class SplicedModel:
 
         def splice(k: int, sae: LoadedSae) -> Callable[..., torch.Tensor]:
             def hook_fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                x = act.reshape(act.shape[0], act.shape[1], -1)
+                # the SAE and its nodes work in the SAE's precision; the model gets its own back
+                x = act.reshape(act.shape[0], act.shape[1], -1).to(sae.dtype)
                 f = sae.encode(x)
                 err = x - sae.decode(f)
                 if edit is not None:
@@ -123,7 +124,7 @@ class SplicedModel:
                         return act
                     f, err = edited
                 values.append((f, err))
-                return (sae.decode(f) + err).reshape(act.shape)
+                return (sae.decode(f) + err).reshape(act.shape).to(act.dtype)
 
             return hook_fn
 
@@ -403,7 +404,7 @@ def _head_edges(
             for li, (lyr, name) in enumerate(zip(layers, names, strict=True)):
                 delta_z = clean[name] - corrupt[name]  # [batch, pos, head, d_head]
                 w_o = model.blocks[lyr].attn.W_O.detach()  # [head, d_head, d_model]
-                head_out = torch.einsum("bphd,hdm->bphm", delta_z, w_o)
+                head_out = torch.einsum("bphd,hdm->bphm", delta_z, w_o).to(w_enc.dtype)
                 writes = torch.einsum("bphm,mf->bphf", head_out, w_enc)
                 totals[li] += torch.einsum("bphf,bpf->hf", writes, weight).double()
         ids = spliced.node_ids(k)

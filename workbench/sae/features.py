@@ -234,7 +234,7 @@ def ce_losses(
 
     def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
         flat = act.reshape(act.shape[0], act.shape[1], -1)
-        return sae.decode(sae.encode(flat)).reshape(act.shape)
+        return sae.decode(sae.encode(flat)).reshape(act.shape).to(act.dtype)
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)

@@ -47,8 +47,13 @@ class LoadedSae:
     def d_sae(self) -> int:
         return int(self.sae.cfg.d_sae)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sae.W_dec.dtype
+
     def encode(self, x: Float[torch.Tensor, "... d_in"]) -> Float[torch.Tensor, "... d_sae"]:
-        return self.sae.encode(x)
+        """Features of `x`, computed in the SAE's own precision (float32) whatever the model's."""
+        return self.sae.encode(x.to(self.dtype))
 
     def decode(self, f: Float[torch.Tensor, "... d_sae"]) -> Float[torch.Tensor, "... d_in"]:
         return self.sae.decode(f)
