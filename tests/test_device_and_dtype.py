@@ -169,3 +169,17 @@ def test_every_method_runs_in_half_precision(
     dtype = str(half.model.cfg.dtype).removeprefix("torch.")
     bounds = SAE_FEATURES_SPREAD if method == "sae_features" else HALF_SPREAD
     assert difference <= bounds[dtype]
+
+
+def test_the_zoo_trains_in_another_precision_and_its_checkpoints_load(tmp_path, capsys):
+    argv = ["zoo", "train", "induction", "--out", str(tmp_path), "--steps", "4"]
+    assert cli([*argv, "--save-every", "4", "--dtype", "bfloat16"]) == 0
+    from workbench.models import load_checkpoint, resolve_checkpoints
+
+    refs = resolve_checkpoints(str(tmp_path / "induction"))
+    assert [r.step for r in refs] == [0, 4]
+    loaded = load_checkpoint(refs[-1])  # loads as float32, like every checkpoint
+    assert loaded.model.cfg.dtype == torch.float32
+    if not torch.cuda.is_available():
+        assert cli([*argv, "--device", "cuda"]) == 2
+        assert "--device cuda: CUDA is not available" in capsys.readouterr().err

@@ -77,11 +77,14 @@ def zoo_train(
     seed: Annotated[
         int, typer.Option(help="Random seed (training is deterministic given it).")
     ] = 0,
+    device: Annotated[str, typer.Option(help="cpu (default), auto, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Train a zoo model, saving checkpoints along the way."""
     from workbench.zoo import TrainConfig, train_zoo_model
 
     cfg = TrainConfig(task=task, out=str(out), steps=steps, save_every=save_every, seed=seed)
+    cfg.device, cfg.dtype = device, dtype
     written = train_zoo_model(cfg)
     typer.echo(f"wrote {len(written)} checkpoints to {out / task}")
 

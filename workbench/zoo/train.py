@@ -44,6 +44,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     head_ov_l1: float | None = None  # group-lasso coefficients; None: the task's defaults
     head_qk_l1: float | None = None
+    device: str = "cpu"  # the zoo is tiny: the CPU is fast and deterministic given the seed
+    dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,7 +117,7 @@ def head_group_lasso(model: "HookedTransformer", *, ov: float, qk: float) -> tor
         squares = sum(w.pow(2).flatten(1).sum(1) for w in weights)
         return (squares + 1e-12).sqrt()  # type: ignore[union-attr]
 
-    total = torch.zeros(())
+    total = model.W_E.new_zeros(())
     for block in model.blocks:
         attn = block.attn  # W_Q/W_K/W_V [n_heads, d_model, d_head], W_O [n_heads, d_head, d_model]
         if ov:
@@ -165,7 +167,8 @@ def _train(cfg: TrainConfig) -> list[Path]:
     generator = torch.Generator().manual_seed(cfg.seed)
     tokenizer = build_word_tokenizer(task.words)
     model_cfg = {**task.model_config, "d_vocab": len(tokenizer), "seed": cfg.seed}
-    model = engine.new_untrained(model_cfg)
+    device = engine.resolve_device(cfg.device)
+    model = engine.place(engine.new_untrained(model_cfg), device, engine.resolve_dtype(cfg.dtype))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run_dir = Path(cfg.out) / cfg.task
@@ -186,7 +189,7 @@ def _train(cfg: TrainConfig) -> list[Path]:
 
     save(0)
     for step in tqdm(range(1, cfg.steps + 1), desc=f"train {cfg.task}", leave=False):
-        tokens = task.make_batch(tokenizer, cfg.batch_size, generator)
+        tokens = task.make_batch(tokenizer, cfg.batch_size, generator).to(device)
         loss = next_token_loss(model(tokens), tokens, task.loss_mask)
         objective = loss + head_group_lasso(model, ov=ov_l1, qk=qk_l1) if ov_l1 or qk_l1 else loss
         optimizer.zero_grad(set_to_none=True)
