@@ -10,7 +10,9 @@ prompt, for that destination only (the input of the destination moves by
 `src_corrupt - src_current`), so the full graph scores 1 and the empty circuit scores 0.
 """
 
+import logging
 import math
+import time
 from dataclasses import dataclass
 
 import networkx as nx
@@ -24,6 +26,7 @@ from workbench.attribution.patching import metric_gap
 from workbench.graph import split_port
 
 Edge = tuple[str, str, float]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -222,15 +225,23 @@ def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Ed
     the drop its removal caused when tried, the kept edges, the final faithfulness)."""
     graph = ablator.graph
     kept = graph.valid.float().clone()
+    started = time.perf_counter()
     current = ablator.faithfulness_of_kept(kept)
+    one_pass = time.perf_counter() - started
+    logger.info(
+        "acdc: %d edges to try, one forward pass each: about %.0f s (progress and ETA follow)",
+        graph.n_edges, graph.n_edges * one_pass,
+    )  # fmt: skip
+    progress = tqdm(total=graph.n_edges, desc="acdc", unit="edge")
     order = sorted(
         range(len(graph.destinations)), key=lambda t: -graph.destination_layer[t]
     )  # logits first
     tried: list[Edge] = []
-    for t in tqdm(order, desc="acdc", leave=False):
+    for t in order:
         for s in range(len(graph.sources)):
             if not graph.valid[s, t]:
                 continue
+            progress.update(1)
             kept[s, t] = 0.0
             value = ablator.faithfulness_of_kept(kept)
             drop = current - value
@@ -239,6 +250,7 @@ def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Ed
                 current = value
             else:
                 kept[s, t] = 1.0
+    progress.close()
     circuit = [e for e in tried if kept[ablator.index_src[e[0]], ablator.index_dst[e[1]]] > 0]
     return tried, on_input_to_logits_paths(circuit), current
 

@@ -38,6 +38,8 @@ differ from `exact_edge`'s there (`tests/test_ground_truth.py`); on models whose
 weakly the two agree (`tests/attribution/test_edges.py`).
 """
 
+import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +58,8 @@ from workbench.attribution.batches import (
 )
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -300,8 +304,18 @@ def exact_edge_patching(
     sums = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     m_clean = m_corrupt = 0.0
     src_hooks = _source_hooks(model, graph)
-    with graph_hooks_enabled(model, graph):
-        for batch in tqdm(batches, desc="exact_edge", leave=False):
+    passes = sum(
+        math.ceil(int(valid[:, t].sum()) / max(1, max_rows // b.size))
+        for b in batches
+        for t in range(len(graph.destinations))
+    )
+    logger.info(
+        "exact_edge: %d edges x %d prompts, about %d partial forward passes (progress and ETA "
+        "per edge follow)", graph.n_edges, n, passes,
+    )  # fmt: skip
+    progress = tqdm(total=graph.n_edges * len(batches), desc="exact_edge", unit="edge")
+    with graph_hooks_enabled(model, graph), progress:
+        for batch in batches:
             names = set(src_hooks) | {
                 f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)
             }
@@ -321,10 +335,12 @@ def exact_edge_patching(
                         sums[s, t] = final_logit_diff(
                             model, patched, batch.answer, batch.wrong
                         ).sum()
+                    progress.update(len(srcs))
                     continue
                 sums[srcs, t] = _patch_destination(
                     model, batch, dst, corrupt, delta[srcs], max_rows
                 )
+                progress.update(len(srcs))
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     scores = (((sums / n - m_corrupt) / gap) * valid.to(device)).float().cpu()
