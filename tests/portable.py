@@ -64,7 +64,7 @@ def run_all(configs: list[Config], measure_file: Path | None, extra: list[str]) 
     with ThreadPoolExecutor(jobs) as pool:
         codes = list(pool.map(lambda c: run_config(c, log_dir, measure_file, extra), configs))
     failed = [c.name for c, code in zip(configs, codes, strict=True) if code]
-    print(f"{len(configs) - len(failed)} passed, {len(failed)} failed: portability configurations")
+    print(f"portability: {len(configs) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
 
