@@ -160,3 +160,17 @@ def test_run_failure_exits_1(tmp_path, induction_dir, monkeypatch, capsys):
     code = cli(run_dla(induction_dir, db))
     assert code == 1
     assert "failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "heads", "--bogus"], "error: No such option: --bogus"),
+        (["run", "nosuchpipeline", "--model", "m", "--task", "t"], "'nosuchpipeline' is not one"),
+        (["run"], "error: Missing argument 'pipeline'"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_sentence(argv, message, capsys):
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -334,14 +334,19 @@ def cli(argv: list[str] | None = None) -> int:
     except BadInput as err:
         typer.echo(f"error: {err}", err=True)
         return 2
-    except click.exceptions.UsageError as err:
-        typer.echo(f"error: {err.format_message()}", err=True)
-        return 2
-    except click.exceptions.Exit as err:
+    except (click.exceptions.Exit, typer.Exit) as err:
         return int(err.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         return 130
+    except (click.exceptions.ClickException, typer.exceptions.TyperException) as err:
+        # usage errors: click's, and those of the click that typer ships inside itself
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare command group: its help
+            typer.echo(message, err=True)
+        else:
+            typer.echo(f"error: {message}", err=True)
+        return 2
     except Exception as err:  # an internal error: one sentence, the traceback in the debug log
         logger.debug("unexpected error", exc_info=True)
         typer.echo(f"error: {type(err).__name__}: {err}", err=True)
