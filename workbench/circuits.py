@@ -147,12 +147,11 @@ def _run_with_removed_edges(
     copies = removed.shape[0]
     n_src, b = corrupt_out.shape[0], batch.size
     diffs = corrupt_out.new_zeros(n_src, copies * b, *corrupt_out.shape[2:])
-    corrupt_rows = repeat_rows(corrupt_out.transpose(0, 1), copies).transpose(0, 1)
     order = {name: i for i, name in enumerate(graph.sources)}
     seen = [0]  # how many sources (a prefix of graph.sources) have been recorded
 
     def record(index: int, out: torch.Tensor) -> None:
-        diffs[index] = corrupt_rows[index] - out
+        diffs[index] = repeat_rows(corrupt_out[index], copies) - out
         seen[0] = max(seen[0], index + 1)
 
     def record_input(act: torch.Tensor, hook: object) -> None:
@@ -162,7 +161,8 @@ def _run_with_removed_edges(
         layer = int(hook.name.split(".")[1])  # type: ignore[attr-defined]
         outs = torch.einsum("bphe,hed->hbpd", z, model.W_O[layer])
         first = order[f"a{layer}.h0"]
-        diffs[first : first + cfg.n_heads] = corrupt_rows[first : first + cfg.n_heads] - outs
+        corrupt_heads = corrupt_out[first : first + cfg.n_heads].repeat(1, copies, 1, 1)
+        diffs[first : first + cfg.n_heads] = corrupt_heads - outs  # copy-major rows, as the batch
         seen[0] = max(seen[0], first + cfg.n_heads)
 
     def record_mlp(act: torch.Tensor, hook: object) -> None:
