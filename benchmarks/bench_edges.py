@@ -29,6 +29,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
 from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # noqa: E402
+from workbench.core import Node  # noqa: E402
 
 
 def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
@@ -79,11 +80,12 @@ def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list
 def insert_rates(n_rows: int = 2_000_000, n_rowwise: int = 20_000) -> list[list[str]]:
     from workbench.store import RunRecord, Store
 
-    srcs = [f"a{i % 12}.h{i % 7}" for i in range(1000)]
+    srcs = [Node.head_of(i % 12, i % 7).id for i in range(1000)]
+    dsts = [Node.head_of(i % 12, i % 7, "k").id for i in range(1000)]
     table = pa.table(
         {
             "src": pa.array([srcs[i % 1000] for i in range(n_rows)], pa.string()),
-            "dst": pa.array([srcs[(i * 7) % 1000] + "<k>" for i in range(n_rows)], pa.string()),
+            "dst": pa.array([dsts[(i * 7) % 1000] for i in range(n_rows)], pa.string()),
             "score": pa.array(torch.randn(n_rows).tolist(), pa.float64()),
         }
     )

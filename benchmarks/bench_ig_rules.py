@@ -14,12 +14,14 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from workbench.core import Hook
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
 STEPS = (5, 10, 20)
 RULES = ("left", "right", "midpoint")
-HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+HOOKS = (Hook.resid_post(0), Hook.resid_post(1))
 
 
 def zoo_final(root: Path, task: str):  # type: ignore[no-untyped-def]

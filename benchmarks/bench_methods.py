@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from workbench.core import Hook
+
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2 = ROOT / "data" / "models" / "smollm2-135m-instruct"
 N_PROMPTS = "16"
@@ -37,7 +39,7 @@ METHODS = [
         "sae",
         [
             "--hook",
-            "blocks.6.hook_resid_post",
+            Hook.resid_post(6),
             "--method",
             "sae_features",
             "--training-tokens",

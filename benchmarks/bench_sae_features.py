@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from workbench.core import Hook
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
@@ -34,7 +36,7 @@ def make_sae(architecture: str, d_in: int, d_sae: int):  # type: ignore[no-untyp
     from workbench.sae.saes import LoadedSae, prepare
 
     torch.manual_seed(0)
-    meta = SAEMetadata(hook_name="blocks.0.hook_resid_post")
+    meta = SAEMetadata(hook_name=Hook.resid_post(0))
     if architecture == "topk":
         sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=32, metadata=meta))
     else:
@@ -45,7 +47,7 @@ def make_sae(architecture: str, d_in: int, d_sae: int):  # type: ignore[no-untyp
         if architecture == "standard":  # about 1% of features active
             sae.b_enc.fill_(-2.33)
             sae.W_enc.div_(sae.W_enc.norm(dim=0, keepdim=True))
-    return LoadedSae(prepare(sae), "blocks.0.hook_resid_post", architecture, "random")
+    return LoadedSae(prepare(sae), Hook.resid_post(0), architecture, "random")
 
 
 def throughput(fn, n_tokens: int, repeats: int = 3) -> float:  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ from pipelines.common import (
     run_configured,
 )
 from workbench import records
+from workbench.core import Node
 from workbench.errors import BadInput
 from workbench.models import LoadedModel
 from workbench.tasks import Task
@@ -54,9 +55,7 @@ def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> 
     else:
         raise BadInput(f"unknown method {method!r} for the heads pipeline")
     n_layers, n_heads = result.scores.shape
-    node_ids = [
-        head_methods.head_node(layer, h) for layer in range(n_layers) for h in range(n_heads)
-    ]
+    node_ids = [Node.head_of(layer, h).id for layer in range(n_layers) for h in range(n_heads)]
     rows = {
         "node_scores": records.node_score_rows(node_ids, result.scores.flatten().tolist()),
         "edges": records.edge_rows(result.edges),

@@ -36,11 +36,11 @@ from pipelines.common import (
 )
 from workbench import records
 from workbench.attribution.ig import DEFAULT_IG_RULE, check_ig_rule
+from workbench.core import Hook
 from workbench.errors import BadInput
 from workbench.hashing import sha256_files
 from workbench.models import LoadedModel
 from workbench.sae.corpus import Corpus, load_corpus
-from workbench.sae.hooks import hook_layer
 from workbench.sae.saes import PRETRAINED_PREFIX, LoadedSae, activation_size, load_sae
 from workbench.sae.train import SaeTrainConfig
 from workbench.store import Store
@@ -221,7 +221,7 @@ def _logit(loaded: LoadedModel, token: int, value: float) -> dict[str, Any]:
 
 def feature_nodes(loaded: LoadedModel, sae: LoadedSae, sae_id: str) -> pa.Table:
     return records.feature_node_rows(
-        loaded.info.model_id, sae_id, sae.hook, hook_layer(sae.hook), sae.d_sae
+        loaded.info.model_id, sae_id, sae.hook, Hook.layer(sae.hook), sae.d_sae
     )
 
 

@@ -16,7 +16,8 @@ RULES = [
     ("workbench.sae.attribution", ["duckdb", "streamlit"]),
     ("workbench.sae.features", ["duckdb", "streamlit"]),
     ("workbench.sae.train", ["duckdb", "streamlit"]),
-    ("workbench.sae.hooks", ["torch", "duckdb", "streamlit"]),
+    ("workbench.core", ["torch", "transformer_lens", "duckdb", "streamlit", "pyarrow"]),
+    ("workbench.graph", ["torch", "transformer_lens", "duckdb", "streamlit"]),
     ("app.views.circuit", ["torch", "transformer_lens"]),
 ]
 

@@ -23,9 +23,9 @@ from transformer_lens import HookedTransformer
 from workbench.attribution.batches import PromptBatch, logit_diff, repeat_rows
 from workbench.attribution.edges import EdgeGraph, graph_hooks_enabled, source_outputs
 from workbench.attribution.patching import metric_gap
+from workbench.core import QKV, Edge, Hook, Node
 from workbench.graph import split_port
 
-Edge = tuple[str, str, float]
 logger = logging.getLogger(__name__)
 
 
@@ -56,10 +56,11 @@ def on_input_to_logits_paths(edges: list[Edge]) -> list[Edge]:
     graph = nx.DiGraph()
     for src, dst, _ in edges:
         graph.add_edge(src, split_port(dst)[0])
-    if "input" not in graph or "logits" not in graph:
+    start, end = Node.input().id, Node.logits().id
+    if start not in graph or end not in graph:
         return []
-    forward = nx.descendants(graph, "input") | {"input"}
-    backward = nx.ancestors(graph, "logits") | {"logits"}
+    forward = nx.descendants(graph, start) | {start}
+    backward = nx.ancestors(graph, end) | {end}
     keep = forward & backward
     return [e for e in edges if e[0] in keep and split_port(e[1])[0] in keep]
 
@@ -154,19 +155,22 @@ def _run_with_removed_edges(
         diffs[index] = repeat_rows(corrupt_out[index], copies) - out
         seen[0] = max(seen[0], index + 1)
 
-    def record_input(act: torch.Tensor, hook: object) -> None:
-        record(order["input"], act)
+    def record_at(index: int) -> object:
+        def record_hook(act: torch.Tensor, hook: object) -> None:
+            record(index, act)
 
-    def record_heads(z: torch.Tensor, hook: object) -> None:
-        layer = int(hook.name.split(".")[1])  # type: ignore[attr-defined]
-        outs = torch.einsum("bphe,hed->hbpd", z, model.W_O[layer])
-        first = order[f"a{layer}.h0"]
-        corrupt_heads = corrupt_out[first : first + cfg.n_heads].repeat(1, copies, 1, 1)
-        diffs[first : first + cfg.n_heads] = corrupt_heads - outs  # copy-major rows, as the batch
-        seen[0] = max(seen[0], first + cfg.n_heads)
+        return record_hook
 
-    def record_mlp(act: torch.Tensor, hook: object) -> None:
-        record(order[f"m{hook.name.split('.')[1]}"], act)  # type: ignore[attr-defined]
+    def record_heads(layer: int) -> object:
+        first = order[Node.head_of(layer, 0).id]
+
+        def record_hook(z: torch.Tensor, hook: object) -> None:
+            outs = torch.einsum("bphe,hed->hbpd", z, model.W_O[layer])
+            corrupt_heads = corrupt_out[first : first + cfg.n_heads].repeat(1, copies, 1, 1)
+            diffs[first : first + cfg.n_heads] = corrupt_heads - outs  # copy-major, as the batch
+            seen[0] = max(seen[0], first + cfg.n_heads)
+
+        return record_hook
 
     def shift_for(dst_indices: list[int]) -> torch.Tensor:
         k = seen[0]
@@ -176,26 +180,31 @@ def _run_with_removed_edges(
 
     dst_index = {d: i for i, d in enumerate(graph.destinations)}
 
-    def move_qkv(act: torch.Tensor, hook: object) -> torch.Tensor:
-        layer, port = hook.name.split(".")[1], hook.name.split("_")[-2]  # type: ignore[attr-defined]
-        idx = [dst_index[f"a{layer}.h{h}<{port}>"] for h in range(cfg.n_heads)]
-        return act + shift_for(idx).permute(1, 2, 0, 3)
+    def move_qkv(layer: int, port: str) -> object:
+        idx = [dst_index[Node.head_of(layer, h, port).id] for h in range(cfg.n_heads)]
 
-    def move_single(name: str) -> object:
         def move(act: torch.Tensor, hook: object) -> torch.Tensor:
-            return act + shift_for([dst_index[name]])[0]
+            return act + shift_for(idx).permute(1, 2, 0, 3)
 
         return move
 
-    hooks: list = [("blocks.0.hook_resid_pre", record_input)]
+    def move_single(node: Node) -> object:
+        def move(act: torch.Tensor, hook: object) -> torch.Tensor:
+            return act + shift_for([dst_index[node.id]])[0]
+
+        return move
+
+    inputs = Node.input()
+    hooks: list = [(inputs.out_hook(), record_at(order[inputs.id]))]
     for layer in range(cfg.n_layers):
-        hooks += [(f"blocks.{layer}.hook_{p}_input", move_qkv) for p in "qkv"]
-        hooks.append((f"blocks.{layer}.attn.hook_z", record_heads))
-        if f"m{layer}" in graph.destinations:
-            hooks.append((f"blocks.{layer}.hook_mlp_in", move_single(f"m{layer}")))
-        if f"m{layer}" in graph.sources:
-            hooks.append((f"blocks.{layer}.hook_mlp_out", record_mlp))
-    hooks.append((f"blocks.{cfg.n_layers - 1}.hook_resid_post", move_single("logits")))
+        hooks += [(Hook.qkv_input(layer, p), move_qkv(layer, p)) for p in QKV]
+        hooks.append((Hook.z(layer), record_heads(layer)))
+        mlp = Node.mlp(layer)
+        if mlp.id in graph.destinations:
+            hooks.append((mlp.in_hook(cfg.n_layers), move_single(mlp)))
+        if mlp.id in graph.sources:
+            hooks.append((mlp.out_hook(), record_at(order[mlp.id])))
+    hooks.append((Node.logits().in_hook(cfg.n_layers), move_single(Node.logits())))
     return model.run_with_hooks(repeat_rows(batch.clean, copies), fwd_hooks=hooks)
 
 

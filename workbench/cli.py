@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import click
 import typer
 
+from workbench.core import Hook
 from workbench.errors import BadInput
 
 logger = logging.getLogger("workbench")
@@ -39,7 +40,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_ZOO = Path("data") / "zoo"
 # the demo trains an SAE on the residual stream after each layer of the 2-layer zoo models
-DEMO_SAE_HOOKS = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+DEMO_SAE_HOOKS = (Hook.resid_post(0), Hook.resid_post(1))
 
 DbOption = Annotated[
     str | None,

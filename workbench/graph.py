@@ -4,33 +4,32 @@ Edges into a head's query, key or value input (`a1.h0<k>`) are drawn into the he
 keep the port as an edge attribute.
 """
 
-import re
-
 import networkx as nx
 
-HEAD = re.compile(r"^a(\d+)\.h(\d+)(?:<(\w+)>)?$")
+from workbench.core import Node
 
 
 def split_port(node_id: str) -> tuple[str, str | None]:
-    match = HEAD.match(node_id)
-    if match and match.group(3):
-        return f"a{match.group(1)}.h{match.group(2)}", match.group(3)
-    return node_id, None
+    """`a1.h0<k>` -> (`a1.h0`, `k`); any other id -> (id, None)."""
+    node = Node.try_parse(node_id)
+    if node is None or node.port is None:
+        return node_id, None
+    return node.base.id, node.port
 
 
 def node_position(node_id: str, n_layers: int, n_heads: int = 1) -> tuple[float, float]:
     """x = layer (input at -1, logits at n_layers), y = head index; input and logits centred."""
     middle = (n_heads - 1) / 2
-    match = HEAD.match(node_id)
-    if match:
-        return float(match.group(1)), float(match.group(2))
-    if node_id == "input":
+    node = Node.try_parse(node_id)
+    kind = node.kind if node else None
+    if node and kind == "attn_head":
+        return float(node.layer or 0), float(node.head or 0)
+    if kind == "input":
         return -1.0, middle
-    if node_id == "logits":
+    if kind == "logits":
         return float(n_layers), middle
-    mlp = re.match(r"^m(\d+)$", node_id)
-    if mlp:
-        return float(mlp.group(1)) + 0.5, -1.0
+    if node and kind == "mlp":
+        return float(node.layer or 0) + 0.5, -1.0
     return float(n_layers) / 2, -2.0
 
 
@@ -42,23 +41,23 @@ def layout(
     layers), spread evenly around the middle."""
     middle = (n_heads - 1) / 2
     positions = {}
-    columns: dict[str, list[str]] = {}
-    for node in nodes:
-        if node.startswith("f:"):
-            columns.setdefault(node.split(":")[1], []).append(node)
+    columns: dict[str, list[Node]] = {}
+    for node_id in nodes:
+        node = Node.try_parse(node_id)
+        if node is not None and node.sae_id is not None:
+            columns.setdefault(node.sae_id, []).append(node)
         else:
-            positions[node] = node_position(node, n_layers, n_heads)
+            positions[node_id] = node_position(node_id, n_layers, n_heads)
     for sae_id, members in columns.items():
         x = (sae_depth or {}).get(sae_id, n_layers / 2) - 0.25
         spacing = max(n_heads, 1) / max(len(members), 1)
         for i, node in enumerate(sorted(members, key=_feature_order)):
-            positions[node] = (x, middle + (i - (len(members) - 1) / 2) * spacing)
+            positions[node.id] = (x, middle + (i - (len(members) - 1) / 2) * spacing)
     return positions
 
 
-def _feature_order(node: str) -> tuple[int, int]:
-    tail = node.rsplit(":", 1)[1]
-    return (1, 0) if not tail.isdigit() else (0, int(tail))
+def _feature_order(node: Node) -> tuple[int, int]:
+    return (1, 0) if node.feature is None else (0, node.feature)
 
 
 def build_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from workbench.core import PORTS, Node
 from workbench.models.base import CheckpointInfo, ModelInfo
 from workbench.tasks.spec import Task
 
@@ -67,27 +68,21 @@ def prompt_rows(task: Task) -> pa.Table:
     )
 
 
-PORT_LABELS = {"q": "query input", "k": "key input", "v": "value input", "pattern": "pattern"}
-
-
 def model_graph_nodes(model_id: str, n_layers: int, n_heads: int, has_mlp: bool) -> pa.Table:
     """Every node of a model's graph: `input`, residual streams `r{L}`, attention layers `a{L}`,
     heads `a{L}.h{H}` with their `<q>`, `<k>`, `<v>`, `<pattern>` ports, MLPs `m{L}`, `logits`."""
-    rows: list[dict[str, Any]] = [_node(model_id, "input", "input", None, None, "embeddings")]
+    nodes = [Node.input()]
     for layer in range(n_layers + 1):
-        label = f"residual stream before layer {layer}" if layer < n_layers else "final residual"
-        rows.append(_node(model_id, f"r{layer}", "resid", layer, None, label))
+        nodes.append(Node.resid(layer))
     for layer in range(n_layers):
-        rows.append(_node(model_id, f"a{layer}", "attn", layer, None, f"attention layer {layer}"))
+        nodes.append(Node.attn(layer))
         for head in range(n_heads):
-            base = f"a{layer}.h{head}"
-            rows.append(_node(model_id, base, "attn_head", layer, head, f"L{layer}H{head}"))
-            for port, label in PORT_LABELS.items():
-                node_id = f"{base}<{port}>"
-                rows.append(_node(model_id, node_id, "attn_head", layer, head, f"{base} {label}"))
+            nodes += [Node.head_of(layer, head, port) for port in (None, *PORTS)]
         if has_mlp:
-            rows.append(_node(model_id, f"m{layer}", "mlp", layer, None, f"MLP {layer}"))
-    rows.append(_node(model_id, "logits", "logits", n_layers, None, "logits"))
+            nodes.append(Node.mlp(layer))
+    rows = [_node(model_id, node) for node in nodes]
+    rows[n_layers + 1]["label"] = "final residual"  # r{n_layers}
+    rows.append(_node(model_id, Node.logits()) | {"layer": n_layers})
     return pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
 
 
@@ -98,6 +93,7 @@ NODE_SCHEMA = pa.schema(
         ("kind", pa.string()),
         ("layer", pa.int32()),
         ("head", pa.int32()),
+        ("port", pa.string()),
         ("sae_id", pa.string()),
         ("feature", pa.int32()),
         ("label", pa.string()),
@@ -105,18 +101,17 @@ NODE_SCHEMA = pa.schema(
 )
 
 
-def _node(
-    model_id: str, node_id: str, kind: str, layer: int | None, head: int | None, label: str
-) -> dict[str, Any]:
+def _node(model_id: str, node: Node, hook: str | None = None) -> dict[str, Any]:
     return {
         "model_id": model_id,
-        "node_id": node_id,
-        "kind": kind,
-        "layer": layer,
-        "head": head,
-        "sae_id": None,
-        "feature": None,
-        "label": label,
+        "node_id": node.id,
+        "kind": node.kind,
+        "layer": node.layer,
+        "head": node.head,
+        "port": node.port,
+        "sae_id": node.sae_id,
+        "feature": node.feature,
+        "label": node.label(hook),
     }
 
 
@@ -195,12 +190,8 @@ def feature_node_rows(
     model_id: str, sae_id: str, hook: str, layer: int | None, d_sae: int
 ) -> pa.Table:
     """An SAE's features `f:{sae_id}:{i}` and its error node `f:{sae_id}:err`."""
-    rows = []
-    for i in range(d_sae):
-        row = _node(model_id, f"f:{sae_id}:{i}", "feature", layer, None, f"{hook} #{i}")
-        rows.append(row | {"sae_id": sae_id, "feature": i})
-    error = _node(model_id, f"f:{sae_id}:err", "sae_error", layer, None, f"{hook} SAE error")
-    rows.append(error | {"sae_id": sae_id})
+    nodes = [Node.sae_feature(sae_id, i) for i in range(d_sae)] + [Node.sae_error(sae_id)]
+    rows = [_node(model_id, node, hook) | {"layer": layer} for node in nodes]
     return pa.Table.from_pylist(rows, schema=NODE_SCHEMA)
 
 

@@ -12,8 +12,8 @@ import streamlit as st
 from app.data import query
 from app.views import features
 from app.views.common import done_runs, select_model
+from workbench.core import PORTS, Hook, Node
 from workbench.graph import build_graph, layout, split_port
-from workbench.sae.hooks import hook_depth
 
 Edge = tuple[str, str, float]
 COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
@@ -39,7 +39,7 @@ def render() -> None:
     else:
         shown = _compare(model_id, n_layers, n_heads)
     if shown:
-        heads = [f"a{layer}.h{head}" for layer in range(n_layers) for head in range(n_heads)]
+        heads = [Node.head_of(lyr, h).id for lyr in range(n_layers) for h in range(n_heads)]
         _node_inspector(model_id, *shown, extra=heads)
 
 
@@ -184,21 +184,23 @@ def _node_inspector(
     if clicked in nodes:
         st.session_state["circuit_node"] = clicked
     node = st.selectbox("Node (or click one in the graph)", nodes, key="circuit_node")
+    with_ports = _with_ports(node)
     scores = query(
         """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
                   s.node_id, s.position, s.score
            FROM node_scores s JOIN runs r USING (run_id)
-           WHERE r.checkpoint_id = ? AND r.status = 'done'
-             AND (s.node_id = ? OR s.node_id LIKE ? || '<%')
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE r.checkpoint_id = ? AND r.status = 'done' AND list_contains(?, n.node_id)
            ORDER BY r.pipeline, r.method, s.node_id, s.position""",
-        (checkpoint_id, node, node),
+        (checkpoint_id, with_ports),
     )
     incident = query(
         """SELECT r.method, e.src, e.dst, e.score FROM edges e JOIN runs r USING (run_id)
            WHERE r.checkpoint_id = ? AND r.status = 'done'
-             AND (e.src = ? OR e.dst = ? OR e.dst LIKE ? || '<%')
+             AND (e.src = ? OR list_contains(?, e.dst))
            ORDER BY abs(e.score) DESC LIMIT 50""",
-        (checkpoint_id, node, node, node),
+        (checkpoint_id, node, with_ports),
     )
     st.dataframe(scores, hide_index=True)
     st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
@@ -219,27 +221,41 @@ def _clickable(fig: go.Figure, key: str) -> None:
         st.session_state["circuit_clicked_node"] = node
 
 
-def _short(node: str) -> str:
+def _with_ports(node_id: str) -> list[str]:
+    """A head and its q/k/v/pattern input nodes (where its incoming edges and port scores are
+    stored); any other node alone."""
+    node = Node.try_parse(node_id)
+    if node is None or not node.is_head:
+        return [node_id]
+    return [node_id] + [Node.head_of(node.layer or 0, node.head or 0, p).id for p in PORTS]
+
+
+def _short(node_id: str) -> str:
     """Feature nodes are labelled by their index (or `err`); the full id is in the hover."""
-    return "#" + node.rsplit(":", 1)[1] if node.startswith("f:") else node
+    node = Node.try_parse(node_id)
+    if node is None or not node.is_sae_node:
+        return node_id
+    return "#err" if node.feature is None else f"#{node.feature}"
 
 
 def _feature_links(node: str, checkpoint_id: str) -> None:
     """A head: the features its output writes most (sae_attr); a feature: its dashboard."""
-    if node.startswith("f:"):
-        _, sae_id, index = node.split(":")
-        if index.isdigit():
+    parsed = Node.try_parse(node)
+    if parsed is not None and parsed.is_sae_node:
+        if parsed.feature is not None:
             st.button(
-                f"Open feature {index} of {sae_id}",
+                f"Open feature {parsed.feature} of {parsed.sae_id}",
                 on_click=features.open_feature,
-                args=(sae_id, int(index)),
+                args=(parsed.sae_id, parsed.feature),
                 key="circuit_open_feature",
             )
         return
     writes = query(
         """SELECT e.dst AS feature, e.score FROM edges e JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.dst
            WHERE r.checkpoint_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
-             AND e.src = ? AND e.dst LIKE 'f:%'
+             AND e.src = ? AND n.kind = 'feature'
            ORDER BY abs(e.score) DESC LIMIT 5""",
         (checkpoint_id, node),
     )
@@ -247,11 +263,11 @@ def _feature_links(node: str, checkpoint_id: str) -> None:
         return
     st.caption(f"features `{node}` writes most (sae_attr: direct write × gradient)")
     for i, row in enumerate(writes.itertuples()):
-        _, sae_id, index = str(row.feature).split(":")
+        feature = Node.parse(str(row.feature))
         st.button(
             f"{row.feature}  ({row.score:+.4f})",
             on_click=features.open_feature,
-            args=(sae_id, int(index)),
+            args=(feature.sae_id, feature.feature),
             key=f"circuit_head_feature_{i}",
         )
 
@@ -262,7 +278,7 @@ def _triples(edges: pd.DataFrame) -> list[Edge]:
 
 def sae_depths(n_layers: int) -> dict[str, float]:
     saes = query("SELECT sae_id, hook FROM saes")
-    return {str(r.sae_id): hook_depth(str(r.hook), n_layers) for r in saes.itertuples()}
+    return {str(r.sae_id): Hook.depth(str(r.hook), n_layers) for r in saes.itertuples()}
 
 
 def circuit_figure(

@@ -12,6 +12,7 @@ import streamlit as st
 
 from app.data import query
 from app.views.common import select_model
+from workbench.core import Node
 
 WINDOW = 10  # tokens shown either side of the activating one
 
@@ -186,7 +187,7 @@ def _logits(f: pd.Series) -> None:
 
 
 def _attribution(sae_id: str, feature: int) -> None:
-    node = f"f:{sae_id}:{feature}"
+    node = Node.sae_feature(sae_id, feature).id
     scores = query(
         """SELECT r.task_id, r.checkpoint_id, s.score FROM node_scores s JOIN runs r USING (run_id)
            WHERE s.node_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
@@ -200,7 +201,10 @@ def _attribution(sae_id: str, feature: int) -> None:
         st.dataframe(scores, hide_index=True, key="features_scores")
     heads = query(
         """SELECT e.src AS head, e.score FROM edges e JOIN runs r USING (run_id)
-           WHERE e.dst = ? AND e.src LIKE 'a%' AND r.method = 'sae_attr' AND r.status = 'done'
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.src
+           WHERE e.dst = ? AND n.kind = 'attn_head' AND r.method = 'sae_attr'
+             AND r.status = 'done'
            ORDER BY abs(e.score) DESC LIMIT 10""",
         (node,),
     )

@@ -30,11 +30,11 @@ def render() -> None:
     )
     run = runs[runs["step"] == step].iloc[0]
     scores = query(
-        """SELECT n.layer, n.head, s.score FROM node_scores s
+        """SELECT n.layer, n.head, s.score, s.node_id AS head_id FROM node_scores s
            JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
            JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
-           WHERE s.run_id = ? AND n.kind = 'attn_head' AND s.position IS NULL
-             AND s.node_id NOT LIKE '%<%'""",
+           WHERE s.run_id = ? AND n.kind = 'attn_head' AND n.port IS NULL
+             AND s.position IS NULL""",
         (run["run_id"],),
     )
     if scores.empty:
@@ -60,17 +60,15 @@ def render() -> None:
         f"corrupt {run['metric_corrupt']:.3f}"
     )
     st.plotly_chart(fig, key="heads_heatmap")
-    top = scores.assign(
-        head_id=lambda d: "a" + d["layer"].astype(str) + ".h" + d["head"].astype(str)
-    )
-    st.dataframe(top.sort_values("score", ascending=False).head(10), hide_index=True)
+    st.dataframe(scores.sort_values("score", ascending=False).head(10), hide_index=True)
 
     st.subheader("Across checkpoints")
     history = query(
         """SELECT c.step, s.node_id, s.score FROM node_scores s
            JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
            WHERE c.model_id = ? AND r.method = ? AND r.task_id = ? AND r.status = 'done'
-             AND s.position IS NULL AND s.node_id NOT LIKE '%<%'
+             AND s.position IS NULL AND n.kind = 'attn_head' AND n.port IS NULL
            ORDER BY c.step""",
         (model_id, method, task),
     )

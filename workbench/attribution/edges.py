@@ -58,6 +58,7 @@ from workbench.attribution.batches import (
 )
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
+from workbench.core import QKV, Hook, Node
 
 logger = logging.getLogger(__name__)
 
@@ -93,23 +94,23 @@ def model_graph(model: HookedTransformer, *, include_mlps: bool = True) -> EdgeG
     cfg = model.cfg
     mlps = include_mlps and not cfg.attn_only
     parallel = bool(cfg.parallel_attn_mlp)
-    sources, source_layer = ["input"], [-1.0]
+    sources, source_layer = [Node.input().id], [-1.0]
     destinations: list[str] = []
     destination_layer: list[float] = []
     for layer in range(cfg.n_layers):
         for head in range(cfg.n_heads):
-            sources.append(f"a{layer}.h{head}")
+            sources.append(Node.head_of(layer, head).id)
             source_layer.append(layer)
-        for port in "qkv":
+        for port in QKV:
             for head in range(cfg.n_heads):
-                destinations.append(f"a{layer}.h{head}<{port}>")
+                destinations.append(Node.head_of(layer, head, port).id)
                 destination_layer.append(layer)
         if mlps:
-            sources.append(f"m{layer}")
+            sources.append(Node.mlp(layer).id)
             source_layer.append(layer + 0.5)
-            destinations.append(f"m{layer}")
+            destinations.append(Node.mlp(layer).id)
             destination_layer.append(layer if parallel else layer + 0.5)
-    destinations.append("logits")
+    destinations.append(Node.logits().id)
     destination_layer.append(cfg.n_layers)
     return EdgeGraph(sources, source_layer, destinations, destination_layer)
 
@@ -118,7 +119,7 @@ def model_graph(model: HookedTransformer, *, include_mlps: bool = True) -> EdgeG
 def graph_hooks_enabled(model: HookedTransformer, graph: EdgeGraph) -> Iterator[None]:
     """Split q/k/v inputs per head and expose MLP inputs, restoring the model afterwards."""
     split, mlp_in = bool(model.cfg.use_split_qkv_input), bool(model.cfg.use_hook_mlp_in)
-    has_mlp_dst = any(d.startswith("m") for d in graph.destinations)
+    has_mlp_dst = any(Node.parse(d).kind == "mlp" for d in graph.destinations)
     model.set_use_split_qkv_input(True)
     if has_mlp_dst:
         model.set_use_hook_mlp_in(True)
@@ -131,21 +132,22 @@ def graph_hooks_enabled(model: HookedTransformer, graph: EdgeGraph) -> Iterator[
 
 
 def _source_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
-    hooks = ["blocks.0.hook_resid_pre"]
+    hooks = [Node.input().out_hook()]
     for layer in range(model.cfg.n_layers):
-        hooks.append(f"blocks.{layer}.attn.hook_z")
-        if f"m{layer}" in graph.sources:
-            hooks.append(f"blocks.{layer}.hook_mlp_out")
+        hooks.append(Hook.z(layer))
+        if Node.mlp(layer).id in graph.sources:
+            hooks.append(Node.mlp(layer).out_hook())
     return hooks
 
 
 def _destination_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
     hooks = []
-    for layer in range(model.cfg.n_layers):
-        hooks += [f"blocks.{layer}.hook_{p}_input" for p in "qkv"]
-        if f"m{layer}" in graph.destinations:
-            hooks.append(f"blocks.{layer}.hook_mlp_in")
-    hooks.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
+    n_layers = model.cfg.n_layers
+    for layer in range(n_layers):
+        hooks += [Hook.qkv_input(layer, p) for p in QKV]
+        if Node.mlp(layer).id in graph.destinations:
+            hooks.append(Node.mlp(layer).in_hook(n_layers))
+    hooks.append(Node.logits().in_hook(n_layers))
     return hooks
 
 
@@ -153,12 +155,12 @@ def source_outputs(
     model: HookedTransformer, graph: EdgeGraph, acts: dict[str, torch.Tensor]
 ) -> Float[torch.Tensor, "n_src batch pos d_model"]:
     """Every source's output, in `graph.sources` order, from cached activations."""
-    outs = [acts["blocks.0.hook_resid_pre"][None]]
+    outs = [acts[Node.input().out_hook()][None]]
     for layer in range(model.cfg.n_layers):
-        z = acts[f"blocks.{layer}.attn.hook_z"]
+        z = acts[Hook.z(layer)]
         outs.append(torch.einsum("bphe,hed->hbpd", z, model.W_O[layer]))
-        if f"m{layer}" in graph.sources:
-            outs.append(acts[f"blocks.{layer}.hook_mlp_out"][None])
+        if Node.mlp(layer).id in graph.sources:
+            outs.append(acts[Node.mlp(layer).out_hook()][None])
     return torch.cat(outs)
 
 
@@ -167,11 +169,12 @@ def destination_grads(
 ) -> Float[torch.Tensor, "n_dst batch pos d_model"]:
     """Gradients at every destination's input, in `graph.destinations` order."""
     outs = []
-    for layer in range(model.cfg.n_layers):
-        outs += [grads[f"blocks.{layer}.hook_{p}_input"].permute(2, 0, 1, 3) for p in "qkv"]
-        if f"m{layer}" in graph.destinations:
-            outs.append(grads[f"blocks.{layer}.hook_mlp_in"][None])
-    outs.append(grads[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][None])
+    n_layers = model.cfg.n_layers
+    for layer in range(n_layers):
+        outs += [grads[Hook.qkv_input(layer, p)].permute(2, 0, 1, 3) for p in QKV]
+        if Node.mlp(layer).id in graph.destinations:
+            outs.append(grads[Node.mlp(layer).in_hook(n_layers)][None])
+    outs.append(grads[Node.logits().in_hook(n_layers)][None])
     return torch.cat(outs)
 
 
@@ -189,7 +192,7 @@ class EdgeScores:
     @property
     def completeness(self) -> float:
         """Sum of the `input` edges' normalised scores: 1 for exact integrated gradients."""
-        return float(self.scores[self.graph.sources.index("input")].sum())
+        return float(self.scores[self.graph.sources.index(Node.input().id)].sum())
 
 
 def run_with_grads(
@@ -219,7 +222,7 @@ def run_with_grads(
 
     hooks: list = []
     if embed_override is not None:
-        hooks.append(("blocks.0.hook_resid_pre", override))
+        hooks.append((Node.input().out_hook(), override))
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         diffs = logit_diff(model(tokens), batch.answer, batch.wrong)
@@ -257,8 +260,8 @@ def edge_attribution(
             clean, mc = run_with_grads(model, batch.clean, batch, src_hooks, [], scale=1.0)
             if ig_steps:
                 corrupt, mr = run_with_grads(model, batch.corrupt, batch, src_hooks, [], scale=1.0)
-                start = corrupt["blocks.0.hook_resid_pre"]
-                delta_in = clean["blocks.0.hook_resid_pre"] - start
+                start = corrupt[Node.input().out_hook()]
+                delta_in = clean[Node.input().out_hook()] - start
                 grad_sum: torch.Tensor | None = None
                 for alpha in alphas:
                     acts, _ = run_with_grads(
@@ -316,9 +319,7 @@ def exact_edge_patching(
     progress = tqdm(total=graph.n_edges * len(batches), desc="exact_edge", unit="edge")
     with graph_hooks_enabled(model, graph), progress:
         for batch in batches:
-            names = set(src_hooks) | {
-                f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)
-            }
+            names = set(src_hooks) | {Hook.resid_pre(layer) for layer in range(cfg.n_layers)}
             stop = {"names_filter": names.__contains__, "stop_at_layer": cfg.n_layers}
             clean_final, clean = model.run_with_cache(batch.clean, **stop)
             corr_final, corrupt = model.run_with_cache(batch.corrupt, **stop)
@@ -329,7 +330,7 @@ def exact_edge_patching(
             )
             for t, dst in enumerate(graph.destinations):
                 srcs = [s for s in range(len(graph.sources)) if valid[s, t]]
-                if dst == "logits":
+                if dst == Node.logits().id:
                     for s in srcs:
                         patched = corr_final + delta[s]
                         sums[s, t] = final_logit_diff(
@@ -356,16 +357,9 @@ def _patch_destination(
     max_rows: int,
 ) -> torch.Tensor:
     """Metric sums with `dst`'s input moved by each of `deltas` ([n_src, b, p, d])."""
-    if "<" in dst:
-        layer, head, port = (
-            int(dst[1 : dst.index(".")]),
-            int(dst[dst.index("h") + 1 : dst.index("<")]),
-            dst[-2],
-        )
-        hook = f"blocks.{layer}.hook_{port}_input"
-    else:
-        layer, head, hook = int(dst[1:]), None, f"blocks.{int(dst[1:])}.hook_mlp_in"
-    resid = corrupt[f"blocks.{layer}.hook_resid_pre"]  # type: ignore[index]
+    node = Node.parse(dst)
+    layer, head, hook = node.layer or 0, node.head, node.in_hook(model.cfg.n_layers)
+    resid = corrupt[Hook.resid_pre(layer)]  # type: ignore[index]
     per_chunk = max(1, max_rows // batch.size)
     out = torch.zeros(deltas.shape[0], device=deltas.device)
     for first in range(0, deltas.shape[0], per_chunk):

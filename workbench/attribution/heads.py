@@ -30,7 +30,6 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
 The metric is the mean over prompts of `logit(answer) - logit(wrong)` at the last position.
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,8 +41,7 @@ from transformer_lens import HookedTransformer
 from workbench.attribution.batches import PromptBatch, logit_diff, model_device
 from workbench.attribution.edges import edge_attribution, run_with_grads
 from workbench.attribution.patching import patch_sweep
-
-MLP_NODE = re.compile(r"^m\d+$")
+from workbench.core import Hook, Node
 
 
 @dataclass
@@ -57,10 +55,6 @@ class HeadScores:
     edges: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def head_node(layer: int, head: int, port: str = "") -> str:
-    return f"a{layer}.h{head}" + (f"<{port}>" if port else "")
-
-
 @torch.no_grad()
 def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
     cfg = model.cfg
@@ -71,22 +65,22 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
     # division by the clean run's scale; a model without one unembeds the residual as it is
     normalised = hasattr(model, "ln_final")
     for batch in batches:
-        names = lambda name: name.endswith("hook_z") or name == "ln_final.hook_scale"  # noqa: E731
+        names = [Hook.z(layer) for layer in range(cfg.n_layers)] + [Hook.FINAL_SCALE]
         logits, cache = model.run_with_cache(batch.clean, names_filter=names)
         metrics[0] += float(logit_diff(logits, batch.answer, batch.wrong).sum())
         metrics[1] += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
         direction = model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]  # [d_model, b]
         for layer in range(cfg.n_layers):
-            z_last = cache["z", layer][:, -1]  # [b, head, d_head]
+            z_last = cache[Hook.z(layer)][:, -1]  # [b, head, d_head]
             out = torch.einsum("bhe,hed->bhd", z_last, model.W_O[layer])
             if cfg.normalization_type in ("LN", "LNPre"):
                 out = out - out.mean(-1, keepdim=True)
             if normalised:
-                out = out / cache["ln_final.hook_scale"][:, -1][:, None, :]
+                out = out / cache[Hook.FINAL_SCALE][:, -1][:, None, :]
             total[layer] += torch.einsum("bhd,db->h", out.float(), direction.float())
     scores = (total / n).float().cpu()
     edges = [
-        (head_node(layer, head), "logits", float(scores[layer, head]))
+        (Node.head_of(layer, head).id, Node.logits().id, float(scores[layer, head]))
         for layer in range(cfg.n_layers)
         for head in range(cfg.n_heads)
     ]
@@ -117,7 +111,7 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
     n = sum(b.size for b in batches)
     total = torch.zeros(cfg.n_layers, cfg.n_heads, device=model_device(model))
     m_clean = m_corrupt = 0.0
-    names = [f"blocks.{layer}.attn.hook_z" for layer in range(cfg.n_layers)]
+    names = [Hook.z(layer) for layer in range(cfg.n_layers)]
     for batch in tqdm(batches, desc="head_importance", leave=False):
         acts, metric_sum = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
         m_clean += metric_sum
@@ -140,10 +134,14 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
     result = edge_attribution(model, batches)
     cfg = model.cfg
     rows = [
-        result.graph.sources.index(head_node(layer, head))
+        result.graph.sources.index(Node.head_of(layer, head).id)
         for layer in range(cfg.n_layers)
         for head in range(cfg.n_heads)
     ]
     scores = result.scores[rows].sum(1).view(cfg.n_layers, cfg.n_heads)
-    edges = [e for e in result.edges() if not (MLP_NODE.match(e[0]) or MLP_NODE.match(e[1]))]
+    edges = [
+        e
+        for e in result.edges()
+        if Node.parse(e[0]).kind != "mlp" and Node.parse(e[1]).kind != "mlp"
+    ]
     return HeadScores("attr_patch", scores, result.metric_clean, result.metric_corrupt, edges)

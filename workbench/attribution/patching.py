@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, final_logit_diff, repeat_rows
+from workbench.core import Hook, Node
 
 Direction = Literal["denoise", "noise"]
 Ablation = Literal["resample", "zero", "mean"]
@@ -46,46 +47,43 @@ Ablation = Literal["resample", "zero", "mean"]
 @dataclass(frozen=True)
 class Component:
     name: str
-    hook: str  # with {layer}
+    hook: Callable[[int], str]  # the hook of a layer
     unit_axis: int | None  # axis of heads in the activation without its batch axis
     pos_axis: int | None  # axis of positions (None: cannot patch by position)
-    node: Callable[[int, int | None], str]
+    node: Callable[[int, int | None], Node]
     by_position: Literal["always", "optional", "never"]
     needs_mlp: bool = False
 
 
-def _head(port: str = "") -> Callable[[int, int | None], str]:
-    return lambda layer, head: f"a{layer}.h{head}" + (f"<{port}>" if port else "")
+def _head(port: str | None = None) -> Callable[[int, int | None], Node]:
+    return lambda layer, head: Node.head_of(layer, head or 0, port)
+
+
+def _qkv(port: str) -> Callable[[int], str]:
+    return lambda layer: Hook.qkv(layer, port)
 
 
 COMPONENTS: dict[str, Component] = {
     "resid": Component(
-        "resid", "blocks.{layer}.hook_resid_pre", None, 0, lambda layer, _: f"r{layer}", "always"
+        "resid", Hook.resid_pre, None, 0, lambda layer, _: Node.resid(layer), "always"
     ),
     "attn_out": Component(
-        "attn_out",
-        "blocks.{layer}.hook_attn_out",
-        None,
-        0,
-        lambda layer, _: f"a{layer}",
-        "optional",
+        "attn_out", Hook.attn_out, None, 0, lambda layer, _: Node.attn(layer), "optional"
     ),
     "mlp_out": Component(
         "mlp_out",
-        "blocks.{layer}.hook_mlp_out",
+        Hook.mlp_out,
         None,
         0,
-        lambda layer, _: f"m{layer}",
+        lambda layer, _: Node.mlp(layer),
         "optional",
         needs_mlp=True,
     ),
-    "head_out": Component("head_out", "blocks.{layer}.attn.hook_z", 1, 0, _head(), "optional"),
-    "head_q": Component("head_q", "blocks.{layer}.attn.hook_q", 1, 0, _head("q"), "never"),
-    "head_k": Component("head_k", "blocks.{layer}.attn.hook_k", 1, 0, _head("k"), "never"),
-    "head_v": Component("head_v", "blocks.{layer}.attn.hook_v", 1, 0, _head("v"), "never"),
-    "head_pattern": Component(
-        "head_pattern", "blocks.{layer}.attn.hook_pattern", 0, None, _head("pattern"), "never"
-    ),
+    "head_out": Component("head_out", Hook.z, 1, 0, _head(), "optional"),
+    "head_q": Component("head_q", _qkv("q"), 1, 0, _head("q"), "never"),
+    "head_k": Component("head_k", _qkv("k"), 1, 0, _head("k"), "never"),
+    "head_v": Component("head_v", _qkv("v"), 1, 0, _head("v"), "never"),
+    "head_pattern": Component("head_pattern", Hook.pattern, 0, None, _head("pattern"), "never"),
 }
 
 
@@ -107,7 +105,7 @@ class PatchScores:
         n_layers, n_units, n_pos = self.scores.shape
         for layer in range(n_layers):
             for unit in range(n_units):
-                node = comp.node(layer, unit if comp.unit_axis is not None else None)
+                node = comp.node(layer, unit if comp.unit_axis is not None else None).id
                 for pos in range(n_pos):
                     nodes.append(node)
                     positions.append(pos if self.by_position else None)
@@ -149,13 +147,13 @@ def patch_sweep(
             f"patching by position needs prompts of one length (lengths {sorted(lengths)})"
         )
     cfg = model.cfg
-    hooks = [comp.hook.format(layer=layer) for layer in range(cfg.n_layers)]
+    hooks = [comp.hook(layer) for layer in range(cfg.n_layers)]
     means = _mean_activations(model, batches, hooks) if ablation == "mean" else {}
     n = sum(b.size for b in batches)
     sums: torch.Tensor | None = None
     m_clean = m_corrupt = 0.0
     reuse_prefix = by_position and comp.pos_axis == 0
-    kv_hooks = [f"blocks.{layer}.attn.hook_{kv}" for layer in range(cfg.n_layers) for kv in "kv"]
+    kv_hooks = [Hook.qkv(layer, kv) for layer in range(cfg.n_layers) for kv in "kv"]
     cached = hooks + kv_hooks if reuse_prefix else hooks
     for batch in tqdm(batches, desc=f"patch {component}", leave=False):
         clean_resid, clean_cache = _cache(model, batch.clean, cached)
@@ -176,7 +174,7 @@ def patch_sweep(
                 )
             else:
                 layer_sums = _patch_layer(
-                    model, batch, layer, base[f"blocks.{layer}.hook_resid_pre"], hook, source,
+                    model, batch, layer, base[Hook.resid_pre(layer)], hook, source,
                     comp, by_position, max_rows,
                 )  # fmt: skip
             if sums is None:
@@ -204,7 +202,7 @@ def _cache(
     model: HookedTransformer, tokens: torch.Tensor, hooks: list[str]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Final residual stream and the activations patching needs, from one forward pass."""
-    wanted = set(hooks) | {f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)}
+    wanted = set(hooks) | {Hook.resid_pre(layer) for layer in range(model.cfg.n_layers)}
     resid, cache = model.run_with_cache(
         tokens, names_filter=lambda name: name in wanted, stop_at_layer=model.cfg.n_layers
     )
@@ -308,7 +306,7 @@ def _patch_layer_each_position(
     cfg = model.cfg
     n_units = cfg.n_heads if comp.unit_axis is not None else 1
     n_pos = int(source.shape[1])
-    resid = base[f"blocks.{layer}.hook_resid_pre"]
+    resid = base[Hook.resid_pre(layer)]
     sums = torch.zeros(n_units, n_pos, device=source.device)
     per_chunk = max(1, max_rows // batch.size)
     for pos in range(n_pos):
@@ -318,8 +316,8 @@ def _patch_layer_each_position(
             kv_cache = TransformerLensKeyValueCache.init_cache(cfg, source.device, k * batch.size)
             for block in range(layer, cfg.n_layers):
                 entry = kv_cache[block]
-                entry.past_keys = repeat_rows(base[f"blocks.{block}.attn.hook_k"][:, :pos], k)
-                entry.past_values = repeat_rows(base[f"blocks.{block}.attn.hook_v"][:, :pos], k)
+                entry.past_keys = repeat_rows(base[Hook.qkv(block, "k")][:, :pos], k)
+                entry.past_values = repeat_rows(base[Hook.qkv(block, "v")][:, :pos], k)
             kv_cache.freeze()
             mask = torch.zeros(k, 1, *source.shape[2:], dtype=source.dtype, device=source.device)
             for row, unit in enumerate(units):

@@ -41,15 +41,8 @@ from transformer_lens import HookedTransformer
 from workbench.attribution.batches import PromptBatch, logit_diff, model_device
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
-from workbench.sae.hooks import hook_depth, hook_layer
+from workbench.core import Edge, Hook, Node
 from workbench.sae.saes import LoadedSae
-
-Edge = tuple[str, str, float]
-ERROR = "err"
-
-
-def feature_node(sae_id: str, feature: int | str) -> str:
-    return f"f:{sae_id}:{feature}"
 
 
 @dataclass
@@ -75,7 +68,7 @@ class SplicedModel:
         sae_ids: list[str],
         batches: list[PromptBatch],
     ):
-        order = sorted(range(len(saes)), key=lambda i: hook_depth(saes[i].hook, model.cfg.n_layers))
+        order = sorted(range(len(saes)), key=lambda i: Hook.depth(saes[i].hook, model.cfg.n_layers))
         self.model = model
         self.saes = [saes[i] for i in order]
         self.sae_ids = [sae_ids[i] for i in order]
@@ -134,9 +127,8 @@ class SplicedModel:
 
     def node_ids(self, k: int) -> list[str]:
         sae_id = self.sae_ids[k]
-        return [feature_node(sae_id, i) for i in range(self.saes[k].d_sae)] + [
-            feature_node(sae_id, ERROR)
-        ]
+        features = [Node.sae_feature(sae_id, i) for i in range(self.saes[k].d_sae)]
+        return [node.id for node in [*features, Node.sae_error(sae_id)]]
 
     def faithfulness(self, kept: set[str]) -> float:
         """The clean run with every node outside `kept` at its corrupt value."""
@@ -308,10 +300,11 @@ def _graph_edges(
 ) -> list[Edge]:
     n_saes = len(spliced.saes)
     first_ids, last_ids = spliced.node_ids(0), spliced.node_ids(n_saes - 1)
-    edges: list[Edge] = [("input", first_ids[i], scores[first_ids[i]]) for i in selected[0]]
+    start, end = Node.input().id, Node.logits().id
+    edges: list[Edge] = [(start, first_ids[i], scores[first_ids[i]]) for i in selected[0]]
     for k in range(n_saes - 1):
         edges += _pair_edges(spliced, k, selected, grads, spliced_scale(spliced))
-    edges += [(last_ids[i], "logits", scores[last_ids[i]]) for i in selected[-1]]
+    edges += [(last_ids[i], end, scores[last_ids[i]]) for i in selected[-1]]
     return edges
 
 
@@ -363,17 +356,16 @@ def _pair_edges(
     ]
 
 
-_RESIDUAL_READS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")
-
-
 def _upstream_head_layers(hook: str, n_layers: int) -> list[int]:
-    layer = hook_layer(hook)
-    if layer is None or not hook.endswith(_RESIDUAL_READS):
+    layer = Hook.layer(hook)
+    if layer is None:
         return []
-    if hook.endswith("hook_attn_out"):
+    if hook == Hook.attn_out(layer):
         return [layer]
-    depth = hook_depth(hook, n_layers)
-    return [lyr for lyr in range(n_layers) if hook_depth(f"blocks.{lyr}.hook_attn_out", 0) < depth]
+    if not Hook.reads_residual(hook):
+        return []
+    depth = Hook.depth(hook, n_layers)
+    return [lyr for lyr in range(n_layers) if Hook.depth(Hook.attn_out(lyr), 0) < depth]
 
 
 def _head_edges(
@@ -390,7 +382,7 @@ def _head_edges(
         if not layers or not feats or sae.d_in != model.cfg.d_model:
             continue
         w_enc = sae.sae.W_enc.detach()[:, feats]  # [d_model, n_feats]
-        names = [f"blocks.{lyr}.attn.hook_z" for lyr in layers]
+        names = [Hook.z(lyr) for lyr in layers]
         totals = torch.zeros(
             len(layers), model.cfg.n_heads, len(feats), dtype=torch.float64, device=spliced.device
         )
@@ -411,10 +403,11 @@ def _head_edges(
         for li, lyr in enumerate(layers):
             for h in range(model.cfg.n_heads):
                 for c, i in enumerate(feats):
-                    edges.append((f"a{lyr}.h{h}", ids[i], float(totals[li, h, c]) * scale))
+                    head = Node.head_of(lyr, h).id
+                    edges.append((head, ids[i], float(totals[li, h, c]) * scale))
     return edges
 
 
 def circuit_edges(attribution: SaeAttribution, kept: set[str]) -> list[Edge]:
-    ends = kept | {"input", "logits"}
+    ends = kept | {Node.input().id, Node.logits().id}
     return [e for e in attribution.edges if e[0] in ends and e[1] in ends]

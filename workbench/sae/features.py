@@ -36,9 +36,9 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from workbench.attribution.batches import model_device
+from workbench.core import Hook
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
-from workbench.sae.hooks import hook_layer
 from workbench.sae.saes import LoadedSae, hook_activations
 
 logger = logging.getLogger(__name__)
@@ -278,7 +278,7 @@ def residual_directions(
     model = loaded.model
     w_dec = sae.sae.W_dec.detach()
     hook = sae.hook
-    layer = hook_layer(hook)
+    layer = Hook.layer(hook)
     if hook.endswith("attn.hook_z") and layer is not None:
         w_o = model.blocks[layer].attn.W_O.detach()  # [head_index, d_head, d_model]
         return torch.einsum("fhd,hdm->fm", w_dec.reshape(len(w_dec), *w_o.shape[:2]), w_o)

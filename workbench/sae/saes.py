@@ -20,9 +20,9 @@ import torch
 from jaxtyping import Float, Int
 
 from workbench.attribution.batches import model_device
+from workbench.core import Hook
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
-from workbench.sae.hooks import stop_layer
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def activation_size(loaded: LoadedModel, hook: str) -> int:
         )
     tokens = torch.zeros((1, 2), dtype=torch.long, device=model_device(model))
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=stop_layer(hook))
+        _, cache = model.run_with_cache(
+            tokens, names_filter=[hook], stop_at_layer=Hook.stop_layer(hook)
+        )
     return int(cache[hook][0, 0].numel())
 
 
@@ -79,7 +81,9 @@ def hook_activations(
 ) -> Float[torch.Tensor, "batch pos d_in"]:
     """Activations at `hook`, flattened to `d_in`; the forward pass stops after the hook."""
     _, cache = loaded.model.run_with_cache(
-        tokens.to(model_device(loaded.model)), names_filter=[hook], stop_at_layer=stop_layer(hook)
+        tokens.to(model_device(loaded.model)),
+        names_filter=[hook],
+        stop_at_layer=Hook.stop_layer(hook),
     )
     act = cache[hook]
     return act.reshape(act.shape[0], act.shape[1], -1)

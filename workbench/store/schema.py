@@ -79,7 +79,21 @@ SCHEMA_V4 = [
     "ALTER TABLE feature_examples ADD COLUMN run_id VARCHAR",
 ]
 
-MIGRATIONS: dict[int, list[str]] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3, 4: SCHEMA_V4}
+# v5: a head node's port (q, k, v, pattern) as a column, so that queries filter on columns rather
+# than on the id's spelling; filled in for stored nodes from their ids (`workbench.core.Node`).
+SCHEMA_V5 = [
+    "ALTER TABLE nodes ADD COLUMN port VARCHAR",
+    r"""UPDATE nodes SET port = regexp_extract(node_id, '<(q|k|v|pattern)>$', 1)
+        WHERE kind = 'attn_head' AND node_id LIKE '%>'""",
+]
+
+MIGRATIONS: dict[int, list[str]] = {
+    1: SCHEMA_V1,
+    2: SCHEMA_V2,
+    3: SCHEMA_V3,
+    4: SCHEMA_V4,
+    5: SCHEMA_V5,
+}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).

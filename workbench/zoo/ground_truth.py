@@ -10,6 +10,7 @@ key; `input` into each induction head's query and value; each induction head int
 
 import torch
 
+from workbench.core import QKV, Hook, Node
 from workbench.models.base import LoadedModel
 from workbench.zoo.induction import HELD_OUT_PERIODS, repeated_sequences
 from workbench.zoo.vocab import word_ids
@@ -33,25 +34,28 @@ def pattern_scores(
     )  # fmt: skip
     _, cache = loaded.model.run_with_cache(tokens)
     q = torch.arange(2, n_ctx)
-    prev = cache["pattern", 0][:, :, q, q - 1].mean((0, 2))
+    prev = cache[Hook.pattern(0)][:, :, q, q - 1].mean((0, 2))
     follows = torch.zeros(tokens.shape[0], n_ctx, n_ctx)
     follows[:, :, 1:] = (tokens[:, :, None] == tokens[:, None, :-1]).float()
     follows = follows * torch.ones(n_ctx, n_ctx).tril()
     rows = torch.arange(period + 1, n_ctx)
-    induction = (cache["pattern", 1] * follows[:, None])[:, :, rows].sum(-1).mean((0, 2))
+    induction = (cache[Hook.pattern(1)] * follows[:, None])[:, :, rows].sum(-1).mean((0, 2))
     return prev, induction
 
 
 def known_induction_edges(loaded: LoadedModel) -> set[tuple[str, str]]:
     prev, induction = pattern_scores(loaded)
-    prev_heads = [f"a0.h{h}" for h in range(len(prev)) if prev[h] > PREV_THRESHOLD]
-    induction_heads = [
-        f"a1.h{h}" for h in range(len(induction)) if induction[h] > INDUCTION_THRESHOLD
-    ]
-    edges = {("input", f"{p}<{port}>") for p in prev_heads for port in "qkv"}
-    edges |= {(p, f"{i}<k>") for p in prev_heads for i in induction_heads}
-    edges |= {("input", f"{i}<{port}>") for i in induction_heads for port in "qv"}
-    edges |= {(i, "logits") for i in induction_heads}
+    prev_heads = [h for h in range(len(prev)) if prev[h] > PREV_THRESHOLD]
+    induction_heads = [h for h in range(len(induction)) if induction[h] > INDUCTION_THRESHOLD]
+    start, end = Node.input().id, Node.logits().id
+
+    def head(layer: int, h: int, port: str | None = None) -> str:
+        return Node.head_of(layer, h, port).id
+
+    edges = {(start, head(0, p, port)) for p in prev_heads for port in QKV}
+    edges |= {(head(0, p), head(1, i, "k")) for p in prev_heads for i in induction_heads}
+    edges |= {(start, head(1, i, port)) for i in induction_heads for port in "qv"}
+    edges |= {(head(1, i), end) for i in induction_heads}
     return edges
 
 
