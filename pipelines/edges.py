@@ -1,135 +1,182 @@
 """The `edges` pipeline: every edge of the model's graph scored by EAP, EAP-IG or exact edge
-patching (see `workbench.attribution.edges`).
+patching, or pruned by ACDC (see `workbench.attribution.edges` and `workbench.circuits`).
 
     workbench run edges --model data/zoo/induction --task induction --checkpoint all
     workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-steps 10
     workbench run edges --model my-gpt2 --task ioi.jsonl --method eap_ig --ig-rule left
 """
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-from pipelines.common import (
-    MethodResult,
-    PipelineConfig,
-    RunOutcome,
-    RunSpec,
-    link_circuit,
-    pipeline_main,
-    run_configured,
-)
-from workbench import records
-from workbench.attribution.ig import DEFAULT_IG_RULE, check_ig_rule
-from workbench.errors import BadInput
-from workbench.models import LoadedModel
-from workbench.tasks import Task
+from workbench.attribution.ig import IgParams, check_ig_params
+from workbench.registry import Method, RunInputs, option
+from workbench.results import CircuitResult, RunResult
 
-METHODS = ("eap", "eap_ig", "exact_edge", "acdc")
-DEFAULT_METHODS = ("eap", "eap_ig")  # exact_edge and acdc cost a forward pass per edge
+GRAPH = "input+heads(qkv)+mlps+logits"
 
 
-@dataclass
-class EdgesConfig(PipelineConfig):
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    ig_steps: int = 5
-    ig_rule: str = DEFAULT_IG_RULE
-    acdc_threshold: float = 0.02
-    faithful_target: float = 0.8
-    max_rows: int = 512
-
-
-def method_params(method: str, cfg: EdgesConfig) -> dict[str, Any]:
-    params: dict[str, Any] = {"graph": "input+heads(qkv)+mlps+logits"}
-    params["circuit"] = f"smallest top-n with faithfulness >= {cfg.faithful_target}"
-    if method == "eap_ig":
-        params["ig_steps"] = cfg.ig_steps
-        params["ig_rule"] = cfg.ig_rule
-    if method == "acdc":
-        params["threshold"] = cfg.acdc_threshold
-        params["circuit"] = "edges kept by greedy pruning"
-    return params
-
-
-def compute(method: str, loaded: LoadedModel, task: Task, *, cfg: EdgesConfig) -> MethodResult:
-    from workbench import circuits
-    from workbench.attribution import edges
-    from workbench.attribution.batches import make_batches, model_device
-
-    batches = make_batches(task, max_batch=cfg.max_batch, device=model_device(loaded.model))
-    if method == "acdc":
-        return _acdc(loaded, batches, cfg)
-    if method == "exact_edge":
-        result = edges.exact_edge_patching(loaded.model, batches, max_rows=cfg.max_rows)
-    else:
-        steps = cfg.ig_steps if method == "eap_ig" else 0
-        result = edges.edge_attribution(loaded.model, batches, ig_steps=steps, ig_rule=cfg.ig_rule)
-    edge_list = result.edges()
-    curve = circuits.faithfulness_curve(loaded.model, batches, result.graph, edge_list)
-    size = circuits.smallest_faithful(curve, cfg.faithful_target)
-    circuit = circuits.select(edge_list, f"top:{size}")
-    faith = next(f for n, _, f in curve if n == size)
-    rows = {"edges": records.edge_rows(edge_list), "faithfulness_curves": records.curve_rows(curve)}
-    metrics = known_circuit_metrics(loaded, edge_list)
-    if method == "eap_ig":
-        metrics["ig_completeness"] = result.completeness
-    rows["run_metrics"] = records.metric_rows(metrics)
-
-    linked = link_circuit(
-        f"{method}: smallest top-n with faithfulness >= {cfg.faithful_target}",
-        circuit.rule,
-        circuit.edges,
-        faith,
+@dataclass(frozen=True)
+class EapParams:
+    faithful_target: float = option(
+        0.8, "The stored circuit is the smallest top-n whose faithfulness reaches this."
     )
 
-    return MethodResult(result.metric_clean, result.metric_corrupt, rows, linked)
+
+@dataclass(frozen=True)
+class EapIgParams(IgParams, EapParams):
+    pass
+
+
+@dataclass(frozen=True)
+class ExactEdgeParams(EapParams):
+    max_rows: int = option(512, "Rows per patched forward pass (memory bound).")
+
+
+@dataclass(frozen=True)
+class AcdcParams:
+    acdc_threshold: float = option(
+        0.02, "ACDC keeps an edge whose removal changes the normalised metric by more than this."
+    )
+
+
+def _key(params: Any) -> dict[str, Any]:
+    key: dict[str, Any] = {"graph": GRAPH}
+    key["circuit"] = f"smallest top-n with faithfulness >= {params.faithful_target}"
+    if isinstance(params, IgParams):
+        key["ig_steps"] = params.ig_steps
+        key["ig_rule"] = params.ig_rule
+    return key
+
+
+def _acdc_key(params: AcdcParams) -> dict[str, Any]:
+    return {
+        "graph": GRAPH,
+        "circuit": "edges kept by greedy pruning",
+        "threshold": params.acdc_threshold,
+    }
+
+
+def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResult:
+    from workbench import circuits
+
+    edge_list = result.edges()
+    curve = circuits.faithfulness_curve(inputs.model, inputs.batches, result.graph, edge_list)
+    size = circuits.smallest_faithful(curve, params.faithful_target)
+    circuit = circuits.select(edge_list, f"top:{size}")
+    faith = next(f for n, _, f in curve if n == size)
+    metrics = known_circuit_metrics(inputs, edge_list)
+    if method == "eap_ig":
+        metrics["ig_completeness"] = result.completeness
+    return RunResult(
+        result.metric_clean,
+        result.metric_corrupt,
+        edges=edge_list,
+        curve=curve,
+        metrics=metrics,
+        circuit=CircuitResult(
+            f"{method}: smallest top-n with faithfulness >= {params.faithful_target}",
+            circuit.rule,
+            circuit.edges,
+            len(circuit.nodes),
+            faith,
+        ),
+    )
+
+
+def eap(inputs: RunInputs, params: EapParams) -> RunResult:
+    from workbench.attribution import edges
+
+    result = edges.edge_attribution(inputs.model, inputs.batches, ig_steps=0)
+    return _scored("eap", inputs, result, params)
+
+
+def eap_ig(inputs: RunInputs, params: EapIgParams) -> RunResult:
+    from workbench.attribution import edges
+
+    result = edges.edge_attribution(
+        inputs.model, inputs.batches, ig_steps=params.ig_steps, ig_rule=params.ig_rule
+    )
+    return _scored("eap_ig", inputs, result, params)
+
+
+def exact_edge(inputs: RunInputs, params: ExactEdgeParams) -> RunResult:
+    from workbench.attribution import edges
+
+    result = edges.exact_edge_patching(inputs.model, inputs.batches, max_rows=params.max_rows)
+    return _scored("exact_edge", inputs, result, params)
+
+
+def acdc(inputs: RunInputs, params: AcdcParams) -> RunResult:
+    from workbench import circuits
+    from workbench.attribution import edges
+
+    model = inputs.model
+    ablator = circuits.EdgeAblator(model, inputs.batches, edges.model_graph(model))
+    tried, kept, faith = circuits.acdc(ablator, threshold=params.acdc_threshold)
+    return RunResult(
+        ablator.m_clean,
+        ablator.m_corrupt,
+        edges=tried,
+        metrics=known_circuit_metrics(inputs, tried),
+        circuit=CircuitResult(
+            f"acdc: greedy pruning, threshold {params.acdc_threshold}",
+            f"acdc:{params.acdc_threshold}",
+            kept,
+            len(circuits.Circuit("acdc", kept).nodes),
+            faith,
+        ),
+    )
 
 
 def known_circuit_metrics(
-    loaded: LoadedModel, edge_list: list[tuple[str, str, float]]
+    inputs: RunInputs, edge_list: list[tuple[str, str, float]]
 ) -> dict[str, float]:
-    """ROC AUC of |edge score| against the known circuit, for zoo models that have one."""
-    if loaded.info.architecture != "zoo:induction" or loaded.tokenizer is None:
-        return {}
-    from workbench.zoo.ground_truth import known_induction_edges, roc_auc
+    """ROC AUC of |edge score| against the task's known circuit, where it has one."""
+    from workbench.tasks import known_circuit
 
-    auc = roc_auc(edge_list, known_induction_edges(loaded))
+    known = known_circuit(inputs.task, inputs.loaded)
+    if known is None:
+        return {}
+    from workbench.zoo.ground_truth import roc_auc
+
+    auc = roc_auc(edge_list, known)
     return {} if auc is None else {"roc_auc_known_circuit": auc}
 
 
-def _acdc(loaded: LoadedModel, batches: list, cfg: EdgesConfig) -> MethodResult:  # type: ignore[type-arg]
-    from workbench import circuits
-    from workbench.attribution import edges
-
-    model = loaded.model
-    ablator = circuits.EdgeAblator(model, batches, edges.model_graph(model))
-    tried, kept, faith = circuits.acdc(ablator, threshold=cfg.acdc_threshold)
-    rows = {"edges": records.edge_rows(tried)}
-    rows["run_metrics"] = records.metric_rows(known_circuit_metrics(loaded, tried))
-    linked = link_circuit(
-        f"acdc: greedy pruning, threshold {cfg.acdc_threshold}",
-        f"acdc:{cfg.acdc_threshold}",
-        kept,
-        faith,
-    )
-
-    return MethodResult(ablator.m_clean, ablator.m_corrupt, rows, linked)
-
-
-def run(cfg: EdgesConfig) -> list[RunOutcome]:
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise BadInput(f"--method {unknown[0]}: not an edges method ({', '.join(METHODS)})")
-    if cfg.ig_steps < 1:
-        raise BadInput(f"--ig-steps {cfg.ig_steps}: must be at least 1")
-    check_ig_rule(cfg.ig_rule)
-    specs = [RunSpec(m, method_params(m, cfg), partial(compute, m, cfg=cfg)) for m in cfg.methods]
-    return run_configured("edges", cfg, lambda loaded, task: specs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    pipeline_main("edges", argv)
+METHODS = (
+    Method("eap", "edges", EapParams, eap, key=_key, summary="edge attribution patching"),
+    Method(
+        "eap_ig",
+        "edges",
+        EapIgParams,
+        eap_ig,
+        key=_key,
+        check=check_ig_params,
+        summary="EAP with integrated gradients on the input embeddings",
+    ),
+    Method(
+        "exact_edge",
+        "edges",
+        ExactEdgeParams,
+        exact_edge,
+        key=_key,
+        default=False,  # a forward pass per edge
+        summary="exact patching of every edge",
+    ),
+    Method(
+        "acdc",
+        "edges",
+        AcdcParams,
+        acdc,
+        key=_acdc_key,
+        default=False,  # a forward pass per edge
+        summary="ACDC: greedy pruning of edges (Conmy et al. 2023)",
+    ),
+)
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines import main
+
+    main("edges")

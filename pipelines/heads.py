@@ -4,81 +4,89 @@
     workbench run heads --model data/zoo/induction --task induction --checkpoint all
 """
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
-from pipelines.common import (
-    MethodResult,
-    PipelineConfig,
-    RunOutcome,
-    RunSpec,
-    pipeline_main,
-    run_configured,
-)
-from workbench import records
 from workbench.core import Node
-from workbench.errors import BadInput
-from workbench.models import LoadedModel
-from workbench.tasks import Task
-
-METHODS = ("dla", "act_patch_denoise", "act_patch_noise", "attr_patch", "head_importance")
+from workbench.registry import Method, RunInputs
+from workbench.results import RunResult
 
 
-@dataclass
-class HeadsConfig(PipelineConfig):
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+@dataclass(frozen=True)
+class HeadsParams:
+    """The heads methods take no options: each scores every head once."""
 
 
-def method_params(method: str) -> dict[str, Any]:
-    if method.startswith("act_patch"):
-        return {"component": "head_out", "positions": "all", "ablation": "resample"}
-    return {}
+# how the two patching methods patch (recorded in the run key since the first release)
+HEAD_PATCHING = {"component": "head_out", "positions": "all", "ablation": "resample"}
 
 
-def compute(method: str, loaded: LoadedModel, task: Task, *, max_batch: int) -> MethodResult:
-    from workbench.attribution import heads as head_methods
-    from workbench.attribution.batches import make_batches, model_device
-
-    model = loaded.model
-    batches = make_batches(task, max_batch=max_batch, device=model_device(loaded.model))
-    if method == "dla":
-        result = head_methods.direct_logit_attribution(model, batches)
-    elif method == "act_patch_denoise":
-        result = head_methods.head_out_patching(model, batches, direction="denoise")
-    elif method == "act_patch_noise":
-        result = head_methods.head_out_patching(model, batches, direction="noise")
-    elif method == "attr_patch":
-        result = head_methods.attribution_patching(model, batches)
-    elif method == "head_importance":
-        result = head_methods.head_importance(model, batches)
-    else:
-        raise BadInput(f"unknown method {method!r} for the heads pipeline")
+def _result(result: Any) -> RunResult:
     n_layers, n_heads = result.scores.shape
-    node_ids = [Node.head_of(layer, h).id for layer in range(n_layers) for h in range(n_heads)]
-    rows = {
-        "node_scores": records.node_score_rows(node_ids, result.scores.flatten().tolist()),
-        "edges": records.edge_rows(result.edges),
-    }
-    return MethodResult(result.metric_clean, result.metric_corrupt, rows)
+    nodes = [Node.head_of(layer, h).id for layer in range(n_layers) for h in range(n_heads)]
+    scores = result.scores.flatten().tolist()
+    return RunResult(
+        result.metric_clean,
+        result.metric_corrupt,
+        node_scores=[(n, None, s) for n, s in zip(nodes, scores, strict=True)],
+        edges=result.edges,
+    )
 
 
-def run(cfg: HeadsConfig) -> list[RunOutcome]:
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise BadInput(
-            f"--method {unknown[0]}: not a heads method (choose from {', '.join(METHODS)})"
-        )
-    specs = [
-        RunSpec(m, method_params(m), partial(compute, m, max_batch=cfg.max_batch))
-        for m in cfg.methods
-    ]
-    return run_configured("heads", cfg, lambda loaded, task: specs)
+def dla(inputs: RunInputs, params: HeadsParams) -> RunResult:
+    from workbench.attribution import heads
+
+    return _result(heads.direct_logit_attribution(inputs.model, inputs.batches))
 
 
-def main(argv: list[str] | None = None) -> None:
-    pipeline_main("heads", argv)
+def act_patch_denoise(inputs: RunInputs, params: HeadsParams) -> RunResult:
+    from workbench.attribution import heads
+
+    return _result(heads.head_out_patching(inputs.model, inputs.batches, direction="denoise"))
+
+
+def act_patch_noise(inputs: RunInputs, params: HeadsParams) -> RunResult:
+    from workbench.attribution import heads
+
+    return _result(heads.head_out_patching(inputs.model, inputs.batches, direction="noise"))
+
+
+def attr_patch(inputs: RunInputs, params: HeadsParams) -> RunResult:
+    from workbench.attribution import heads
+
+    return _result(heads.attribution_patching(inputs.model, inputs.batches))
+
+
+def head_importance(inputs: RunInputs, params: HeadsParams) -> RunResult:
+    from workbench.attribution import heads
+
+    return _result(heads.head_importance(inputs.model, inputs.batches))
+
+
+def _method(name: str, compute: Any, key: dict[str, Any], summary: str) -> Method:
+    return Method(name, "heads", HeadsParams, compute, key=lambda p: dict(key), summary=summary)
+
+
+METHODS = (
+    _method("dla", dla, {}, "direct logit attribution of each head at the last position"),
+    _method(
+        "act_patch_denoise",
+        act_patch_denoise,
+        HEAD_PATCHING,
+        "exact patching of each head's output, clean into corrupt",
+    ),
+    _method(
+        "act_patch_noise",
+        act_patch_noise,
+        HEAD_PATCHING,
+        "exact patching of each head's output, corrupt into clean",
+    ),
+    _method("attr_patch", attr_patch, {}, "attribution patching (gradient) of each head"),
+    _method("head_importance", head_importance, {}, "head importance scores (Michel et al. 2019)"),
+)
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines import main
+
+    main("heads")

@@ -4,79 +4,65 @@
     workbench run patching --model data/zoo/induction --task induction --checkpoint all
     workbench run patching --model my-gpt2 --task ioi.jsonl --component head_out --by-position
     workbench run patching --model my-gpt2 --task ioi.jsonl --method act_patch_noise --ablation mean
+
+Each method makes one run per component.
 """
 
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, replace
 
-from pipelines.common import (
-    MethodResult,
-    PipelineConfig,
-    RunOutcome,
-    RunSpec,
-    pipeline_main,
-    run_configured,
-)
-from workbench import records
 from workbench.errors import BadInput
-from workbench.models import LoadedModel
-from workbench.tasks import Task
+from workbench.registry import Method, PlanContext, Planned, RunInputs, option
+from workbench.results import RunResult
 
-METHODS = ("act_patch_denoise", "act_patch_noise")
 ABLATIONS = ("resample", "zero", "mean")
+COMPONENT_NAMES = (
+    "resid", "attn_out", "mlp_out", "head_out", "head_q", "head_k", "head_v", "head_pattern"
+)  # fmt: skip
 
 
-@dataclass
-class PatchingConfig(PipelineConfig):
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    components: list[str] | None = None  # None: every component the model has
-    by_position: bool = False
-    ablation: str = "resample"  # for noising; denoising always patches in clean activations
-    max_rows: int = 512
-
-
-def compute(
-    loaded: LoadedModel,
-    task: Task,
-    *,
-    direction: str,
-    component: str,
-    by_position: bool,
-    ablation: str,
-    max_batch: int,
-    max_rows: int,
-) -> MethodResult:
-    from workbench.attribution.batches import make_batches, model_device
-    from workbench.attribution.patching import patch_sweep
-
-    result = patch_sweep(
-        loaded.model,
-        make_batches(task, max_batch=max_batch, device=model_device(loaded.model)),
-        component=component,
-        direction=direction,  # type: ignore[arg-type]
-        ablation=ablation,  # type: ignore[arg-type]
-        by_position=by_position,
-        max_rows=max_rows,
+@dataclass(frozen=True)
+class DenoiseParams:
+    components: list[str] | None = option(
+        None,
+        "What to patch (repeatable; default: every component the model has).",
+        flag="component",
+        choices=COMPONENT_NAMES,
     )
-    nodes, positions, scores = result.rows()
-    rows = {"node_scores": records.node_score_rows(nodes, scores, positions)}
-    return MethodResult(result.metric_clean, result.metric_corrupt, rows)
+    by_position: bool = option(False, "Patch each position separately.")
+    max_rows: int = option(512, "Rows per patched forward pass (memory bound).")
 
 
-def plan(cfg: PatchingConfig, loaded: LoadedModel, task: Task) -> list[RunSpec]:
+@dataclass(frozen=True)
+class NoiseParams(DenoiseParams):
+    ablation: str = option(
+        "resample",
+        "What replaces a clean activation when noising: the corrupt run's (resample), zero, "
+        "or its mean over the task's prompts.",
+        choices=ABLATIONS,
+    )
+
+
+def _check(params: DenoiseParams) -> None:
+    ablation = getattr(params, "ablation", "resample")
+    if ablation not in ABLATIONS:
+        raise BadInput(f"--ablation {ablation}: choose from {', '.join(ABLATIONS)}")
+
+
+def _plan(params: DenoiseParams, inputs: RunInputs, ctx: PlanContext) -> list[Planned]:
+    """One run per component; every component is checked before any run is made."""
     from workbench.attribution.patching import COMPONENTS, check_component
 
-    model = loaded.model
-    if cfg.components is None:
+    model, task = inputs.model, inputs.task
+    if params.components is None:
         names = [
             c for c, comp in COMPONENTS.items() if not (comp.needs_mlp and model.cfg.attn_only)
         ]
     else:
-        names = cfg.components
-    specs = []
+        names = list(params.components)
+    planned = []
     for name in names:
         comp = COMPONENTS.get(name)
-        by_position = cfg.by_position and comp is not None and comp.by_position != "never"
+        by_position = params.by_position and comp is not None and comp.by_position != "never"
         try:
             check_component(model, name, by_position)
         except ValueError as err:
@@ -88,39 +74,65 @@ def plan(cfg: PatchingConfig, loaded: LoadedModel, task: Task) -> list[RunSpec]:
                 f"--component {name}: patching by position needs prompts of one length, "
                 f"and task {task.name} has lengths {sorted(lengths)}"
             )
-        for method in cfg.methods:
-            direction = method.removeprefix("act_patch_")
-            ablation = cfg.ablation if direction == "noise" else "resample"
-            params = {
-                "component": name,
-                "positions": "each" if by_position else "all",
-                "ablation": ablation,
-            }
-            fn = partial(
-                compute,
-                direction=direction,
-                component=name,
-                by_position=by_position,
-                ablation=ablation,
-                max_batch=cfg.max_batch,
-                max_rows=cfg.max_rows,
-            )
-            specs.append(RunSpec(method, params, fn))
-    return specs
+        one = replace(params, components=[name], by_position=by_position)
+        key = {
+            "component": name,
+            "positions": "each" if by_position else "all",
+            "ablation": getattr(params, "ablation", "resample"),
+        }
+        planned.append(Planned(one, key))
+    return planned
 
 
-def run(cfg: PatchingConfig) -> list[RunOutcome]:
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise BadInput(f"--method {unknown[0]}: not a patching method ({', '.join(METHODS)})")
-    if cfg.ablation not in ABLATIONS:
-        raise BadInput(f"--ablation {cfg.ablation}: choose from {', '.join(ABLATIONS)}")
-    return run_configured("patching", cfg, partial(plan, cfg))
+def _compute(direction: str):  # type: ignore[no-untyped-def]
+    def compute(inputs: RunInputs, params: DenoiseParams) -> RunResult:
+        from workbench.attribution.patching import patch_sweep
+
+        assert params.components is not None and len(params.components) == 1
+        result = patch_sweep(
+            inputs.model,
+            inputs.batches,
+            component=params.components[0],
+            direction=direction,  # type: ignore[arg-type]
+            ablation=getattr(params, "ablation", "resample"),
+            by_position=params.by_position,
+            max_rows=params.max_rows,
+        )
+        nodes, positions, scores = result.rows()
+        return RunResult(
+            result.metric_clean,
+            result.metric_corrupt,
+            node_scores=list(zip(nodes, positions, scores, strict=True)),
+        )
+
+    return compute
 
 
-def main(argv: list[str] | None = None) -> None:
-    pipeline_main("patching", argv)
+METHODS = (
+    Method(
+        "act_patch_denoise",
+        "patching",
+        DenoiseParams,
+        _compute("denoise"),
+        key=lambda p: {},
+        plan=_plan,
+        check=_check,
+        summary="patch each component's clean activation into the corrupt run",
+    ),
+    Method(
+        "act_patch_noise",
+        "patching",
+        NoiseParams,
+        _compute("noise"),
+        key=lambda p: {},
+        plan=_plan,
+        check=_check,
+        summary="replace each component's clean activation (resample, zero or mean ablation)",
+    ),
+)
 
 
 if __name__ == "__main__":
-    main()
+    from pipelines import main
+
+    main("patching")

@@ -157,27 +157,17 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
     """A database filled by the heads and patching pipelines over every zoo checkpoint, and
     by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
-    from pipelines import edges, heads, patching
+    from workbench.runner import RunOptions, run
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
-    outcomes = heads.run(
-        heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
-    )
-    outcomes += patching.run(
-        patching.PatchingConfig(
-            model=str(induction_dir), task="induction", checkpoint="all", db=str(db)
-        )
-    )
+    every = RunOptions(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
+    outcomes = run("heads", every)
+    outcomes += run("patching", every)
     for step in ("500", "1000"):
-        outcomes += edges.run(
-            edges.EdgesConfig(
-                model=str(induction_dir),
-                task="induction",
-                checkpoint=step,
-                db=str(db),
-                methods=["eap", "exact_edge"],
-            )  # fmt: skip
+        at_step = RunOptions(
+            model=str(induction_dir), task="induction", checkpoint=step, db=str(db)
         )
+        outcomes += run("edges", at_step, ["eap", "exact_edge"])
     assert all(o.status == "done" for o in outcomes)
     return db
 

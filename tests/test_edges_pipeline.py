@@ -5,12 +5,12 @@ import json
 import networkx as nx
 import pytest
 
-from pipelines import edges as edges_pipeline
 from tests.store.test_store import counts
 from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import make_batches
 from workbench.cli import cli
+from workbench.runner import RunOptions, run
 from workbench.store import Store
 
 
@@ -59,10 +59,8 @@ def test_edge_runs_store_edges_curves_and_a_faithful_circuit(
 
 def test_force_replaces_circuits_without_duplicates(edges_db, induction_dir):
     before = counts(edges_db)
-    cfg = edges_pipeline.EdgesConfig(
-        model=str(induction_dir), task="induction", methods=["eap"], db=str(edges_db), force=True
-    )
-    assert [o.status for o in edges_pipeline.run(cfg)] == ["done"]
+    cfg = RunOptions(model=str(induction_dir), task="induction", db=str(edges_db), force=True)
+    assert [o.status for o in run("edges", cfg, ["eap"])] == ["done"]
     assert counts(edges_db) == before
 
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipelines import edges as edges_pipeline
+from pipelines.edges import METHODS as EDGE_METHODS
 from tests.attribution.test_edges import noising_scores
 from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import make_batches
+from workbench.runner import RunOptions, run
 from workbench.store import Store
 from workbench.zoo.ground_truth import known_induction_edges
 
@@ -49,17 +50,18 @@ def core_edges(known) -> set[tuple[str, str]]:
     return key | out
 
 
+METHODS = [m.name for m in EDGE_METHODS]
+
+
 @pytest.fixture(scope="module")
 def circuits_db(tmp_path_factory, induction_dir):
     db = tmp_path_factory.mktemp("ground-truth") / "w.duckdb"
-    cfg = edges_pipeline.EdgesConfig(
-        model=str(induction_dir), task="induction", db=str(db), methods=list(edges_pipeline.METHODS)
-    )
-    assert [o.status for o in edges_pipeline.run(cfg)] == ["done"] * len(edges_pipeline.METHODS)
+    cfg = RunOptions(model=str(induction_dir), task="induction", db=str(db))
+    assert [o.status for o in run("edges", cfg, METHODS)] == ["done"] * len(METHODS)
     return db
 
 
-@pytest.mark.parametrize("method", edges_pipeline.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_every_method_finds_the_known_circuit_small_and_faithful(
     circuits_db, known, core_edges, induction_final, induction_task, method, measured
 ):

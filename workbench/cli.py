@@ -4,6 +4,8 @@ Exit status: 0 done, 1 a run failed (recorded in `runs`), 2 bad usage or bad inp
 one sentence naming the bad thing, never a traceback.
 """
 
+import dataclasses
+import inspect
 import logging
 import os
 import subprocess
@@ -15,8 +17,9 @@ from typing import Annotated, Any
 
 import click
 import typer
+from typer._click.exceptions import UsageError
+from typer.core import TyperGroup
 
-from workbench.core import Hook
 from workbench.errors import BadInput
 
 logger = logging.getLogger("workbench")
@@ -39,21 +42,11 @@ app.add_typer(export_app, name="export")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_ZOO = Path("data") / "zoo"
-# the demo trains an SAE on the residual stream after each layer of the 2-layer zoo models
-DEMO_SAE_HOOKS = (Hook.resid_post(0), Hook.resid_post(1))
 
 DbOption = Annotated[
     str | None,
     typer.Option("--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb)."),
 ]
-
-
-class Pipeline(StrEnum):
-    heads = "heads"
-    patching = "patching"
-    edges = "edges"
-    sae = "sae"
-    all = "all"
 
 
 class GraphFormat(StrEnum):
@@ -102,135 +95,146 @@ def model_import(
     typer.echo(f"wrote {written} (load it with --model {written})")
 
 
-@app.command("run")
-def run(
-    pipeline: Annotated[Pipeline, typer.Argument(help="heads, patching, edges, sae, or all.")],
-    model: Annotated[
-        str, typer.Option("--model", help="Checkpoint dir, dir of checkpoints, or model name.")
-    ],
-    task: Annotated[str, typer.Option("--task", help="Built-in task name or a JSONL task file.")],
-    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
-    method: Annotated[
-        list[str] | None, typer.Option("--method", help="Method(s) to run (default: all).")
-    ] = None,
-    component: Annotated[
-        list[str] | None,
-        typer.Option("--component", help="What `patching` patches (default: every component)."),
-    ] = None,
-    by_position: Annotated[
-        bool, typer.Option("--by-position", help="Patch each position separately.")
-    ] = False,
-    ablation: Annotated[
-        str, typer.Option(help="Noising ablation for `patching`: resample, zero or mean.")
-    ] = "resample",
-    ig_steps: Annotated[
-        int, typer.Option(help="Interpolation steps for eap_ig and sae_attr (0: none).")
-    ] = 5,
-    ig_rule: Annotated[
-        str,
-        typer.Option(
-            help="Riemann rule of those steps: right (k=1..N, default), left (k=0..N-1, as "
-            "the EAP-IG authors' code) or midpoint (most accurate)."
-        ),
-    ] = "right",
-    device: Annotated[
-        str, typer.Option(help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    db: DbOption = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Re-run even if an identical run is stored.")
-    ] = False,
-    n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
-    hook: Annotated[
-        list[str] | None,
-        typer.Option("--hook", help="sae: train an SAE at this hook (repeatable)."),
-    ] = None,
-    sae: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--sae", help="sae: load a SAELens SAE directory or pretrained:<release>/<sae_id>."
-        ),
-    ] = None,
-    architecture: Annotated[str, typer.Option(help="sae: standard (L1) or topk.")] = "topk",
-    expansion: Annotated[int, typer.Option(help="sae: d_sae = expansion * d_in.")] = 4,
-    d_sae: Annotated[int | None, typer.Option(help="sae: number of features.")] = None,
-    k: Annotated[int, typer.Option("--k", help="sae: active features of a topk SAE.")] = 8,
-    l1_coefficient: Annotated[float, typer.Option(help="sae: L1 weight, standard SAE.")] = 1.0,
-    training_tokens: Annotated[int, typer.Option(help="sae: tokens to train on.")] = 400_000,
-    seed: Annotated[int, typer.Option(help="sae: training seed.")] = 0,
-    corpus: Annotated[
-        str, typer.Option(help="sae: 'task' (the task's distribution), a .txt or .jsonl file.")
-    ] = "task",
-    corpus_tokens: Annotated[int, typer.Option(help="sae: tokens in the corpus.")] = 100_000,
-    context_size: Annotated[
-        int | None, typer.Option(help="sae: tokens per corpus window (default min(n_ctx, 128)).")
-    ] = None,
-    n_nodes: Annotated[int, typer.Option(help="sae_attr: nodes per SAE kept for edges.")] = 16,
-    sae_dir: Annotated[
-        str | None, typer.Option(help="sae: where trained SAEs go (default: <db dir>/saes).")
-    ] = None,
-) -> int:
-    """Run a pipeline over one or more checkpoints and store the results."""
-    from pipelines import edges, heads, patching
-    from pipelines import sae as sae_pipeline
-    from pipelines.common import PipelineConfig
+class RunGroup(TyperGroup):
+    """`workbench run PIPELINE`: a missing or unknown pipeline is a usage error naming the
+    pipelines there are."""
 
-    common: dict[str, Any] = {"model": model, "task": task, "checkpoint": checkpoint}
-    common |= {"db": db, "force": force, "n_prompts": n_prompts, "device": device, "dtype": dtype}
-    patching_options = component or by_position or ablation != "resample"
-    if pipeline in (Pipeline.heads, Pipeline.edges) and patching_options:
-        raise BadInput("--component, --by-position and --ablation apply to the patching pipeline")
-    configs: dict[Pipeline, tuple[Any, PipelineConfig]] = {
-        Pipeline.heads: (heads, heads.HeadsConfig(**common)),
-        Pipeline.patching: (
-            patching,
-            patching.PatchingConfig(
-                **common, components=component, by_position=by_position, ablation=ablation
-            ),
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if not args:
+            raise UsageError("Missing argument 'pipeline'.", ctx)
+        return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else None
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            known = ", ".join(self.list_commands(ctx))
+            raise UsageError(f"Invalid value for 'PIPELINE': {name!r} is not one of {known}.", ctx)
+        return super().resolve_command(ctx, args)
+
+
+run_app = typer.Typer(
+    cls=RunGroup,
+    help="Run a pipeline over checkpoints and store the results: workbench run PIPELINE --model "
+    "PATH_OR_NAME --task NAME_OR_JSONL [--checkpoint all|latest|STEP] [--method M]... "
+    "(`workbench run PIPELINE --help` lists that pipeline's options).",
+    no_args_is_help=False,
+)
+app.add_typer(run_app, name="run")
+
+COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
+    (
+        "model",
+        str,
+        typer.Option(..., "--model", help="Checkpoint dir, dir of checkpoints, or model name."),
+    ),
+    ("task", str, typer.Option(..., "--task", help="Built-in task name or a JSONL task file.")),
+    ("checkpoint", str, typer.Option("latest", help="all, latest or a step number.")),
+    (
+        "method",
+        list[str] | None,
+        typer.Option(None, "--method", help="Method(s) to run (default: the pipeline's defaults)."),
+    ),
+    (
+        "db",
+        str | None,
+        typer.Option(
+            None, "--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb)."
         ),
-        Pipeline.edges: (edges, edges.EdgesConfig(**common, ig_steps=ig_steps, ig_rule=ig_rule)),
-        Pipeline.sae: (
-            sae_pipeline,
-            sae_pipeline.SaeConfig(
-                **common,
-                hooks=hook or [],
-                saes=sae or [],
-                architecture=architecture,
-                expansion=expansion,
-                d_sae=d_sae,
-                k=k,
-                l1_coefficient=l1_coefficient,
-                training_tokens=training_tokens,
-                seed=seed,
-                corpus=corpus,
-                corpus_tokens=corpus_tokens,
-                context_size=context_size,
-                n_nodes=n_nodes,
-                ig_steps=ig_steps,
-                ig_rule=ig_rule,
-                sae_dir=sae_dir,
-            ),
-        ),
-    }
-    if (hook or sae) and pipeline not in (Pipeline.sae, Pipeline.all):
-        raise BadInput("--hook and --sae apply to the sae pipeline")
-    outcomes = []
-    for name, (module, cfg) in configs.items():
-        if pipeline not in (name, Pipeline.all):
-            continue
-        if name == Pipeline.sae and pipeline == Pipeline.all and not (hook or sae):
-            continue  # `all` trains or loads SAEs only when told which
-        # with `all`, each pipeline runs the --method values that are its own
-        chosen = [m for m in method or [] if pipeline == name or m in module.METHODS]
-        if method and not chosen:
-            continue
-        cfg.methods = chosen or cfg.methods  # type: ignore[attr-defined]
-        outcomes += module.run(cfg)
-    for o in outcomes:
-        detail = f" ({o.error})" if o.error else ""
-        typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
-    return 1 if any(o.status == "failed" for o in outcomes) else 0
+    ),
+    (
+        "force",
+        bool,
+        typer.Option(False, "--force", help="Re-run even if an identical run is stored."),
+    ),
+    ("n_prompts", int | None, typer.Option(None, help="Prompts for a built-in task.")),
+    ("max_batch", int, typer.Option(64, help="Prompts per batch.")),
+    (
+        "device",
+        str,
+        typer.Option("auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
+    ),
+    ("dtype", str, typer.Option("float32", help="float32, bfloat16 or float16.")),
+]
+
+
+def _option_params(pipes: list[Any]) -> list[inspect.Parameter]:
+    """Typer parameters for the options of the pipelines' methods (from their params
+    dataclasses): `--flag` from the field name (or its `flag`), repeatable for lists."""
+    from workbench.registry import is_list_type
+
+    out: dict[str, inspect.Parameter] = {}
+    for p in pipes:
+        for name, f in p.options().items():
+            if name in out:
+                continue
+            tp = p.option_type(name)
+            meta = f.metadata
+            flag = "--" + (meta.get("flag") or name).replace("_", "-")
+            help_text = meta.get("help", "")
+            if meta.get("choices"):
+                help_text += f" [{'|'.join(meta['choices'])}]"
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if is_list_type(tp):
+                tp, default = list[str] | None, None
+            option = typer.Option(default, flag, help=help_text, show_default=default is not None)
+            out[name] = inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp
+            )
+    return list(out.values())
+
+
+def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
+    common = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=tp)
+        for n, tp, opt in COMMON_OPTIONS
+    ]
+    specific = _option_params(pipes)
+    ctx_param = inspect.Parameter(
+        "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+    )
+
+    def command(ctx: typer.Context, **values: Any) -> int:
+        from workbench.runner import RunOptions, plan_all, run_jobs
+
+        given = {
+            p.name: values[p.name]
+            for p in specific
+            if getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT")
+            not in ("DEFAULT", "DEFAULT_MAP")
+        }
+        given = {k: ([] if v is None else v) for k, v in given.items()}
+        options = RunOptions(**{n: values[n] for n, _, _ in COMMON_OPTIONS if n != "method"})
+        jobs = plan_all([p.name for p in pipes], options, values["method"], given)
+        outcomes = run_jobs(jobs, db=options.db, force=options.force)
+        for o in outcomes:
+            detail = f" ({o.error})" if o.error else ""
+            typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
+        return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+    params = [ctx_param, *common, *specific]
+    command.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
+    command.__doc__ = summary
+    return command
+
+
+def _register_run_commands() -> None:
+    from workbench.registry import pipelines
+
+    known = pipelines()
+    for p in known.values():
+        lines = [f"The {p.name} pipeline. Methods (default: {', '.join(p.default_methods)}):"]
+        lines += [f"{m.name}: {m.summary}." for m in p.methods]
+        run_app.command(p.name, help="\n\n".join(lines))(_run_command(p.name, [p], lines[0]))
+    every = list(known.values())
+    run_app.command(
+        "all",
+        help="Every pipeline's default methods (or the --method values that are its own); the "
+        "sae pipeline only with --hook or --sae.",
+    )(_run_command("all", every, "every pipeline"))
+
+
+_register_run_commands()
 
 
 @app.command("sql")
@@ -291,8 +295,7 @@ def demo(
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, SAEs on the
     final checkpoints, then the app."""
-    from pipelines import edges, heads, patching
-    from pipelines import sae as sae_pipeline
+    from workbench.runner import RunOptions, demo_jobs, run_jobs
     from workbench.zoo import TrainConfig, train_zoo_model
 
     started = time.perf_counter()
@@ -302,20 +305,8 @@ def demo(
         if not any(run_dir.glob("step_*")):
             typer.echo(f"training the {task} zoo model into {run_dir} ...")
             train_zoo_model(TrainConfig(task=task, out=str(zoo_dir)))
-        outcomes = heads.run(
-            heads.HeadsConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
-        )
-        outcomes += patching.run(
-            patching.PatchingConfig(model=str(run_dir), task=task, checkpoint="all", db=db)
-        )
-        outcomes += edges.run(
-            edges.EdgesConfig(
-                model=str(run_dir), task=task, checkpoint="all", db=db, methods=list(edges.METHODS)
-            )
-        )
-        outcomes += sae_pipeline.run(
-            sae_pipeline.SaeConfig(model=str(run_dir), task=task, db=db, hooks=list(DEMO_SAE_HOOKS))
-        )
+        every = RunOptions(model=str(run_dir), task=task, checkpoint="all", db=db)
+        outcomes = run_jobs(demo_jobs(every), db=db)
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)
         failed = [o for o in outcomes if o.status == "failed"]

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from workbench.core import PORTS, Node
 from workbench.models.base import CheckpointInfo, ModelInfo
+from workbench.results import CircuitResult, RunResult
 from workbench.tasks.spec import Task
 
 
@@ -137,34 +138,42 @@ def edge_rows(edges: list[tuple[str, str, float]]) -> pa.Table:
     )
 
 
-def circuit_rows(
-    run_id: str,
-    *,
-    name: str,
-    rule: str,
-    edges: list[tuple[str, str, float]],
-    n_nodes: int,
-    faithfulness: float,
-) -> dict[str, pa.Table]:
+def circuit_rows(run_id: str, circuit: CircuitResult) -> dict[str, pa.Table]:
     """A circuit of a run: one `circuits` row and its `circuit_edges`."""
-    circuit_id = f"{run_id}-{rule.replace(':', '')}"
-    circuit = pa.Table.from_pylist(
-        [
-            {
-                "circuit_id": circuit_id,
-                "run_id": run_id,
-                "name": name,
-                "rule": rule,
-                "n_nodes": n_nodes,
-                "n_edges": len(edges),
-                "faithfulness": faithfulness,
-            }
-        ]
+    circuit_id = f"{run_id}-{circuit.rule.replace(':', '')}"
+    row = {
+        "circuit_id": circuit_id,
+        "run_id": run_id,
+        "name": circuit.name,
+        "rule": circuit.rule,
+        "n_nodes": circuit.n_nodes,
+        "n_edges": len(circuit.edges),
+        "faithfulness": circuit.faithfulness,
+    }
+    circuit_edges = edge_rows(circuit.edges).add_column(
+        0, "circuit_id", pa.array([circuit_id] * len(circuit.edges), pa.string())
     )
-    circuit_edges = edge_rows(edges).add_column(
-        0, "circuit_id", pa.array([circuit_id] * len(edges), pa.string())
-    )
-    return {"circuits": circuit, "circuit_edges": circuit_edges}
+    return {"circuits": pa.Table.from_pylist([row]), "circuit_edges": circuit_edges}
+
+
+def result_rows(run_id: str, result: RunResult) -> tuple[dict[str, pa.Table], dict[str, pa.Table]]:
+    """A run's result as (rows keyed by the run, filled with `run_id` by the store; rows that
+    carry their own keys)."""
+    rows: dict[str, pa.Table] = {}
+    if result.node_scores:
+        scores = result.node_scores
+        rows["node_scores"] = node_score_rows(
+            [s[0] for s in scores], [s[2] for s in scores], [s[1] for s in scores]
+        )
+    if result.edges:
+        rows["edges"] = edge_rows(result.edges)
+    if result.curve:
+        rows["faithfulness_curves"] = curve_rows(result.curve)
+    rows |= result.tables
+    if result.metrics:
+        rows["run_metrics"] = metric_rows(result.metrics)
+    linked = circuit_rows(run_id, result.circuit) if result.circuit else {}
+    return rows, linked
 
 
 def metric_rows(metrics: dict[str, float]) -> pa.Table:

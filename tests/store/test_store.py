@@ -6,13 +6,14 @@ import subprocess
 import sys
 import textwrap
 from datetime import datetime
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
 
-from pipelines import heads
 from workbench.errors import BadInput
+from workbench.runner import RunOptions, run
 from workbench.store import SCHEMA_VERSION, RunRecord, Store
 
 TABLES = [
@@ -138,15 +139,14 @@ def test_replace_swaps_the_old_run_for_the_new(tmp_path):
 
 def test_pipeline_skips_identical_runs_and_force_reruns(tmp_path, induction_dir):
     db = str(tmp_path / "w.duckdb")
-    cfg = heads.HeadsConfig(
-        model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"]
-    )
-    assert [o.status for o in heads.run(cfg)] == ["done", "done"]
+    cfg = RunOptions(model=str(induction_dir), task="induction", db=db)
+    methods = ["dla", "attr_patch"]
+    assert [o.status for o in run("heads", cfg, methods)] == ["done", "done"]
     before = counts(db)
-    assert [o.status for o in heads.run(cfg)] == ["skipped", "skipped"]
+    assert [o.status for o in run("heads", cfg, methods)] == ["skipped", "skipped"]
     assert counts(db) == before
     cfg.force = True
-    assert [o.status for o in heads.run(cfg)] == ["done", "done"]
+    assert [o.status for o in run("heads", cfg, methods)] == ["done", "done"]
     assert counts(db) == before
 
 
@@ -158,10 +158,8 @@ def test_failed_run_is_recorded_with_its_error(tmp_path, induction_dir, monkeypa
 
     monkeypatch.setattr(head_methods, "direct_logit_attribution", broken)
     db = str(tmp_path / "w.duckdb")
-    cfg = heads.HeadsConfig(
-        model=str(induction_dir), task="induction", db=db, methods=["dla", "attr_patch"]
-    )
-    outcomes = heads.run(cfg)
+    cfg = RunOptions(model=str(induction_dir), task="induction", db=db)
+    outcomes = run("heads", cfg, ["dla", "attr_patch"])
     assert [o.status for o in outcomes] == ["failed", "done"]
     with Store(db, read_only=True) as store:
         runs = store.query("SELECT method, status, error FROM runs ORDER BY method").to_pylist()
@@ -171,7 +169,8 @@ def test_failed_run_is_recorded_with_its_error(tmp_path, induction_dir, monkeypa
     assert runs[1]["status"] == "failed" and "out of memory in a test" in runs[1]["error"]
     assert failed_scores == 0
     monkeypatch.undo()
-    assert [o.status for o in heads.run(cfg)] == ["done", "skipped"]  # the failure is retried
+    # the failure is retried
+    assert [o.status for o in run("heads", cfg, ["dla", "attr_patch"])] == ["done", "skipped"]
     assert counts(db)["runs"] == 2
 
 
@@ -179,7 +178,7 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from workbench.store import db as store_db
-    from pipelines import heads
+    from workbench.runner import RunOptions, run
 
     original = store_db.Store._insert
     calls = {"n": 0}
@@ -192,8 +191,7 @@ KILL_SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)  # killed mid-transaction
 
     store_db.Store._insert = staticmethod(insert_then_die)
-    cfg = heads.HeadsConfig(model=sys.argv[1], task="induction", checkpoint="all", db=sys.argv[2])
-    heads.run(cfg)
+    run("heads", RunOptions(model=sys.argv[1], task="induction", checkpoint="all", db=sys.argv[2]))
     """
 )
 
@@ -218,9 +216,43 @@ def test_killed_run_leaves_no_partial_rows_and_rerun_completes(tmp_path, inducti
     per_run = con.execute("SELECT count(DISTINCT run_id) FROM node_scores").fetchone()[0]
     con.close()
     assert orphans == 0 and per_run == 2
-    outcomes = heads.run(
-        heads.HeadsConfig(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
+    outcomes = run(
+        "heads",
+        RunOptions(model=str(induction_dir), task="induction", checkpoint="all", db=str(db)),
     )
     statuses = [o.status for o in outcomes]
     assert statuses.count("skipped") == 2 and statuses.count("done") == len(outcomes) - 2
     assert counts(db)["runs"] == len(outcomes)
+
+
+def test_files_of_a_run_that_does_not_commit_are_removed(tmp_path, induction_dir, monkeypatch):
+    """A trained SAE is written to a staging directory and moved into place only as its run
+    commits: a write that fails leaves neither the SAE directory nor its staging copy, and the
+    run that does commit has its SAE at the stored path."""
+    from workbench.core import Hook
+    from workbench.store import db as store_db
+
+    db = tmp_path / "w.duckdb"
+    sae_dir = tmp_path / "saes"
+    options = RunOptions(str(induction_dir), "induction", db=str(db))
+    params = {"hooks": [Hook.resid_post(0)], "training_tokens": 4096, "corpus_tokens": 4096}
+    params["sae_dir"] = str(sae_dir)
+    original = store_db.Store._insert
+
+    def fail_on_saes(con, table, data, ignore_existing=False):
+        if table == "saes":
+            raise OSError("disk full while writing saes")
+        original(con, table, data, ignore_existing)
+
+    monkeypatch.setattr(store_db.Store, "_insert", staticmethod(fail_on_saes))
+    with pytest.raises(OSError, match="disk full"):
+        run("sae", options, ["sae_features"], **params)
+    assert not sae_dir.exists() or not any(sae_dir.iterdir())
+    assert counts(db)["runs"] == 0
+    monkeypatch.undo()
+    (outcome,) = run("sae", options, ["sae_features"], **params)
+    assert outcome.status == "done"
+    with Store(db, read_only=True) as store:
+        (path,) = store.query("SELECT path FROM saes")["path"].to_pylist()
+    assert Path(path).parent == sae_dir and (Path(path) / "cfg.json").is_file()
+    assert [p.name for p in sae_dir.iterdir()] == [Path(path).name]  # no staging left

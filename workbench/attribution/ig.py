@@ -17,10 +17,33 @@ normalised by the gap) holds exactly only in the limit; the stored `ig_completen
 how close its own sum came.
 """
 
+from dataclasses import dataclass
+
 from workbench.errors import BadInput
+from workbench.registry import option
 
 IG_RULES = ("left", "right", "midpoint")
 DEFAULT_IG_RULE = "right"
+DEFAULT_IG_STEPS = 5
+
+
+@dataclass(frozen=True)
+class IgParams:
+    """The options of every method that integrates gradients (eap_ig, sae_attr)."""
+
+    ig_steps: int = option(DEFAULT_IG_STEPS, "Interpolation steps of integrated gradients.")
+    ig_rule: str = option(
+        DEFAULT_IG_RULE,
+        "Riemann rule of those steps: right (k=1..N, default), left (k=0..N-1, as the EAP-IG "
+        "authors' code) or midpoint (most accurate).",
+        choices=IG_RULES,
+    )
+
+
+def check_ig_params(params: IgParams, min_steps: int = 1) -> None:
+    if params.ig_steps < min_steps:
+        raise BadInput(f"--ig-steps {params.ig_steps}: must be at least {min_steps}")
+    check_ig_rule(params.ig_rule)
 
 
 def check_ig_rule(rule: str) -> None:

@@ -23,10 +23,9 @@ from workbench.attribution.batches import model_device
 from workbench.core import Hook
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
+from workbench.sae.options import PRETRAINED_PREFIX
 
 logger = logging.getLogger(__name__)
-
-PRETRAINED_PREFIX = "pretrained:"
 
 
 @dataclass

@@ -14,9 +14,8 @@ A trained SAE is written in SAELens's disk format, so `SAE.load_from_disk` reads
 import logging
 import math
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 
@@ -24,61 +23,13 @@ from workbench.attribution.batches import model_device
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
+from workbench.sae.options import SaeTraining
 from workbench.sae.saes import LoadedSae, activation_size, prepare
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("standard", "topk")
 
-
-@dataclass
-class SaeTrainConfig:
-    """What to train: the hook, the architecture and its sparsity, and the optimisation."""
-
-    hook: str
-    architecture: str = "topk"
-    expansion: int = 4  # d_sae = expansion * d_in, unless d_sae is given
-    d_sae: int | None = None
-    l1_coefficient: float = 1.0
-    k: int = 8
-    training_tokens: int = 400_000
-    batch_size_tokens: int = 1024
-    lr: float = 1e-3
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def check(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise BadInput(
-                f"--architecture {self.architecture}: not one of {', '.join(ARCHITECTURES)}"
-            )
-        for name in ("expansion", "k", "training_tokens", "batch_size_tokens"):
-            if getattr(self, name) < 1:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-        if self.d_sae is not None and self.d_sae < 1:
-            raise BadInput(f"--d-sae {self.d_sae}: must be >= 1")
-        if self.lr <= 0 or self.l1_coefficient < 0:
-            raise BadInput("--lr must be > 0 and --l1-coefficient >= 0")
-
-    def params(self) -> dict[str, Any]:
-        """The settings that change the result (the run key's part)."""
-        out = self.to_dict()
-        if self.architecture == "topk":
-            out.pop("l1_coefficient")
-        else:
-            out.pop("k")
-        return out
-
-
-def train_sae(
-    loaded: LoadedModel, corpus: Corpus, cfg: SaeTrainConfig, output_dir: Path
-) -> LoadedSae:
+def train_sae(loaded: LoadedModel, corpus: Corpus, cfg: SaeTraining, output_dir: Path) -> LoadedSae:
     """Train with SAELens's runner and save to `output_dir` in SAELens's disk format."""
     import datasets
     from sae_lens import (

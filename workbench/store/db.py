@@ -9,6 +9,7 @@ in bulk (`INSERT ... SELECT` from a registered Arrow table), never row by row.
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from workbench import __version__
+from workbench import __version__, records
 from workbench.errors import BadInput
+from workbench.results import RunResult
 from workbench.store.schema import MIGRATIONS, RUN_TABLES, SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,37 @@ def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
             if "lock" not in str(err).lower() or time.monotonic() > deadline:
                 raise BadInput(f"{path}: cannot open the database ({err})") from err
             time.sleep(0.2)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _move_into_place(files: dict[str, str], moved: list[tuple[Path, Path | None]]) -> None:
+    """Move each staged path to its final path; an older copy there is set aside (appended to
+    `moved` as (final, aside)) until the run commits."""
+    for staged, final in files.items():
+        target = Path(final)
+        aside = None
+        if target.exists():
+            aside = target.with_name(f".{target.name}.replaced")
+            _remove(aside)
+            target.rename(aside)
+        moved.append((target, aside))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Path(staged).rename(target)
+
+
+def _undo_moves(files: dict[str, str], moved: list[tuple[Path, Path | None]]) -> None:
+    for target, aside in moved:
+        _remove(target)
+        if aside is not None:
+            aside.rename(target)
+    for staged in files:
+        _remove(Path(staged))
 
 
 class Store:
@@ -157,6 +190,20 @@ class Store:
         )
         return str(run_id) if run_id is not None else None
 
+    def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]:
+        """(sae_id, directory or pretrained spec) of the SAEs stored for a checkpoint by
+        finished runs, the newest per hook, ordered by hook."""
+        rows = self.con.execute(
+            """SELECT sae_id, coalesce(path, source) AS spec FROM (
+                 SELECT s.*, row_number() OVER (PARTITION BY s.hook ORDER BY r.finished_at DESC)
+                   AS newest
+                 FROM saes s JOIN runs r USING (run_id)
+                 WHERE s.checkpoint_id = ? AND r.status = 'done')
+               WHERE newest = 1 ORDER BY hook""",
+            [checkpoint_id],
+        ).fetchall()
+        return [(str(sae_id), str(spec)) for sae_id, spec in rows]
+
     # --- writes -------------------------------------------------------------------------
     def write_run(
         self,
@@ -166,6 +213,7 @@ class Store:
         rows: dict[str, pa.Table],
         linked: dict[str, pa.Table] | None = None,
         replace: bool = False,
+        files: dict[str, str] | None = None,
     ) -> str:
         """Write a run and everything it refers to in one transaction.
 
@@ -176,24 +224,55 @@ class Store:
         With `replace`, finished or failed runs with the same `run_key` are deleted first.
         """
         run.finished_at = run.finished_at or datetime.now(UTC).replace(tzinfo=None)
-        with self.transaction() as con:
-            if replace:
-                self._delete_runs(con, run.run_key)
-            else:
-                con.execute(
-                    "DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key]
-                )
-            for table, data in registry.items():
-                self._insert(con, table, data, ignore_existing=True)
-            self._insert(con, "runs", self._run_table(run))
-            for table, data in rows.items():
-                if data.num_rows:
-                    run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
-                    self._insert(con, table, data.add_column(0, "run_id", run_ids))
-            for table, data in (linked or {}).items():
-                if data.num_rows:
-                    self._insert(con, table, data)
+        moved: list[tuple[Path, Path | None]] = []
+        try:
+            with self.transaction() as con:
+                if replace:
+                    self._delete_runs(con, run.run_key)
+                else:
+                    con.execute(
+                        "DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key]
+                    )
+                for table, data in registry.items():
+                    self._insert(con, table, data, ignore_existing=True)
+                self._insert(con, "runs", self._run_table(run))
+                for table, data in rows.items():
+                    if data.num_rows:
+                        run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
+                        self._insert(con, table, data.add_column(0, "run_id", run_ids))
+                for table, data in (linked or {}).items():
+                    if data.num_rows:
+                        self._insert(con, table, data)
+                _move_into_place(files or {}, moved)
+        except BaseException:  # nothing of a run that did not commit stays on disk
+            _undo_moves(files or {}, moved)
+            raise
+        for _, aside in moved:
+            if aside is not None:
+                _remove(aside)
         return run.run_id
+
+    def write_result(
+        self,
+        run: RunRecord,
+        *,
+        registry: dict[str, pa.Table],
+        result: RunResult,
+        replace: bool = False,
+    ) -> str:
+        """Write a run from its `RunResult`: its rows, its circuit, the nodes it introduces and
+        its files (moved from their staged paths into place just before the transaction commits,
+        and removed if it does not)."""
+        run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
+        if result.nodes is not None:
+            nodes = registry.get("nodes")
+            registry = registry | {
+                "nodes": pa.concat_tables([nodes, result.nodes]) if nodes else result.nodes
+            }
+        rows, linked = records.result_rows(run.run_id, result)
+        return self.write_run(
+            run, registry=registry, rows=rows, linked=linked, replace=replace, files=result.files
+        )
 
     def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
         run.status = "failed"

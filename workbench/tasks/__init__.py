@@ -4,6 +4,17 @@
 a built-in task name (`induction`) or a JSONL task file (DESIGN.md, "Task files").
 """
 
+from workbench.models.base import LoadedModel
 from workbench.tasks.spec import PromptPair, Task, load_task
 
-__all__ = ["PromptPair", "Task", "load_task"]
+
+def known_circuit(task: Task, model: LoadedModel) -> set[tuple[str, str]] | None:
+    """The (src, dst) edges of the circuit known to solve `task` in `model`, where the task
+    knows one (a built-in task on the zoo model trained for it); None otherwise."""
+    from workbench.tasks.builtin import KNOWN_CIRCUITS
+
+    provider = KNOWN_CIRCUITS.get(task.source)
+    return provider(model) if provider else None
+
+
+__all__ = ["PromptPair", "Task", "known_circuit", "load_task"]

@@ -106,3 +106,19 @@ def ioi_task(model: LoadedModel, *, n_prompts: int | None = None, seed: int = 0)
 
 
 BUILTIN_TASKS: dict[str, Callable[..., Task]] = {"induction": induction_task, "ioi": ioi_task}
+
+
+def induction_known_circuit(model: LoadedModel) -> set[tuple[str, str]] | None:
+    """The induction circuit of a zoo induction model, read from its attention patterns
+    (`workbench.zoo.ground_truth`); unknown for any other model."""
+    if model.info.architecture != "zoo:induction" or model.tokenizer is None:
+        return None
+    from workbench.zoo.ground_truth import known_induction_edges
+
+    return known_induction_edges(model)
+
+
+# What a built-in task knows about the models it was made for, by task source.
+KNOWN_CIRCUITS: dict[str, Callable[[LoadedModel], set[tuple[str, str]] | None]] = {
+    "builtin:induction": induction_known_circuit,
+}

@@ -1,0 +1,39 @@
+"""`RunResult`: what a method computes, as plain values. Only the store's side
+(`workbench.records`, `Store.write_run`) turns it into table rows."""
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from workbench.core import Edge
+
+NodeScore = tuple[str, int | None, float]  # (node id, position or None for all, score)
+CurvePoint = tuple[int, int, float]  # (edges requested, edges kept, faithfulness)
+
+
+@dataclass
+class CircuitResult:
+    """The circuit a run selects from its scores."""
+
+    name: str
+    rule: str
+    edges: list[Edge]
+    n_nodes: int
+    faithfulness: float
+
+
+@dataclass
+class RunResult:
+    metric_clean: float | None = None
+    metric_corrupt: float | None = None
+    node_scores: list[NodeScore] = field(default_factory=list)
+    edges: list[Edge] = field(default_factory=list)
+    curve: list[CurvePoint] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    circuit: CircuitResult | None = None
+    # rows of the run's own SAE tables (`saes`, `features`, `feature_examples`), without run_id
+    tables: dict[str, pa.Table] = field(default_factory=dict)
+    # nodes the run introduces (an SAE's features), inserted where new
+    nodes: pa.Table | None = None
+    # files the run made: staged path -> final path, moved into place only when the run commits
+    files: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,371 @@
+"""Jobs as plain values, and the local runner that executes them.
+
+A `Job` is (pipeline, method, checkpoint, task, params) plus where to compute it: serialisable
+to JSON, runnable in another process from its value alone (`Job.from_json(text)`). The runner
+loads each checkpoint once, prepares its task once, and makes each method's runs: the run key is
+a hash of (pipeline, method, checkpoint sha256, task sha256, the method's keyed params); a
+finished run with that key is skipped unless `force`. A method that raises is recorded as a
+failed run with its error. Bad input (a wrong path, a malformed task file) raises `BadInput`
+before anything is written for that checkpoint.
+"""
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from workbench import records, registry
+from workbench.errors import BadInput
+from workbench.hashing import sha256_json
+from workbench.models.base import CheckpointRef, LoadedModel
+from workbench.registry import Method, PlanContext, Planned, RunInputs
+from workbench.results import RunResult
+from workbench.store import RunRecord, Store
+from workbench.tasks.spec import Task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """Options every run has, whatever its pipeline."""
+
+    model: str
+    task: str
+    checkpoint: str = "latest"  # all, latest or a step
+    db: str | None = None
+    force: bool = False
+    n_prompts: int | None = None
+    max_batch: int = 64
+    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
+    dtype: str = "float32"  # float32, bfloat16, float16
+
+
+@dataclass(frozen=True)
+class Job:
+    """One method on one checkpoint and task, with the method's params (a plain dict)."""
+
+    pipeline: str
+    method: str
+    checkpoint: CheckpointRef
+    task: str  # a built-in task name or a JSONL path
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    n_prompts: int | None = None
+    max_batch: int = 64
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Job":
+        data = dict(data)
+        data["checkpoint"] = CheckpointRef(**data["checkpoint"])
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def job_id(self) -> str:
+        return sha256_json(self.to_dict())[:16]
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    checkpoint_id: str
+    method: str
+    status: Literal["done", "skipped", "failed"]
+    run_id: str | None = None
+    error: str | None = None
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# Parameters added after runs were first stored, with the value that reproduces those runs'
+# numbers: at that value a parameter is left out of the run key, so a stored run keeps its key
+# (and is skipped, not repeated) while `runs.params` still records the value.
+KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right", "dtype": "float32", "metric": "logit_diff"}
+# Recorded in `runs.params` but never part of the run key: where a run computed does not change
+# what it computes (up to float order), so a run made on a GPU is not repeated on a CPU.
+KEY_EXCLUDED = {"device"}
+
+
+def run_key(
+    pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
+) -> str:
+    keyed = {
+        k: v
+        for k, v in params.items()
+        if k not in KEY_EXCLUDED and (k not in KEY_DEFAULTS or KEY_DEFAULTS[k] != v)
+    }
+    return sha256_json(
+        {
+            "pipeline": pipeline,
+            "method": method,
+            "checkpoint": ckpt_sha,
+            "task": task_sha,
+            "params": keyed,
+        }
+    )
+
+
+def plan_jobs(
+    pipeline: str,
+    options: RunOptions,
+    methods: Sequence[str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> list[Job]:
+    """The jobs of one `workbench run PIPELINE`: each chosen method (default: the pipeline's
+    default methods) on each selected checkpoint. `params` are option values by field name;
+    one that no chosen method takes is an error, as is an unknown method."""
+    from workbench.models import resolve_checkpoints, select_checkpoints
+
+    p = registry.pipeline(pipeline)
+    chosen = [p.method(m) for m in (methods or p.default_methods)]
+    params = params or {}
+    check_applies(pipeline, chosen, params)
+    values = {m.name: asdict(m.make_params(params)) for m in chosen}
+    for m in chosen:
+        m.check(m.make_params(params))
+    refs = select_checkpoints(resolve_checkpoints(options.model), options.checkpoint)
+    return [
+        Job(
+            pipeline=p.name,
+            method=m.name,
+            checkpoint=ref,
+            task=options.task,
+            params=values[m.name],
+            n_prompts=options.n_prompts,
+            max_batch=options.max_batch,
+            device=options.device,
+            dtype=options.dtype,
+        )
+        for ref in refs
+        for m in chosen
+    ]
+
+
+def plan_all(
+    names: Sequence[str],
+    options: RunOptions,
+    methods: Sequence[str] | None,
+    params: dict[str, Any],
+) -> list[Job]:
+    """`workbench run PIPELINE` (one name) or `workbench run all` (several): with several, each
+    pipeline runs the `methods` that are its own (all its defaults when none is named) with the
+    `params` its methods take, and a pipeline none of whose methods or options was asked for is
+    left out only when it needs options to run (sae without --hook or --sae)."""
+    if len(names) == 1:
+        return plan_jobs(names[0], options, methods, params)
+    known = registry.pipelines()
+    taken = set().union(*(known[n].options() for n in names))
+    for name in params:
+        if name not in taken:
+            raise BadInput(f"{_flag(name)}: not an option of any pipeline")
+    all_methods = {m for n in names for m in known[n].method_names}
+    for m in methods or []:
+        if m not in all_methods:
+            raise BadInput(f"--method {m}: not a method of any pipeline")
+    plans: list[list[Job]] = []
+    for n in names:
+        p = known[n]
+        own = [m for m in methods or [] if m in p.method_names]
+        if methods and not own:
+            continue
+        mine = {k: v for k, v in params.items() if k in p.options()}
+        chosen = own or list(p.default_methods)
+        try:
+            for m in chosen:
+                p.method(m).check(p.method(m).make_params(mine))
+        except BadInput:
+            if methods:
+                raise
+            continue  # a default pipeline that needs options it was not given (sae)
+        plans.append(plan_jobs(n, options, chosen, mine))
+    # checkpoint by checkpoint, so that each is loaded once for every pipeline
+    order = {
+        ref: i for i, ref in enumerate(dict.fromkeys(j.checkpoint for js in plans for j in js))
+    }
+    return sorted((j for js in plans for j in js), key=lambda j: order[j.checkpoint])
+
+
+def demo_jobs(options: RunOptions) -> list[Job]:
+    """`workbench demo` on one zoo run: every registered method, checkpoint by checkpoint, as
+    each method's `demo` and `demo_params` say."""
+    from workbench.models import resolve_checkpoints
+
+    refs = resolve_checkpoints(options.model)
+    jobs = []
+    for ref in refs:
+        for p in registry.pipelines().values():
+            for m in p.methods:
+                if m.demo == "all" or (m.demo == "latest" and ref == refs[-1]):
+                    params = asdict(m.make_params(m.demo_params))
+                    jobs.append(
+                        Job(
+                            p.name,
+                            m.name,
+                            ref,
+                            options.task,
+                            params,
+                            options.n_prompts,
+                            options.max_batch,
+                            options.device,
+                            options.dtype,
+                        )
+                    )
+    return jobs
+
+
+def check_applies(pipeline: str, chosen: Sequence[Method], params: dict[str, Any]) -> None:
+    """Every given option is taken by at least one chosen method."""
+    p = registry.pipeline(pipeline)
+    known = p.options()
+    for name in params:
+        if name not in known:
+            raise BadInput(f"{_flag(name)}: not an option of the {pipeline} pipeline")
+        if not any(name in m.option_names for m in chosen):
+            takers = [m.name for m in p.methods if name in m.option_names]
+            raise BadInput(
+                f"{_flag(name)} applies to {', '.join(takers)}, not to "
+                f"{', '.join(m.name for m in chosen)}"
+            )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def run(
+    pipeline: str,
+    options: RunOptions,
+    methods: Sequence[str] | None = None,
+    **params: Any,
+) -> list[RunOutcome]:
+    """Plan and run a pipeline locally: the Python form of `workbench run PIPELINE ...`."""
+    jobs = plan_jobs(pipeline, options, methods, params)
+    return run_jobs(jobs, db=options.db, force=options.force)
+
+
+def run_jobs(
+    jobs: Iterable[Job], *, db: str | None = None, force: bool = False
+) -> list[RunOutcome]:
+    """Execute jobs in order, loading each checkpoint once for the consecutive jobs on it."""
+    groups: list[tuple[tuple[CheckpointRef, str, str], list[Job]]] = []
+    for job in jobs:
+        where = (job.checkpoint, job.device, job.dtype)
+        if groups and groups[-1][0] == where:
+            groups[-1][1].append(job)
+        else:
+            groups.append((where, [job]))
+    outcomes: list[RunOutcome] = []
+    names = sorted({j.pipeline for _, group in groups for j in group})
+    with Store(db) as store:
+        ctx = PlanContext(store=store, db=db)
+        for (ref, device, dtype), group in tqdm(
+            groups, desc=f"{'+'.join(names)} checkpoints", disable=len(groups) < 2
+        ):
+            outcomes += _run_checkpoint(store, ctx, ref, device, dtype, group, force)
+    return outcomes
+
+
+def _run_checkpoint(
+    store: Store,
+    ctx: PlanContext,
+    ref: CheckpointRef,
+    device: str,
+    dtype: str,
+    jobs: list[Job],
+    force: bool,
+) -> list[RunOutcome]:
+    from workbench.models import load_checkpoint
+    from workbench.tasks import load_task
+
+    loaded = load_checkpoint(ref, device=device, dtype=dtype)
+    prepared: dict[tuple[str, int | None, int], tuple[RunInputs, dict[str, Any]]] = {}
+    outcomes = []
+    for job in jobs:
+        where = (job.task, job.n_prompts, job.max_batch)
+        if where not in prepared:
+            task = load_task(job.task, loaded, n_prompts=job.n_prompts)
+            prepared[where] = (
+                RunInputs(loaded, task, max_batch=job.max_batch),
+                registry_rows(loaded, task),
+            )
+        inputs, rows = prepared[where]
+        method = registry.method(job.pipeline, job.method)
+        params = method.make_params(job.params)
+        for planned in method.runs(params, inputs, ctx):
+            outcomes.append(_run_one(store, job, method, planned, inputs, rows, force))
+    return outcomes
+
+
+def registry_rows(loaded: LoadedModel, task: Task) -> dict[str, Any]:
+    """The rows a run refers to: its model, checkpoint, task, prompts and graph nodes."""
+    cfg = loaded.model.cfg
+    return {
+        "models": records.model_rows(loaded.info),
+        "checkpoints": records.checkpoint_rows(loaded.checkpoint),
+        "tasks": records.task_rows(task),
+        "prompts": records.prompt_rows(task),
+        "nodes": records.model_graph_nodes(
+            loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
+        ),
+    }
+
+
+def _run_one(
+    store: Store,
+    job: Job,
+    method: Method,
+    planned: Planned,
+    inputs: RunInputs,
+    rows: dict[str, Any],
+    force: bool,
+) -> RunOutcome:
+    loaded, task = inputs.loaded, inputs.task
+    ckpt = loaded.checkpoint
+    placement = {"device": str(loaded.model.cfg.device), "dtype": _dtype_name(loaded)}
+    params = {**planned.key, **placement}
+    key = run_key(job.pipeline, method.name, ckpt.sha256, task.sha256, params)
+    existing = store.done_run(key)
+    if existing and not force:
+        logger.info(
+            "skip %s %s on %s: identical run %s exists",
+            job.pipeline,
+            method.name,
+            ckpt.checkpoint_id,
+            existing,
+        )
+        return RunOutcome(ckpt.checkpoint_id, method.name, "skipped", existing)
+    run = RunRecord(
+        key, job.pipeline, method.name, ckpt.checkpoint_id, task.task_id, params, started_at=now()
+    )
+    try:
+        result: RunResult = method.compute(inputs, planned.params)
+    except BadInput:
+        raise
+    except Exception as err:  # a failed run is recorded, not raised
+        logger.exception("%s %s failed on %s", job.pipeline, method.name, ckpt.checkpoint_id)
+        run.error = f"{type(err).__name__}: {err}"
+        run_id = store.record_failed_run(run, registry=rows)
+        return RunOutcome(ckpt.checkpoint_id, method.name, "failed", run_id, run.error)
+    run_id = store.write_result(run, registry=rows, result=result, replace=force)
+    logger.info("%s %s on %s: run %s", job.pipeline, method.name, ckpt.checkpoint_id, run_id)
+    return RunOutcome(ckpt.checkpoint_id, method.name, "done", run_id)
+
+
+def _dtype_name(loaded: LoadedModel) -> str:
+    return str(loaded.model.cfg.dtype).removeprefix("torch.")
