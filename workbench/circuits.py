@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff, repeat_rows
+from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.attribution.edges import EdgeGraph, graph_hooks_enabled, source_outputs
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Edge, Hook, Node
@@ -81,8 +81,8 @@ class EdgeAblator:
             for batch in batches:
                 clean_logits = model(batch.clean)
                 corr_logits, corrupt = model.run_with_cache(batch.corrupt)
-                m_clean += float(logit_diff(clean_logits, batch.answer, batch.wrong).sum())
-                m_corrupt += float(logit_diff(corr_logits, batch.answer, batch.wrong).sum())
+                m_clean += float(batch.metric(clean_logits, batch.target).sum())
+                m_corrupt += float(batch.metric(corr_logits, batch.target).sum())
                 self.corrupt_out.append(source_outputs(model, graph, dict(corrupt.items())))
         self.m_clean, self.m_corrupt = m_clean / self.n, m_corrupt / self.n
         self.gap = metric_gap(self.m_clean, self.m_corrupt)
@@ -115,11 +115,8 @@ class EdgeAblator:
                         self.model, batch, self.graph, chunk, corrupt_out
                     )
                     copies = chunk.shape[0]
-                    answer, wrong = (
-                        repeat_rows(batch.answer, copies),
-                        repeat_rows(batch.wrong, copies),
-                    )
-                    metric = logit_diff(logits, answer, wrong).view(copies, batch.size)
+                    metric = batch.metric(logits, batch.target.repeat(copies))
+                    metric = metric.view(copies, batch.size)
                     totals[first : first + copies] += metric.sum(1).double()
         return [(float(t) / self.n - self.m_corrupt) / self.gap for t in totals]
 

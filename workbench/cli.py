@@ -39,8 +39,6 @@ app.add_typer(zoo_app, name="zoo")
 app.add_typer(model_app, name="model")
 app.add_typer(export_app, name="export")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-APP_MAIN = REPO_ROOT / "app" / "main.py"
 DEFAULT_ZOO = Path("data") / "zoo"
 
 DbOption = Annotated[
@@ -154,6 +152,15 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
         typer.Option("auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),
     ),
     ("dtype", str, typer.Option("float32", help="float32, bfloat16 or float16.")),
+    (
+        "metric",
+        str | None,
+        typer.Option(
+            None,
+            help="logit_diff, prob_diff, logprob or kl (default: the task's own, logit_diff "
+            "unless its file names one).",
+        ),
+    ),
 ]
 
 
@@ -252,6 +259,20 @@ def sql(
     typer.echo(format_table(table, format.value), nl=False)
 
 
+@app.command("migrate")
+def migrate(db: DbOption = None) -> None:
+    """Upgrade a database to this workbench's schema (readers never do it themselves)."""
+    from workbench.store import SCHEMA_VERSION, Store, default_db_path
+
+    path = default_db_path(db)
+    if not path.exists():
+        raise BadInput(f"{path}: no database here")
+    with Store(path) as store:
+        old = store.migrated_from
+    done = f"migrated from v{old} to" if old is not None else "already at"
+    typer.echo(f"{path}: {done} schema v{SCHEMA_VERSION}")
+
+
 @export_app.command("circuit")
 def export_circuit_command(
     circuit_id: Annotated[str, typer.Argument(help="A circuits.circuit_id.")],
@@ -274,11 +295,22 @@ def app_command(
     return _start_app(db, port)
 
 
+def _app_main() -> str:
+    """The app's script, wherever the package is installed (a wheel or a source checkout):
+    found by import machinery, never relative to the current directory."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("app.main")
+    if spec is None or spec.origin is None:
+        raise BadInput("the app is not installed with this workbench (module app.main missing)")
+    return spec.origin
+
+
 def _start_app(db: str | None, port: int) -> int:
     from workbench.store import default_db_path
 
     env = {**os.environ, "WORKBENCH_DB": str(default_db_path(db).resolve())}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_MAIN), "--server.port", str(port)]
+    cmd = [sys.executable, "-m", "streamlit", "run", _app_main(), "--server.port", str(port)]
     cmd += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
     typer.echo(f"starting the app on http://localhost:{port} (Ctrl-C to stop)")
     return subprocess.call(cmd, env=env)

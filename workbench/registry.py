@@ -82,8 +82,10 @@ class RunInputs:
         if self._batches is None:
             from workbench.attribution.batches import make_batches, model_device
 
-            device = model_device(self.loaded.model)
-            self._batches = make_batches(self.task, max_batch=self.max_batch, device=device)
+            model = self.loaded.model
+            self._batches = make_batches(
+                self.task, max_batch=self.max_batch, device=model_device(model), model=model
+            )
         return self._batches
 
 

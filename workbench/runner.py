@@ -19,6 +19,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from workbench import records, registry
+from workbench.core import METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
 from workbench.models.base import CheckpointRef, LoadedModel
@@ -43,6 +44,7 @@ class RunOptions:
     max_batch: int = 64
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16
+    metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Job:
     max_batch: int = 64
     device: str = "auto"
     dtype: str = "float32"
+    metric: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,7 +99,7 @@ def now() -> datetime:
 # Parameters added after runs were first stored, with the value that reproduces those runs'
 # numbers: at that value a parameter is left out of the run key, so a stored run keeps its key
 # (and is skipped, not repeated) while `runs.params` still records the value.
-KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right", "dtype": "float32", "metric": "logit_diff"}
+KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right", "dtype": "float32"}
 # Recorded in `runs.params` but never part of the run key: where a run computed does not change
 # what it computes (up to float order), so a run made on a GPU is not repeated on a CPU.
 KEY_EXCLUDED = {"device"}
@@ -133,6 +136,8 @@ def plan_jobs(
     from workbench.models import resolve_checkpoints, select_checkpoints
 
     p = registry.pipeline(pipeline)
+    if options.metric is not None and options.metric not in METRICS:
+        raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
     chosen = [p.method(m) for m in (methods or p.default_methods)]
     params = params or {}
     check_applies(pipeline, chosen, params)
@@ -151,6 +156,7 @@ def plan_jobs(
             max_batch=options.max_batch,
             device=options.device,
             dtype=options.dtype,
+            metric=options.metric,
         )
         for ref in refs
         for m in chosen
@@ -224,6 +230,7 @@ def demo_jobs(options: RunOptions) -> list[Job]:
                             options.max_batch,
                             options.device,
                             options.dtype,
+                            options.metric,
                         )
                     )
     return jobs
@@ -294,12 +301,12 @@ def _run_checkpoint(
     from workbench.tasks import load_task
 
     loaded = load_checkpoint(ref, device=device, dtype=dtype)
-    prepared: dict[tuple[str, int | None, int], tuple[RunInputs, dict[str, Any]]] = {}
+    prepared: dict[tuple[Any, ...], tuple[RunInputs, dict[str, Any]]] = {}
     outcomes = []
     for job in jobs:
-        where = (job.task, job.n_prompts, job.max_batch)
+        where = (job.task, job.n_prompts, job.max_batch, job.metric)
         if where not in prepared:
-            task = load_task(job.task, loaded, n_prompts=job.n_prompts)
+            task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
             prepared[where] = (
                 RunInputs(loaded, task, max_batch=job.max_batch),
                 registry_rows(loaded, task),

@@ -83,14 +83,27 @@ def _version_1_database(path) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def test_readers_of_an_old_database_see_the_current_schema(tmp_path):
+def test_readers_never_migrate_an_old_database_they_report_it(tmp_path, capsys):
+    """A reader (the app, `workbench sql`) finding an older schema says so and writes nothing;
+    `workbench migrate` upgrades it, and then it reads."""
+    from workbench.cli import cli
     from workbench.store.query import run_readonly_query
 
     db = tmp_path / "old.duckdb"
     con = _version_1_database(db)
     con.close()
+    before = db.read_bytes()
+    with pytest.raises(BadInput, match="schema v1 is older than this workbench's"):
+        run_readonly_query("SELECT count(*) AS n FROM runs", db=str(db))
+    assert cli(["sql", "SELECT 1", "--db", str(db)]) == 2
+    assert "workbench migrate" in capsys.readouterr().err
+    assert db.read_bytes() == before  # not a byte written
+    assert cli(["migrate", "--db", str(db)]) == 0
+    assert f"migrated from v1 to schema v{SCHEMA_VERSION}" in capsys.readouterr().out
     table = run_readonly_query("SELECT count(*) AS n FROM run_metrics", db=str(db))
     assert table["n"][0].as_py() == 0
+    assert cli(["migrate", "--db", str(db)]) == 0
+    assert "already at" in capsys.readouterr().out
 
 
 def test_newer_database_is_refused(tmp_path):
@@ -256,3 +269,31 @@ def test_files_of_a_run_that_does_not_commit_are_removed(tmp_path, induction_dir
         (path,) = store.query("SELECT path FROM saes")["path"].to_pylist()
     assert Path(path).parent == sae_dir and (Path(path) / "cfg.json").is_file()
     assert [p.name for p in sae_dir.iterdir()] == [Path(path).name]  # no staging left
+
+
+def test_a_reader_waits_a_bounded_time_for_a_writer_then_says_the_database_is_busy(tmp_path):
+    """DuckDB lets one process write or several read: while another process holds the write
+    lock, a reader retries with backoff for its bounded wait, then fails with one sentence."""
+    import time
+
+    from workbench.store import DatabaseBusy
+
+    db = tmp_path / "w.duckdb"
+    Store(db).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+         "time.sleep(60)", str(db)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        with pytest.raises(DatabaseBusy, match="the database is busy"):
+            Store(db, read_only=True, lock_wait=1.0)
+        assert time.monotonic() - started < 30  # bounded: it gave up, it did not hang
+    finally:
+        holder.kill()
+        holder.wait()
+    with Store(db, read_only=True, lock_wait=1.0) as store:  # free again: it opens
+        assert store.schema_version() == SCHEMA_VERSION

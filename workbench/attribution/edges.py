@@ -49,13 +49,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import (
-    PromptBatch,
-    final_logit_diff,
-    logit_diff,
-    model_device,
-    repeat_rows,
-)
+from workbench.attribution.batches import PromptBatch, model_device, repeat_rows
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Hook, Node
@@ -225,7 +219,7 @@ def run_with_grads(
         hooks.append((Node.input().out_hook(), override))
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        diffs = logit_diff(model(tokens), batch.answer, batch.wrong)
+        diffs = batch.metric(model(tokens), batch.target)
         if grad_of:
             (diffs.sum() * scale).backward()
     model.zero_grad(set_to_none=True)
@@ -323,8 +317,8 @@ def exact_edge_patching(
             stop = {"names_filter": names.__contains__, "stop_at_layer": cfg.n_layers}
             clean_final, clean = model.run_with_cache(batch.clean, **stop)
             corr_final, corrupt = model.run_with_cache(batch.corrupt, **stop)
-            m_clean += float(final_logit_diff(model, clean_final, batch.answer, batch.wrong).sum())
-            m_corrupt += float(final_logit_diff(model, corr_final, batch.answer, batch.wrong).sum())
+            m_clean += float(batch.metric.final(model, clean_final, batch.target).sum())
+            m_corrupt += float(batch.metric.final(model, corr_final, batch.target).sum())
             delta = source_outputs(model, graph, dict(clean.items())) - source_outputs(
                 model, graph, dict(corrupt.items())
             )
@@ -333,9 +327,7 @@ def exact_edge_patching(
                 if dst == Node.logits().id:
                     for s in srcs:
                         patched = corr_final + delta[s]
-                        sums[s, t] = final_logit_diff(
-                            model, patched, batch.answer, batch.wrong
-                        ).sum()
+                        sums[s, t] = batch.metric.final(model, patched, batch.target).sum()
                     progress.update(len(srcs))
                     continue
                 sums[srcs, t] = _patch_destination(
@@ -379,8 +371,6 @@ def _patch_destination(
             repeat_rows(resid, k), start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
             fwd_hooks=[(hook, move)],
         )  # fmt: skip
-        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
-        out[first : first + k] = (
-            final_logit_diff(model, final, answer, wrong).view(k, batch.size).sum(1)
-        )
+        values = batch.metric.final(model, final, batch.target.repeat(k))
+        out[first : first + k] = values.view(k, batch.size).sum(1)
     return out

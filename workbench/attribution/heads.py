@@ -6,7 +6,9 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
   position, divided by the final layer norm's scale (and centred, as the folded layer norm does),
   is projected onto the unembedding direction `W_U[:, answer] - W_U[:, wrong]`. It measures the
   head's *direct* contribution to the logit difference, in logit units, ignoring every path
-  through later layers. It also defines head -> `logits` edges with the same scores.
+  through later layers. It also defines head -> `logits` edges with the same scores. For another
+  metric the direction is that metric's gradient with respect to the normalised final residual
+  at the clean run (the metric linearised there; for the logit difference this is exact).
 
 * `act_patch_denoise` / `act_patch_noise` — exact activation patching of a head's output
   (`hook_z`, all positions at once). Denoising runs the corrupt prompts with one head's clean
@@ -27,7 +29,8 @@ Four methods, each giving one score per attention head (`a{L}.h{H}`):
   head's query, key or value input, `a{L}.h{H}<q|k|v>`, or the final residual, `logits`), the
   score is `(src_clean - src_corrupt) . d metric / d dst_input`, normalised by the gap.
 
-The metric is the mean over prompts of `logit(answer) - logit(wrong)` at the last position.
+The metric is the task's (`workbench.attribution.metrics`); by default the mean over prompts of
+`logit(answer) - logit(wrong)` at the last position.
 """
 
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff, model_device
+from workbench.attribution.batches import PromptBatch, final_norm, model_device
 from workbench.attribution.edges import edge_attribution, run_with_grads
 from workbench.attribution.patching import patch_sweep
 from workbench.core import Hook, Node
@@ -66,10 +69,14 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
     normalised = hasattr(model, "ln_final")
     for batch in batches:
         names = [Hook.z(layer) for layer in range(cfg.n_layers)] + [Hook.FINAL_SCALE]
+        names.append(Hook.resid_post(cfg.n_layers - 1))
         logits, cache = model.run_with_cache(batch.clean, names_filter=names)
-        metrics[0] += float(logit_diff(logits, batch.answer, batch.wrong).sum())
-        metrics[1] += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
-        direction = model.W_U[:, batch.answer] - model.W_U[:, batch.wrong]  # [d_model, b]
+        metrics[0] += float(batch.metric(logits, batch.target).sum())
+        metrics[1] += float(batch.metric(model(batch.corrupt), batch.target).sum())
+        # d metric / d (normalised final residual) at the clean run: for logit_diff the
+        # difference of the two tokens' unembeddings
+        final = final_norm(model, cache[Hook.resid_post(cfg.n_layers - 1)][:, -1:])[:, 0]
+        direction = batch.metric.unembed_grad(model, final, batch.target).T  # [d_model, b]
         for layer in range(cfg.n_layers):
             z_last = cache[Hook.z(layer)][:, -1]  # [b, head, d_head]
             out = torch.einsum("bhe,hed->bhd", z_last, model.W_O[layer])
@@ -116,7 +123,7 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
         acts, metric_sum = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
         m_clean += metric_sum
         with torch.no_grad():
-            m_corrupt += float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).sum())
+            m_corrupt += float(batch.metric(model(batch.corrupt), batch.target).sum())
         for layer, name in enumerate(names):
             per_prompt = (acts[name] * acts[f"{name}.grad"]).sum((1, 3))  # [batch, head]
             total[layer] += per_prompt.abs().sum(0)

@@ -37,7 +37,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, final_logit_diff, repeat_rows
+from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.core import Hook, Node
 
 Direction = Literal["denoise", "noise"]
@@ -158,8 +158,8 @@ def patch_sweep(
     for batch in tqdm(batches, desc=f"patch {component}", leave=False):
         clean_resid, clean_cache = _cache(model, batch.clean, cached)
         corr_resid, corr_cache = _cache(model, batch.corrupt, cached)
-        m_clean += float(final_logit_diff(model, clean_resid, batch.answer, batch.wrong).sum())
-        m_corrupt += float(final_logit_diff(model, corr_resid, batch.answer, batch.wrong).sum())
+        m_clean += float(batch.metric.final(model, clean_resid, batch.target).sum())
+        m_corrupt += float(batch.metric.final(model, corr_resid, batch.target).sum())
         base = corr_cache if direction == "denoise" else clean_cache
         for layer, hook in enumerate(hooks):
             if direction == "denoise" or ablation == "resample":
@@ -279,8 +279,7 @@ def _patch_layer(
             stop_at_layer=model.cfg.n_layers,
             fwd_hooks=[(hook, patch)],
         )
-        answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
-        diffs = final_logit_diff(model, resid_final, answer, wrong)
+        diffs = batch.metric.final(model, resid_final, batch.target.repeat(k))
         sums[first : first + k] = diffs.view(k, batch.size).sum(1).float()
     n_pos = len(masks) // n_units
     return sums.view(n_units, n_pos)
@@ -342,7 +341,6 @@ def _patch_layer_each_position(
                 past_kv_cache=kv_cache,
                 fwd_hooks=[(hook, patch)],
             )
-            answer, wrong = repeat_rows(batch.answer, k), repeat_rows(batch.wrong, k)
-            diffs = final_logit_diff(model, final, answer, wrong)
+            diffs = batch.metric.final(model, final, batch.target.repeat(k))
             sums[units, pos] = diffs.view(k, batch.size).sum(1).float()
     return sums

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, logit_diff, model_device
+from workbench.attribution.batches import PromptBatch, model_device
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 from workbench.core import Edge, Hook, Node
@@ -123,7 +123,7 @@ class SplicedModel:
 
         hooks = [(s.hook, splice(k, s)) for k, s in enumerate(self.saes)]
         logits = self.model.run_with_hooks(tokens, fwd_hooks=hooks)
-        return logit_diff(logits, batch.answer, batch.wrong), values
+        return batch.metric(logits, batch.target), values
 
     def node_ids(self, k: int) -> list[str]:
         sae_id = self.sae_ids[k]

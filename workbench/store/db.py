@@ -30,7 +30,15 @@ from workbench.store.schema import MIGRATIONS, RUN_TABLES, SCHEMA_VERSION
 logger = logging.getLogger(__name__)
 
 DEFAULT_DB = Path("data") / "workbench.duckdb"
+# How long opening the file waits while another process holds DuckDB's lock (one writer, or
+# several readers, at a time): one bounded wait, then a clear error. Readers wait less; the
+# app turns their error into a message on the page.
 LOCK_WAIT_SECONDS = 30.0
+READ_LOCK_WAIT_SECONDS = 10.0
+
+
+class DatabaseBusy(BadInput):
+    """Another process held the database's lock for longer than we waited."""
 
 
 def default_db_path(db: str | os.PathLike[str] | None = None) -> Path:
@@ -60,15 +68,22 @@ class RunRecord:
     run_id: str = field(default_factory=lambda: "r" + uuid.uuid4().hex[:12])
 
 
-def _connect(path: Path, read_only: bool) -> duckdb.DuckDBPyConnection:
-    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+def _connect(path: Path, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait
+    delay = 0.05
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as err:
-            if "lock" not in str(err).lower() or time.monotonic() > deadline:
+            if "lock" not in str(err).lower():
                 raise BadInput(f"{path}: cannot open the database ({err})") from err
-            time.sleep(0.2)
+            if time.monotonic() + delay > deadline:
+                raise DatabaseBusy(
+                    f"{path}: the database is busy (another process is writing to it) and "
+                    f"stayed busy for {wait:.0f} s; try again when it finishes"
+                ) from err
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
 
 def _remove(path: Path) -> None:
@@ -105,18 +120,34 @@ def _undo_moves(files: dict[str, str], moved: list[tuple[Path, Path | None]]) ->
 class Store:
     """A DuckDB circuit store. Open with `read_only=True` for queries."""
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, read_only: bool = False):
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        read_only: bool = False,
+        lock_wait: float | None = None,
+    ):
         self.path = default_db_path(path)
         if read_only and not self.path.exists():
             raise BadInput(f"{self.path}: no database here yet (run a pipeline first)")
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.read_only = read_only
-        self.con = _connect(self.path, read_only)
-        if read_only:
-            self._check_version()
-        else:
-            self.migrate()
+        self.migrated_from: int | None = None
+        wait = (
+            lock_wait
+            if lock_wait is not None
+            else (READ_LOCK_WAIT_SECONDS if read_only else LOCK_WAIT_SECONDS)
+        )
+        self.con = _connect(self.path, read_only, wait)
+        try:
+            if read_only:
+                self._check_readable()
+            else:
+                self.migrate()
+        except BaseException:
+            self.con.close()
+            raise
 
     def close(self) -> None:
         self.con.close()
@@ -151,8 +182,19 @@ class Store:
             )
         return version
 
+    def _check_readable(self) -> None:
+        """Readers never migrate (that would be a write): an older schema is reported."""
+        version = self._check_version()
+        if version < SCHEMA_VERSION:
+            raise BadInput(
+                f"{self.path}: database schema v{version} is older than this workbench's "
+                f"(v{SCHEMA_VERSION}); upgrade it with `workbench migrate --db {self.path}` "
+                "(any pipeline run upgrades it too)"
+            )
+
     def migrate(self) -> None:
         version = self._check_version()
+        self.migrated_from = version if version < SCHEMA_VERSION else None
         if version == SCHEMA_VERSION:
             return
         with self.transaction():

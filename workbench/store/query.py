@@ -10,26 +10,25 @@ import pyarrow as pa
 
 from workbench.errors import BadInput
 from workbench.store.db import Store
-from workbench.store.schema import SCHEMA_VERSION
 
 
-def open_readonly(db: str | None = None) -> Store:
-    """A read-only, sandboxed connection. A database written by an older workbench is first
-    migrated forward (a short write), so readers always see the current schema."""
-    store = Store(db, read_only=True)
-    if store.schema_version() < SCHEMA_VERSION:
-        store.close()
-        Store(db).close()
-        store = Store(db, read_only=True)
+def open_readonly(db: str | None = None, *, lock_wait: float | None = None) -> Store:
+    """A read-only, sandboxed connection. It never writes: a database of an older schema is
+    reported (`workbench migrate` upgrades it), a newer one refused."""
+    store = Store(db, read_only=True, lock_wait=lock_wait)
     store.con.execute("SET enable_external_access = false")
     store.con.execute("SET lock_configuration = true")
     return store
 
 
 def run_readonly_query(
-    sql: str, *, db: str | None = None, params: list[Any] | None = None
+    sql: str,
+    *,
+    db: str | None = None,
+    params: list[Any] | None = None,
+    lock_wait: float | None = None,
 ) -> pa.Table:
-    with open_readonly(db) as store:
+    with open_readonly(db, lock_wait=lock_wait) as store:
         try:
             return store.query(sql, params)
         except duckdb.Error as err:

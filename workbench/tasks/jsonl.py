@@ -3,13 +3,18 @@
 Text form:     {"clean": "...", "corrupt": "...", "answer": " Mary", "wrong": " John"}
 Token-id form: {"clean_ids": [...], "corrupt_ids": [...], "answer_id": 7, "wrong_id": 9}
 
+A line may also name the task's metric (`"metric": "prob_diff"`, see `workbench.core.METRICS`);
+lines that name one must agree.
+
 Every error names the file, the line number and the field.
 """
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from workbench.core import METRICS
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.tasks.spec import PromptPair, Task
@@ -22,6 +27,7 @@ def read_task_file(path: Path, model: LoadedModel) -> Task:
     if not path.is_file():
         raise BadInput(f"{path}: task file not found")
     pairs: list[PromptPair] = []
+    metric: tuple[str, str] | None = None  # (metric, where it was first named)
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -34,9 +40,20 @@ def read_task_file(path: Path, model: LoadedModel) -> Task:
             if not isinstance(record, dict):
                 raise BadInput(f"{where}: expected a JSON object")
             pairs.append(_parse_pair(record, model, where))
+            if "metric" in record:
+                metric = _metric(record["metric"], metric, where)
     if not pairs:
         raise BadInput(f"{path}: no prompt pairs in the file")
-    return Task(name=path.stem, source=str(path.resolve()), pairs=pairs, spec={"file": str(path)})
+    task = Task(name=path.stem, source=str(path.resolve()), pairs=pairs, spec={"file": str(path)})
+    return replace(task, metric=metric[0]) if metric else task
+
+
+def _metric(value: Any, seen: tuple[str, str] | None, where: str) -> tuple[str, str]:
+    if not isinstance(value, str) or value not in METRICS:
+        raise BadInput(f"{where}: field 'metric' must be one of {', '.join(METRICS)}")
+    if seen and seen[0] != value:
+        raise BadInput(f"{where}: field 'metric' is {value!r}, but {seen[1]} names {seen[0]!r}")
+    return seen or (value, where)
 
 
 def _parse_pair(record: dict[str, Any], model: LoadedModel, where: str) -> PromptPair:

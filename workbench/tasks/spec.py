@@ -1,15 +1,16 @@
 """The task data model and `load_task`."""
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from workbench.core import DEFAULT_METRIC, METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
 from workbench.models.base import LoadedModel
 
-METRIC = "logit_diff"  # mean over prompts of logit(answer) - logit(wrong) at the last position
+METRIC = DEFAULT_METRIC  # mean over prompts of logit(answer) - logit(wrong) at the last position
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,22 @@ class Task:
         return groups
 
 
-def load_task(name_or_path: str, model: LoadedModel, *, n_prompts: int | None = None) -> Task:
-    """A built-in task by name, or a JSONL task file, tokenized for `model`."""
+def load_task(
+    name_or_path: str,
+    model: LoadedModel,
+    *,
+    n_prompts: int | None = None,
+    metric: str | None = None,
+) -> Task:
+    """A built-in task by name, or a JSONL task file, tokenized for `model`; `metric` replaces
+    the task's own (part of the task's identity: another metric is another task_id)."""
+    if metric is not None and metric not in METRICS:
+        raise BadInput(f"--metric {metric}: choose from {', '.join(METRICS)}")
+    task = _load(name_or_path, model, n_prompts)
+    return replace(task, metric=metric) if metric and metric != task.metric else task
+
+
+def _load(name_or_path: str, model: LoadedModel, n_prompts: int | None) -> Task:
     from workbench.tasks import builtin, jsonl
 
     if name_or_path in builtin.BUILTIN_TASKS:

@@ -1,0 +1,100 @@
+"""The package as users install it: a wheel built from this tree (not an editable install),
+installed apart from the source checkout, registers its pipelines through entry points and
+serves the app with `workbench app` from another directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.app.test_browser import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    _free_port,
+    _wait_for_text,
+    chromium_driver,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> Path:
+    """`pip wheel .` then the wheel installed into a directory of its own (its dependencies
+    are the test environment's); returns that directory."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"  # a clean copy: no build/ or egg-info left from earlier builds
+    skip = shutil.ignore_patterns(".*", "data", "build", "*.egg-info", "__pycache__", "tests")
+    shutil.copytree(ROOT, source, ignore=skip)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), "."],
+        check=True,
+        cwd=source,
+    )
+    (wheel,) = (work / "dist").glob("circuit_workbench-*.whl")
+    site = work / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    return site
+
+
+def _env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "WORKBENCH_LOG": "ERROR"}
+
+
+def test_the_installed_wheel_has_its_pipelines_and_app(installed, tmp_path):
+    code = (
+        "import workbench, app, pipelines; from workbench.registry import pipelines as p; "
+        "from workbench.cli import _app_main; "
+        "print(workbench.__file__); print(_app_main()); print(','.join(p()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=_env(installed),
+        cwd=tmp_path,
+        check=True,
+    ).stdout.splitlines()
+    assert Path(out[0]).is_relative_to(installed)  # not the source checkout
+    assert Path(out[1]) == installed / "app" / "main.py"
+    assert out[2].split(",")[:4] == ["heads", "patching", "edges", "sae"]
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(
+    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+    reason="Debian chromium and chromium-driver are not installed (make browser)",
+)
+def test_workbench_app_from_another_directory_serves_the_app(installed, heads_db, tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench", "app", "--db", str(heads_db), "--port", str(port)],
+        env=_env(installed),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://localhost:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("workbench app did not start")
+        with chromium_driver() as driver:
+            driver.get(url)
+            _wait_for_text(driver, "Circuit Workbench")
+            _wait_for_text(driver, "Checkpoints")  # the overview read the database
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
