@@ -119,8 +119,8 @@ class LogitDiff(TaskMetric):
         # only the two compared tokens' unembeddings: no d_vocab-wide matmul
         last = final_norm(model, resid_final[:, -1:, :])[:, 0]  # [b, d_model]
         direction = model.W_U[:, target.answer] - model.W_U[:, target.wrong]  # [d_model, b]
-        bias = model.b_U[target.answer] - model.b_U[target.wrong]
-        return torch.einsum("bd,db->b", last, direction) + bias
+        projected = torch.einsum("bd,db->b", last, direction)
+        return projected + model.b_U[target.answer] - model.b_U[target.wrong]  # in this order
 
     def unembed_grad(
         self, model: "HookedTransformer", x_last: torch.Tensor, target: Target
