@@ -159,3 +159,32 @@ def test_python_api_runs_what_the_cli_runs(tmp_path, induction_dir):
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
     con.close()
+
+
+def test_batch_tokens_bounds_batches_and_keeps_the_numbers(tmp_path, induction_dir, induction_task):
+    """`--batch-tokens` splits each length group so that no batch holds more tokens than the
+    budget (but at least one prompt); every method sums per prompt, so the scores are those of
+    one big batch up to float order, and the run is the same run (same key)."""
+    length = len(induction_task.pairs[0].clean_tokens)
+    groups = induction_task.length_groups(64, max_tokens=3 * length + 1)
+    assert [len(g) for g in groups][:-1] == [3] * (len(groups) - 1)
+    assert sorted(i for g in groups for i in g) == list(range(len(induction_task.pairs)))
+    single = induction_task.length_groups(64, max_tokens=1)  # still one prompt a batch
+    assert [len(g) for g in single] == [1] * len(induction_task.pairs)
+    db_a, db_b = tmp_path / "a.duckdb", tmp_path / "b.duckdb"
+    for db, budget in ((db_a, None), (db_b, 3 * length)):
+        options = RunOptions(str(induction_dir), "induction", db=str(db), batch_tokens=budget)
+        assert [o.status for o in run("heads", options, ["dla", "attr_patch"])] == ["done"] * 2
+    scores = []
+    for db in (db_a, db_b):
+        con = duckdb.connect(str(db), read_only=True)
+        scores.append(
+            con.execute(
+                "SELECT r.run_key, s.node_id, s.score FROM node_scores s JOIN runs r "
+                "USING (run_id) ORDER BY 1, 2"
+            ).fetchall()
+        )
+        con.close()
+    assert [r[:2] for r in scores[0]] == [r[:2] for r in scores[1]]  # same runs, same nodes
+    for (_, _, a), (_, _, b) in zip(*scores, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)

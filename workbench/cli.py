@@ -147,6 +147,14 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
     ("n_prompts", int | None, typer.Option(None, help="Prompts for a built-in task.")),
     ("max_batch", int, typer.Option(64, help="Prompts per batch.")),
     (
+        "batch_tokens",
+        int | None,
+        typer.Option(
+            None,
+            help="And at most this many tokens per batch (memory bound on long prompts).",
+        ),
+    ),
+    (
         "device",
         str,
         typer.Option("auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps."),

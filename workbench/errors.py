@@ -8,7 +8,3 @@ failed run: it is recorded in `runs` with its error and the command exits with s
 
 class BadInput(Exception):
     """Bad usage or bad input: the message is one sentence naming the bad thing."""
-
-
-class RunFailed(Exception):
-    """A pipeline run failed after its inputs were accepted; it has been recorded in `runs`."""

@@ -69,6 +69,7 @@ class RunInputs:
     loaded: "LoadedModel"
     task: "Task"
     max_batch: int = 64
+    batch_tokens: int | None = None
     _batches: list | None = None  # type: ignore[type-arg]
     # what methods on this checkpoint x task share (e.g. a planner's loaded corpus)
     cache: dict[Any, Any] = field(default_factory=dict)
@@ -84,7 +85,11 @@ class RunInputs:
 
             model = self.loaded.model
             self._batches = make_batches(
-                self.task, max_batch=self.max_batch, device=model_device(model), model=model
+                self.task,
+                max_batch=self.max_batch,
+                device=model_device(model),
+                model=model,
+                max_tokens=self.batch_tokens,
             )
         return self._batches
 

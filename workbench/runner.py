@@ -42,6 +42,7 @@ class RunOptions:
     force: bool = False
     n_prompts: int | None = None
     max_batch: int = 64
+    batch_tokens: int | None = None  # and at most this many tokens a batch
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16
     metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
@@ -61,6 +62,7 @@ class Job:
     device: str = "auto"
     dtype: str = "float32"
     metric: str | None = None
+    batch_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,6 +138,8 @@ def plan_jobs(
     from workbench.models import resolve_checkpoints, select_checkpoints
 
     p = registry.pipeline(pipeline)
+    if options.max_batch < 1 or (options.batch_tokens is not None and options.batch_tokens < 1):
+        raise BadInput("--max-batch and --batch-tokens must be at least 1")
     if options.metric is not None and options.metric not in METRICS:
         raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
     chosen = [p.method(m) for m in (methods or p.default_methods)]
@@ -157,6 +161,7 @@ def plan_jobs(
             device=options.device,
             dtype=options.dtype,
             metric=options.metric,
+            batch_tokens=options.batch_tokens,
         )
         for ref in refs
         for m in chosen
@@ -231,6 +236,7 @@ def demo_jobs(options: RunOptions) -> list[Job]:
                             options.device,
                             options.dtype,
                             options.metric,
+                            options.batch_tokens,
                         )
                     )
     return jobs
@@ -304,11 +310,11 @@ def _run_checkpoint(
     prepared: dict[tuple[Any, ...], tuple[RunInputs, dict[str, Any]]] = {}
     outcomes = []
     for job in jobs:
-        where = (job.task, job.n_prompts, job.max_batch, job.metric)
+        where = (job.task, job.n_prompts, job.max_batch, job.batch_tokens, job.metric)
         if where not in prepared:
             task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
             prepared[where] = (
-                RunInputs(loaded, task, max_batch=job.max_batch),
+                RunInputs(loaded, task, max_batch=job.max_batch, batch_tokens=job.batch_tokens),
                 registry_rows(loaded, task),
             )
         inputs, rows = prepared[where]

@@ -60,14 +60,16 @@ def make_batches(
     max_batch: int = 64,
     device: torch.device | str = "cpu",
     model: "HookedTransformer | None" = None,
+    max_tokens: int | None = None,
 ) -> list[PromptBatch]:
-    """The task's prompts as token tensors on `device` (the model's), grouped by length, with
-    the task's metric. A metric against the clean run (`kl`) needs `model`, to compute it."""
+    """The task's prompts as token tensors on `device` (the model's), grouped by length into
+    batches of at most `max_batch` prompts and `max_tokens` tokens, with the task's metric. A
+    metric against the clean run (`kl`) needs `model`, to compute it."""
     metric = task_metric(task.metric)
     if metric.needs_reference and model is None:
         raise ValueError(f"the {metric.name} metric needs the model to compute its reference")
     batches = []
-    for idx in task.length_groups(max_batch):
+    for idx in task.length_groups(max_batch, max_tokens):
         pairs = [task.pairs[i] for i in idx]
         batch = PromptBatch(
             clean=torch.tensor([p.clean_tokens for p in pairs], device=device),

@@ -129,32 +129,14 @@ def _task_documents(loaded: LoadedModel, task: Task, n_tokens: int) -> list[list
 
 
 def _zoo_corpus(loaded: LoadedModel, task: Task, n_tokens: int) -> Corpus | None:
-    """A zoo model's own training distribution, for its own built-in task: whole training
-    sequences (not packed), with the zoo's loss mask (the predictable tokens of a repeated
-    segment, or the indirect object of an IOI sentence)."""
-    from workbench.tasks.builtin import _ordinary_token_ids
-    from workbench.zoo import induction, ioi
+    """The task's own training distribution where it has one (a built-in task on the zoo
+    model trained for it): whole training sequences, not packed, with their loss mask."""
+    from workbench.tasks import training_corpus
 
-    generator = torch.Generator().manual_seed(TASK_CORPUS_SEED)
-    kind = loaded.info.architecture
-    if task.source == "builtin:induction" and kind == "zoo:induction":
-        n_ctx = int(loaded.model.cfg.n_ctx)
-        windows = induction.repeated_sequences(
-            _ordinary_token_ids(loaded),
-            batch=max(1, n_tokens // n_ctx),
-            n_ctx=n_ctx,
-            bos_id=int(loaded.bos_token_id or 0),
-            periods=tuple(sorted(induction.TRAIN_PERIODS + induction.HELD_OUT_PERIODS)),
-            max_offset=n_ctx // 4,
-            generator=generator,
-        )
-        mask = induction.predictable_mask(windows)
-    elif task.source == "builtin:ioi" and kind == "zoo:ioi" and loaded.tokenizer is not None:
-        length = ioi.ioi_batch(loaded.tokenizer, 1, torch.Generator()).shape[1]
-        windows = ioi.ioi_batch(loaded.tokenizer, max(1, n_tokens // length), generator)
-        mask = ioi.answer_only_mask(windows)
-    else:
+    found = training_corpus(task, loaded, n_tokens=n_tokens, seed=TASK_CORPUS_SEED)
+    if found is None:
         return None
+    windows, mask = found
     return Corpus(
         name=f"task:{task.name} (zoo training distribution)", windows=windows, loss_mask=mask
     )

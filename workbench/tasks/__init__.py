@@ -4,6 +4,8 @@
 a built-in task name (`induction`) or a JSONL task file (DESIGN.md, "Task files").
 """
 
+from typing import Any
+
 from workbench.models.base import LoadedModel
 from workbench.tasks.spec import PromptPair, Task, load_task
 
@@ -17,4 +19,15 @@ def known_circuit(task: Task, model: LoadedModel) -> set[tuple[str, str]] | None
     return provider(model) if provider else None
 
 
-__all__ = ["PromptPair", "Task", "known_circuit", "load_task"]
+def training_corpus(task: Task, model: LoadedModel, *, n_tokens: int, seed: int) -> Any:
+    """(windows, loss mask) of the sequences `model` was trained on for `task`, where the task
+    knows them (a built-in task on its zoo model); None otherwise."""
+    import torch
+
+    from workbench.tasks.builtin import TRAINING_CORPORA
+
+    provider = TRAINING_CORPORA.get(task.source)
+    return provider(model, n_tokens, torch.Generator().manual_seed(seed)) if provider else None
+
+
+__all__ = ["PromptPair", "Task", "known_circuit", "load_task", "training_corpus"]

@@ -118,7 +118,50 @@ def induction_known_circuit(model: LoadedModel) -> set[tuple[str, str]] | None:
     return known_induction_edges(model)
 
 
-# What a built-in task knows about the models it was made for, by task source.
+def induction_training_corpus(
+    model: LoadedModel, n_tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(windows, loss mask): the zoo induction model's training sequences (the predictable
+    tokens of a repeated segment masked in); None for any other model."""
+    from workbench.zoo import induction
+
+    if model.info.architecture != "zoo:induction":
+        return None
+    n_ctx = int(model.model.cfg.n_ctx)
+    windows = induction.repeated_sequences(
+        _ordinary_token_ids(model),
+        batch=max(1, n_tokens // n_ctx),
+        n_ctx=n_ctx,
+        bos_id=int(model.bos_token_id or 0),
+        periods=tuple(sorted(induction.TRAIN_PERIODS + induction.HELD_OUT_PERIODS)),
+        max_offset=n_ctx // 4,
+        generator=generator,
+    )
+    return windows, induction.predictable_mask(windows)
+
+
+def ioi_training_corpus(
+    model: LoadedModel, n_tokens: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(windows, loss mask): the zoo IOI model's training sentences (the indirect object
+    masked in); None for any other model."""
+    from workbench.zoo import ioi
+
+    if model.info.architecture != "zoo:ioi" or model.tokenizer is None:
+        return None
+    length = ioi.ioi_batch(model.tokenizer, 1, torch.Generator()).shape[1]
+    windows = ioi.ioi_batch(model.tokenizer, max(1, n_tokens // length), generator)
+    return windows, ioi.answer_only_mask(windows)
+
+
+# What a built-in task knows about the models it was made for, by task source: the circuit
+# known to solve it, and the distribution the model was trained on.
 KNOWN_CIRCUITS: dict[str, Callable[[LoadedModel], set[tuple[str, str]] | None]] = {
     "builtin:induction": induction_known_circuit,
+}
+TRAINING_CORPORA: dict[
+    str, Callable[[LoadedModel, int, torch.Generator], tuple[torch.Tensor, torch.Tensor] | None]
+] = {
+    "builtin:induction": induction_training_corpus,
+    "builtin:ioi": ioi_training_corpus,
 }

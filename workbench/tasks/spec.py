@@ -40,15 +40,17 @@ class Task:
     def task_id(self) -> str:
         return f"{self.name}-{self.sha256[:8]}"
 
-    def length_groups(self, max_batch: int) -> list[list[int]]:
-        """Prompt indices grouped by token length, in batches of at most `max_batch`."""
+    def length_groups(self, max_batch: int, max_tokens: int | None = None) -> list[list[int]]:
+        """Prompt indices grouped by token length, in batches of at most `max_batch` prompts
+        and, with `max_tokens`, at most that many tokens (but at least one prompt)."""
         by_len: dict[int, list[int]] = defaultdict(list)
         for i, pair in enumerate(self.pairs):
             by_len[len(pair.clean_tokens)].append(i)
         groups = []
         for length in sorted(by_len):
             idx = by_len[length]
-            groups += [idx[i : i + max_batch] for i in range(0, len(idx), max_batch)]
+            size = max_batch if max_tokens is None else min(max_batch, max(1, max_tokens // length))
+            groups += [idx[i : i + size] for i in range(0, len(idx), size)]
         return groups
 
 
