@@ -267,6 +267,36 @@ def sql(
     typer.echo(format_table(table, format.value), nl=False)
 
 
+@app.command("watch")
+def watch(
+    directory: Annotated[Path, typer.Argument(help="Directory a trainer writes checkpoints to.")],
+    config: Annotated[
+        Path, typer.Option("--config", help="TOML: [[job]] tables (pipeline, task, methods, ...).")
+    ],
+    every: Annotated[float, typer.Option(help="Seconds between scans.")] = 30.0,
+    once: Annotated[
+        bool, typer.Option("--once", help="Scan once, run what is missing, exit (cron).")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Retry checkpoints that failed before.")
+    ] = False,
+    db: DbOption = None,
+) -> int:
+    """Analyse every checkpoint written under DIRECTORY with the config's jobs, as it appears.
+
+    Exit status: 0 (stopped by SIGTERM/SIGINT, or --once with nothing failed), 1 (--once and a
+    run failed), 2 (bad config, or another watcher holds the database)."""
+    from workbench.store import default_db_path
+    from workbench.watch import Stop, Watcher, read_config, signals_stop, watch_lock
+
+    cfg = read_config(config)
+    path = str(default_db_path(db or cfg.db))
+    stop = Stop()
+    watcher = Watcher(directory, cfg, db=path, retry_failed=retry_failed, stop=stop)
+    with watch_lock(path), signals_stop(stop):
+        return watcher.run(every=every, once=once)
+
+
 @app.command("migrate")
 def migrate(db: DbOption = None) -> None:
     """Upgrade a database to this workbench's schema (readers never do it themselves)."""
@@ -346,7 +376,7 @@ def demo(
             typer.echo(f"training the {task} zoo model into {run_dir} ...")
             train_zoo_model(TrainConfig(task=task, out=str(zoo_dir)))
         every = RunOptions(model=str(run_dir), task=task, checkpoint="all", db=db)
-        outcomes = run_jobs(demo_jobs(every), db=db)
+        outcomes = run_jobs(demo_jobs(every), db=db, hold=True)  # the app starts after
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)
         failed = [o for o in outcomes if o.status == "failed"]

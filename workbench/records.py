@@ -36,6 +36,7 @@ def checkpoint_rows(ckpt: CheckpointInfo) -> pa.Table:
         "step": ckpt.step,
         "path": ckpt.path,
         "sha256": ckpt.sha256,
+        "train_loss": ckpt.train_loss,
     }
     return pa.Table.from_pylist([row])
 

@@ -29,7 +29,7 @@ from workbench.errors import BadInput
 if TYPE_CHECKING:
     from workbench.models.base import LoadedModel
     from workbench.results import RunResult
-    from workbench.store import Store
+    from workbench.store.session import StoreSession
     from workbench.tasks.spec import Task
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class PlanContext:
     """What a planner may read besides the model and the task: the store (its read methods)
     and the database's location."""
 
-    store: "Store"
+    store: "StoreSession"
     db: str | None
 
 

@@ -11,7 +11,7 @@ before anything is written for that checkpoint.
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -25,7 +25,8 @@ from workbench.hashing import sha256_json
 from workbench.models.base import CheckpointRef, LoadedModel
 from workbench.registry import Method, PlanContext, Planned, RunInputs
 from workbench.results import RunResult
-from workbench.store import RunRecord, Store
+from workbench.store import RunRecord
+from workbench.store.session import StoreSession
 from workbench.tasks.spec import Task
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,14 @@ class Job:
     @property
     def job_id(self) -> str:
         return sha256_json(self.to_dict())[:16]
+
+
+class Stopped(Exception):
+    """`run_jobs` stopped early because `should_stop()` said so; `outcomes` are the runs made."""
+
+    def __init__(self, outcomes: list["RunOutcome"]):
+        super().__init__(f"stopped after {len(outcomes)} runs")
+        self.outcomes = outcomes
 
 
 @dataclass(frozen=True)
@@ -273,9 +282,17 @@ def run(
 
 
 def run_jobs(
-    jobs: Iterable[Job], *, db: str | None = None, force: bool = False
+    jobs: Iterable[Job],
+    *,
+    db: str | None = None,
+    force: bool = False,
+    hold: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[RunOutcome]:
-    """Execute jobs in order, loading each checkpoint once for the consecutive jobs on it."""
+    """Execute jobs in order, loading each checkpoint once for the consecutive jobs on it.
+    The database is opened only for each short operation (readers get in between runs), or
+    held for the whole call with `hold` (faster for many tiny runs). `should_stop` is asked
+    before each run; when it says so, `Stopped` is raised with the runs made so far."""
     groups: list[tuple[tuple[CheckpointRef, str, str], list[Job]]] = []
     for job in jobs:
         where = (job.checkpoint, job.device, job.dtype)
@@ -285,31 +302,51 @@ def run_jobs(
             groups.append((where, [job]))
     outcomes: list[RunOutcome] = []
     names = sorted({j.pipeline for _, group in groups for j in group})
-    with Store(db) as store:
-        ctx = PlanContext(store=store, db=db)
-        for (ref, device, dtype), group in tqdm(
-            groups, desc=f"{'+'.join(names)} checkpoints", disable=len(groups) < 2
-        ):
-            outcomes += _run_checkpoint(store, ctx, ref, device, dtype, group, force)
+    every = [j for _, group in groups for j in group]
+    with StoreSession(db, hold=hold) as session:
+        session.enqueue([_queue_row(j) for j in every])
+        ctx = PlanContext(store=session, db=db)
+        try:
+            for (ref, device, dtype), group in tqdm(
+                groups, desc=f"{'+'.join(names)} checkpoints", disable=len(groups) < 2
+            ):
+                outcomes += _run_checkpoint(
+                    session, ctx, ref, device, dtype, group, force, should_stop, outcomes
+                )
+        finally:  # stopped early (bad input, an interrupt): what is left is not queued
+            session.clear([j.job_id for j in every])
     return outcomes
 
 
+def _queue_row(job: Job) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "pipeline": job.pipeline,
+        "method": job.method,
+        "checkpoint_id": job.checkpoint.checkpoint_id,
+        "task": job.task,
+    }
+
+
 def _run_checkpoint(
-    store: Store,
+    store: StoreSession,
     ctx: PlanContext,
     ref: CheckpointRef,
     device: str,
     dtype: str,
     jobs: list[Job],
     force: bool,
+    should_stop: Callable[[], bool] | None = None,
+    before: list[RunOutcome] | None = None,
 ) -> list[RunOutcome]:
     from workbench.models import load_checkpoint
     from workbench.tasks import load_task
 
     loaded = load_checkpoint(ref, device=device, dtype=dtype)
     prepared: dict[tuple[Any, ...], tuple[RunInputs, dict[str, Any]]] = {}
-    outcomes = []
-    for job in jobs:
+    outcomes: list[RunOutcome] = []
+    # a bar per checkpoint when attached to a terminal (tqdm's disable=None)
+    for job in tqdm(jobs, desc=ref.checkpoint_id, unit="job", leave=False, disable=None):
         where = (job.task, job.n_prompts, job.max_batch, job.batch_tokens, job.metric)
         if where not in prepared:
             task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
@@ -321,7 +358,10 @@ def _run_checkpoint(
         method = registry.method(job.pipeline, job.method)
         params = method.make_params(job.params)
         for planned in method.runs(params, inputs, ctx):
+            if should_stop is not None and should_stop():
+                raise Stopped([*(before or []), *outcomes])
             outcomes.append(_run_one(store, job, method, planned, inputs, rows, force))
+        store.finish(job.job_id)
     return outcomes
 
 
@@ -340,7 +380,7 @@ def registry_rows(loaded: LoadedModel, task: Task) -> dict[str, Any]:
 
 
 def _run_one(
-    store: Store,
+    store: StoreSession,
     job: Job,
     method: Method,
     planned: Planned,
@@ -353,8 +393,11 @@ def _run_one(
     placement = {"device": str(loaded.model.cfg.device), "dtype": _dtype_name(loaded)}
     params = {**planned.key, **placement}
     key = run_key(job.pipeline, method.name, ckpt.sha256, task.sha256, params)
-    existing = store.done_run(key)
-    if existing and not force:
+    run = RunRecord(
+        key, job.pipeline, method.name, ckpt.checkpoint_id, task.task_id, params, started_at=now()
+    )
+    existing = store.start(job.job_id, run.run_id, key, force)
+    if existing:
         logger.info(
             "skip %s %s on %s: identical run %s exists",
             job.pipeline,
@@ -363,11 +406,9 @@ def _run_one(
             existing,
         )
         return RunOutcome(ckpt.checkpoint_id, method.name, "skipped", existing)
-    run = RunRecord(
-        key, job.pipeline, method.name, ckpt.checkpoint_id, task.task_id, params, started_at=now()
-    )
     try:
-        result: RunResult = method.compute(inputs, planned.params)
+        with store.heartbeat(job.job_id):
+            result: RunResult = method.compute(inputs, planned.params)
     except BadInput:
         raise
     except Exception as err:  # a failed run is recorded, not raised

@@ -47,6 +47,7 @@ class CheckpointInfo:
     step: int
     path: str
     sha256: str
+    train_loss: float | None = None  # the training loss logged at this checkpoint, if any
 
 
 @dataclass

@@ -166,9 +166,29 @@ def load_checkpoint(
         config=config,
     )
     location = ref.location if ref.kind == "tl" else str(path.resolve())
-    ckpt = CheckpointInfo(ref.checkpoint_id, ref.model_id, ref.step, location, sha)
+    loss = train_loss(path, ref.step) if ref.kind != "tl" else None
+    ckpt = CheckpointInfo(ref.checkpoint_id, ref.model_id, ref.step, location, sha, loss)
     logger.info("loaded %s (%s, %d layers)", ref.checkpoint_id, architecture, cfg.n_layers)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, checkpoint=ckpt)
+
+
+def train_loss(path: Path, step: int) -> float | None:
+    """The training loss logged at a checkpoint: `train_loss` of a zoo `meta.json`, or the last
+    `loss` at or before `step` in a Hugging Face Trainer's `trainer_state.json`."""
+    import json
+    import math
+
+    try:
+        if (path / "meta.json").is_file():
+            value = json.loads((path / "meta.json").read_text()).get("train_loss")
+            return float(value) if value is not None and math.isfinite(value) else None
+        if (path / "trainer_state.json").is_file():
+            history = json.loads((path / "trainer_state.json").read_text()).get("log_history", [])
+            losses = [h["loss"] for h in history if "loss" in h and h.get("step", 0) <= step]
+            return float(losses[-1]) if losses else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # a loss is a nicety: its absence never fails a run
+    return None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")

@@ -126,6 +126,7 @@ class Store:
         *,
         read_only: bool = False,
         lock_wait: float | None = None,
+        migrate: bool = True,
     ):
         self.path = default_db_path(path)
         if read_only and not self.path.exists():
@@ -143,7 +144,7 @@ class Store:
         try:
             if read_only:
                 self._check_readable()
-            else:
+            elif migrate:  # (a session that migrated once skips the check on later opens)
                 self.migrate()
         except BaseException:
             self.con.close()
@@ -329,6 +330,10 @@ class Store:
         for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id IN ({old})", [run_key])
         con.execute("DELETE FROM runs WHERE run_key = ?", [run_key])
+
+    def insert(self, table: str, data: pa.Table) -> None:
+        """Bulk-insert an Arrow table's rows (its columns by name)."""
+        self._insert(self.con, table, data)
 
     @staticmethod
     def _insert(

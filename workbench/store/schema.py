@@ -87,12 +87,69 @@ SCHEMA_V5 = [
         WHERE kind = 'attn_head' AND node_id LIKE '%>'""",
 ]
 
+# v6: work in progress and circuits across training.
+# - `run_queue`: the jobs a runner has yet to finish (status `queued` or `running`, with the
+#   process and a heartbeat); a job's row goes when its runs are stored; rows of a process that
+#   died are swept by the next runner.
+# - `checkpoints.train_loss`: the training loss at the checkpoint (zoo meta.json, HF Trainer
+#   trainer_state.json), for the loss curve beside formation steps.
+# - `watched_checkpoints`: what `workbench watch` has seen, by path, with a fingerprint of the
+#   files (names, sizes, mtimes), so a rescan costs a stat per file.
+# - the views `node_timeline` and `edge_timeline` (scores by training step), `formation_steps`
+#   (per node: the first step from which |score| stays at or above half its peak over training),
+#   and the table macro `circuit_diff(circuit_a, circuit_b)`.
+SCHEMA_V6 = [
+    """CREATE TABLE run_queue (
+        job_id VARCHAR PRIMARY KEY, pipeline VARCHAR, method VARCHAR, checkpoint_id VARCHAR,
+        task VARCHAR, status VARCHAR, run_id VARCHAR, pid INTEGER, host VARCHAR,
+        queued_at TIMESTAMP, started_at TIMESTAMP, heartbeat_at TIMESTAMP)""",
+    "ALTER TABLE checkpoints ADD COLUMN train_loss DOUBLE",
+    """CREATE TABLE watched_checkpoints (
+        path VARCHAR PRIMARY KEY, fingerprint VARCHAR, checkpoint_id VARCHAR, status VARCHAR,
+        error VARCHAR, seen_at TIMESTAMP)""",
+    """CREATE VIEW node_timeline AS
+        SELECT c.model_id, r.task_id, r.method, s.node_id, s.position, c.step, s.score,
+               r.run_id, r.pipeline, r.params
+        FROM node_scores s JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+        WHERE r.status = 'done'""",
+    """CREATE VIEW edge_timeline AS
+        SELECT c.model_id, r.task_id, r.method, e.src, e.dst, c.step, e.score, r.run_id
+        FROM edges e JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+        WHERE r.status = 'done'""",
+    """CREATE VIEW formation_steps AS
+        WITH t AS (
+            SELECT model_id, task_id, method, node_id, step, abs(score) AS size
+            FROM node_timeline WHERE position IS NULL),
+        peak AS (
+            SELECT model_id, task_id, method, node_id, max(size) AS peak, max(step) AS last
+            FROM t GROUP BY ALL),
+        below AS (
+            SELECT t.model_id, t.task_id, t.method, t.node_id, max(t.step) AS last_below
+            FROM t JOIN peak USING (model_id, task_id, method, node_id)
+            WHERE t.size < peak.peak / 2 GROUP BY ALL)
+        SELECT p.model_id, p.task_id, p.method, p.node_id, p.peak,
+               (SELECT min(t.step) FROM t
+                WHERE t.model_id = p.model_id AND t.task_id = p.task_id
+                  AND t.method = p.method AND t.node_id = p.node_id
+                  AND t.step > coalesce(b.last_below, -1)) AS formation_step
+        FROM peak p LEFT JOIN below b USING (model_id, task_id, method, node_id)""",
+    """CREATE MACRO circuit_diff(circuit_a, circuit_b) AS TABLE
+        SELECT coalesce(x.src, y.src) AS src, coalesce(x.dst, y.dst) AS dst,
+               CASE WHEN x.src IS NULL THEN 'added' WHEN y.src IS NULL THEN 'removed'
+                    ELSE 'kept' END AS status,
+               x.score AS score_a, y.score AS score_b
+        FROM (SELECT src, dst, score FROM circuit_edges WHERE circuit_id = circuit_a) x
+        FULL OUTER JOIN (SELECT src, dst, score FROM circuit_edges WHERE circuit_id = circuit_b) y
+          ON x.src = y.src AND x.dst = y.dst""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
     3: SCHEMA_V3,
     4: SCHEMA_V4,
     5: SCHEMA_V5,
+    6: SCHEMA_V6,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -1,0 +1,430 @@
+"""`workbench watch DIR --config FILE`: analyse every checkpoint a training run writes.
+
+A scan walks DIR for checkpoint directories (zoo `step_N/`, Hugging Face Trainer
+`checkpoint-N/`, plain Hugging Face directories, at any depth: nested runs), registers each one
+only once it is complete, and runs the configured jobs on it that are not stored yet.
+
+* Complete means: its files stopped changing (none modified for `settle` seconds) and its
+  weights open (each safetensors file is as long as its header says; a `.bin` is a readable
+  zip). A half-written checkpoint is skipped and looked at again on the next scan; it never
+  produces a failed run.
+* What a scan has seen is kept in `watched_checkpoints`, keyed by path, with a fingerprint of
+  the directory's files (names, sizes, modification times): a rescan of processed checkpoints
+  costs one `stat` per file and one query. A checkpoint that fails (it cannot be loaded: a
+  corrupt one) is recorded as failed runs with the error, and not retried until its files
+  change (or `--retry-failed`).
+* One watcher per database: a lock file beside it (`<db>.watch.lock`) names the holder.
+* SIGTERM / SIGINT: the run in progress finishes (a second signal abandons it; either way no
+  partial rows: a run's rows are one transaction) and the watcher exits.
+"""
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from workbench import registry
+from workbench.errors import BadInput
+from workbench.hashing import sha256_json
+from workbench.models.base import CheckpointRef
+from workbench.runner import (
+    Job,
+    RunOptions,
+    RunOutcome,
+    Stopped,
+    check_applies,
+    run_jobs,
+    run_key,
+)
+from workbench.store import RunRecord, Store, default_db_path
+
+logger = logging.getLogger(__name__)
+
+RUN_OPTIONS = ("n_prompts", "max_batch", "batch_tokens", "device", "dtype", "metric")
+JOB_KEYS = {"pipeline", "task", "methods", *RUN_OPTIONS}
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One `[[job]]` of the config: a pipeline's methods on a task, with their options."""
+
+    pipeline: str
+    task: str
+    methods: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def jobs(self, ref: CheckpointRef) -> list[Job]:
+        p = registry.pipeline(self.pipeline)
+        opts = RunOptions(model=ref.location, task=self.task, **self.options)
+        return [
+            Job(
+                pipeline=self.pipeline,
+                method=m,
+                checkpoint=ref,
+                task=self.task,
+                params=_asdict(p.method(m).make_params(self.params)),
+                n_prompts=opts.n_prompts,
+                max_batch=opts.max_batch,
+                device=opts.device,
+                dtype=opts.dtype,
+                metric=opts.metric,
+                batch_tokens=opts.batch_tokens,
+            )
+            for m in self.methods
+        ]
+
+
+def _asdict(params: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(params)
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    db: str | None
+    jobs: tuple[JobSpec, ...]
+    settle: float = 2.0  # seconds a checkpoint's files must stay unchanged
+
+
+def read_config(path: Path) -> WatchConfig:
+    """The watch config (TOML); every error names the file and the field."""
+    if not path.is_file():
+        raise BadInput(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise BadInput(f"{path}: not valid TOML ({err})") from err
+    unknown = set(data) - {"db", "job", "settle_seconds"}
+    if unknown:
+        raise BadInput(
+            f"{path}: unknown field {sorted(unknown)[0]!r} (db, settle_seconds, [[job]])"
+        )
+    db = data.get("db")
+    if db is not None and not isinstance(db, str):
+        raise BadInput(f"{path}: field 'db' must be a path")
+    settle = data.get("settle_seconds", 2.0)
+    if not isinstance(settle, int | float) or settle < 0:
+        raise BadInput(f"{path}: field 'settle_seconds' must be a number >= 0")
+    entries = data.get("job")
+    if not isinstance(entries, list) or not entries:
+        raise BadInput(f"{path}: no [[job]] tables (each names a pipeline and a task)")
+    return WatchConfig(db, tuple(_job_spec(path, i, e) for i, e in enumerate(entries)), settle)
+
+
+def _job_spec(path: Path, index: int, entry: dict[str, Any]) -> JobSpec:
+    where = f"{path}: job[{index}]"
+    for name in ("pipeline", "task"):
+        if not isinstance(entry.get(name), str):
+            raise BadInput(f"{where}: field {name!r} is missing or not a string")
+    try:
+        p = registry.pipeline(entry["pipeline"])
+        methods = entry.get("methods", list(p.default_methods))
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            raise BadInput("field 'methods' must be a list of method names")
+        chosen = [p.method(m) for m in methods]
+        params = {k: v for k, v in entry.items() if k not in JOB_KEYS}
+        check_applies(p.name, chosen, params)
+        for m in chosen:
+            m.check(m.make_params(params))
+        options = {k: entry[k] for k in RUN_OPTIONS if k in entry}
+        RunOptions(model="", task="", **options)
+    except BadInput as err:
+        raise BadInput(f"{where}: {err}") from err
+    except TypeError as err:
+        raise BadInput(f"{where}: {err}") from err
+    return JobSpec(p.name, entry["task"], tuple(methods), params, options)
+
+
+# --- discovery ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A directory that looks like a checkpoint, and the run directory it belongs to."""
+
+    path: Path
+    run_dir: Path
+    step: int | None
+
+
+def discover(root: Path) -> list[Candidate]:
+    """Every checkpoint directory under `root` (any depth, hidden directories skipped)."""
+    from workbench.models.sources import STEP_DIR, TRAINER_DIR
+
+    found = []
+    for here, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if "config.json" not in files:
+            continue
+        path = Path(here)
+        match = STEP_DIR.match(path.name) or TRAINER_DIR.match(path.name)
+        if match:
+            found.append(Candidate(path, path.parent, int(match.group(1))))
+        elif any(f.endswith(WEIGHT_SUFFIXES) for f in files) or "meta.json" in files:
+            found.append(Candidate(path, path, None))
+    return sorted(found, key=lambda c: (str(c.run_dir), c.step or 0, str(c.path)))
+
+
+def fingerprint(path: Path) -> tuple[str, float]:
+    """(hash of the directory's file names, sizes and modification times; the newest mtime)."""
+    entries = []
+    newest = 0.0
+    for child in sorted(path.iterdir()):
+        if child.is_file():
+            st = child.stat()
+            entries.append((child.name, st.st_size, st.st_mtime_ns))
+            newest = max(newest, st.st_mtime)
+    return sha256_json(entries), newest
+
+
+def weights_incomplete(path: Path) -> str | None:
+    """Why the directory's weights are not (yet) whole, or None if every file is."""
+    weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    if not weights:
+        return "no weights file yet"
+    for file in weights:
+        size = file.stat().st_size
+        if file.suffix == ".bin":
+            if not zipfile.is_zipfile(file):
+                return f"{file.name} is not a complete archive yet"
+            continue
+        try:
+            with file.open("rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    return f"{file.name} has no header yet"
+                (n,) = struct.unpack("<Q", head)
+                if 8 + n > size:
+                    return f"{file.name} is shorter than its header"
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError):
+            return None  # whole but unreadable: a corrupt file, for the loader to report
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) > size:
+            return f"{file.name} is {size} bytes of {8 + n + max(ends, default=0)}"
+    return None
+
+
+# --- the watcher --------------------------------------------------------------------------
+
+
+@dataclass
+class ScanReport:
+    seen: int = 0
+    processed: int = 0
+    skipped_incomplete: int = 0
+    failed: int = 0
+    outcomes: list[RunOutcome] = field(default_factory=list)
+
+
+class Stop:
+    """Set by SIGTERM/SIGINT: finish the run in progress, then stop; a second signal abandons
+    the run (a KeyboardInterrupt: its transaction never commits)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        logger.info("signal %d: stopping after the run in progress", signum)
+        self.event.set()
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+
+class Watcher:
+    def __init__(
+        self,
+        root: Path,
+        config: WatchConfig,
+        *,
+        db: str | None = None,
+        retry_failed: bool = False,
+        stop: Stop | None = None,
+    ):
+        if not root.is_dir():
+            raise BadInput(f"{root}: no such directory to watch")
+        self.root = root
+        self.config = config
+        self.db = str(default_db_path(db or config.db))
+        self.retry_failed = retry_failed
+        self.stop = stop or Stop()
+
+    def known(self) -> dict[str, tuple[str, str]]:
+        with Store(self.db) as store:
+            rows = store.query("SELECT path, fingerprint, status FROM watched_checkpoints")
+        return {r["path"]: (r["fingerprint"], r["status"]) for r in rows.to_pylist()}
+
+    def scan(self) -> ScanReport:
+        """One pass: register and process every new or changed complete checkpoint."""
+        report = ScanReport()
+        known = self.known()
+        for cand in discover(self.root):
+            if self.stop.requested:
+                break
+            report.seen += 1
+            key = str(cand.path.resolve())
+            print_, newest = fingerprint(cand.path)
+            before = known.get(key)
+            if before and before[0] == print_ and (before[1] == "done" or not self.retry_failed):
+                continue
+            if time.time() - newest < self.config.settle:
+                report.skipped_incomplete += 1
+                continue
+            why = weights_incomplete(cand.path)
+            if why:
+                logger.debug("%s: not complete (%s)", cand.path, why)
+                report.skipped_incomplete += 1
+                continue
+            try:
+                outcomes, error = self.process(cand)
+            except Stopped as stopped:  # not finished: the next watcher resumes it
+                report.outcomes += stopped.outcomes
+                break
+            report.processed += 1
+            report.outcomes += outcomes
+            report.failed += error is not None or any(o.status == "failed" for o in outcomes)
+            self._record(key, print_, outcomes, error)
+        return report
+
+    def process(self, cand: Candidate) -> tuple[list[RunOutcome], str | None]:
+        from workbench.models.sources import _single_dir_ref
+
+        try:
+            ref = _single_dir_ref(cand.path, cand.run_dir, cand.step)
+        except BadInput as err:
+            return self._failed_checkpoint(cand, str(err)), str(err)
+        jobs = [job for spec in self.config.jobs for job in spec.jobs(ref)]
+        logger.info("%s: %d jobs", ref.checkpoint_id, len(jobs))
+        try:
+            outcomes = run_jobs(jobs, db=self.db, should_stop=lambda: self.stop.requested)
+        except BadInput as err:  # the checkpoint (or a task on it) cannot be used
+            return self._failed_checkpoint(cand, str(err), ref), str(err)
+        return outcomes, None  # (the runner logged one line per run)
+
+    def _failed_checkpoint(
+        self, cand: Candidate, error: str, ref: CheckpointRef | None = None
+    ) -> list[RunOutcome]:
+        """A checkpoint that cannot be loaded: one failed run per configured method."""
+        from workbench.models.sources import model_id_for
+
+        checkpoint_id = (
+            ref.checkpoint_id if ref else f"{model_id_for(cand.run_dir)}@{cand.step or 0}"
+        )
+        print_, _ = fingerprint(cand.path)
+        logger.error("%s: %s", cand.path, error)
+        outcomes = []
+        with Store(self.db) as store:
+            for spec in self.config.jobs:
+                for method in spec.methods:
+                    key = run_key(
+                        spec.pipeline, method, print_, spec.task, {"path": str(cand.path)}
+                    )
+                    run = RunRecord(
+                        key, spec.pipeline, method, checkpoint_id, spec.task,
+                        {"path": str(cand.path.resolve())}, started_at=_now(), error=error,
+                    )  # fmt: skip
+                    run_id = store.record_failed_run(run, registry={})
+                    outcomes.append(RunOutcome(checkpoint_id, method, "failed", run_id, error))
+        return outcomes
+
+    def _record(
+        self, path: str, print_: str, outcomes: list[RunOutcome], error: str | None
+    ) -> None:
+        failed = [o for o in outcomes if o.status == "failed"]
+        status = "failed" if error or failed else "done"
+        message = error or (failed[0].error if failed else None)
+        checkpoint_id = outcomes[0].checkpoint_id if outcomes else None
+        with Store(self.db) as store:
+            store.con.execute("DELETE FROM watched_checkpoints WHERE path = ?", [path])
+            store.con.execute(
+                "INSERT INTO watched_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+                [path, print_, checkpoint_id, status, message, _now()],
+            )
+
+    def run(self, *, every: float, once: bool) -> int:
+        """Scan until stopped (or once); exit status 0, or 1 if a run failed (with `once`)."""
+        failed = 0
+        while True:
+            started = time.monotonic()
+            report = self.scan()
+            failed += report.failed
+            logger.info(
+                "scan of %s: %d checkpoints, %d processed, %d not complete yet, %d failed "
+                "(%.2f s)",
+                self.root, report.seen, report.processed, report.skipped_incomplete,
+                report.failed, time.monotonic() - started,
+            )  # fmt: skip
+            if once or self.stop.requested:
+                break
+            self.stop.event.wait(every)
+            if self.stop.requested:
+                break
+        return 1 if once and failed else 0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+@contextmanager
+def watch_lock(db: str) -> Iterator[None]:
+    """One watcher per database: an exclusive lock on `<db>.watch.lock`, which names its
+    holder; a second watcher gets one sentence naming it."""
+    path = Path(f"{db}.watch.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = path.open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        try:
+            holder = json.loads(fh.read() or "{}")
+        except ValueError:
+            holder = {}
+        fh.close()
+        raise BadInput(
+            f"{db}: another watcher is running on this database (pid {holder.get('pid', '?')} "
+            f"on {holder.get('host', '?')}, since {holder.get('since', '?')})"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    since = datetime.now(UTC).isoformat(timespec="seconds")
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}))
+    fh.flush()
+    try:
+        yield
+    finally:
+        fh.seek(0)
+        fh.truncate()
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+@contextmanager
+def signals_stop(stop: Stop) -> Iterator[None]:
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
