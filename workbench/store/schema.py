@@ -96,7 +96,8 @@ SCHEMA_V5 = [
 # - `watched_checkpoints`: what `workbench watch` has seen, by path, with a fingerprint of the
 #   files (names, sizes, mtimes), so a rescan costs a stat per file.
 # - the views `node_timeline` and `edge_timeline` (scores by training step), `formation_steps`
-#   (per node: the first step from which |score| stays at or above half its peak over training),
+#   (per node and run variant (pipeline, method, params): the first step from which |score|
+#   stays at or above half its peak over training),
 #   and the table macro `circuit_diff(circuit_a, circuit_b)`.
 SCHEMA_V6 = [
     """CREATE TABLE run_queue (
@@ -118,21 +119,26 @@ SCHEMA_V6 = [
         WHERE r.status = 'done'""",
     """CREATE VIEW formation_steps AS
         WITH t AS (
-            SELECT model_id, task_id, method, node_id, step, abs(score) AS size
+            SELECT model_id, task_id, pipeline, method, CAST(params AS VARCHAR) AS params,
+                   node_id, step, abs(score) AS size
             FROM node_timeline WHERE position IS NULL),
         peak AS (
-            SELECT model_id, task_id, method, node_id, max(size) AS peak, max(step) AS last
+            SELECT model_id, task_id, pipeline, method, params, node_id, max(size) AS peak
             FROM t GROUP BY ALL),
         below AS (
-            SELECT t.model_id, t.task_id, t.method, t.node_id, max(t.step) AS last_below
-            FROM t JOIN peak USING (model_id, task_id, method, node_id)
-            WHERE t.size < peak.peak / 2 GROUP BY ALL)
-        SELECT p.model_id, p.task_id, p.method, p.node_id, p.peak,
-               (SELECT min(t.step) FROM t
-                WHERE t.model_id = p.model_id AND t.task_id = p.task_id
-                  AND t.method = p.method AND t.node_id = p.node_id
-                  AND t.step > coalesce(b.last_below, -1)) AS formation_step
-        FROM peak p LEFT JOIN below b USING (model_id, task_id, method, node_id)""",
+            SELECT t.model_id, t.task_id, t.pipeline, t.method, t.params, t.node_id,
+                   max(t.step) AS last_below
+            FROM t JOIN peak USING (model_id, task_id, pipeline, method, params, node_id)
+            WHERE t.size < peak.peak / 2 GROUP BY ALL),
+        formed AS (
+            SELECT t.model_id, t.task_id, t.pipeline, t.method, t.params, t.node_id,
+                   min(t.step) AS formation_step
+            FROM t LEFT JOIN below USING (model_id, task_id, pipeline, method, params, node_id)
+            WHERE t.step > coalesce(below.last_below, -1) GROUP BY ALL)
+        SELECT p.model_id, p.task_id, p.method, p.node_id, f.formation_step, p.peak,
+               p.pipeline, p.params
+        FROM peak p LEFT JOIN formed f
+          USING (model_id, task_id, pipeline, method, params, node_id)""",
     """CREATE MACRO circuit_diff(circuit_a, circuit_b) AS TABLE
         SELECT coalesce(x.src, y.src) AS src, coalesce(x.dst, y.dst) AS dst,
                CASE WHEN x.src IS NULL THEN 'added' WHEN y.src IS NULL THEN 'removed'
