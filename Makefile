@@ -88,6 +88,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_sae_features
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ig_rules
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_methods
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_watch
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -49,7 +49,7 @@ from workbench.runner import (
     run_jobs,
     run_key,
 )
-from workbench.store import RunRecord, Store, default_db_path
+from workbench.store import DatabaseBusy, RunRecord, Store, default_db_path
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +300,9 @@ class Watcher:
             except Stopped as stopped:  # not finished: the next watcher resumes it
                 report.outcomes += stopped.outcomes
                 break
+            except DatabaseBusy as err:  # not the checkpoint's fault: the next scan retries
+                logger.warning("%s; trying again on the next scan", err)
+                break
             report.processed += 1
             report.outcomes += outcomes
             report.failed += error is not None or any(o.status == "failed" for o in outcomes)
@@ -317,6 +320,8 @@ class Watcher:
         logger.info("%s: %d jobs", ref.checkpoint_id, len(jobs))
         try:
             outcomes = run_jobs(jobs, db=self.db, should_stop=lambda: self.stop.requested)
+        except DatabaseBusy:
+            raise
         except BadInput as err:  # the checkpoint (or a task on it) cannot be used
             return self._failed_checkpoint(cand, str(err), ref), str(err)
         return outcomes, None  # (the runner logged one line per run)
@@ -368,7 +373,9 @@ class Watcher:
             started = time.monotonic()
             report = self.scan()
             failed += report.failed
-            logger.info(
+            quiet = not (report.processed or report.skipped_incomplete or report.failed)
+            logger.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "scan of %s: %d checkpoints, %d processed, %d not complete yet, %d failed "
                 "(%.2f s)",
                 self.root, report.seen, report.processed, report.skipped_incomplete,
