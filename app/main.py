@@ -3,21 +3,17 @@
 Read-only: it queries the DuckDB store that the pipelines write.
 """
 
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from app import data  # noqa: E402
-from app.views import (  # noqa: E402
+from app import data
+from app.views import (
     circuit,
     features,
     heads,
     overview,
     patching_view,
     sql_console,
+    timeline,
 )
 
 VIEWS = {
@@ -25,6 +21,7 @@ VIEWS = {
     "Heads": heads.render,
     "Patching": patching_view.render,
     "Circuit": circuit.render,
+    "Timeline": timeline.render,
     "Features": features.render,
     "SQL": sql_console.render,
 }

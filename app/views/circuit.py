@@ -9,9 +9,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.data import query
+from app import queries
 from app.views import features
-from app.views.common import done_runs, select_model
+from app.views.common import select_model
 from workbench.core import PORTS, Hook, Node
 from workbench.graph import build_graph, layout, split_port
 
@@ -24,7 +24,7 @@ def render() -> None:
     model_id = select_model("circuit_model")
     if model_id is None:
         return
-    shape = query("SELECT n_layers, n_heads FROM models WHERE model_id = ?", (model_id,))
+    shape = queries.model_shape(model_id)
     n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
     source = st.radio(
         "Show",
@@ -44,12 +44,8 @@ def render() -> None:
 
 
 def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
-    runs = done_runs(model_id)
-    with_edges = query(
-        """SELECT DISTINCT e.run_id FROM edges e JOIN runs r USING (run_id)
-           JOIN checkpoints c USING (checkpoint_id) WHERE c.model_id = ?""",
-        (model_id,),
-    )
+    runs = queries.done_runs(model_id)
+    with_edges = queries.runs_with_edges(model_id)
     runs = runs[runs["run_id"].isin(with_edges["run_id"])]
     if runs.empty:
         st.info("No runs with edges for this model yet (dla, attr_patch and the edges pipeline).")
@@ -62,26 +58,17 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
     steps = sorted(runs["step"].unique().tolist())
     step = c3.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="circuit_step")
     run = runs[runs["step"] == step].iloc[0]
-    run_id = run["run_id"]
+    run_id = str(run["run_id"])
     mode = st.radio("Prune by", ["top-k", "threshold"], horizontal=True, key="circuit_mode")
     if mode == "top-k":
         k = st.slider("Edges (top k by |score|)", 1, 100, 12, key="circuit_k")
-        edges = query(
-            "SELECT src, dst, score FROM edges WHERE run_id = ? ORDER BY abs(score) DESC LIMIT ?",
-            (run_id, k),
-        )
+        edges = queries.edge_run_edges_top(run_id, k)
     else:
-        bound = float(
-            query("SELECT max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,))["m"][0]
-        )
+        bound = float(queries.edge_run_max_abs_score(run_id)["m"][0])
         threshold = st.slider("Minimum |score|", 0.0, bound, bound / 4, key="circuit_threshold")
-        edges = query(
-            "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? "
-            "ORDER BY abs(score) DESC",
-            (run_id, threshold),
-        )
+        edges = queries.edge_run_edges_above(run_id, threshold)
     triples = _triples(edges)
-    measured = query("SELECT metric, value FROM run_metrics WHERE run_id = ?", (run_id,))
+    measured = queries.run_metrics(run_id)
     for row in measured.itertuples():
         label = {"roc_auc_known_circuit": "ROC AUC vs the known circuit"}.get(
             row.metric, row.metric
@@ -90,10 +77,7 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
     _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_graph")
     st.caption(f"{len(edges)} edges from run `{run_id}`")
     st.dataframe(edges, hide_index=True)
-    curve = query(
-        "SELECT n_edges, faithfulness FROM faithfulness_curves WHERE run_id = ? ORDER BY n_edges",
-        (run_id,),
-    )
+    curve = queries.faithfulness_curve(run_id)
     if not curve.empty:
         st.subheader("Faithfulness vs circuit size")
         fig = px.line(curve, x="n_edges", y="faithfulness", markers=True, log_x=True)
@@ -102,28 +86,12 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
     return triples, str(run["checkpoint_id"])
 
 
-def _circuits(model_id: str) -> pd.DataFrame:
-    return query(
-        """SELECT c.circuit_id, c.name, c.rule, c.n_edges, c.faithfulness, r.method,
-                  r.checkpoint_id, ck.step, r.task_id,
-                  r.method || ' @ step ' || ck.step || ' · ' || c.rule
-                    || ' · faithfulness ' || round(c.faithfulness, 2) AS label
-           FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
-           WHERE ck.model_id = ? ORDER BY ck.step DESC, r.method""",
-        (model_id,),
-    )
-
-
 def _circuit_edges(circuit_id: str) -> list[Edge]:
-    edges = query(
-        "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ? ORDER BY abs(score) DESC",
-        (circuit_id,),
-    )
-    return _triples(edges)
+    return _triples(queries.circuit_edges(circuit_id))
 
 
 def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
-    stored = _circuits(model_id)
+    stored = queries.circuits(model_id)
     if stored.empty:
         st.info("No stored circuits for this model yet (`workbench run edges` stores them).")
         return None
@@ -136,7 +104,7 @@ def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Ed
 
 
 def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
-    stored = _circuits(model_id)
+    stored = queries.circuits(model_id)
     if len(stored) < 2:
         st.info("Comparing needs at least two stored circuits.")
         return None
@@ -185,23 +153,8 @@ def _node_inspector(
         st.session_state["circuit_node"] = clicked
     node = st.selectbox("Node (or click one in the graph)", nodes, key="circuit_node")
     with_ports = _with_ports(node)
-    scores = query(
-        """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
-                  s.node_id, s.position, s.score
-           FROM node_scores s JOIN runs r USING (run_id)
-           JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
-           WHERE r.checkpoint_id = ? AND r.status = 'done' AND list_contains(?, n.node_id)
-           ORDER BY r.pipeline, r.method, s.node_id, s.position""",
-        (checkpoint_id, with_ports),
-    )
-    incident = query(
-        """SELECT r.method, e.src, e.dst, e.score FROM edges e JOIN runs r USING (run_id)
-           WHERE r.checkpoint_id = ? AND r.status = 'done'
-             AND (e.src = ? OR list_contains(?, e.dst))
-           ORDER BY abs(e.score) DESC LIMIT 50""",
-        (checkpoint_id, node, with_ports),
-    )
+    scores = queries.node_scores_at_checkpoint(checkpoint_id, with_ports)
+    incident = queries.incident_edges(checkpoint_id, node, with_ports)
     st.dataframe(scores, hide_index=True)
     st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
     st.dataframe(incident, hide_index=True)
@@ -250,15 +203,7 @@ def _feature_links(node: str, checkpoint_id: str) -> None:
                 key="circuit_open_feature",
             )
         return
-    writes = query(
-        """SELECT e.dst AS feature, e.score FROM edges e JOIN runs r USING (run_id)
-           JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.dst
-           WHERE r.checkpoint_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
-             AND e.src = ? AND n.kind = 'feature'
-           ORDER BY abs(e.score) DESC LIMIT 5""",
-        (checkpoint_id, node),
-    )
+    writes = queries.features_written_by(checkpoint_id, node)
     if writes.empty:
         return
     st.caption(f"features `{node}` writes most (sae_attr: direct write × gradient)")
@@ -277,7 +222,7 @@ def _triples(edges: pd.DataFrame) -> list[Edge]:
 
 
 def sae_depths(n_layers: int) -> dict[str, float]:
-    saes = query("SELECT sae_id, hook FROM saes")
+    saes = queries.sae_hooks()
     return {str(r.sae_id): Hook.depth(str(r.hook), n_layers) for r in saes.itertuples()}
 
 

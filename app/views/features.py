@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.data import query
+from app import queries
 from app.views.common import select_model
 from workbench.core import Node
 
@@ -29,13 +29,7 @@ def render() -> None:
     model_id = select_model("features_model")
     if model_id is None:
         return
-    saes = query(
-        """SELECT s.*, c.step, s.hook || ' · ' || s.architecture || ' · ' || s.d_sae
-                  || ' features · step ' || c.step || ' · ' || s.sae_id AS label
-           FROM saes s JOIN checkpoints c USING (checkpoint_id)
-           WHERE c.model_id = ? ORDER BY c.step DESC, s.hook""",
-        (model_id,),
-    )
+    saes = queries.saes_of(model_id)
     if saes.empty:
         st.info("No SAEs for this model yet: `workbench run sae --model ... --hook ...`.")
         return
@@ -74,46 +68,23 @@ def _search(sae_id: str, d_sae: int) -> None:
     with st.expander("Search features", expanded=False):
         c1, c2 = st.columns([3, 1])
         text = c1.text_input("Token the feature promotes (substring)", key="features_search")
-        order = c2.selectbox(
-            "Order by", ["max_activation", "density", "feature"], key="features_order"
-        )
+        order = c2.selectbox("Order by", list(queries.FEATURE_ORDERS), key="features_order")
         flags = st.multiselect(
-            "Show", ["alive", "dead", "dense"], default=["alive"], key="features_flags"
+            "Show", list(queries.FEATURE_FLAGS), default=["alive"], key="features_flags"
         )
-        conditions = ["sae_id = ?"]
-        params: list = [sae_id]
-        if text:
-            conditions.append("lower(top_logits) LIKE ?")
-            params.append(f"%{text.lower()}%")
-        shown = []
-        if "alive" in flags:
-            shown.append("(NOT dead AND NOT dense)")
-        if "dead" in flags:
-            shown.append("dead")
-        if "dense" in flags:
-            shown.append("dense")
-        conditions.append("(" + (" OR ".join(shown) or "false") + ")")
-        direction = "ASC" if order == "feature" else "DESC"
-        found = query(
-            f"""SELECT feature, density, max_activation, mean_activation, dead, dense,
-                       list_transform(from_json(top_logits, '["json"]')[1:5],
-                                      lambda x: x->>'token') AS promotes
-                FROM features WHERE {" AND ".join(conditions)}
-                ORDER BY {order} {direction} LIMIT 200""",
-            tuple(params),
-        )
+        found = queries.features_of(sae_id, text=text, flags=flags, order=order)
         st.caption(f"{len(found)} of {d_sae} features")
         st.dataframe(found, hide_index=True, key="features_table")
 
 
 def _dashboard(sae: pd.Series, feature: int) -> None:
     sae_id = str(sae["sae_id"])
-    row = query("SELECT * FROM features WHERE sae_id = ? AND feature = ?", (sae_id, feature))
+    row = queries.feature_stats(sae_id, feature)
     if row.empty:
         st.warning(f"feature {feature} of `{sae_id}` has no statistics")
         return
     f = row.iloc[0]
-    st.subheader(f"Feature {feature}  ·  `f:{sae_id}:{feature}`")
+    st.subheader(f"Feature {feature}  ·  `{Node.sae_feature(sae_id, feature).id}`")
     cols = st.columns(4)
     cols[0].metric("density", f"{f['density']:.4f}")
     cols[1].metric("max activation", f"{f['max_activation']:.3f}")
@@ -147,11 +118,7 @@ def _histogram(counts: object, edges: object) -> None:
 
 
 def _examples(sae_id: str, feature: int) -> None:
-    examples = query(
-        """SELECT rank, tokens, position, activation FROM feature_examples
-           WHERE sae_id = ? AND feature = ? ORDER BY rank""",
-        (sae_id, feature),
-    )
+    examples = queries.feature_examples(sae_id, feature)
     st.markdown("**Top activating contexts**")
     if examples.empty:
         st.caption("no examples")
@@ -187,27 +154,13 @@ def _logits(f: pd.Series) -> None:
 
 
 def _attribution(sae_id: str, feature: int) -> None:
-    node = Node.sae_feature(sae_id, feature).id
-    scores = query(
-        """SELECT r.task_id, r.checkpoint_id, s.score FROM node_scores s JOIN runs r USING (run_id)
-           WHERE s.node_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
-           ORDER BY abs(s.score) DESC""",
-        (node,),
-    )
+    scores = queries.feature_attribution(sae_id, feature)
     st.markdown("**Attribution to the task metric** (`sae_attr`)")
     if scores.empty:
         st.caption("not scored by any sae_attr run")
     else:
         st.dataframe(scores, hide_index=True, key="features_scores")
-    heads = query(
-        """SELECT e.src AS head, e.score FROM edges e JOIN runs r USING (run_id)
-           JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.src
-           WHERE e.dst = ? AND n.kind = 'attn_head' AND r.method = 'sae_attr'
-             AND r.status = 'done'
-           ORDER BY abs(e.score) DESC LIMIT 10""",
-        (node,),
-    )
+    heads = queries.heads_writing_feature(sae_id, feature)
     if not heads.empty:
         st.caption("heads writing into this feature (direct write × gradient)")
         st.dataframe(heads, hide_index=True, key="features_heads")

@@ -5,8 +5,8 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from app.data import query
-from app.views.common import done_runs, select_model
+from app import queries
+from app.views.common import select_model
 
 
 def render() -> None:
@@ -14,7 +14,7 @@ def render() -> None:
     model_id = select_model("heads_model")
     if model_id is None:
         return
-    runs = done_runs(model_id)
+    runs = queries.done_runs(model_id)
     runs = runs[runs["pipeline"] == "heads"]
     if runs.empty:
         st.info("No head attribution runs for this model yet.")
@@ -29,14 +29,7 @@ def render() -> None:
         "Checkpoint (training step)", options=steps, value=steps[-1], key="heads_step"
     )
     run = runs[runs["step"] == step].iloc[0]
-    scores = query(
-        """SELECT n.layer, n.head, s.score, s.node_id AS head_id FROM node_scores s
-           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
-           WHERE s.run_id = ? AND n.kind = 'attn_head' AND n.port IS NULL
-             AND s.position IS NULL""",
-        (run["run_id"],),
-    )
+    scores = queries.head_scores(str(run["run_id"]))
     if scores.empty:
         st.info("This run stored no head scores.")
         return
@@ -63,15 +56,7 @@ def render() -> None:
     st.dataframe(scores.sort_values("score", ascending=False).head(10), hide_index=True)
 
     st.subheader("Across checkpoints")
-    history = query(
-        """SELECT c.step, s.node_id, s.score FROM node_scores s
-           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
-           WHERE c.model_id = ? AND r.method = ? AND r.task_id = ? AND r.status = 'done'
-             AND s.position IS NULL AND n.kind = 'attn_head' AND n.port IS NULL
-           ORDER BY c.step""",
-        (model_id, method, task),
-    )
+    history = queries.head_score_history(model_id, method, task)
     st.plotly_chart(
         px.line(history, x="step", y="score", color="node_id", markers=True), key="heads_history"
     )

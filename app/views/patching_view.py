@@ -4,7 +4,7 @@ patched positions one at a time (e.g. the residual stream by layer and position)
 import plotly.express as px
 import streamlit as st
 
-from app.data import query
+from app import queries
 from app.views.common import select_model
 
 
@@ -13,15 +13,7 @@ def render() -> None:
     model_id = select_model("patch_model")
     if model_id is None:
         return
-    runs = query(
-        """SELECT r.run_id, r.method, r.task_id, c.step,
-                  json_extract_string(r.params, '$.component') AS component,
-                  json_extract_string(r.params, '$.positions') AS positions,
-                  json_extract_string(r.params, '$.ablation') AS ablation
-           FROM runs r JOIN checkpoints c USING (checkpoint_id)
-           WHERE c.model_id = ? AND r.pipeline = 'patching' AND r.status = 'done'""",
-        (model_id,),
-    )
+    runs = queries.patching_runs(model_id)
     if runs.empty:
         st.info("No patching runs for this model yet (`workbench run patching`).")
         return
@@ -41,13 +33,7 @@ def render() -> None:
     steps = sorted(runs["step"].unique().tolist())
     step = st.select_slider("Checkpoint (training step)", steps, value=steps[-1], key="patch_step")
     run_id = runs[runs["step"] == step].iloc[0]["run_id"]
-    scores = query(
-        """SELECT s.node_id, coalesce(s.position, -1) AS position, s.score, n.layer, n.head
-           FROM node_scores s JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
-           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
-           WHERE s.run_id = ? ORDER BY n.layer, n.head, s.position""",
-        (run_id,),
-    )
+    scores = queries.patching_scores(str(run_id))
     grid = scores.pivot_table(index="node_id", columns="position", values="score", sort=False)
     grid.columns = ["all" if c == -1 else str(c) for c in grid.columns]
     bound = float(scores["score"].abs().max()) or 1.0

@@ -194,3 +194,17 @@ def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
     ActionChains(browser).move_to_element(points[target]).pause(0.5).click().perform()
     WebDriverWait(browser, 60).until(lambda d: node_value(d) == labels[target])
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
+    """The Timeline page draws: the heads' heatmap across training, formation steps beside the
+    loss curve, and a circuit diff between two checkpoints (screenshot kept out of git)."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(server)
+    _wait_for_text(browser, "Circuit Workbench")
+    click_view(browser, "Timeline")
+    _wait_for_text(browser, "Formation steps")
+    _wait_for_text(browser, "Circuit diff between two checkpoints")
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    browser.save_screenshot(str(tmp_path / "timeline.png"))

@@ -1,0 +1,417 @@
+"""The app's read layer: one named query per thing a view shows.
+
+Every SQL string of the app lives here (except the SQL console's user-editable examples); each
+function runs its query through `app.data.query`, the single cached, read-only executor, and
+returns a DataFrame. Node ids are built and read only through `workbench.core.Node`; where a
+query must pick nodes by kind it filters on the `nodes` table's columns.
+"""
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from app import data
+from workbench.core import Node
+
+# -- models, checkpoints, runs -------------------------------------------------------------
+
+
+def models() -> pd.DataFrame:
+    """Every stored model (id, architecture, shape), by id: the model selectors' options."""
+    return data.query(
+        "SELECT model_id, architecture, n_layers, n_heads FROM models ORDER BY model_id"
+    )
+
+
+def model_table() -> pd.DataFrame:
+    """Every stored model with its dimensions and source, as the overview lists them."""
+    return data.query(
+        "SELECT model_id, architecture, n_layers, n_heads, d_model, d_vocab, source FROM models"
+    )
+
+
+def model_shape(model_id: str) -> pd.DataFrame:
+    """One model's number of layers and of heads per layer."""
+    return data.query("SELECT n_layers, n_heads FROM models WHERE model_id = ?", (model_id,))
+
+
+def store_counts() -> pd.DataFrame:
+    """One row: how many models, checkpoints, tasks, done and failed runs the store holds."""
+    return data.query(
+        """SELECT (SELECT count(*) FROM models) AS models,
+                  (SELECT count(*) FROM checkpoints) AS checkpoints,
+                  (SELECT count(*) FROM tasks) AS tasks,
+                  (SELECT count(*) FROM runs WHERE status = 'done') AS runs_done,
+                  (SELECT count(*) FROM runs WHERE status = 'failed') AS runs_failed"""
+    )
+
+
+def checkpoints() -> pd.DataFrame:
+    """Every stored checkpoint, by model and training step."""
+    return data.query(
+        "SELECT checkpoint_id, model_id, step, path, registered_at FROM checkpoints "
+        "ORDER BY model_id, step"
+    )
+
+
+def recent_runs(limit: int = 500) -> pd.DataFrame:
+    """The most recently finished runs of any status, newest first."""
+    return data.query(
+        """SELECT run_id, pipeline, method, checkpoint_id, task_id, status, error,
+                  metric_clean, metric_corrupt, finished_at
+           FROM runs ORDER BY finished_at DESC LIMIT ?""",
+        (limit,),
+    )
+
+
+def done_runs(model_id: str) -> pd.DataFrame:
+    """A model's finished runs with their checkpoint step and metrics, by method and step."""
+    return data.query(
+        """SELECT r.run_id, r.pipeline, r.method, r.task_id, c.step, r.checkpoint_id,
+                  r.metric_clean, r.metric_corrupt
+           FROM runs r JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? AND r.status = 'done'
+           ORDER BY r.method, c.step""",
+        (model_id,),
+    )
+
+
+def patching_runs(model_id: str) -> pd.DataFrame:
+    """A model's finished patching runs with their component, positions and ablation."""
+    return data.query(
+        """SELECT r.run_id, r.method, r.task_id, c.step,
+                  json_extract_string(r.params, '$.component') AS component,
+                  json_extract_string(r.params, '$.positions') AS positions,
+                  json_extract_string(r.params, '$.ablation') AS ablation
+           FROM runs r JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? AND r.pipeline = 'patching' AND r.status = 'done'""",
+        (model_id,),
+    )
+
+
+def run_metrics(run_id: str) -> pd.DataFrame:
+    """The extra metrics a run measured (name and value)."""
+    return data.query("SELECT metric, value FROM run_metrics WHERE run_id = ?", (run_id,))
+
+
+# -- node scores ---------------------------------------------------------------------------
+
+
+def head_scores(run_id: str) -> pd.DataFrame:
+    """A run's whole-head scores (all positions at once) with each head's layer and index."""
+    return data.query(
+        """SELECT n.layer, n.head, s.score, s.node_id AS head_id FROM node_scores s
+           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE s.run_id = ? AND n.kind = 'attn_head' AND n.port IS NULL
+             AND s.position IS NULL""",
+        (run_id,),
+    )
+
+
+def head_score_history(model_id: str, method: str, task_id: str) -> pd.DataFrame:
+    """Every head's whole-head score under one method and task at each checkpoint, by step."""
+    return data.query(
+        """SELECT c.step, s.node_id, s.score FROM node_scores s
+           JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE c.model_id = ? AND r.method = ? AND r.task_id = ? AND r.status = 'done'
+             AND s.position IS NULL AND n.kind = 'attn_head' AND n.port IS NULL
+           ORDER BY c.step""",
+        (model_id, method, task_id),
+    )
+
+
+def patching_scores(run_id: str) -> pd.DataFrame:
+    """A run's node scores (position -1 = all positions at once), by layer, head, position."""
+    return data.query(
+        """SELECT s.node_id, coalesce(s.position, -1) AS position, s.score, n.layer, n.head
+           FROM node_scores s JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE s.run_id = ? ORDER BY n.layer, n.head, s.position""",
+        (run_id,),
+    )
+
+
+def node_scores_at_checkpoint(checkpoint_id: str, node_ids: list[str]) -> pd.DataFrame:
+    """Every finished run's scores of the given nodes at one checkpoint, across methods."""
+    return data.query(
+        """SELECT r.pipeline, r.method, json_extract_string(r.params, '$.component') AS component,
+                  s.node_id, s.position, s.score
+           FROM node_scores s JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
+           WHERE r.checkpoint_id = ? AND r.status = 'done' AND list_contains(?, n.node_id)
+           ORDER BY r.pipeline, r.method, s.node_id, s.position""",
+        (checkpoint_id, list(node_ids)),
+    )
+
+
+# -- edges and circuits --------------------------------------------------------------------
+
+
+def runs_with_edges(model_id: str) -> pd.DataFrame:
+    """The ids of a model's runs that stored edges."""
+    return data.query(
+        """SELECT DISTINCT e.run_id FROM edges e JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id) WHERE c.model_id = ?""",
+        (model_id,),
+    )
+
+
+def edge_run_edges_top(run_id: str, k: int) -> pd.DataFrame:
+    """A run's k edges of largest |score|, strongest first."""
+    return data.query(
+        "SELECT src, dst, score FROM edges WHERE run_id = ? ORDER BY abs(score) DESC LIMIT ?",
+        (run_id, k),
+    )
+
+
+def edge_run_edges_above(run_id: str, threshold: float) -> pd.DataFrame:
+    """A run's edges with |score| at least `threshold`, strongest first."""
+    return data.query(
+        "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? "
+        "ORDER BY abs(score) DESC",
+        (run_id, threshold),
+    )
+
+
+def edge_run_max_abs_score(run_id: str) -> pd.DataFrame:
+    """One row, column `m`: the largest |score| of a run's edges."""
+    return data.query("SELECT max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,))
+
+
+def faithfulness_curve(run_id: str) -> pd.DataFrame:
+    """A run's faithfulness as a function of circuit size (number of edges kept)."""
+    return data.query(
+        "SELECT n_edges, faithfulness FROM faithfulness_curves WHERE run_id = ? ORDER BY n_edges",
+        (run_id,),
+    )
+
+
+def circuits(model_id: str) -> pd.DataFrame:
+    """A model's stored circuits with their run, step and a display label, newest step first."""
+    return data.query(
+        """SELECT c.circuit_id, c.name, c.rule, c.n_edges, c.faithfulness, r.method,
+                  r.checkpoint_id, ck.step, r.task_id,
+                  r.method || ' @ step ' || ck.step || ' · ' || c.rule
+                    || ' · faithfulness ' || round(c.faithfulness, 2) AS label
+           FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
+           WHERE ck.model_id = ? ORDER BY ck.step DESC, r.method""",
+        (model_id,),
+    )
+
+
+def circuit_edges(circuit_id: str) -> pd.DataFrame:
+    """A stored circuit's edges, strongest |score| first."""
+    return data.query(
+        "SELECT src, dst, score FROM circuit_edges WHERE circuit_id = ? ORDER BY abs(score) DESC",
+        (circuit_id,),
+    )
+
+
+def incident_edges(checkpoint_id: str, src: str, dst_ids: list[str]) -> pd.DataFrame:
+    """The 50 strongest edges of finished runs at a checkpoint from `src` or into `dst_ids`."""
+    return data.query(
+        """SELECT r.method, e.src, e.dst, e.score FROM edges e JOIN runs r USING (run_id)
+           WHERE r.checkpoint_id = ? AND r.status = 'done'
+             AND (e.src = ? OR list_contains(?, e.dst))
+           ORDER BY abs(e.score) DESC LIMIT 50""",
+        (checkpoint_id, src, list(dst_ids)),
+    )
+
+
+def features_written_by(checkpoint_id: str, node_id: str) -> pd.DataFrame:
+    """The 5 SAE features a node writes most into (sae_attr edges) at a checkpoint."""
+    return data.query(
+        """SELECT e.dst AS feature, e.score FROM edges e JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.dst
+           WHERE r.checkpoint_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
+             AND e.src = ? AND n.kind = 'feature'
+           ORDER BY abs(e.score) DESC LIMIT 5""",
+        (checkpoint_id, node_id),
+    )
+
+
+# -- SAEs and features ---------------------------------------------------------------------
+
+
+def sae_hooks() -> pd.DataFrame:
+    """Every stored SAE's id and the hook it reads."""
+    return data.query("SELECT sae_id, hook FROM saes")
+
+
+def saes_of(model_id: str) -> pd.DataFrame:
+    """A model's SAEs (every saes column, the checkpoint step and a label), newest step first."""
+    return data.query(
+        """SELECT s.*, c.step, s.hook || ' · ' || s.architecture || ' · ' || s.d_sae
+                  || ' features · step ' || c.step || ' · ' || s.sae_id AS label
+           FROM saes s JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? ORDER BY c.step DESC, s.hook""",
+        (model_id,),
+    )
+
+
+FEATURE_ORDERS = ("max_activation", "density", "feature")
+FEATURE_FLAGS = {
+    "alive": "(NOT dead AND NOT dense)",
+    "dead": "dead",
+    "dense": "dense",
+}
+
+
+def features_of(
+    sae_id: str,
+    *,
+    text: str = "",
+    flags: Iterable[str] = ("alive",),
+    order: str = "max_activation",
+    limit: int = 200,
+) -> pd.DataFrame:
+    """An SAE's features with the given flags whose top logits contain `text`, ordered."""
+    if order not in FEATURE_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(FEATURE_ORDERS)}, not {order!r}")
+    chosen = list(flags)
+    unknown = [f for f in chosen if f not in FEATURE_FLAGS]
+    if unknown:
+        raise ValueError(f"unknown feature flags {unknown} (known: {', '.join(FEATURE_FLAGS)})")
+    conditions = ["sae_id = ?"]
+    params: list = [sae_id]
+    if text:
+        conditions.append("lower(top_logits) LIKE ?")
+        params.append(f"%{text.lower()}%")
+    shown = [FEATURE_FLAGS[f] for f in FEATURE_FLAGS if f in chosen]
+    conditions.append("(" + (" OR ".join(shown) or "false") + ")")
+    direction = "ASC" if order == "feature" else "DESC"
+    params.append(limit)
+    return data.query(
+        f"""SELECT feature, density, max_activation, mean_activation, dead, dense,
+                   list_transform(from_json(top_logits, '["json"]')[1:5],
+                                  lambda x: x->>'token') AS promotes
+            FROM features WHERE {" AND ".join(conditions)}
+            ORDER BY {order} {direction} LIMIT ?""",
+        tuple(params),
+    )
+
+
+def feature_stats(sae_id: str, feature: int) -> pd.DataFrame:
+    """One feature's stored statistics (every features column); empty if it has none."""
+    return data.query("SELECT * FROM features WHERE sae_id = ? AND feature = ?", (sae_id, feature))
+
+
+def feature_examples(sae_id: str, feature: int) -> pd.DataFrame:
+    """A feature's top activating contexts (tokens, the activating position), by rank."""
+    return data.query(
+        """SELECT rank, tokens, position, activation FROM feature_examples
+           WHERE sae_id = ? AND feature = ? ORDER BY rank""",
+        (sae_id, feature),
+    )
+
+
+def feature_attribution(sae_id: str, feature: int) -> pd.DataFrame:
+    """A feature's score in every finished sae_attr run, largest |score| first."""
+    return data.query(
+        """SELECT r.task_id, r.checkpoint_id, s.score FROM node_scores s JOIN runs r USING (run_id)
+           WHERE s.node_id = ? AND r.method = 'sae_attr' AND r.status = 'done'
+           ORDER BY abs(s.score) DESC""",
+        (Node.sae_feature(sae_id, feature).id,),
+    )
+
+
+def heads_writing_feature(sae_id: str, feature: int) -> pd.DataFrame:
+    """The 10 heads writing most into a feature (sae_attr edges), largest |score| first."""
+    return data.query(
+        """SELECT e.src AS head, e.score FROM edges e JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id)
+           JOIN nodes n ON n.model_id = c.model_id AND n.node_id = e.src
+           WHERE e.dst = ? AND n.kind = 'attn_head' AND r.method = 'sae_attr'
+             AND r.status = 'done'
+           ORDER BY abs(e.score) DESC LIMIT 10""",
+        (Node.sae_feature(sae_id, feature).id,),
+    )
+
+
+# -- work in progress and circuits across training ------------------------------------------
+
+
+def run_queue() -> pd.DataFrame:
+    """What runners are doing: running jobs first (with their heartbeat), then the queue."""
+    return data.query(
+        """SELECT status, pipeline, method, checkpoint_id, task, run_id, pid, host,
+                  started_at, heartbeat_at, queued_at
+           FROM run_queue ORDER BY status = 'running' DESC, queued_at, job_id"""
+    )
+
+
+def loss_curve(model_id: str) -> pd.DataFrame:
+    """The training loss at each checkpoint of a model that logged one."""
+    return data.query(
+        """SELECT step, train_loss FROM checkpoints
+           WHERE model_id = ? AND train_loss IS NOT NULL ORDER BY step""",
+        (model_id,),
+    )
+
+
+def timeline_methods(model_id: str) -> pd.DataFrame:
+    """(pipeline, method, task) with head scores at two or more checkpoints of a model."""
+    return data.query(
+        """SELECT t.pipeline, t.method, t.task_id, count(DISTINCT t.step) AS steps
+           FROM node_timeline t JOIN nodes n USING (model_id, node_id)
+           WHERE t.model_id = ? AND n.kind = 'attn_head' AND n.port IS NULL
+             AND t.position IS NULL
+           GROUP BY ALL HAVING count(DISTINCT t.step) >= 2 ORDER BY ALL""",
+        (model_id,),
+    )
+
+
+def head_timeline(model_id: str, pipeline: str, method: str, task_id: str) -> pd.DataFrame:
+    """Every head's all-positions score at every checkpoint, for one method and task."""
+    return data.query(
+        """SELECT t.node_id, n.layer, n.head, t.step, t.score
+           FROM node_timeline t JOIN nodes n USING (model_id, node_id)
+           WHERE t.model_id = ? AND t.pipeline = ? AND t.method = ? AND t.task_id = ?
+             AND n.kind = 'attn_head' AND n.port IS NULL AND t.position IS NULL
+           ORDER BY n.layer, n.head, t.step""",
+        (model_id, pipeline, method, task_id),
+    )
+
+
+def head_formation_steps(model_id: str, pipeline: str, method: str, task_id: str) -> pd.DataFrame:
+    """Formation steps (`formation_steps` view) of the heads, for one method and task."""
+    return data.query(
+        """SELECT f.node_id, f.formation_step, f.peak
+           FROM formation_steps f JOIN nodes n USING (model_id, node_id)
+           WHERE f.model_id = ? AND f.pipeline = ? AND f.method = ? AND f.task_id = ?
+             AND n.kind = 'attn_head' AND n.port IS NULL
+           ORDER BY f.formation_step NULLS LAST, f.peak DESC""",
+        (model_id, pipeline, method, task_id),
+    )
+
+
+def circuits_by_step(model_id: str) -> pd.DataFrame:
+    """Each stored circuit of a model with its run's method, task and checkpoint step."""
+    return data.query(
+        """SELECT ci.circuit_id, r.method, r.task_id, ck.step, ci.n_edges
+           FROM circuits ci JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
+           WHERE ck.model_id = ? ORDER BY r.method, r.task_id, ck.step""",
+        (model_id,),
+    )
+
+
+def circuit_diff(circuit_a: str, circuit_b: str) -> pd.DataFrame:
+    """The `circuit_diff` macro: edges added, removed and kept from circuit a to b."""
+    return data.query(
+        "SELECT * FROM circuit_diff(?, ?) ORDER BY status, src, dst", (circuit_a, circuit_b)
+    )
+
+
+def node_curves(model_id: str, node_id: str) -> pd.DataFrame:
+    """One node's all-positions score at every checkpoint, for every method and task."""
+    return data.query(
+        """SELECT pipeline || ' / ' || method || ' · ' || task_id AS series, step, score
+           FROM node_timeline
+           WHERE model_id = ? AND node_id = ? AND position IS NULL
+           ORDER BY series, step""",
+        (model_id, node_id),
+    )

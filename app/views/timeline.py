@@ -1,0 +1,108 @@
+"""Timeline: circuits across training. Every head's score at every checkpoint (heatmap), when
+each head formed (`formation_steps`) beside the training loss, one head's curves for every
+method, and what changed in a method's circuit between two checkpoints (`circuit_diff`), drawn
+in the circuit view's colours."""
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app import queries
+from app.views.circuit import COLOURS, circuit_figure
+from app.views.common import select_model
+
+# circuit_diff's statuses in the circuit view's comparison colours
+DIFF_COLOURS = {"kept": COLOURS["shared"], "removed": COLOURS["left"], "added": COLOURS["right"]}
+
+
+def render() -> None:
+    st.header("Timeline")
+    model_id = select_model("timeline_model")
+    if model_id is None:
+        return
+    options = queries.timeline_methods(model_id)
+    if options.empty:
+        st.info(
+            "No method has scored this model's heads at two or more checkpoints yet "
+            "(`workbench run heads --checkpoint all`, or `workbench watch`)."
+        )
+        return
+    labels = (options["pipeline"] + " / " + options["method"] + " · " + options["task_id"]).tolist()
+    choice = options.iloc[labels.index(st.selectbox("Scores", labels, key="timeline_scores"))]
+    args = (model_id, choice["pipeline"], choice["method"], choice["task_id"])
+    timeline = queries.head_timeline(*args)
+    formed = queries.head_formation_steps(*args)
+    _heatmap(timeline)
+    _formation(model_id, formed)
+    node = st.selectbox("Head", sorted(timeline["node_id"].unique()), key="timeline_node")
+    curves = queries.node_curves(model_id, node)
+    st.plotly_chart(
+        px.line(curves, x="step", y="score", color="series", markers=True), key="timeline_curves"
+    )
+    _circuit_diff(model_id)
+
+
+def _heatmap(timeline: pd.DataFrame) -> None:
+    grid = timeline.pivot_table(index="node_id", columns="step", values="score", sort=False)
+    bound = float(timeline["score"].abs().max()) or 1.0
+    fig = px.imshow(
+        grid,
+        color_continuous_scale="RdBu",
+        zmin=-bound,
+        zmax=bound,
+        aspect="auto",
+        labels={"x": "training step", "y": "head", "color": "score"},
+    )
+    st.plotly_chart(fig, key="timeline_heatmap")
+
+
+def _formation(model_id: str, formed: pd.DataFrame) -> None:
+    st.subheader("Formation steps")
+    st.caption(
+        "the first step from which a head's |score| stays at or above half its peak "
+        "(`formation_steps`)"
+    )
+    st.dataframe(formed, hide_index=True, key="timeline_formed")
+    loss = queries.loss_curve(model_id)
+    if loss.empty:
+        return
+    fig = px.line(loss, x="step", y="train_loss", markers=True)
+    for row in formed.dropna(subset=["formation_step"]).head(3).itertuples():
+        fig.add_vline(x=row.formation_step, line_dash="dot", annotation_text=str(row.node_id))
+    st.plotly_chart(fig, key="timeline_loss")
+
+
+def _circuit_diff(model_id: str) -> None:
+    circuits = queries.circuits_by_step(model_id)
+    series = circuits.groupby(["method", "task_id"]).filter(lambda g: g["step"].nunique() >= 2)
+    if series.empty:
+        return
+    st.subheader("Circuit diff between two checkpoints")
+    labels = sorted((series["method"] + " · " + series["task_id"]).unique())
+    label = st.selectbox("Circuits of", labels, key="timeline_circuits")
+    method, task = label.split(" · ", 1)
+    mine = series[(series["method"] == method) & (series["task_id"] == task)]
+    steps = sorted(mine["step"].unique().tolist())
+    a, b = st.select_slider(
+        "From step, to step", options=steps, value=(steps[-2], steps[-1]), key="timeline_steps"
+    )
+    first = mine[mine["step"] == a].iloc[0]["circuit_id"]
+    second = mine[mine["step"] == b].iloc[0]["circuit_id"]
+    diff = queries.circuit_diff(first, second)
+    counts = diff["status"].value_counts()
+    kept = int(counts.get("kept", 0))
+    cols = st.columns(4)
+    for col, status in zip(cols, ("kept", "removed", "added"), strict=False):
+        col.metric(status, int(counts.get(status, 0)))
+    cols[3].metric("Jaccard", f"{kept / len(diff):.2f}" if len(diff) else "-")
+    shape = queries.model_shape(model_id)
+    edges = [
+        (str(r.src), str(r.dst), float(r.score_b if pd.notna(r.score_b) else r.score_a))
+        for r in diff.itertuples()
+    ]
+    colours = {(str(r.src), str(r.dst)): DIFF_COLOURS[str(r.status)] for r in diff.itertuples()}
+    fig = circuit_figure(
+        edges, int(shape["n_layers"][0]), int(shape["n_heads"][0]), colours=colours
+    )
+    st.plotly_chart(fig, key="timeline_diff_graph")
+    st.caption(f"grey: kept · blue: only at step {a} · orange: only at step {b}")

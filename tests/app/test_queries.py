@@ -1,0 +1,386 @@
+"""The app's read layer (`app/queries.py`): every named query, called through the cached
+executor on the session's databases with real arguments, returns the columns the views use;
+and no other app module holds SQL."""
+
+import ast
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from app import data, queries
+from workbench.core import PORTS, Node
+
+APP_DIR = Path(__file__).resolve().parents[2] / "app"
+
+RUN_COLUMNS = ["run_id", "pipeline", "method", "task_id", "step", "checkpoint_id"]
+RUN_COLUMNS += ["metric_clean", "metric_corrupt"]
+EDGE_COLUMNS = ["src", "dst", "score"]
+
+
+def _columns(db: Path, table: str) -> list[str]:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return [r[0] for r in con.execute(f"DESCRIBE {table}").fetchall()]
+    finally:
+        con.close()
+
+
+def _one(db: Path, sql: str, params: list | None = None) -> tuple:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        row = con.execute(sql, params or []).fetchone()
+    finally:
+        con.close()
+    assert row is not None, sql
+    return row
+
+
+def _use(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_DB", str(db))
+    data.query.clear()
+
+
+def _public() -> set[str]:
+    return {
+        name
+        for name, fn in inspect.getmembers(queries, inspect.isfunction)
+        if fn.__module__ == queries.__name__ and not name.startswith("_")
+    }
+
+
+# name -> (call given the real ids of the database, expected columns, must be non-empty)
+Case = tuple[Callable[[dict], pd.DataFrame], list[str], bool]
+
+HEADS_DB_CASES: dict[str, Case] = {
+    "models": (
+        lambda i: queries.models(),
+        ["model_id", "architecture", "n_layers", "n_heads"],
+        True,
+    ),
+    "model_table": (
+        lambda i: queries.model_table(),
+        ["model_id", "architecture", "n_layers", "n_heads", "d_model", "d_vocab", "source"],
+        True,
+    ),
+    "model_shape": (lambda i: queries.model_shape(i["model"]), ["n_layers", "n_heads"], True),
+    "store_counts": (
+        lambda i: queries.store_counts(),
+        ["models", "checkpoints", "tasks", "runs_done", "runs_failed"],
+        True,
+    ),
+    "checkpoints": (
+        lambda i: queries.checkpoints(),
+        ["checkpoint_id", "model_id", "step", "path", "registered_at"],
+        True,
+    ),
+    "recent_runs": (
+        lambda i: queries.recent_runs(500),
+        ["run_id", "pipeline", "method", "checkpoint_id", "task_id", "status", "error"]
+        + ["metric_clean", "metric_corrupt", "finished_at"],
+        True,
+    ),
+    "done_runs": (lambda i: queries.done_runs(i["model"]), RUN_COLUMNS, True),
+    "patching_runs": (
+        lambda i: queries.patching_runs(i["model"]),
+        ["run_id", "method", "task_id", "step", "component", "positions", "ablation"],
+        True,
+    ),
+    "run_metrics": (lambda i: queries.run_metrics(i["edge_run"]), ["metric", "value"], False),
+    "head_scores": (
+        lambda i: queries.head_scores(i["heads_run"]),
+        ["layer", "head", "score", "head_id"],
+        True,
+    ),
+    "head_score_history": (
+        lambda i: queries.head_score_history(i["model"], i["heads_method"], i["task"]),
+        ["step", "node_id", "score"],
+        True,
+    ),
+    "patching_scores": (
+        lambda i: queries.patching_scores(i["patching_run"]),
+        ["node_id", "position", "score", "layer", "head"],
+        True,
+    ),
+    "node_scores_at_checkpoint": (
+        lambda i: queries.node_scores_at_checkpoint(i["checkpoint"], i["head_and_ports"]),
+        ["pipeline", "method", "component", "node_id", "position", "score"],
+        True,
+    ),
+    "runs_with_edges": (lambda i: queries.runs_with_edges(i["model"]), ["run_id"], True),
+    "edge_run_edges_top": (
+        lambda i: queries.edge_run_edges_top(i["edge_run"], 5),
+        EDGE_COLUMNS,
+        True,
+    ),
+    "edge_run_edges_above": (
+        lambda i: queries.edge_run_edges_above(i["edge_run"], 0.0),
+        EDGE_COLUMNS,
+        True,
+    ),
+    "edge_run_max_abs_score": (
+        lambda i: queries.edge_run_max_abs_score(i["edge_run"]),
+        ["m"],
+        True,
+    ),
+    "faithfulness_curve": (
+        lambda i: queries.faithfulness_curve(i["edge_run"]),
+        ["n_edges", "faithfulness"],
+        True,
+    ),
+    "circuits": (
+        lambda i: queries.circuits(i["model"]),
+        ["circuit_id", "name", "rule", "n_edges", "faithfulness", "method", "checkpoint_id"]
+        + ["step", "task_id", "label"],
+        True,
+    ),
+    "circuit_edges": (lambda i: queries.circuit_edges(i["circuit"]), EDGE_COLUMNS, True),
+    "incident_edges": (
+        lambda i: queries.incident_edges(i["checkpoint"], i["head"], i["head_and_ports"]),
+        ["method", "src", "dst", "score"],
+        True,
+    ),
+    # work in progress and circuits across training (schema v6)
+    "run_queue": (
+        lambda i: queries.run_queue(),
+        ["status", "pipeline", "method", "checkpoint_id", "task", "run_id", "pid", "host"]
+        + ["started_at", "heartbeat_at", "queued_at"],
+        False,  # nothing is running while the tests read
+    ),
+    "loss_curve": (lambda i: queries.loss_curve(i["model"]), ["step", "train_loss"], False),
+    "timeline_methods": (
+        lambda i: queries.timeline_methods(i["model"]),
+        ["pipeline", "method", "task_id", "steps"],
+        True,
+    ),
+    "head_timeline": (
+        lambda i: queries.head_timeline(i["model"], "heads", i["heads_method"], i["task"]),
+        ["node_id", "layer", "head", "step", "score"],
+        True,
+    ),
+    "head_formation_steps": (
+        lambda i: queries.head_formation_steps(i["model"], "heads", i["heads_method"], i["task"]),
+        ["node_id", "formation_step", "peak"],
+        True,
+    ),
+    "circuits_by_step": (
+        lambda i: queries.circuits_by_step(i["model"]),
+        ["circuit_id", "method", "task_id", "step", "n_edges"],
+        True,
+    ),
+    "circuit_diff": (
+        lambda i: queries.circuit_diff(*i["two_circuits"]),
+        ["src", "dst", "status", "score_a", "score_b"],
+        True,
+    ),
+    "node_curves": (
+        lambda i: queries.node_curves(i["model"], i["head"]),
+        ["series", "step", "score"],
+        True,
+    ),
+}
+
+# SAE queries need a database with SAEs and sae_attr runs: the session's SAE run.
+SAE_DB_CASES: dict[str, Case] = {
+    "sae_hooks": (lambda i: queries.sae_hooks(), ["sae_id", "hook"], True),
+    "saes_of": (lambda i: queries.saes_of(i["model"]), [], True),  # saes.* + step, label
+    "features_of": (
+        lambda i: queries.features_of(i["sae"], flags=["alive", "dead", "dense"], order="feature"),
+        ["feature", "density", "max_activation", "mean_activation", "dead", "dense"] + ["promotes"],
+        True,
+    ),
+    "feature_stats": (lambda i: queries.feature_stats(i["sae"], i["feature"]), [], True),
+    "feature_examples": (
+        lambda i: queries.feature_examples(i["sae"], i["feature"]),
+        ["rank", "tokens", "position", "activation"],
+        True,
+    ),
+    "feature_attribution": (
+        lambda i: queries.feature_attribution(i["sae"], i["feature"]),
+        ["task_id", "checkpoint_id", "score"],
+        True,
+    ),
+    "heads_writing_feature": (
+        lambda i: queries.heads_writing_feature(i["sae"], i["head_feature"]),
+        ["head", "score"],
+        True,
+    ),
+    "features_written_by": (
+        lambda i: queries.features_written_by(i["checkpoint"], i["writing_head"]),
+        ["feature", "score"],
+        True,
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def heads_ids(heads_db: Path) -> dict:
+    """Real arguments from the heads database: a model, runs of each kind, a circuit."""
+    model = _one(heads_db, "SELECT model_id FROM models ORDER BY model_id")[0]
+    heads_run, heads_method, task = _one(
+        heads_db,
+        "SELECT run_id, method, task_id FROM runs WHERE pipeline = 'heads' AND status = 'done'"
+        " AND method = 'act_patch_denoise' ORDER BY run_id",
+    )
+    patching_run = _one(
+        heads_db,
+        "SELECT run_id FROM runs WHERE pipeline = 'patching' AND status = 'done' ORDER BY run_id",
+    )[0]
+    edge_run, checkpoint = _one(
+        heads_db,
+        "SELECT run_id, checkpoint_id FROM runs WHERE method = 'eap' AND status = 'done'"
+        " ORDER BY run_id",
+    )
+    circuit = _one(heads_db, "SELECT circuit_id FROM circuits ORDER BY circuit_id")[0]
+    two_circuits = _one(
+        heads_db,
+        "SELECT min(c.circuit_id), max(c.circuit_id) FROM circuits c JOIN runs r USING (run_id)"
+        " WHERE r.method = 'eap'",
+    )
+    head = Node.head_of(1, 0).id
+    return {
+        "model": model,
+        "heads_run": heads_run,
+        "heads_method": heads_method,
+        "task": task,
+        "patching_run": patching_run,
+        "edge_run": edge_run,
+        "checkpoint": checkpoint,
+        "circuit": circuit,
+        "two_circuits": two_circuits,
+        "head": head,
+        "head_and_ports": [head] + [Node.head_of(1, 0, p).id for p in PORTS],
+    }
+
+
+@pytest.fixture(scope="module")
+def sae_ids(sae_run) -> dict:
+    """Real arguments from the SAE database: an SAE, its most attributed feature, and a head
+    with the feature it writes most (sae_attr edges)."""
+    db = sae_run.db
+    model = _one(db, "SELECT model_id FROM models ORDER BY model_id")[0]
+    sae, feature = _one(
+        db,
+        "SELECT n.sae_id, n.feature FROM node_scores s JOIN runs r USING (run_id)"
+        " JOIN nodes n USING (node_id) WHERE r.method = 'sae_attr' AND n.kind = 'feature'"
+        " ORDER BY abs(s.score) DESC LIMIT 1",
+    )
+    checkpoint, writing_head, head_feature = _one(
+        db,
+        "SELECT r.checkpoint_id, e.src, n.feature FROM edges e JOIN runs r USING (run_id)"
+        " JOIN nodes n ON n.node_id = e.dst"
+        " JOIN nodes h ON h.node_id = e.src"
+        " WHERE r.method = 'sae_attr' AND h.kind = 'attn_head' AND n.kind = 'feature'"
+        " AND n.sae_id = ? ORDER BY abs(e.score) DESC LIMIT 1",
+        [sae],
+    )
+    return {
+        "db": db,
+        "model": model,
+        "sae": sae,
+        "feature": int(feature),
+        "checkpoint": checkpoint,
+        "writing_head": writing_head,
+        "head_feature": int(head_feature),
+    }
+
+
+def test_every_public_query_is_covered():
+    assert _public() == set(HEADS_DB_CASES) | set(SAE_DB_CASES)
+    assert all(inspect.getdoc(getattr(queries, n)) for n in _public())
+
+
+@pytest.mark.parametrize("name", sorted(HEADS_DB_CASES))
+def test_query_on_heads_db(name, heads_db, heads_ids, monkeypatch):
+    _use(heads_db, monkeypatch)
+    call, columns, non_empty = HEADS_DB_CASES[name]
+    frame = call(heads_ids)
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == columns
+    assert not (non_empty and frame.empty), f"{name} returned no rows"
+
+
+@pytest.mark.parametrize("name", sorted(SAE_DB_CASES))
+def test_query_on_sae_db(name, sae_ids, monkeypatch):
+    db = sae_ids["db"]
+    _use(db, monkeypatch)
+    call, columns, non_empty = SAE_DB_CASES[name]
+    expected = {
+        "saes_of": _columns(db, "saes") + ["step", "label"],
+        "feature_stats": _columns(db, "features"),
+    }.get(name, columns)
+    frame = call(sae_ids)
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == expected
+    assert not (non_empty and frame.empty), f"{name} returned no rows"
+
+
+def test_query_results_follow_their_arguments(heads_db, heads_ids, monkeypatch):
+    _use(heads_db, monkeypatch)
+    top = queries.edge_run_edges_top(heads_ids["edge_run"], 3)
+    assert len(top) == 3 and top["score"].abs().is_monotonic_decreasing
+    bound = float(queries.edge_run_max_abs_score(heads_ids["edge_run"])["m"][0])
+    above = queries.edge_run_edges_above(heads_ids["edge_run"], bound / 2)
+    assert len(above) >= 1 and (above["score"].abs() >= bound / 2).all()
+    scores = queries.node_scores_at_checkpoint(heads_ids["checkpoint"], heads_ids["head_and_ports"])
+    assert set(scores["node_id"]) <= set(heads_ids["head_and_ports"])
+    with pytest.raises(ValueError):
+        queries.features_of("any", order="score; DROP TABLE runs")
+    with pytest.raises(ValueError):
+        queries.features_of("any", flags=["alive", "1=1"])
+
+
+SQL_WORDS = ("SELECT ", "FROM ", " WHERE ", " JOIN ", "ORDER BY", "GROUP BY", "INSERT ")
+SQL_HOMES = {"queries.py", "data.py"}
+
+
+def _strings(tree: ast.AST, skip: set[ast.AST]) -> list[str]:
+    """Every string literal in a module (f-string parts included), but those under `skip`."""
+    skipped = {id(n) for s in skip for n in ast.walk(s)}
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skipped
+    ]
+
+
+def test_sql_lives_only_in_the_read_layer():
+    """No app module but queries.py and data.py holds SQL; the SQL console only its examples
+    (text shown to the user) and runs the user's own query."""
+    offenders = []
+    for path in sorted(APP_DIR.rglob("*.py")):
+        if path.name in SQL_HOMES:
+            continue
+        tree = ast.parse(path.read_text())
+        skip: set[ast.AST] = set()
+        if path.name == "sql_console.py":
+            skip = {
+                node.value
+                for node in tree.body
+                if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "EXAMPLES" for t in node.targets)
+            }
+            assert skip, "the SQL console's EXAMPLES moved: update this test"
+        for text in _strings(tree, skip):
+            hits = [w for w in SQL_WORDS if w in text]
+            if hits:
+                offenders.append(f"{path.relative_to(APP_DIR)}: {hits} in {text[:60]!r}")
+    assert not offenders, "\n".join(offenders)
+    # the views run no SQL of their own: only the console calls the executor directly
+    callers = [
+        p.name
+        for p in sorted((APP_DIR / "views").glob("*.py"))
+        if "query(" in p.read_text() or "app.data" in p.read_text()
+    ]
+    assert callers == ["sql_console.py"]
+
+
+def test_the_sql_scan_sees_sql():
+    """The scan is not blind: it finds the read layer's own SQL and a query in an f-string."""
+    tree = ast.parse((APP_DIR / "queries.py").read_text())
+    assert any("SELECT " in s for s in _strings(tree, set()))
+    snippet = ast.parse('x = f"SELECT a FROM t WHERE b = {c}"')
+    assert any("SELECT " in s for s in _strings(snippet, set()))

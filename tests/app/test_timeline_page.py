@@ -1,0 +1,63 @@
+"""The Timeline page and the Overview's run queue, with Streamlit's AppTest."""
+
+from datetime import datetime
+
+import duckdb
+import pytest
+
+from tests.app.test_app import _show, app  # noqa: F401  (the fixture)
+
+
+def test_timeline_shows_heads_across_training_and_a_circuit_diff(app, heads_db):  # noqa: F811
+    at = _show(app, "Timeline")
+    assert at.selectbox(key="timeline_scores").options  # heads scored at several checkpoints
+    at.selectbox(key="timeline_scores").set_value(
+        next(o for o in at.selectbox(key="timeline_scores").options if "act_patch_denoise" in o)
+    ).run()
+    assert not at.exception
+    formed = at.dataframe[0].value  # the formation steps
+    assert {"node_id", "formation_step", "peak"} <= set(formed.columns) and len(formed) > 0
+    # the circuit diff between the two checkpoints with stored circuits (edges at 500 and 1000)
+    metrics = {m.label: m.value for m in at.metric}
+    con = duckdb.connect(str(heads_db), read_only=True)
+    ids = con.execute(
+        """SELECT ci.circuit_id FROM circuits ci JOIN runs r USING (run_id)
+           JOIN checkpoints c USING (checkpoint_id)
+           WHERE r.method = ? ORDER BY c.step""",
+        [at.selectbox(key="timeline_circuits").value.split(" · ")[0]],
+    ).fetchall()
+    diff = con.execute(
+        "SELECT status, count(*) FROM circuit_diff(?, ?) GROUP BY status", [ids[-2][0], ids[-1][0]]
+    ).fetchall()
+    con.close()
+    for status, n in diff:
+        assert metrics[status] == str(n)
+
+
+def test_overview_shows_the_run_queue(app, heads_db, tmp_path):  # noqa: F811
+    import shutil
+
+    db = tmp_path / "w.duckdb"
+    shutil.copy(heads_db, db)
+    con = duckdb.connect(str(db))
+    now = datetime.now()
+    con.execute(
+        "INSERT INTO run_queue VALUES ('j1', 'heads', 'dla', 'm@0', 'induction', 'running', "
+        "'r1', 1, 'h', ?, ?, ?), ('j2', 'edges', 'eap', 'm@0', 'induction', 'queued', NULL, 1, "
+        "'h', ?, NULL, NULL)",
+        [now, now, now, now],
+    )
+    con.close()
+    pytest.MonkeyPatch().setenv("WORKBENCH_DB", str(db))
+    from streamlit.testing.v1 import AppTest
+
+    from app import data
+    from tests.app.test_app import APP
+
+    data.query.clear()
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception
+    assert any("In progress: 1 running, 1 queued" in h.value for h in at.subheader)
+    queue = at.dataframe[0].value  # the queue comes first
+    assert queue["status"].tolist() == ["running", "queued"]
