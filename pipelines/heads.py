@@ -36,7 +36,7 @@ def _result(result: Any) -> RunResult:
 def dla(inputs: RunInputs, params: HeadsParams) -> RunResult:
     from workbench.attribution import heads
 
-    return _result(heads.direct_logit_attribution(inputs.model, inputs.batches))
+    return _result(heads.direct_logit_attribution(inputs.model, inputs.batches, inputs.baseline))
 
 
 def act_patch_denoise(inputs: RunInputs, params: HeadsParams) -> RunResult:
@@ -60,7 +60,7 @@ def attr_patch(inputs: RunInputs, params: HeadsParams) -> RunResult:
 def head_importance(inputs: RunInputs, params: HeadsParams) -> RunResult:
     from workbench.attribution import heads
 
-    return _result(heads.head_importance(inputs.model, inputs.batches))
+    return _result(heads.head_importance(inputs.model, inputs.batches, inputs.baseline))
 
 
 def _method(name: str, compute: Any, key: dict[str, Any], summary: str) -> Method:

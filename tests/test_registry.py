@@ -10,6 +10,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+import torch
 
 from workbench import registry
 from workbench.cli import cli
@@ -188,3 +189,28 @@ def test_batch_tokens_bounds_batches_and_keeps_the_numbers(tmp_path, induction_d
     assert [r[:2] for r in scores[0]] == [r[:2] for r in scores[1]]  # same runs, same nodes
     for (_, _, a), (_, _, b) in zip(*scores, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_the_baseline_is_computed_once_and_changes_no_number(induction_final, induction_task):
+    """`RunInputs.baseline` (clean and corrupt metric, once per checkpoint x task) replaces the
+    extra corrupt pass of `dla` and `head_importance` with bit-identical numbers."""
+    from workbench.attribution import heads
+    from workbench.attribution.batches import logit_diff
+    from workbench.registry import RunInputs
+
+    inputs = RunInputs(induction_final, induction_task, max_batch=7)  # several batches
+    base = inputs.baseline
+    assert inputs.baseline is base  # computed once
+    model = induction_final.model
+    with torch.no_grad():
+        clean = torch.cat([logit_diff(model(b.clean), b.answer, b.wrong) for b in inputs.batches])
+        corr = torch.cat([logit_diff(model(b.corrupt), b.answer, b.wrong) for b in inputs.batches])
+    assert base.metric_clean == pytest.approx(float(clean.mean()), abs=1e-6)
+    assert base.metric_corrupt == pytest.approx(float(corr.mean()), abs=1e-6)
+    for method in (heads.direct_logit_attribution, heads.head_importance):
+        alone, shared = method(model, inputs.batches), method(model, inputs.batches, base)
+        assert (alone.metric_clean, alone.metric_corrupt) == (
+            shared.metric_clean,
+            shared.metric_corrupt,
+        )
+        assert torch.equal(alone.scores, shared.scores)

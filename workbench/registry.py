@@ -75,6 +75,15 @@ class RunInputs:
     cache: dict[Any, Any] = field(default_factory=dict)
 
     @property
+    def baseline(self) -> Any:
+        """The task's metric on the clean and corrupt prompts (`Baseline`), computed once."""
+        if "baseline" not in self.cache:
+            from workbench.attribution.baseline import compute_baseline
+
+            self.cache["baseline"] = compute_baseline(self.loaded.model, self.batches)
+        return self.cache["baseline"]
+
+    @property
     def model(self) -> Any:
         return self.loaded.model
 

@@ -41,6 +41,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from workbench.attribution.baseline import Baseline
 from workbench.attribution.batches import PromptBatch, final_norm, model_device
 from workbench.attribution.edges import edge_attribution, run_with_grads
 from workbench.attribution.patching import patch_sweep
@@ -59,7 +60,9 @@ class HeadScores:
 
 
 @torch.no_grad()
-def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
+def direct_logit_attribution(
+    model: HookedTransformer, batches: list[PromptBatch], baseline: Baseline | None = None
+) -> HeadScores:
     cfg = model.cfg
     n = sum(b.size for b in batches)
     total = torch.zeros(cfg.n_layers, cfg.n_heads, device=model_device(model))
@@ -72,7 +75,8 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
         names.append(Hook.resid_post(cfg.n_layers - 1))
         logits, cache = model.run_with_cache(batch.clean, names_filter=names)
         metrics[0] += float(batch.metric(logits, batch.target).sum())
-        metrics[1] += float(batch.metric(model(batch.corrupt), batch.target).sum())
+        if baseline is None:
+            metrics[1] += float(batch.metric(model(batch.corrupt), batch.target).sum())
         # d metric / d (normalised final residual) at the clean run: for logit_diff the
         # difference of the two tokens' unembeddings
         final = final_norm(model, cache[Hook.resid_post(cfg.n_layers - 1)][:, -1:])[:, 0]
@@ -91,7 +95,8 @@ def direct_logit_attribution(model: HookedTransformer, batches: list[PromptBatch
         for layer in range(cfg.n_layers)
         for head in range(cfg.n_heads)
     ]
-    return HeadScores("dla", scores, metrics[0] / n, metrics[1] / n, edges)
+    corrupt = baseline.metric_corrupt if baseline is not None else metrics[1] / n
+    return HeadScores("dla", scores, metrics[0] / n, corrupt, edges)
 
 
 def head_out_patching(
@@ -109,7 +114,9 @@ def head_out_patching(
     return HeadScores(f"act_patch_{direction}", scores, result.metric_clean, result.metric_corrupt)
 
 
-def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
+def head_importance(
+    model: HookedTransformer, batches: list[PromptBatch], baseline: Baseline | None = None
+) -> HeadScores:
     """Head importance scores (Michel et al. 2019): `mean_x |d m(x) / d xi_h|`, where the mask
     `xi_h` multiplies head h's output and the derivative is taken at `xi = 1` on each clean
     prompt. At `xi = 1` the derivative is `sum_pos z_h . d m / d z_h`, so one forward and one
@@ -122,13 +129,15 @@ def head_importance(model: HookedTransformer, batches: list[PromptBatch]) -> Hea
     for batch in tqdm(batches, desc="head_importance", leave=False):
         acts, metric_sum = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
         m_clean += metric_sum
-        with torch.no_grad():
-            m_corrupt += float(batch.metric(model(batch.corrupt), batch.target).sum())
+        if baseline is None:
+            with torch.no_grad():
+                m_corrupt += float(batch.metric(model(batch.corrupt), batch.target).sum())
         for layer, name in enumerate(names):
             per_prompt = (acts[name] * acts[f"{name}.grad"]).sum((1, 3))  # [batch, head]
             total[layer] += per_prompt.abs().sum(0)
     scores = (total / n).float().cpu()
-    return HeadScores("head_importance", scores, m_clean / n, m_corrupt / n)
+    corrupt = baseline.metric_corrupt if baseline is not None else m_corrupt / n
+    return HeadScores("head_importance", scores, m_clean / n, corrupt)
 
 
 def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -> HeadScores:
