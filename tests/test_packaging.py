@@ -6,8 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from tests.app.test_browser import (
     _free_port,
     _wait_for_text,
     chromium_driver,
+    wait_until_healthy,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,15 +81,7 @@ def test_workbench_app_from_another_directory_serves_the_app(installed, heads_db
     )
     url = f"http://localhost:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("workbench app did not start")
+        wait_until_healthy(url, proc)
         with chromium_driver() as driver:
             driver.get(url)
             _wait_for_text(driver, "Circuit Workbench")

@@ -72,6 +72,26 @@ class Job:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
+    def make(
+        cls, method: Method, ref: CheckpointRef, options: "RunOptions", params: dict[str, Any]
+    ) -> "Job":
+        """The job of `method` on checkpoint `ref` with the run `options` and option values
+        `params` (by field name; those the method lacks are ignored)."""
+        return cls(
+            pipeline=method.pipeline,
+            method=method.name,
+            checkpoint=ref,
+            task=options.task,
+            params=asdict(method.make_params(params)),
+            n_prompts=options.n_prompts,
+            max_batch=options.max_batch,
+            device=options.device,
+            dtype=options.dtype,
+            metric=options.metric,
+            batch_tokens=options.batch_tokens,
+        )
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Job":
         data = dict(data)
         data["checkpoint"] = CheckpointRef(**data["checkpoint"])
@@ -154,27 +174,10 @@ def plan_jobs(
     chosen = [p.method(m) for m in (methods or p.default_methods)]
     params = params or {}
     check_applies(pipeline, chosen, params)
-    values = {m.name: asdict(m.make_params(params)) for m in chosen}
     for m in chosen:
         m.check(m.make_params(params))
     refs = select_checkpoints(resolve_checkpoints(options.model), options.checkpoint)
-    return [
-        Job(
-            pipeline=p.name,
-            method=m.name,
-            checkpoint=ref,
-            task=options.task,
-            params=values[m.name],
-            n_prompts=options.n_prompts,
-            max_batch=options.max_batch,
-            device=options.device,
-            dtype=options.dtype,
-            metric=options.metric,
-            batch_tokens=options.batch_tokens,
-        )
-        for ref in refs
-        for m in chosen
-    ]
+    return [Job.make(m, ref, options, params) for ref in refs for m in chosen]
 
 
 def plan_all(
@@ -232,22 +235,7 @@ def demo_jobs(options: RunOptions) -> list[Job]:
         for p in registry.pipelines().values():
             for m in p.methods:
                 if m.demo == "all" or (m.demo == "latest" and ref == refs[-1]):
-                    params = asdict(m.make_params(m.demo_params))
-                    jobs.append(
-                        Job(
-                            p.name,
-                            m.name,
-                            ref,
-                            options.task,
-                            params,
-                            options.n_prompts,
-                            options.max_batch,
-                            options.device,
-                            options.dtype,
-                            options.metric,
-                            options.batch_tokens,
-                        )
-                    )
+                    jobs.append(Job.make(m, ref, options, m.demo_params))
     return jobs
 
 

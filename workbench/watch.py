@@ -71,28 +71,7 @@ class JobSpec:
     def jobs(self, ref: CheckpointRef) -> list[Job]:
         p = registry.pipeline(self.pipeline)
         opts = RunOptions(model=ref.location, task=self.task, **self.options)
-        return [
-            Job(
-                pipeline=self.pipeline,
-                method=m,
-                checkpoint=ref,
-                task=self.task,
-                params=_asdict(p.method(m).make_params(self.params)),
-                n_prompts=opts.n_prompts,
-                max_batch=opts.max_batch,
-                device=opts.device,
-                dtype=opts.dtype,
-                metric=opts.metric,
-                batch_tokens=opts.batch_tokens,
-            )
-            for m in self.methods
-        ]
-
-
-def _asdict(params: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(params)
+        return [Job.make(p.method(m), ref, opts, self.params) for m in self.methods]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Selectors shared by the views."""
 
+from typing import Any
+
 import streamlit as st
 
 from app import queries
@@ -11,3 +13,19 @@ def select_model(key: str) -> str | None:
         st.info("No models stored yet.")
         return None
     return st.selectbox("Model", models["model_id"].tolist(), key=key)
+
+
+def diverging_heatmap(grid: Any, bound: float, labels: dict[str, str], **style: Any) -> Any:
+    """Scores as a red-blue heatmap centred on 0 (`bound`: the largest |score|)."""
+    import plotly.express as px
+
+    bound = bound or 1.0
+    return px.imshow(
+        grid,
+        color_continuous_scale="RdBu",
+        zmin=-bound,
+        zmax=bound,
+        aspect="auto",
+        labels=labels,
+        **style,
+    )

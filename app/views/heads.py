@@ -6,7 +6,7 @@ import plotly.express as px
 import streamlit as st
 
 from app import queries
-from app.views.common import select_model
+from app.views.common import diverging_heatmap, select_model
 
 
 def render() -> None:
@@ -36,16 +36,8 @@ def render() -> None:
     n_layers, n_heads = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
     grid = np.full((n_layers, n_heads), np.nan)
     grid[scores["layer"], scores["head"]] = scores["score"]
-    bound = float(np.nanmax(np.abs(grid))) or 1.0
-    fig = px.imshow(
-        grid,
-        labels={"x": "head", "y": "layer", "color": "score"},
-        color_continuous_scale="RdBu",
-        zmin=-bound,
-        zmax=bound,
-        aspect="auto",
-        text_auto=".2f",
-    )
+    labels = {"x": "head", "y": "layer", "color": "score"}
+    fig = diverging_heatmap(grid, float(np.nanmax(np.abs(grid))), labels, text_auto=".2f")
     fig.update_xaxes(dtick=1)
     fig.update_yaxes(dtick=1)
     st.caption(

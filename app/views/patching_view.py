@@ -1,11 +1,10 @@
 """Patching: scores of any node-level patching run as a heatmap, by position where the run
 patched positions one at a time (e.g. the residual stream by layer and position)."""
 
-import plotly.express as px
 import streamlit as st
 
 from app import queries
-from app.views.common import select_model
+from app.views.common import diverging_heatmap, select_model
 
 
 def render() -> None:
@@ -36,14 +35,10 @@ def render() -> None:
     scores = queries.patching_scores(str(run_id))
     grid = scores.pivot_table(index="node_id", columns="position", values="score", sort=False)
     grid.columns = ["all" if c == -1 else str(c) for c in grid.columns]
-    bound = float(scores["score"].abs().max()) or 1.0
-    fig = px.imshow(
+    fig = diverging_heatmap(
         grid,
-        color_continuous_scale="RdBu",
-        zmin=-bound,
-        zmax=bound,
-        aspect="auto",
-        labels={"x": "position", "y": "node", "color": "score"},
+        float(scores["score"].abs().max()),
+        {"x": "position", "y": "node", "color": "score"},
         text_auto=".2f" if grid.size <= 400 else False,
     )
     st.plotly_chart(fig, key="patch_heatmap")

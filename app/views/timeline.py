@@ -9,7 +9,7 @@ import streamlit as st
 
 from app import queries
 from app.views.circuit import COLOURS, circuit_figure
-from app.views.common import select_model
+from app.views.common import diverging_heatmap, select_model
 
 # circuit_diff's statuses in the circuit view's comparison colours
 DIFF_COLOURS = {"kept": COLOURS["shared"], "removed": COLOURS["left"], "added": COLOURS["right"]}
@@ -44,14 +44,10 @@ def render() -> None:
 
 def _heatmap(timeline: pd.DataFrame) -> None:
     grid = timeline.pivot_table(index="node_id", columns="step", values="score", sort=False)
-    bound = float(timeline["score"].abs().max()) or 1.0
-    fig = px.imshow(
+    fig = diverging_heatmap(
         grid,
-        color_continuous_scale="RdBu",
-        zmin=-bound,
-        zmax=bound,
-        aspect="auto",
-        labels={"x": "training step", "y": "head", "color": "score"},
+        float(timeline["score"].abs().max()),
+        {"x": "training step", "y": "head", "color": "score"},
     )
     st.plotly_chart(fig, key="timeline_heatmap")
 

@@ -66,21 +66,25 @@ def streamlit_server(db) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("streamlit did not start")
+    wait_until_healthy(url, proc)
     try:
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def wait_until_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+    """Until the Streamlit server at `url` answers its health check (fail after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                return
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail("streamlit did not start")
 
 
 @pytest.fixture()
