@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) pip setuptools wheel
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) --no-build-isolation -e ".[dev]"
+	$(PIP) --no-build-isolation -e ".[dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -78,7 +78,7 @@ lock:
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 	.lock-venv/bin/python -m pip install -q $(TORCH_SPEC)
-	.lock-venv/bin/python -m pip install -q --no-build-isolation -e ".[dev]"
+	.lock-venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,ray]"
 	$(PYTHON) -m tests.lockfile write .lock-venv
 	rm -rf .lock-venv
 

@@ -360,6 +360,7 @@ METHODS = (
         plan=_attr_plan,
         check=lambda p: check_ig_params(p, min_steps=0),
         summary="attribute the task to SAE features: feature circuits (Marks et al. 2024)",
+        after=("sae_features",),
         demo="latest",
         demo_params=DEMO,
     ),

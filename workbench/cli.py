@@ -170,6 +170,12 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
         ),
     ),
 ]
+EXECUTOR_HELP = "local (this process) or ray (a Ray cluster; needs the ray extra)."
+ADDRESS_HELP = "The Ray cluster to join (default: a new local Ray instance)."
+COMMON_OPTIONS += [
+    ("executor", str, typer.Option("local", help=EXECUTOR_HELP)),
+    ("address", str | None, typer.Option(None, help=ADDRESS_HELP)),
+]
 
 
 def _option_params(pipes: list[Any]) -> list[inspect.Parameter]:
@@ -220,7 +226,13 @@ def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
         given = {k: ([] if v is None else v) for k, v in given.items()}
         options = RunOptions(**{n: values[n] for n, _, _ in COMMON_OPTIONS if n != "method"})
         jobs = plan_all([p.name for p in pipes], options, values["method"], given)
-        outcomes = run_jobs(jobs, db=options.db, force=options.force)
+        outcomes = run_jobs(
+            jobs,
+            db=options.db,
+            force=options.force,
+            executor=options.executor,
+            address=options.address,
+        )
         for o in outcomes:
             detail = f" ({o.error})" if o.error else ""
             typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
@@ -280,6 +292,8 @@ def watch(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed", help="Retry checkpoints that failed before.")
     ] = False,
+    executor: Annotated[str, typer.Option(help=EXECUTOR_HELP)] = "local",
+    address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
     db: DbOption = None,
 ) -> int:
     """Analyse every checkpoint written under DIRECTORY with the config's jobs, as it appears.
@@ -291,8 +305,20 @@ def watch(
 
     cfg = read_config(config)
     path = str(default_db_path(db or cfg.db))
+    if executor == "ray":  # join the cluster now: a wrong --address is exit 2 before any scan
+        from workbench.executor_ray import connect
+
+        connect(address)
     stop = Stop()
-    watcher = Watcher(directory, cfg, db=path, retry_failed=retry_failed, stop=stop)
+    watcher = Watcher(
+        directory,
+        cfg,
+        db=path,
+        retry_failed=retry_failed,
+        stop=stop,
+        executor=executor,
+        address=address,
+    )
     with watch_lock(path), signals_stop(stop):
         return watcher.run(every=every, once=once)
 

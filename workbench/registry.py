@@ -22,14 +22,13 @@ import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from workbench.errors import BadInput
 
 if TYPE_CHECKING:
     from workbench.models.base import LoadedModel
     from workbench.results import RunResult
-    from workbench.store.session import StoreSession
     from workbench.tasks.spec import Task
 
 logger = logging.getLogger(__name__)
@@ -108,8 +107,17 @@ class PlanContext:
     """What a planner may read besides the model and the task: the store (its read methods)
     and the database's location."""
 
-    store: "StoreSession"
+    store: "StoreReader"
     db: str | None
+
+
+class StoreReader(Protocol):
+    """The store's reads a planner or runner may make: the live `StoreSession`, or a snapshot
+    of it shipped to a remote worker (`workbench.executor_ray`)."""
+
+    def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]: ...
+
+    def done_run(self, run_key: str) -> str | None: ...
 
 
 def _no_check(params: Any) -> None:
@@ -132,6 +140,9 @@ class Method:
     # at all (None), with these params
     demo: str | None = "all"
     demo_params: dict[str, Any] = field(default_factory=dict)
+    # methods of the same pipeline whose stored results this one reads (sae_attr reads the SAEs
+    # sae_features trains): an executor that runs jobs at once starts it after theirs
+    after: tuple[str, ...] = ()
 
     def make_params(self, values: dict[str, Any]) -> Any:
         """The params of this method from `values` (fields it lacks are ignored)."""

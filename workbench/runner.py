@@ -23,7 +23,7 @@ from workbench.core import METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
 from workbench.models.base import CheckpointRef, LoadedModel
-from workbench.registry import Method, PlanContext, Planned, RunInputs
+from workbench.registry import Method, PlanContext, Planned, RunInputs, StoreReader
 from workbench.results import RunResult
 from workbench.store import RunRecord
 from workbench.store.session import StoreSession
@@ -47,6 +47,8 @@ class RunOptions:
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16
     metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
+    executor: str = "local"  # local or ray: where jobs compute (never part of a run key)
+    address: str | None = None  # the Ray cluster (ray only; default: a new local instance)
 
 
 @dataclass(frozen=True)
@@ -266,7 +268,13 @@ def run(
 ) -> list[RunOutcome]:
     """Plan and run a pipeline locally: the Python form of `workbench run PIPELINE ...`."""
     jobs = plan_jobs(pipeline, options, methods, params)
-    return run_jobs(jobs, db=options.db, force=options.force)
+    return run_jobs(
+        jobs,
+        db=options.db,
+        force=options.force,
+        executor=options.executor,
+        address=options.address,
+    )
 
 
 def run_jobs(
@@ -276,11 +284,26 @@ def run_jobs(
     force: bool = False,
     hold: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    executor: str = "local",
+    address: str | None = None,
 ) -> list[RunOutcome]:
     """Execute jobs in order, loading each checkpoint once for the consecutive jobs on it.
     The database is opened only for each short operation (readers get in between runs), or
     held for the whole call with `hold` (faster for many tiny runs). `should_stop` is asked
-    before each run; when it says so, `Stopped` is raised with the runs made so far."""
+    before each run; when it says so, `Stopped` is raised with the runs made so far.
+
+    `executor="ray"` computes the jobs on a Ray cluster instead (`address`, else a local Ray
+    instance) and stores what its workers return here, one run transaction at a time."""
+    if executor == "ray":
+        from workbench.executor_ray import run_jobs_ray
+
+        return run_jobs_ray(
+            list(jobs), db=db, force=force, address=address, should_stop=should_stop
+        )
+    if executor != "local":
+        raise BadInput(f"--executor {executor}: choose local or ray")
+    if address is not None:
+        raise BadInput("--address applies to --executor ray")
     groups: list[tuple[tuple[CheckpointRef, str, str], list[Job]]] = []
     for job in jobs:
         where = (job.checkpoint, job.device, job.dtype)
@@ -376,37 +399,124 @@ def _run_one(
     rows: dict[str, Any],
     force: bool,
 ) -> RunOutcome:
+    run = _record_for(job, method, planned, inputs)
+    existing = store.start(job.job_id, run.run_id, run.run_key, force)
+    if existing:
+        return _skipped(run, existing)
+    with store.heartbeat(job.job_id):
+        result = _compute(method, planned, inputs, run)
+    return _store(store, run, rows, result, force)
+
+
+def _record_for(job: Job, method: Method, planned: Planned, inputs: RunInputs) -> RunRecord:
+    """The run record of one planned run: its params (with where it computes) and run key."""
     loaded, task = inputs.loaded, inputs.task
     ckpt = loaded.checkpoint
     placement = {"device": str(loaded.model.cfg.device), "dtype": _dtype_name(loaded)}
     params = {**planned.key, **placement}
     key = run_key(job.pipeline, method.name, ckpt.sha256, task.sha256, params)
-    run = RunRecord(
+    return RunRecord(
         key, job.pipeline, method.name, ckpt.checkpoint_id, task.task_id, params, started_at=now()
     )
-    existing = store.start(job.job_id, run.run_id, key, force)
-    if existing:
-        logger.info(
-            "skip %s %s on %s: identical run %s exists",
-            job.pipeline,
-            method.name,
-            ckpt.checkpoint_id,
-            existing,
-        )
-        return RunOutcome(ckpt.checkpoint_id, method.name, "skipped", existing)
+
+
+def _compute(
+    method: Method, planned: Planned, inputs: RunInputs, run: RunRecord
+) -> RunResult | None:
+    """The method's result, or None with `run.error` set when it raised (bad input raises)."""
     try:
-        with store.heartbeat(job.job_id):
-            result: RunResult = method.compute(inputs, planned.params)
+        return method.compute(inputs, planned.params)
     except BadInput:
         raise
     except Exception as err:  # a failed run is recorded, not raised
-        logger.exception("%s %s failed on %s", job.pipeline, method.name, ckpt.checkpoint_id)
+        logger.exception("%s %s failed on %s", run.pipeline, run.method, run.checkpoint_id)
         run.error = f"{type(err).__name__}: {err}"
+        return None
+
+
+def _skipped(run: RunRecord, existing: str) -> RunOutcome:
+    logger.info(
+        "skip %s %s on %s: identical run %s exists",
+        run.pipeline,
+        run.method,
+        run.checkpoint_id,
+        existing,
+    )
+    return RunOutcome(run.checkpoint_id, run.method, "skipped", existing)
+
+
+def _store(
+    store: StoreSession,
+    run: RunRecord,
+    rows: dict[str, Any],
+    result: RunResult | None,
+    force: bool,
+) -> RunOutcome:
+    """Write a computed run (or record it as failed) in its one transaction."""
+    if result is None:
         run_id = store.record_failed_run(run, registry=rows)
-        return RunOutcome(ckpt.checkpoint_id, method.name, "failed", run_id, run.error)
+        return RunOutcome(run.checkpoint_id, run.method, "failed", run_id, run.error)
     run_id = store.write_result(run, registry=rows, result=result, replace=force)
-    logger.info("%s %s on %s: run %s", job.pipeline, method.name, ckpt.checkpoint_id, run_id)
-    return RunOutcome(ckpt.checkpoint_id, method.name, "done", run_id)
+    logger.info("%s %s on %s: run %s", run.pipeline, run.method, run.checkpoint_id, run_id)
+    return RunOutcome(run.checkpoint_id, run.method, "done", run_id)
+
+
+# --- computing a job away from the store (a remote executor's worker) ----------------------
+@dataclass
+class Computed:
+    """One planned run of a job, computed without the store: its record and its result (None
+    when it failed, with `run.error`; or when an identical run was stored: `existing`)."""
+
+    run: RunRecord
+    result: RunResult | None = None
+    existing: str | None = None
+
+
+@dataclass
+class JobComputed:
+    """What a worker returns for a job: the rows its runs refer to and each run computed."""
+
+    job: Job
+    registry: dict[str, Any]
+    runs: list[Computed]
+
+
+def compute_job(
+    job: Job, loaded: LoadedModel, reader: StoreReader, *, db: str | None, force: bool
+) -> JobComputed:
+    """Plan and compute one job on its loaded checkpoint, writing nothing: `reader` answers the
+    planner's questions and says which runs are stored already (skipped unless `force`)."""
+    from workbench.tasks import load_task
+
+    task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
+    inputs = RunInputs(loaded, task, max_batch=job.max_batch, batch_tokens=job.batch_tokens)
+    method = registry.method(job.pipeline, job.method)
+    params = method.make_params(job.params)
+    computed = []
+    for planned in method.runs(params, inputs, PlanContext(store=reader, db=db)):
+        run = _record_for(job, method, planned, inputs)
+        existing = None if force else reader.done_run(run.run_key)
+        if existing:
+            computed.append(Computed(run, existing=existing))
+            continue
+        computed.append(Computed(run, _compute(method, planned, inputs, run)))
+    return JobComputed(job, registry_rows(loaded, task), computed)
+
+
+def ingest(store: StoreSession, computed: JobComputed, force: bool) -> list[RunOutcome]:
+    """Store a job computed elsewhere: each run in its own transaction (a run stored in the
+    meantime with the same key is skipped), then the job leaves the queue."""
+    outcomes = []
+    for c in computed.runs:
+        existing = c.existing or store.start(
+            computed.job.job_id, c.run.run_id, c.run.run_key, force
+        )
+        if existing:
+            outcomes.append(_skipped(c.run, existing))
+        else:
+            outcomes.append(_store(store, c.run, computed.registry, c.result, force))
+    store.finish(computed.job.job_id)
+    return outcomes
 
 
 def _dtype_name(loaded: LoadedModel) -> str:

@@ -239,6 +239,8 @@ class Watcher:
         db: str | None = None,
         retry_failed: bool = False,
         stop: Stop | None = None,
+        executor: str = "local",
+        address: str | None = None,
     ):
         if not root.is_dir():
             raise BadInput(f"{root}: no such directory to watch")
@@ -247,6 +249,11 @@ class Watcher:
         self.db = str(default_db_path(db or config.db))
         self.retry_failed = retry_failed
         self.stop = stop or Stop()
+        if executor not in ("local", "ray"):
+            raise BadInput(f"--executor {executor}: choose local or ray")
+        if address is not None and executor != "ray":
+            raise BadInput("--address applies to --executor ray")
+        self.executor, self.address = executor, address
 
     def known(self) -> dict[str, tuple[str, str]]:
         with Store(self.db) as store:
@@ -298,7 +305,13 @@ class Watcher:
         jobs = [job for spec in self.config.jobs for job in spec.jobs(ref)]
         logger.info("%s: %d jobs", ref.checkpoint_id, len(jobs))
         try:
-            outcomes = run_jobs(jobs, db=self.db, should_stop=lambda: self.stop.requested)
+            outcomes = run_jobs(
+                jobs,
+                db=self.db,
+                should_stop=lambda: self.stop.requested,
+                executor=self.executor,
+                address=self.address,
+            )
         except DatabaseBusy:
             raise
         except BadInput as err:  # the checkpoint (or a task on it) cannot be used

@@ -134,6 +134,28 @@ class StoreSession:
                 )
             return existing
 
+    def running(self, job_id: str) -> None:
+        """Mark a job running (sent to a worker; its runs' ids come when they are stored)."""
+        with self.store() as store:
+            store.con.execute(
+                """UPDATE run_queue SET status = 'running', pid = ?, host = ?,
+                   started_at = coalesce(started_at, ?), heartbeat_at = ? WHERE job_id = ?""",
+                [self.pid, self.host, _now(), _now(), job_id],
+            )
+
+    def beat(self, job_ids: list[str]) -> None:
+        """Refresh the heartbeat of running jobs (a missed beat is not an error)."""
+        if not job_ids:
+            return
+        try:
+            with self.store() as store:
+                store.con.execute(
+                    "UPDATE run_queue SET heartbeat_at = ? WHERE list_contains(?, job_id)",
+                    [_now(), job_ids],
+                )
+        except Exception:
+            logger.debug("heartbeat of %d jobs missed", len(job_ids), exc_info=True)
+
     def finish(self, job_id: str) -> None:
         with self.store() as store:
             store.con.execute("DELETE FROM run_queue WHERE job_id = ?", [job_id])
@@ -151,14 +173,7 @@ class StoreSession:
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_SECONDS):
-                try:
-                    with self.store() as store:
-                        store.con.execute(
-                            "UPDATE run_queue SET heartbeat_at = ? WHERE job_id = ?",
-                            [_now(), job_id],
-                        )
-                except Exception:  # a missed beat is not a failed run
-                    logger.debug("heartbeat of %s missed", job_id, exc_info=True)
+                self.beat([job_id])
 
         thread = threading.Thread(target=beat, name="workbench-heartbeat", daemon=True)
         thread.start()

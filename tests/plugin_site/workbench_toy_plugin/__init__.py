@@ -1,6 +1,7 @@
 """A method from outside the workbench: how far the clean and corrupt residual streams are apart
 before each layer, at the last position. Registered only through this directory's
-`entry_points.txt`; nothing in the workbench names it."""
+`entry_points.txt`; nothing in the workbench names it. A negative `--scale` makes it raise while
+computing, as a method with a bug does (the run is stored as failed)."""
 
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ class GapParams:
 def resid_gap(inputs: RunInputs, params: GapParams) -> RunResult:
     import torch
 
+    if params.scale < 0:
+        raise ValueError(f"scale {params.scale} is negative")
     model, n_layers = inputs.model, inputs.model.cfg.n_layers
     hooks = [Hook.resid_pre(layer) for layer in range(n_layers)]
     totals = torch.zeros(n_layers)

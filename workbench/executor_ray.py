@@ -1,0 +1,276 @@
+"""The Ray executor (`--executor ray [--address ADDR]`): jobs computed on a Ray cluster.
+
+What runs where:
+
+* The driver (the `workbench run` or `workbench watch` process) plans the jobs, keeps the run
+  queue and is the only writer: it stores what the workers return, one run transaction at a
+  time, exactly as the local runner stores what it computes.
+* A worker task takes one job (checkpoint x task x method). It loads the checkpoint (and keeps it
+  loaded for its next job on the same one), plans and computes the job's runs, and returns them:
+  each run's record, the rows it refers to and its result (the table parts as Arrow tables).
+  Files a run made (a trained SAE) travel back as bytes, so a worker needs no storage shared with
+  the driver: only the checkpoints at the same paths, and the workbench installed.
+* What the planner reads from the store (runs stored already, the newest SAEs) goes to the
+  worker as a snapshot taken when the job is sent. A method that reads another's results
+  (`Method.after`: `sae_attr` after `sae_features`) is sent only once those are stored.
+* A job asks Ray for one CPU, and for one GPU when its `--device` is `cuda`/`cuda:N`, or `auto`
+  on a cluster that has GPUs: GPU workers take the GPU jobs.
+* A worker that dies mid-job (killed, out of memory, its node lost) has the job retried by Ray,
+  up to `MAX_RETRIES` times; since only the driver writes, a retried job stores its runs once. A
+  method that raises is a failed run, stored as such with its error.
+"""
+
+import io
+import logging
+import shutil
+import socket
+import tarfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench import registry
+from workbench.errors import BadInput
+from workbench.models.base import LoadedModel
+from workbench.runner import (
+    Job,
+    JobComputed,
+    RunOutcome,
+    Stopped,
+    _queue_row,
+    compute_job,
+    ingest,
+)
+from workbench.store import default_db_path
+from workbench.store.session import HEARTBEAT_SECONDS, StoreSession
+
+logger = logging.getLogger(__name__)
+
+MAX_RETRIES = 3  # Ray re-runs a job whose worker died this many times before it counts as failed
+POLL_SECONDS = 0.5  # how often the driver checks for finished jobs (and for a stop request)
+
+
+@dataclass
+class Snapshot:
+    """The store's reads a worker's planner makes, taken when the job is sent."""
+
+    saes: list[tuple[str, str]]
+    done: dict[str, str]  # run key -> run id of the checkpoint's stored runs
+
+    def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]:
+        return list(self.saes)
+
+    def done_run(self, run_key: str) -> str | None:
+        return self.done.get(run_key)
+
+    @classmethod
+    def read(cls, session: StoreSession, checkpoint_id: str) -> "Snapshot":
+        with session.store() as store:
+            done = store.query(
+                "SELECT run_key, run_id FROM runs WHERE checkpoint_id = ? AND status = 'done'",
+                [checkpoint_id],
+            ).to_pylist()
+            saes = store.latest_saes(checkpoint_id)
+        return cls(saes, {r["run_key"]: r["run_id"] for r in done})
+
+
+@dataclass
+class WorkerReply:
+    """A job's result as it comes back: computed runs (with their files packed), or the
+    sentence of a bad input."""
+
+    computed: JobComputed | None = None
+    bad_input: str | None = None
+    files: dict[str, dict[str, bytes]] = field(default_factory=dict)  # run id -> final -> tar
+
+
+# --- on a worker ------------------------------------------------------------------------------
+_LOADED: dict[tuple[Any, ...], LoadedModel] = {}  # the worker's current checkpoint
+
+
+def _load(job: Job) -> LoadedModel:
+    from workbench.models import load_checkpoint
+
+    where = (job.checkpoint, job.device, job.dtype)
+    if where not in _LOADED:
+        _LOADED.clear()
+        _LOADED[where] = load_checkpoint(job.checkpoint, device=job.device, dtype=job.dtype)
+    return _LOADED[where]
+
+
+def work(job_json: str, snapshot: Snapshot, db: str, force: bool) -> WorkerReply:
+    """A Ray task: compute one job (given as JSON) and return it; nothing is written."""
+    job = Job.from_json(job_json)
+    try:
+        computed = compute_job(job, _load(job), snapshot, db=db, force=force)
+    except BadInput as err:
+        return WorkerReply(bad_input=str(err))
+    reply = WorkerReply(computed)
+    for c in computed.runs:
+        if c.result is not None and c.result.files:
+            reply.files[c.run.run_id] = {
+                final: _pack(Path(staged)) for staged, final in c.result.files.items()
+            }
+            c.result.files = {}
+    return reply
+
+
+def _pack(path: Path) -> bytes:
+    """A staged file or directory as a tar archive (its one top entry named `run`); the staged
+    copy goes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        tar.add(path, arcname="run")
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return buf.getvalue()
+
+
+def _unpack(data: bytes, final: str) -> str:
+    """Unpack a run's file or directory beside its final place (the store moves it there when
+    the run commits); returns the staged path."""
+    target = Path(final)
+    holder = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    holder.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        tar.extractall(holder, filter="data")
+    return str(holder / "run")
+
+
+# --- on the driver ----------------------------------------------------------------------------
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise BadInput(
+            "--executor ray needs Ray: pip install 'circuit-workbench[ray]' (or '.[ray]')"
+        ) from None
+    return ray
+
+
+def connect(address: str | None) -> Any:
+    """Ray, connected: to the cluster at `address`, to the instance this process already
+    joined, or to a new local instance."""
+    ray = _ray()
+    if ray.is_initialized():
+        return ray
+    if address and address != "auto":
+        _reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise BadInput(f"--address {address}: cannot join a Ray cluster there ({err})") from None
+    logger.info("Ray: %s", ray.cluster_resources())
+    return ray
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nothing listens at (Ray itself would keep trying for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise BadInput(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise BadInput(f"--address {address}: no Ray cluster answers there ({err})") from None
+
+
+def _gpus(job: Job, resources: dict[str, float]) -> float:
+    if job.device.startswith("cuda"):
+        return 1.0
+    return 1.0 if job.device == "auto" and resources.get("GPU", 0) > 0 else 0.0
+
+
+def _waits_for(job: Job, others: list[Job]) -> bool:
+    """Whether a job must wait for one of `others` (a method whose results it reads)."""
+    after = registry.method(job.pipeline, job.method).after
+    return bool(after) and any(
+        o.method in after
+        and o.pipeline == job.pipeline
+        and o.checkpoint == job.checkpoint
+        and o.task == job.task
+        for o in others
+    )
+
+
+def run_jobs_ray(
+    jobs: list[Job],
+    *,
+    db: str | None,
+    force: bool,
+    address: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[RunOutcome]:
+    """Compute `jobs` on Ray and store them here as they come back (in any order)."""
+    ray = connect(address)
+    # workers log (Ray forwards their lines here) but draw no progress bars of their own
+    remote = ray.remote(
+        num_cpus=1, max_retries=MAX_RETRIES, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}}
+    )(work)
+    resources = ray.cluster_resources()
+    slots = max(1, int(resources.get("CPU", 1)))  # jobs in flight: the queue shows them running
+    db_path = str(default_db_path(db).resolve())
+    pending = list(jobs)
+    in_flight: dict[Any, Job] = {}
+    outcomes: list[RunOutcome] = []
+    with StoreSession(db_path) as session:
+        session.enqueue([_queue_row(j) for j in jobs])
+        beat = time.monotonic()
+        try:
+            while pending or in_flight:
+                if should_stop is not None and should_stop():
+                    raise Stopped(outcomes)
+                for job in list(pending):
+                    if len(in_flight) >= slots:
+                        break
+                    if _waits_for(job, [*pending, *in_flight.values()]):
+                        continue
+                    snapshot = Snapshot.read(session, job.checkpoint.checkpoint_id)
+                    ref = remote.options(
+                        num_gpus=_gpus(job, resources),
+                        name=f"workbench {job.method} {job.checkpoint.checkpoint_id}",
+                    ).remote(job.to_json(), snapshot, db_path, force)
+                    session.running(job.job_id)
+                    in_flight[ref] = job
+                    pending.remove(job)
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=POLL_SECONDS)
+                for ref in ready:
+                    outcomes += _receive(ray, session, in_flight.pop(ref), ref, force)
+                if time.monotonic() - beat > HEARTBEAT_SECONDS:
+                    session.beat([j.job_id for j in in_flight.values()])
+                    beat = time.monotonic()
+        except BaseException:  # stopped, bad input, interrupted: abandon what is in flight
+            for ref in in_flight:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            session.clear([j.job_id for j in jobs])
+    return outcomes
+
+
+def _receive(ray: Any, session: StoreSession, job: Job, ref: Any, force: bool) -> list[RunOutcome]:
+    try:
+        reply: WorkerReply = ray.get(ref)
+    except ray.exceptions.RayError as err:  # the worker died MAX_RETRIES + 1 times
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        logger.error("%s %s on %s failed: %s", job.pipeline, job.method, job.checkpoint, error)
+        session.finish(job.job_id)
+        return [RunOutcome(job.checkpoint.checkpoint_id, job.method, "failed", None, error)]
+    if reply.bad_input is not None:
+        raise BadInput(reply.bad_input)
+    assert reply.computed is not None
+    for c in reply.computed.runs:
+        packed = reply.files.get(c.run.run_id, {})
+        if c.result is not None and packed:
+            c.result.files = {_unpack(data, final): final for final, data in packed.items()}
+    try:
+        return ingest(session, reply.computed, force)
+    finally:  # what is left staged (a run stored meanwhile, a failed write) goes
+        for c in reply.computed.runs:
+            for staged in c.result.files if c.result is not None else {}:
+                shutil.rmtree(Path(staged).parent, ignore_errors=True)
