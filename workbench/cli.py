@@ -270,13 +270,25 @@ def sql(
     format: Annotated[
         OutputFormat, typer.Option("--format", help="table, csv or json.")
     ] = OutputFormat.table,
+    timeout: Annotated[
+        float, typer.Option(help="Stop the query after this many seconds (0: no limit).")
+    ] = 300.0,
+    max_rows: Annotated[
+        int, typer.Option(help="Print at most this many rows (0: all of them).")
+    ] = 100_000,
     db: DbOption = None,
 ) -> None:
     """Run a read-only SQL query and print the result."""
-    from workbench.store.query import format_table, run_readonly_query
+    from workbench.store.query import format_table, run_console_query
 
-    table = run_readonly_query(query, db=db)
-    typer.echo(format_table(table, format.value), nl=False)
+    result = run_console_query(query, db=db, timeout=timeout or None, max_rows=max_rows or None)
+    typer.echo(format_table(result.table, format.value), nl=False)
+    if result.truncated:
+        typer.echo(
+            f"note: the first {max_rows} rows are shown; the query has more "
+            "(aggregate, add a LIMIT, or pass --max-rows 0)",
+            err=True,
+        )
 
 
 @app.command("watch")

@@ -12,7 +12,8 @@ What runs where:
   the driver: only the checkpoints at the same paths, and the workbench installed.
 * What the planner reads from the store (runs stored already, the newest SAEs) goes to the
   worker as a snapshot taken when the job is sent. A method that reads another's results
-  (`Method.after`: `sae_attr` after `sae_features`) is sent only once those are stored.
+  (`Method.after`: `sae_attr` after `sae_features`) is sent only once those are stored, and
+  those are sent first.
 * A job asks Ray for one CPU, and for one GPU when its `--device` is `cuda`/`cuda:N`, or `auto`
   on a cluster that has GPUs: GPU workers take the GPU jobs.
 * A worker that dies mid-job (killed, out of memory, its node lost) has the job retried by Ray,
@@ -215,7 +216,9 @@ def run_jobs_ray(
     resources = ray.cluster_resources()
     slots = max(1, int(resources.get("CPU", 1)))  # jobs in flight: the queue shows them running
     db_path = str(default_db_path(db).resolve())
-    pending = list(jobs)
+    # jobs that others wait for go first: they are on the critical path
+    awaited = [j for j in jobs if any(_waits_for(o, [j]) for o in jobs)]
+    pending = awaited + [j for j in jobs if j not in awaited]
     in_flight: dict[Any, Job] = {}
     outcomes: list[RunOutcome] = []
     with StoreSession(db_path) as session:

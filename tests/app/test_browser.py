@@ -212,3 +212,41 @@ def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     _wait_for_text(browser, "Circuit diff between two checkpoints")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     browser.save_screenshot(str(tmp_path / "timeline.png"))
+
+
+def _type_into(driver, css: str, text: str, commit) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+    box = driver.find_element(By.CSS_SELECTOR, css)
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text)
+    box.send_keys(*commit)
+
+
+def test_sql_console_caps_rows_and_times_out_in_a_real_browser(server, browser, tmp_path):
+    """The console in Chromium: a billion-row query shows its first rows with the cap's
+    message; a runaway cross join ends with the timeout's message; the page keeps working."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(server)
+    _wait_for_text(browser, "Checkpoints")
+    click_view(browser, "SQL")
+    _wait_for_text(browser, "SQL console")
+    _type_into(browser, "input[aria-label='Timeout (seconds)']", "2", [Keys.ENTER])
+    query = "textarea[aria-label='Query']"
+    _type_into(browser, query, "SELECT * FROM range(1000000000)", [Keys.CONTROL, Keys.ENTER])
+    _wait_for_text(browser, "more than 1,000,000 rows")
+    _wait_for_text(browser, "Showing the first 10,000 of 1,000,000 rows")
+    browser.save_screenshot(str(tmp_path / "sql-cap.png"))
+    cross = "SELECT sum(a.range * b.range) FROM range(100000) a, range(100000) b"
+    _type_into(browser, query, cross, [Keys.CONTROL, Keys.ENTER])
+    _wait_for_text(browser, "query stopped after 2 s (the timeout)")
+    _type_into(browser, query, "SELECT 41 + 1 AS answer", [Keys.CONTROL, Keys.ENTER])
+    _wait_for_text(browser, "1 rows in")
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
