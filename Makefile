@@ -89,6 +89,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ig_rules
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_methods
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_watch
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ray --checkpoints 11
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
