@@ -45,7 +45,7 @@ def run_config(config: Config, log_dir: Path, measure_file: Path | None, extra: 
     if measure_file is not None:
         env["WORKBENCH_MEASURE_FILE"] = str(measure_file)
     log = log_dir / f"{config.kernel}-{config.seed}.log"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "numerics and not browser"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "numerics and not browser and not ray"]
     cmd += ["-p", "no:cacheprovider"]
     started = time.monotonic()
     with log.open("w") as out:

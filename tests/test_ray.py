@@ -24,6 +24,7 @@ from workbench.models import resolve_checkpoints
 from workbench.runner import Job, RunOptions, demo_jobs, plan_jobs, run_jobs
 
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_SITE = ROOT / "tests" / "plugin_site"

@@ -23,6 +23,7 @@ What runs where:
 
 import io
 import logging
+import os
 import shutil
 import socket
 import tarfile
@@ -157,11 +158,18 @@ def _ray() -> Any:
 def connect(address: str | None) -> Any:
     """Ray, connected: to the cluster at `address`, to the instance this process already
     joined, or to a new local instance."""
+    if address and address != "auto":
+        _reachable(address)
+        # a cluster started with `ray start` asks for its token (Ray >= 2.5x); given an
+        # address, Ray's client sends it only when told (before Ray is imported) that the
+        # cluster uses tokens
+        if "RAY_AUTH_MODE" not in os.environ and (
+            "RAY_AUTH_TOKEN" in os.environ or (Path.home() / ".ray" / "auth_token").is_file()
+        ):
+            os.environ["RAY_AUTH_MODE"] = "token"
     ray = _ray()
     if ray.is_initialized():
         return ray
-    if address and address != "auto":
-        _reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as err:
