@@ -5,7 +5,7 @@ Read-only: it queries the DuckDB store that the pipelines write.
 
 import streamlit as st
 
-from app import data
+from app import data, links
 from app.views import (
     circuit,
     features,
@@ -27,9 +27,11 @@ VIEWS = {
 }
 
 st.set_page_config(page_title="Circuit Workbench", layout="wide")
+links.restore(list(VIEWS))
 st.sidebar.title("Circuit Workbench")
 view = st.sidebar.radio("View", list(VIEWS), key="view")
 st.sidebar.caption(f"Database: `{data.db_path()}`")
+links.begin(view)
 
 if not data.database_ready():
     st.info(
@@ -38,3 +40,6 @@ if not data.database_ready():
     )
 else:
     VIEWS[view]()
+    for note in links.notes():
+        st.caption(f":orange[{note}]")
+    links.publish(view)

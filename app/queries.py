@@ -159,26 +159,56 @@ def runs_with_edges(model_id: str) -> pd.DataFrame:
     )
 
 
-def edge_run_edges_top(run_id: str, k: int) -> pd.DataFrame:
-    """A run's k edges of largest |score|, strongest first."""
+def run_info(run_id: str) -> pd.DataFrame:
+    """One row (or none): a run's model, method, task and checkpoint step."""
     return data.query(
-        "SELECT src, dst, score FROM edges WHERE run_id = ? ORDER BY abs(score) DESC LIMIT ?",
+        """SELECT c.model_id, r.method, r.task_id, c.step, r.pipeline
+           FROM runs r JOIN checkpoints c USING (checkpoint_id) WHERE r.run_id = ?""",
+        (run_id,),
+    )
+
+
+def edge_run_size(run_id: str) -> pd.DataFrame:
+    """One row: `n`, a run's number of edges, and `m`, their largest |score|."""
+    return data.query(
+        "SELECT count(*) AS n, max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,)
+    )
+
+
+def edge_run_edges_top(run_id: str, k: int) -> pd.DataFrame:
+    """A run's k edges of largest |score|, strongest first (ties by src, dst)."""
+    return data.query(
+        "SELECT src, dst, score FROM edges WHERE run_id = ? "
+        "ORDER BY abs(score) DESC, src, dst LIMIT ?",
         (run_id, k),
     )
 
 
-def edge_run_edges_above(run_id: str, threshold: float) -> pd.DataFrame:
-    """A run's edges with |score| at least `threshold`, strongest first."""
+def edge_run_edges_above(run_id: str, threshold: float, limit: int) -> pd.DataFrame:
+    """A run's edges with |score| at least `threshold`, strongest first, at most `limit`."""
     return data.query(
         "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? "
-        "ORDER BY abs(score) DESC",
-        (run_id, threshold),
+        "ORDER BY abs(score) DESC, src, dst LIMIT ?",
+        (run_id, threshold, limit),
     )
 
 
-def edge_run_max_abs_score(run_id: str) -> pd.DataFrame:
-    """One row, column `m`: the largest |score| of a run's edges."""
-    return data.query("SELECT max(abs(score)) AS m FROM edges WHERE run_id = ?", (run_id,))
+def edge_run_edges_share(run_id: str, share: float, limit: int) -> pd.DataFrame:
+    """The strongest edges of a run that together carry `share` of its total |score| (as
+    circuit-tracer prunes by cumulative influence): edges by |score|, descending, up to and
+    including the one at which the running sum reaches `share` of the total; at most `limit`.
+    Edges of score 0 carry no share and are never kept."""
+    return data.query(
+        """WITH ranked AS (
+             SELECT src, dst, score,
+                    sum(abs(score)) OVER (ORDER BY abs(score) DESC, src, dst
+                                          ROWS UNBOUNDED PRECEDING) - abs(score) AS before,
+                    sum(abs(score)) OVER () AS total
+             FROM edges WHERE run_id = ? AND score <> 0)
+           SELECT src, dst, score FROM ranked WHERE before < ? * total
+           ORDER BY abs(score) DESC, src, dst LIMIT ?""",
+        (run_id, share, limit),
+    )
 
 
 def faithfulness_curve(run_id: str) -> pd.DataFrame:

@@ -60,6 +60,35 @@ def _feature_order(node: Node) -> tuple[int, int]:
     return (1, 0) if node.feature is None else (0, node.feature)
 
 
+def input_to_logits(
+    edges: list[tuple[str, str, float]], source: str = "input", sink: str = "logits"
+) -> list[tuple[str, str, float]]:
+    """The edges on a path from the input to the logits: an edge stays when the input reaches
+    its source and its destination reaches the logits. A graph without an input node (e.g.
+    direct logit attribution's head -> logits edges) keeps every edge that reaches the logits;
+    one without logits, every edge the input reaches."""
+    graph = build_graph(edges)
+    keep = set(graph.nodes)
+    if source in graph:
+        keep &= nx.descendants(graph, source) | {source}
+    if sink in graph:
+        keep &= nx.ancestors(graph, sink) | {sink}
+    return [(s, d, v) for s, d, v in edges if s in keep and split_port(d)[0] in keep]
+
+
+def without_layers(
+    edges: list[tuple[str, str, float]], layers: set[int]
+) -> list[tuple[str, str, float]]:
+    """The edges none of whose ends is a node of one of `layers` (heads, MLPs, residual and
+    attention nodes there; the input, logits and SAE features stay)."""
+
+    def hidden(node_id: str) -> bool:
+        node = Node.try_parse(node_id)
+        return node is not None and node.sae_id is None and node.layer in layers
+
+    return [(s, d, v) for s, d, v in edges if not hidden(s) and not hidden(d)]
+
+
 def build_graph(edges: list[tuple[str, str, float]]) -> nx.DiGraph:
     graph = nx.DiGraph()
     for src, dst, score in edges:

@@ -4,46 +4,140 @@ only-left and only-right edges); and every score a chosen node has across method
 circuits (`sae_attr`) draw each SAE's features in a column at its hook; a head links to the
 features it writes most, a feature to its dashboard."""
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import queries
+from app import links, queries
 from app.views import features
 from app.views.common import select_model
 from workbench.core import PORTS, Hook, Node
-from workbench.graph import build_graph, layout, split_port
+from workbench.graph import build_graph, input_to_logits, layout, split_port, without_layers
 
 Edge = tuple[str, str, float]
 COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
 
 
+MAX_DRAWN = 10_000  # edges the explorer draws at most
+LABELLED = 150  # nodes drawn with their labels (beyond it: hover only)
+
+
+@dataclass
+class Shown:
+    """What a source of edges hands the explorer: the edges and where they come from."""
+
+    edges: list[Edge]
+    checkpoint_id: str
+    colours: dict[tuple[str, str], str] | None = None
+    after: Callable[[], None] | None = None  # drawn below the graph (tables, curves)
+
+
 def render() -> None:
     st.header("Circuit")
+    linked_run = links.take("run")
+    if linked_run is not None:
+        _open_run(linked_run)
     model_id = select_model("circuit_model")
     if model_id is None:
         return
     shape = queries.model_shape(model_id)
     n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
-    source = st.radio(
+    source = links.radio(
         "Show",
         ["Edge run", "Stored circuit", "Compare circuits"],
         horizontal=True,
         key="circuit_source",
+        param="show",
     )
     if source == "Edge run":
-        shown = _edge_run(model_id, n_layers, n_heads)
+        shown = _edge_run(model_id)
     elif source == "Stored circuit":
-        shown = _stored_circuit(model_id, n_layers, n_heads)
+        shown = _stored_circuit(model_id)
     else:
-        shown = _compare(model_id, n_layers, n_heads)
-    if shown:
-        heads = [Node.head_of(lyr, h).id for lyr in range(n_layers) for h in range(n_heads)]
-        _node_inspector(model_id, *shown, extra=heads)
+        shown = _compare(model_id)
+    if shown is None:
+        return
+    _explore(shown, n_layers, n_heads)
 
 
-def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
+def _open_run(run_id: str) -> None:
+    """A link naming a run (`?view=circuit&run=...`) opens its model, method, task and step."""
+    found = queries.run_info(run_id)
+    if found.empty:
+        st.caption(f":orange[link parameter run={run_id!r} is not a stored run; ignored]")
+        return
+    row = found.iloc[0]
+    links.prefill(
+        model=row["model_id"],
+        show="Edge run",
+        method=row["method"],
+        task=row["task_id"],
+        step=int(row["step"]),
+    )
+
+
+def _explore(shown: Shown, n_layers: int, n_heads: int) -> None:
+    """Path pruning, hidden layers, the node picked (its neighbourhood highlighted), the graph
+    drawn with WebGL, and the picked node's scores across methods."""
+    c1, c2, c3 = st.columns([2, 2, 1])
+    on_paths = links.checkbox(
+        "Only edges on input → logits paths",
+        key="circuit_paths",
+        param="paths",
+        default=True,
+        where=c1,
+    )
+    hidden = links.multiselect(
+        "Hide layers", list(range(n_layers)), key="circuit_hide", param="hide", where=c2
+    )
+    renderer = links.radio(
+        "Draw with", ["WebGL", "SVG"], key="circuit_draw", param="draw", where=c3
+    )
+    edges = shown.edges
+    if on_paths:
+        edges = input_to_logits(edges)
+    if hidden:
+        edges = without_layers(edges, set(hidden))
+    nodes = sorted({split_port(n)[0] for s, d, _ in edges for n in (s, d)})
+    heads = [Node.head_of(lyr, h).id for lyr in range(n_layers) for h in range(n_heads)]
+    clicked = _clicked("circuit_graph")
+    choices = list(dict.fromkeys(nodes + heads))
+    if clicked in choices:
+        st.session_state["circuit_node"] = clicked
+    node = links.selectbox(
+        "Node (or click one in the graph)", choices, key="circuit_node", param="node"
+    )
+    if not edges:
+        st.info(
+            "No edge is left to draw: widen the pruning, or show paths that do not end in "
+            "the logits."
+        )
+    else:
+        fig = circuit_figure(
+            edges,
+            n_layers,
+            n_heads,
+            colours=shown.colours,
+            highlight=node,
+            webgl=renderer == "WebGL",
+        )
+        _clickable(fig, "circuit_graph")
+        dropped = len(shown.edges) - len(edges)
+        st.caption(
+            f"{len(edges):,} edges drawn"
+            + (f" ({dropped:,} off input → logits paths or in hidden layers)" if dropped else "")
+        )
+    if shown.after is not None:
+        shown.after()
+    if node:
+        _node_inspector(node, shown.checkpoint_id)
+
+
+def _edge_run(model_id: str) -> Shown | None:
     runs = queries.done_runs(model_id)
     with_edges = queries.runs_with_edges(model_id)
     runs = runs[runs["run_id"].isin(with_edges["run_id"])]
@@ -51,67 +145,109 @@ def _edge_run(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], s
         st.info("No runs with edges for this model yet (dla, attr_patch and the edges pipeline).")
         return None
     c1, c2, c3 = st.columns(3)
-    method = c1.selectbox("Method", sorted(runs["method"].unique()), key="circuit_method")
+    method = links.selectbox(
+        "Method", sorted(runs["method"].unique()), key="circuit_method", param="method", where=c1
+    )
     runs = runs[runs["method"] == method]
-    task = c2.selectbox("Task", sorted(runs["task_id"].unique()), key="circuit_task")
+    task = links.selectbox(
+        "Task", sorted(runs["task_id"].unique()), key="circuit_task", param="task", where=c2
+    )
     runs = runs[runs["task_id"] == task]
     steps = sorted(runs["step"].unique().tolist())
-    step = c3.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="circuit_step")
+    step = links.selectbox(
+        "Checkpoint step", steps, index=len(steps) - 1, key="circuit_step", param="step", where=c3
+    )
     run = runs[runs["step"] == step].iloc[0]
     run_id = str(run["run_id"])
-    mode = st.radio("Prune by", ["top-k", "threshold"], horizontal=True, key="circuit_mode")
+    links.show("run", run_id)
+    size = queries.edge_run_size(run_id).iloc[0]
+    n_stored, bound = int(size["n"]), float(size["m"] or 0.0)
+    mode = links.radio(
+        "Prune by",
+        ["top-k", "threshold", "cumulative share"],
+        horizontal=True,
+        key="circuit_mode",
+        param="prune",
+    )
+    most = min(n_stored, MAX_DRAWN)
     if mode == "top-k":
-        k = st.slider("Edges (top k by |score|)", 1, 100, 12, key="circuit_k")
-        edges = queries.edge_run_edges_top(run_id, k)
+        k = links.number(
+            "Edges (top k by |score|)", 1, max(most, 2), min(12, most), key="circuit_k", param="k"
+        )
+        edges = queries.edge_run_edges_top(run_id, int(k))
+    elif mode == "threshold":
+        threshold = links.number(
+            "Minimum |score|", 0.0, bound, bound / 4, key="circuit_threshold", param="min"
+        )
+        edges = queries.edge_run_edges_above(run_id, float(threshold), MAX_DRAWN)
     else:
-        bound = float(queries.edge_run_max_abs_score(run_id)["m"][0])
-        threshold = st.slider("Minimum |score|", 0.0, bound, bound / 4, key="circuit_threshold")
-        edges = queries.edge_run_edges_above(run_id, threshold)
-    triples = _triples(edges)
-    measured = queries.run_metrics(run_id)
-    for row in measured.itertuples():
+        share = links.number(
+            "Share of the total |score| kept (strongest edges first)",
+            0.01,
+            1.0,
+            0.5,
+            key="circuit_share",
+            param="share",
+            step=0.01,
+        )
+        edges = queries.edge_run_edges_share(run_id, float(share), MAX_DRAWN)
+    if len(edges) >= MAX_DRAWN and mode != "top-k":
+        st.caption(f":orange[the {MAX_DRAWN:,} strongest of the edges asked for are drawn]")
+    for row in queries.run_metrics(run_id).itertuples():
         label = {"roc_auc_known_circuit": "ROC AUC vs the known circuit"}.get(
             row.metric, row.metric
         )
         st.metric(label, f"{row.value:.3f}")
-    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_graph")
-    st.caption(f"{len(edges)} edges from run `{run_id}`")
-    st.dataframe(edges, hide_index=True)
-    curve = queries.faithfulness_curve(run_id)
-    if not curve.empty:
-        st.subheader("Faithfulness vs circuit size")
-        fig = px.line(curve, x="n_edges", y="faithfulness", markers=True, log_x=True)
-        fig.add_hline(y=0.8, line_dash="dot")
-        st.plotly_chart(fig, key="circuit_curve")
-    return triples, str(run["checkpoint_id"])
+    st.caption(f"{len(edges):,} of {n_stored:,} edges from run `{run_id}`")
+
+    def after() -> None:
+        st.dataframe(edges, hide_index=True)
+        curve = queries.faithfulness_curve(run_id)
+        if not curve.empty:
+            st.subheader("Faithfulness vs circuit size")
+            fig = px.line(curve, x="n_edges", y="faithfulness", markers=True, log_x=True)
+            fig.add_hline(y=0.8, line_dash="dot")
+            st.plotly_chart(fig, key="circuit_curve")
+
+    return Shown(_triples(edges), str(run["checkpoint_id"]), after=after)
 
 
 def _circuit_edges(circuit_id: str) -> list[Edge]:
     return _triples(queries.circuit_edges(circuit_id))
 
 
-def _stored_circuit(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
+def _stored_circuit(model_id: str) -> Shown | None:
     stored = queries.circuits(model_id)
     if stored.empty:
         st.info("No stored circuits for this model yet (`workbench run edges` stores them).")
         return None
-    label = st.selectbox("Circuit", stored["label"].tolist(), key="circuit_pick")
-    row = stored[stored["label"] == label].iloc[0]
-    triples = _circuit_edges(row["circuit_id"])
-    _clickable(circuit_figure(triples, n_layers, n_heads), "circuit_stored_graph")
+    ids = stored["circuit_id"].tolist()
+    labels = dict(zip(ids, stored["label"], strict=True))
+    circuit_id = links.selectbox(
+        "Circuit",
+        ids,
+        format_func=lambda i: str(labels[i]),
+        key="circuit_pick",
+        param="circuit",
+    )
+    row = stored[stored["circuit_id"] == circuit_id].iloc[0]
     st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
-    return triples, str(row["checkpoint_id"])
+    return Shown(_circuit_edges(row["circuit_id"]), str(row["checkpoint_id"]))
 
 
-def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], str] | None:
+def _compare(model_id: str) -> Shown | None:
     stored = queries.circuits(model_id)
     if len(stored) < 2:
         st.info("Comparing needs at least two stored circuits.")
         return None
     labels = stored["label"].tolist()
     c1, c2 = st.columns(2)
-    left_label = c1.selectbox("Left", labels, index=0, key="circuit_left")
-    right_label = c2.selectbox("Right", labels, index=1, key="circuit_right")
+    left_label = links.selectbox(
+        "Left", labels, index=0, key="circuit_left", param="left", where=c1
+    )
+    right_label = links.selectbox(
+        "Right", labels, index=1, key="circuit_right", param="right", where=c2
+    )
     left_row = stored[stored["label"] == left_label].iloc[0]
     right_row = stored[stored["label"] == right_label].iloc[0]
     left = {(s, d): v for s, d, v in _circuit_edges(left_row["circuit_id"])}
@@ -125,33 +261,24 @@ def _compare(model_id: str, n_layers: int, n_heads: int) -> tuple[list[Edge], st
     cols = st.columns(3)
     for col, key in zip(cols, ("shared", "left", "right"), strict=True):
         col.metric(f"{key} edges" if key == "shared" else f"only {key}", int(counts.get(key, 0)))
-    st.plotly_chart(
-        circuit_figure(merged, n_layers, n_heads, colours=colours), key="circuit_compare_graph"
-    )
-    st.caption("grey: in both · blue: only left · orange: only right")
-    table = pd.DataFrame(
-        [
-            {"src": s, "dst": d, "in": m, "left": left.get((s, d)), "right": right.get((s, d))}
-            for (s, d), m in membership.items()
-        ]  # fmt: skip
-    )
-    st.dataframe(table.sort_values("in"), hide_index=True)
-    return merged, str(left_row["checkpoint_id"])
+
+    def after() -> None:
+        st.caption("grey: in both · blue: only left · orange: only right")
+        table = pd.DataFrame(
+            [
+                {"src": s, "dst": d, "in": m, "left": left.get((s, d)), "right": right.get((s, d))}
+                for (s, d), m in membership.items()
+            ]  # fmt: skip
+        )
+        st.dataframe(table.sort_values("in"), hide_index=True)
+
+    return Shown(merged, str(left_row["checkpoint_id"]), colours=colours, after=after)
 
 
-def _node_inspector(
-    model_id: str, edges: list[Edge], checkpoint_id: str, extra: list[str] | None = None
-) -> None:
-    """Scores of a node of the shown edges (or any head, in `extra`) across every method."""
-    shown = [split_port(n)[0] for s, d, _ in edges for n in (s, d)]
-    nodes = list(dict.fromkeys(sorted(set(shown)) + (extra or [])))
-    if not nodes:
-        return
+def _node_inspector(node: str, checkpoint_id: str) -> None:
+    """Scores of a node (a head with its q/k/v/pattern inputs) across every method, and its
+    strongest edges in every edge run of the checkpoint."""
     st.subheader("Node scores across methods")
-    clicked = st.session_state.pop("circuit_clicked_node", None)
-    if clicked in nodes:
-        st.session_state["circuit_node"] = clicked
-    node = st.selectbox("Node (or click one in the graph)", nodes, key="circuit_node")
     with_ports = _with_ports(node)
     scores = queries.node_scores_at_checkpoint(checkpoint_id, with_ports)
     incident = queries.incident_edges(checkpoint_id, node, with_ports)
@@ -161,17 +288,24 @@ def _node_inspector(
     _feature_links(node, checkpoint_id)
 
 
-def _clickable(fig: go.Figure, key: str) -> None:
-    """Draw a circuit; a node clicked in it becomes the node the inspector below shows."""
-    event = st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
-    points = event.get("selection", {}).get("points", []) if event else []
+def _clicked(key: str) -> str | None:
+    """The node last clicked in the chart `key` (its selection, kept by Streamlit in the
+    session state), once per new click; read before the page draws anything from it."""
+    event = st.session_state.get(key)
+    points = (event or {}).get("selection", {}).get("points", [])
     chosen = [p["customdata"] for p in points if p.get("customdata")]
     node = chosen[0] if chosen else None
     if isinstance(node, list):
         node = node[0]
     if node and node != st.session_state.get(f"{key}_last_click"):  # a new click, once
         st.session_state[f"{key}_last_click"] = node
-        st.session_state["circuit_clicked_node"] = node
+        return str(node)
+    return None
+
+
+def _clickable(fig: go.Figure, key: str) -> None:
+    """Draw a circuit whose nodes can be clicked (see `_clicked`)."""
+    st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
 
 
 def _with_ports(node_id: str) -> list[str]:
@@ -226,39 +360,68 @@ def sae_depths(n_layers: int) -> dict[str, float]:
     return {str(r.sae_id): Hook.depth(str(r.hook), n_layers) for r in saes.itertuples()}
 
 
+def _width(score: float, biggest: float) -> float:
+    """Line width in four steps of |score| / the largest |score| (one WebGL trace per step)."""
+    return 1.0 + 2.0 * min(int(4 * abs(score) / biggest), 3)
+
+
 def circuit_figure(
-    edges: list[Edge], n_layers: int, n_heads: int, *, colours: dict | None = None
+    edges: list[Edge],
+    n_layers: int,
+    n_heads: int,
+    *,
+    colours: dict | None = None,
+    highlight: str | None = None,
+    webgl: bool = True,
 ) -> go.Figure:
+    """Nodes by layer (x) and head (y); edges coloured by sign (or `colours`, keyed by the
+    stored (src, dst)) and as wide as their |score|. Edges are batched into one trace per colour
+    and width, drawn with WebGL (`Scattergl`) unless `webgl` is False (SVG, for vector export);
+    the nodes stay one SVG trace, clickable and labelled while there are few. `highlight`: a
+    node whose edges are drawn in full colour while the rest fade."""
     graph = build_graph(edges)
     where = layout(list(graph.nodes), n_layers, n_heads, sae_depths(n_layers))
-    fig = go.Figure()
+    lines = go.Scattergl if webgl else go.Scatter
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
-    middles: list[tuple[float, float, str]] = []
+    stored_key = {(s, split_port(d)[0]): (s, d) for s, d, _ in edges}
+    batches: dict[tuple[bool, str, float], tuple[list, list]] = {}
+    middles: tuple[list, list, list] = ([], [], [])
+    near: set[str] = set()
+    if highlight is not None and highlight in graph:
+        near = {highlight, *graph.pred[highlight], *graph.succ[highlight]}
     for src, dst, attrs in graph.edges(data=True):
-        (x0, y0) = where[src]
-        (x1, y1) = where[dst]
+        (x0, y0), (x1, y1) = where[src], where[dst]
+        colour = (colours or {}).get(stored_key.get((src, dst))) or (
+            "#1f77b4" if attrs["score"] >= 0 else "#d62728"
+        )
+        lit = not near or highlight in (src, dst)
+        xs, ys = batches.setdefault((lit, colour, _width(attrs["score"], biggest)), ([], []))
+        xs += [x0, x1, None]
+        ys += [y0, y1, None]
         ports = ",".join(p for p in attrs["ports"] if p)
-        key = next(((s, d) for s, d, _ in edges if s == src and split_port(d)[0] == dst), None)
-        colour = (colours or {}).get(key) or ("#1f77b4" if attrs["score"] >= 0 else "#d62728")
+        middles[0].append((x0 + x1) / 2)
+        middles[1].append((y0 + y1) / 2)
+        middles[2].append(f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}")
+    fig = go.Figure()
+    for (lit, colour, width), (xs, ys) in sorted(batches.items(), key=lambda b: b[0]):
         fig.add_trace(
-            go.Scatter(
-                x=[x0, x1],
-                y=[y0, y1],
+            lines(
+                x=xs,
+                y=ys,
                 mode="lines",
-                line={"width": 1 + 8 * abs(attrs["score"]) / biggest, "color": colour},
+                line={"width": width, "color": colour},
+                opacity=1.0 if lit else 0.15,
                 hoverinfo="skip",  # lines end on the nodes: clicks there must reach the nodes
                 showlegend=False,
             )
         )
-        label = f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}"
-        middles.append(((x0 + x1) / 2, (y0 + y1) / 2, label))
     fig.add_trace(  # each edge's score, on hover over its midpoint
-        go.Scatter(
-            x=[m[0] for m in middles],
-            y=[m[1] for m in middles],
+        lines(
+            x=middles[0],
+            y=middles[1],
             mode="markers",
-            marker={"size": 7, "color": "#999", "opacity": 0.4},
-            hovertext=[m[2] for m in middles],
+            marker={"size": 6, "color": "#999", "opacity": 0.4},
+            hovertext=middles[2],
             hoverinfo="text",
             showlegend=False,
         )
@@ -269,20 +432,25 @@ def circuit_figure(
         go.Scatter(
             x=[p[0] for p in xy],
             y=[p[1] for p in xy],
-            mode="markers+text",
+            mode="markers+text" if len(nodes) <= LABELLED else "markers",
             text=[_short(n) for n in nodes],
             hovertext=nodes,
             customdata=nodes,
             textposition="top center",
-            marker={"size": 16, "color": "#444"},
+            marker={
+                "size": [
+                    22 if n == highlight else 16 if n in near or not near else 10 for n in nodes
+                ],
+                "color": ["#ff7f0e" if n == highlight else "#444" for n in nodes],
+            },
             hoverinfo="text",
             showlegend=False,
         )
     )
     fig.update_layout(
-        xaxis={"title": "layer", "dtick": 1},
-        yaxis={"title": "head", "dtick": 1},
-        height=520,
+        xaxis={"title": "layer", "dtick": 1 if n_layers <= 32 else None},
+        yaxis={"title": "head", "dtick": 1 if n_heads <= 32 else None},
+        height=max(520, 26 * n_heads),
         margin={"l": 40, "r": 20, "t": 20, "b": 40},
     )
     return fig

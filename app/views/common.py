@@ -4,7 +4,7 @@ from typing import Any
 
 import streamlit as st
 
-from app import queries
+from app import links, queries
 
 
 def select_model(key: str) -> str | None:
@@ -12,7 +12,7 @@ def select_model(key: str) -> str | None:
     if models.empty:
         st.info("No models stored yet.")
         return None
-    return st.selectbox("Model", models["model_id"].tolist(), key=key)
+    return links.selectbox("Model", models["model_id"].tolist(), key=key, param="model")
 
 
 def diverging_heatmap(grid: Any, bound: float, labels: dict[str, str], **style: Any) -> Any:

@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import queries
+from app import links, queries
 from app.views.common import select_model
 from workbench.core import Node
 
@@ -34,20 +34,26 @@ def render() -> None:
         st.info("No SAEs for this model yet: `workbench run sae --model ... --hook ...`.")
         return
     ids = saes["sae_id"].tolist()
-    if st.session_state.get("features_sae") not in ids:
-        st.session_state["features_sae"] = ids[0]
-    sae_id = st.selectbox(
+    sae_id = links.selectbox(
         "SAE",
         ids,
         format_func=lambda i: saes.set_index("sae_id").loc[i, "label"],
         key="features_sae",
+        param="sae",
     )
     sae = saes[saes["sae_id"] == sae_id].iloc[0]
     _quality(sae)
     _search(sae_id, int(sae["d_sae"]))
     feature = int(
-        st.number_input(
-            "Feature", min_value=0, max_value=int(sae["d_sae"]) - 1, step=1, key="features_index"
+        links.number(
+            "Feature",
+            0,
+            int(sae["d_sae"]) - 1,
+            0,
+            key="features_index",
+            param="feature",
+            slider=False,
+            step=1,
         )
     )
     _dashboard(sae, feature)
@@ -67,10 +73,18 @@ def _quality(sae: pd.Series) -> None:
 def _search(sae_id: str, d_sae: int) -> None:
     with st.expander("Search features", expanded=False):
         c1, c2 = st.columns([3, 1])
-        text = c1.text_input("Token the feature promotes (substring)", key="features_search")
-        order = c2.selectbox("Order by", list(queries.FEATURE_ORDERS), key="features_order")
-        flags = st.multiselect(
-            "Show", list(queries.FEATURE_FLAGS), default=["alive"], key="features_flags"
+        text = links.text(
+            "Token the feature promotes (substring)", key="features_search", param="q", where=c1
+        )
+        order = links.selectbox(
+            "Order by", list(queries.FEATURE_ORDERS), key="features_order", param="order", where=c2
+        )
+        flags = links.multiselect(
+            "Show",
+            list(queries.FEATURE_FLAGS),
+            default=["alive"],
+            key="features_flags",
+            param="show",
         )
         found = queries.features_of(sae_id, text=text, flags=flags, order=order)
         st.caption(f"{len(found)} of {d_sae} features")

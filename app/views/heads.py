@@ -5,7 +5,7 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from app import queries
+from app import links, queries
 from app.views.common import diverging_heatmap, select_model
 
 
@@ -20,15 +20,20 @@ def render() -> None:
         st.info("No head attribution runs for this model yet.")
         return
     c1, c2 = st.columns(2)
-    method = c1.selectbox("Method", sorted(runs["method"].unique()), key="heads_method")
+    method = links.selectbox(
+        "Method", sorted(runs["method"].unique()), key="heads_method", param="method", where=c1
+    )
     runs = runs[runs["method"] == method]
-    task = c2.selectbox("Task", sorted(runs["task_id"].unique()), key="heads_task")
+    task = links.selectbox(
+        "Task", sorted(runs["task_id"].unique()), key="heads_task", param="task", where=c2
+    )
     runs = runs[runs["task_id"] == task]
     steps = sorted(runs["step"].unique().tolist())
-    step = st.select_slider(
-        "Checkpoint (training step)", options=steps, value=steps[-1], key="heads_step"
+    step = links.select_slider(
+        "Checkpoint (training step)", steps, value=steps[-1], key="heads_step", param="step"
     )
     run = runs[runs["step"] == step].iloc[0]
+    links.show("run", run["run_id"])
     scores = queries.head_scores(str(run["run_id"]))
     if scores.empty:
         st.info("This run stored no head scores.")

@@ -3,7 +3,7 @@ patched positions one at a time (e.g. the residual stream by layer and position)
 
 import streamlit as st
 
-from app import queries
+from app import links, queries
 from app.views.common import diverging_heatmap, select_model
 
 
@@ -17,21 +17,34 @@ def render() -> None:
         st.info("No patching runs for this model yet (`workbench run patching`).")
         return
     c1, c2, c3 = st.columns(3)
-    component = c1.selectbox("Component", sorted(runs["component"].unique()), key="patch_comp")
+    component = links.selectbox(
+        "Component",
+        sorted(runs["component"].unique()),
+        key="patch_comp",
+        param="component",
+        where=c1,
+    )
     runs = runs[runs["component"] == component]
-    method = c2.selectbox("Method", sorted(runs["method"].unique()), key="patch_method")
+    method = links.selectbox(
+        "Method", sorted(runs["method"].unique()), key="patch_method", param="method", where=c2
+    )
     runs = runs[runs["method"] == method]
-    variant = c3.selectbox(
+    variant = links.selectbox(
         "Positions / ablation",
         sorted((runs["positions"] + " / " + runs["ablation"]).unique()),
         key="patch_variant",
+        param="variant",
+        where=c3,
     )
     runs = runs[(runs["positions"] + " / " + runs["ablation"]) == variant]
-    task = st.selectbox("Task", sorted(runs["task_id"].unique()), key="patch_task")
+    task = links.selectbox("Task", sorted(runs["task_id"].unique()), key="patch_task", param="task")
     runs = runs[runs["task_id"] == task]
     steps = sorted(runs["step"].unique().tolist())
-    step = st.select_slider("Checkpoint (training step)", steps, value=steps[-1], key="patch_step")
+    step = links.select_slider(
+        "Checkpoint (training step)", steps, value=steps[-1], key="patch_step", param="step"
+    )
     run_id = runs[runs["step"] == step].iloc[0]["run_id"]
+    links.show("run", run_id)
     scores = queries.patching_scores(str(run_id))
     grid = scores.pivot_table(index="node_id", columns="position", values="score", sort=False)
     grid.columns = ["all" if c == -1 else str(c) for c in grid.columns]

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import streamlit as st
 
+from app import links
 from app.data import db_path
 from workbench.errors import BadInput
 from workbench.store import DatabaseBusy
@@ -46,10 +47,18 @@ def render() -> None:
         f"A query is stopped after its timeout; the page shows its first {DISPLAY_ROWS:,} rows "
         f"and offers up to {DOWNLOAD_ROWS:,} as CSV or Parquet."
     )
-    example = st.selectbox("Example queries", list(EXAMPLES), key="sql_example")
-    sql = st.text_area("Query", value=EXAMPLES[example], height=180, key=f"sql_text_{example}")
-    timeout = st.number_input(
-        "Timeout (seconds)", min_value=1, max_value=600, value=DEFAULT_TIMEOUT, key="sql_timeout"
+    st.selectbox("Example queries", list(EXAMPLES), key="sql_example", on_change=_example)
+    if "sql_text" not in st.session_state:
+        _example()
+    sql = links.text("Query", key="sql_text", param="q", area=True, height=180)
+    timeout = links.number(
+        "Timeout (seconds)",
+        1,
+        600,
+        DEFAULT_TIMEOUT,
+        key="sql_timeout",
+        param="timeout",
+        slider=False,
     )
     clicked = st.button("Run", key="sql_run")
     asked = (sql, int(timeout))
@@ -78,6 +87,13 @@ def render() -> None:
     else:
         result = kept[1]
     show(result)
+
+
+def _example() -> None:
+    """Choosing an example puts its text in the query box."""
+    st.session_state["sql_text"] = EXAMPLES[
+        st.session_state.get("sql_example", next(iter(EXAMPLES)))
+    ]
 
 
 def show(result: ConsoleResult) -> None:

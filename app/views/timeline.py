@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app import queries
+from app import links, queries
 from app.views.circuit import COLOURS, circuit_figure
 from app.views.common import diverging_heatmap, select_model
 
@@ -28,13 +28,16 @@ def render() -> None:
         )
         return
     labels = (options["pipeline"] + " / " + options["method"] + " · " + options["task_id"]).tolist()
-    choice = options.iloc[labels.index(st.selectbox("Scores", labels, key="timeline_scores"))]
+    chosen = links.selectbox("Scores", labels, key="timeline_scores", param="scores")
+    choice = options.iloc[labels.index(chosen)]
     args = (model_id, choice["pipeline"], choice["method"], choice["task_id"])
     timeline = queries.head_timeline(*args)
     formed = queries.head_formation_steps(*args)
     _heatmap(timeline)
     _formation(model_id, formed)
-    node = st.selectbox("Head", sorted(timeline["node_id"].unique()), key="timeline_node")
+    node = links.selectbox(
+        "Head", sorted(timeline["node_id"].unique()), key="timeline_node", param="node"
+    )
     curves = queries.node_curves(model_id, node)
     st.plotly_chart(
         px.line(curves, x="step", y="score", color="series", markers=True), key="timeline_curves"
@@ -75,12 +78,16 @@ def _circuit_diff(model_id: str) -> None:
         return
     st.subheader("Circuit diff between two checkpoints")
     labels = sorted((series["method"] + " · " + series["task_id"]).unique())
-    label = st.selectbox("Circuits of", labels, key="timeline_circuits")
+    label = links.selectbox("Circuits of", labels, key="timeline_circuits", param="circuits")
     method, task = label.split(" · ", 1)
     mine = series[(series["method"] == method) & (series["task_id"] == task)]
     steps = sorted(mine["step"].unique().tolist())
-    a, b = st.select_slider(
-        "From step, to step", options=steps, value=(steps[-2], steps[-1]), key="timeline_steps"
+    c1, c2 = st.columns(2)
+    a = links.select_slider(
+        "From step", steps, value=steps[-2], key="timeline_from", param="a", where=c1
+    )
+    b = links.select_slider(
+        "To step", steps, value=steps[-1], key="timeline_to", param="b", where=c2
     )
     first = mine[mine["step"] == a].iloc[0]["circuit_id"]
     second = mine[mine["step"] == b].iloc[0]["circuit_id"]

@@ -73,7 +73,7 @@ def test_sql_view_runs_examples_and_reports_errors(app):
         "attr_patch",
         "head_importance",
     }
-    key = "sql_text_Runs by method"
+    key = "sql_text"
     at.text_area(key=key).set_value("DROP TABLE runs").run()
     assert at.error and "SQL error" in at.error[0].value
 

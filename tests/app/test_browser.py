@@ -250,3 +250,57 @@ def test_sql_console_caps_rows_and_times_out_in_a_real_browser(server, browser, 
     _type_into(browser, query, "SELECT 41 + 1 AS answer", [Keys.CONTROL, Keys.ENTER])
     _wait_for_text(browser, "1 rows in")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def _plot_traces(driver) -> list[str]:
+    """The trace types of the page's first plotly figure (empty until it is drawn)."""
+    return driver.execute_script(
+        "const gd = document.querySelector('.js-plotly-plot');"
+        "return gd && gd._fullData ? gd._fullData.map(t => t.type) : [];"
+    )
+
+
+def test_a_deep_link_opens_the_explorer_as_it_was(server, browser, heads_db, tmp_path):
+    """A link naming a run, a circuit size and a node opens the Circuit page with that run, that
+    many edges drawn with WebGL and that node picked; the address bar then holds the page's
+    whole state, and opening it in a new session shows the same page."""
+    from urllib.parse import parse_qs, urlparse
+
+    import duckdb
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    con = duckdb.connect(str(heads_db), read_only=True)
+    run_id, n_edges = con.execute(
+        """SELECT run_id, (SELECT count(*) FROM edges e WHERE e.run_id = r.run_id)
+           FROM runs r JOIN checkpoints USING (checkpoint_id)
+           WHERE method = 'eap' AND step = 1000"""
+    ).fetchone()
+    con.close()
+
+    def node_value(driver) -> str:
+        css = "input[aria-label='Node (or click one in the graph)']"
+        return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
+
+    def opened(url: str) -> dict:
+        browser.get(url)
+        _wait_for_text(browser, f"edges from run {run_id}")  # the page settled on the run
+        WebDriverWait(browser, 60).until(lambda d: "scattergl" in _plot_traces(d))
+        WebDriverWait(browser, 60).until(lambda d: "view=circuit" in d.current_url)
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+        assert node_value(browser) == "a1.h0"
+        assert f"30 of {n_edges} edges" in browser.find_element(By.TAG_NAME, "body").text
+        return {k: v[0] for k, v in parse_qs(urlparse(browser.current_url).query).items()}
+
+    first = opened(f"{server}/?view=circuit&run={run_id}&k=30&node=a1.h0")
+    assert (first["run"], first["k"], first["node"], first["step"]) == (
+        run_id,
+        "30",
+        "a1.h0",
+        "1000",
+    )
+    browser.save_screenshot(str(tmp_path / "deep_link.png"))
+    link = browser.current_url
+    browser.delete_all_cookies()
+    again = opened(link)  # a new session on the published link
+    assert again == first

@@ -117,13 +117,19 @@ HEADS_DB_CASES: dict[str, Case] = {
         True,
     ),
     "edge_run_edges_above": (
-        lambda i: queries.edge_run_edges_above(i["edge_run"], 0.0),
+        lambda i: queries.edge_run_edges_above(i["edge_run"], 0.0, 100),
         EDGE_COLUMNS,
         True,
     ),
-    "edge_run_max_abs_score": (
-        lambda i: queries.edge_run_max_abs_score(i["edge_run"]),
-        ["m"],
+    "edge_run_edges_share": (
+        lambda i: queries.edge_run_edges_share(i["edge_run"], 0.5, 100),
+        EDGE_COLUMNS,
+        True,
+    ),
+    "edge_run_size": (lambda i: queries.edge_run_size(i["edge_run"]), ["n", "m"], True),
+    "run_info": (
+        lambda i: queries.run_info(i["edge_run"]),
+        ["model_id", "method", "task_id", "step", "pipeline"],
         True,
     ),
     "faithfulness_curve": (
@@ -322,15 +328,43 @@ def test_query_results_follow_their_arguments(heads_db, heads_ids, monkeypatch):
     _use(heads_db, monkeypatch)
     top = queries.edge_run_edges_top(heads_ids["edge_run"], 3)
     assert len(top) == 3 and top["score"].abs().is_monotonic_decreasing
-    bound = float(queries.edge_run_max_abs_score(heads_ids["edge_run"])["m"][0])
-    above = queries.edge_run_edges_above(heads_ids["edge_run"], bound / 2)
+    bound = float(queries.edge_run_size(heads_ids["edge_run"])["m"][0])
+    above = queries.edge_run_edges_above(heads_ids["edge_run"], bound / 2, 100)
     assert len(above) >= 1 and (above["score"].abs() >= bound / 2).all()
+    assert len(queries.edge_run_edges_above(heads_ids["edge_run"], 0.0, 2)) == 2
     scores = queries.node_scores_at_checkpoint(heads_ids["checkpoint"], heads_ids["head_and_ports"])
     assert set(scores["node_id"]) <= set(heads_ids["head_and_ports"])
     with pytest.raises(ValueError):
         queries.features_of("any", order="score; DROP TABLE runs")
     with pytest.raises(ValueError):
         queries.features_of("any", flags=["alive", "1=1"])
+
+
+def test_cumulative_share_keeps_the_fewest_strongest_edges_reaching_it(
+    heads_db, heads_ids, monkeypatch
+):
+    """Against the definition computed here: sort by |score|, keep edges until their running
+    sum reaches the share of the total (the edge that crosses it included); all of them at 1."""
+    _use(heads_db, monkeypatch)
+    run = heads_ids["edge_run"]
+    (n,) = _one(heads_db, "SELECT count(*) FROM edges WHERE run_id = ?", [run])
+    every = queries.edge_run_edges_top(run, n)
+    every = every[every["score"] != 0].reset_index(drop=True)  # no share, never kept
+    sizes = every["score"].abs().tolist()
+    total = sum(sizes)
+    for share in (0.1, 0.5, 0.9):  # (no partial sum lies within rounding of these)
+        running, expected = 0.0, 0
+        while running < share * total:
+            running += sizes[expected]
+            expected += 1
+        kept = queries.edge_run_edges_share(run, share, n)
+        assert len(kept) == expected, share
+        assert kept.equals(every.head(expected))
+    # share 1: every edge whose |score| is not lost in the rounding of the total, in order
+    kept = queries.edge_run_edges_share(run, 1.0, n)
+    assert kept.equals(every.head(len(kept)))
+    assert len(kept) >= sum(size > 1e-12 * total for size in sizes)
+    assert len(queries.edge_run_edges_share(run, 1.0, 3)) == 3  # the cap
 
 
 SQL_WORDS = ("SELECT ", "FROM ", " WHERE ", " JOIN ", "ORDER BY", "GROUP BY", "INSERT ")

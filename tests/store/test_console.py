@@ -141,14 +141,14 @@ def test_app_console_caps_rows_and_times_out(db, monkeypatch):
     at.default_timeout = 120
     at.run()
     at.sidebar.radio(key="view").set_value("SQL").run()
-    text = at.text_area(key=f"sql_text_{at.selectbox(key='sql_example').value}")
+    text = at.text_area(key="sql_text")
     text.set_value(HUGE).run()
     assert not at.exception and not at.error
     assert len(at.dataframe[0].value) == sql_console.DISPLAY_ROWS
     assert any("more than 1,000,000 rows" in w.value for w in at.warning)
     assert any("Showing the first 10,000 of 1,000,000 rows" in i.value for i in at.info)
     at.number_input(key="sql_timeout").set_value(1).run()
-    text = at.text_area(key=f"sql_text_{at.selectbox(key='sql_example').value}")
+    text = at.text_area(key="sql_text")
     text.set_value(RUNAWAY).run()
     assert [e.value for e in at.error] == [
         "query stopped after 1 s (the timeout): narrow it, aggregate, or allow more time"
