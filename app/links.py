@@ -63,6 +63,11 @@ def take(param: str) -> str | None:
     return st.session_state.get(PENDING, {}).pop(param, None)
 
 
+def has(param: str) -> bool:
+    """Whether the opened link's `param` is still waiting for its widget."""
+    return param in st.session_state.get(PENDING, {})
+
+
 def prefill(**values: Any) -> None:
     """Set parameters as if the opened link had carried them (e.g. a run id naming its
     method, task and step)."""

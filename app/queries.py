@@ -445,3 +445,47 @@ def node_curves(model_id: str, node_id: str) -> pd.DataFrame:
            ORDER BY series, step""",
         (model_id, node_id),
     )
+
+
+# -- curated subgraphs ----------------------------------------------------------------------
+
+
+def subgraphs(model_id: str) -> pd.DataFrame:
+    """A model's saved subgraphs, newest first, with a display label."""
+    return data.query(
+        """SELECT s.subgraph_id, s.name, s.checkpoint_id, ck.step, s.source, s.n_nodes,
+                  s.n_edges, s.saved_at,
+                  s.name || ' · step ' || ck.step || ' · ' || s.n_nodes || ' nodes' AS label
+           FROM subgraphs s JOIN checkpoints ck USING (checkpoint_id)
+           WHERE s.model_id = ? ORDER BY s.saved_at DESC, s.name""",
+        (model_id,),
+    )
+
+
+def subgraph_nodes(subgraph_id: str) -> pd.DataFrame:
+    """A subgraph's nodes with their group (supernode) label and note."""
+    return data.query(
+        "SELECT node_id, group_label, note FROM subgraph_nodes WHERE subgraph_id = ? "
+        "ORDER BY node_id",
+        (subgraph_id,),
+    )
+
+
+def subgraph_edges(subgraph_id: str) -> pd.DataFrame:
+    """A subgraph's edges with their scores and notes, strongest |score| first."""
+    return data.query(
+        "SELECT src, dst, score, note FROM subgraph_edges WHERE subgraph_id = ? "
+        "ORDER BY abs(score) DESC, src, dst",
+        (subgraph_id,),
+    )
+
+
+def circuits_at(checkpoint_id: str) -> pd.DataFrame:
+    """The stored circuits of a checkpoint, to compare a subgraph with."""
+    return data.query(
+        """SELECT c.circuit_id, r.method || ' · ' || c.rule || ' · ' || c.n_edges || ' edges'
+                  AS label
+           FROM circuits c JOIN runs r USING (run_id) WHERE r.checkpoint_id = ?
+           ORDER BY r.method, c.n_edges""",
+        (checkpoint_id,),
+    )

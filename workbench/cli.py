@@ -363,6 +363,21 @@ def export_circuit_command(
     typer.echo(export_circuit(circuit_id, format.value, db=db), nl=False)
 
 
+@export_app.command("subgraph")
+def export_subgraph_command(
+    subgraph_id: Annotated[str, typer.Argument(help="A subgraphs.subgraph_id.")],
+    format: Annotated[
+        GraphFormat, typer.Option("--format", help="graphml or json.")
+    ] = GraphFormat.graphml,
+    db: DbOption = None,
+) -> None:
+    """Print a curated subgraph (its nodes with groups and notes, edges with scores and notes,
+    where it came from) as GraphML or JSON."""
+    from workbench.export import export_subgraph
+
+    typer.echo(export_subgraph(subgraph_id, format.value, db=db), nl=False)
+
+
 @app.command("app")
 def app_command(
     db: DbOption = None, port: Annotated[int, typer.Option(help="Port.")] = 8501

@@ -1,12 +1,11 @@
-"""`workbench export circuit ID`: a stored circuit as GraphML or JSON."""
-
-import json
-from typing import Any
+"""`workbench export circuit ID` and `workbench export subgraph ID`: a stored circuit or a
+curated subgraph as GraphML or JSON."""
 
 import networkx as nx
 
 from workbench.errors import BadInput
 from workbench.store.query import run_readonly_query
+from workbench.subgraphs import graph_text, subgraph_graph
 
 
 def circuit_graph(circuit_id: str, *, db: str | None = None) -> nx.DiGraph:
@@ -46,12 +45,30 @@ def circuit_graph(circuit_id: str, *, db: str | None = None) -> nx.DiGraph:
 
 
 def export_circuit(circuit_id: str, fmt: str, *, db: str | None = None) -> str:
-    graph = circuit_graph(circuit_id, db=db)
-    if fmt == "graphml":
-        return "\n".join(nx.generate_graphml(graph)) + "\n"
-    data: dict[str, Any] = {
-        "circuit": dict(graph.graph),
-        "nodes": [{"id": n, **attrs} for n, attrs in graph.nodes(data=True)],
-        "edges": [{"src": s, "dst": d, **attrs} for s, d, attrs in graph.edges(data=True)],
-    }
-    return json.dumps(data, indent=1, default=str) + "\n"
+    return graph_text(circuit_graph(circuit_id, db=db), fmt, "circuit")
+
+
+def subgraph_of(subgraph_id: str, *, db: str | None = None) -> nx.DiGraph:
+    meta = run_readonly_query(
+        """SELECT s.*, ck.step FROM subgraphs s JOIN checkpoints ck USING (checkpoint_id)
+           WHERE s.subgraph_id = ?""",
+        db=db,
+        params=[subgraph_id],
+    ).to_pylist()
+    if not meta:
+        raise BadInput(f"no subgraph {subgraph_id!r} in the database")
+    nodes = run_readonly_query(
+        "SELECT * FROM subgraph_nodes WHERE subgraph_id = ? ORDER BY node_id",
+        db=db,
+        params=[subgraph_id],
+    ).to_pylist()
+    edges = run_readonly_query(
+        "SELECT * FROM subgraph_edges WHERE subgraph_id = ? ORDER BY abs(score) DESC, src, dst",
+        db=db,
+        params=[subgraph_id],
+    ).to_pylist()
+    return subgraph_graph(meta[0], nodes, edges)
+
+
+def export_subgraph(subgraph_id: str, fmt: str, *, db: str | None = None) -> str:
+    return graph_text(subgraph_of(subgraph_id, db=db), fmt, "subgraph")

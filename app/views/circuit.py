@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app import links, queries
-from app.views import features
+from app.views import curate, features
 from app.views.common import select_model
 from workbench.core import PORTS, Hook, Node
 from workbench.graph import build_graph, input_to_logits, layout, split_port, without_layers
@@ -34,6 +34,9 @@ class Shown:
     checkpoint_id: str
     colours: dict[tuple[str, str], str] | None = None
     after: Callable[[], None] | None = None  # drawn below the graph (tables, curves)
+    source: str = ""  # where the edges come from (`run:<id>`, `circuit:<id>`, ...)
+    groups: dict[str, list[str]] | None = None  # supernodes drawn in place of their members
+    own_edges: list[Edge] | None = None  # what curating works on, when not the drawn edges
 
 
 def render() -> None:
@@ -41,6 +44,8 @@ def render() -> None:
     linked_run = links.take("run")
     if linked_run is not None:
         _open_run(linked_run)
+    if links.has("subgraph") and not links.has("show"):  # a subgraph's link opens it
+        links.prefill(show="Saved subgraph")
     model_id = select_model("circuit_model")
     if model_id is None:
         return
@@ -48,7 +53,7 @@ def render() -> None:
     n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
     source = links.radio(
         "Show",
-        ["Edge run", "Stored circuit", "Compare circuits"],
+        ["Edge run", "Stored circuit", "Compare circuits", "Saved subgraph"],
         horizontal=True,
         key="circuit_source",
         param="show",
@@ -57,11 +62,13 @@ def render() -> None:
         shown = _edge_run(model_id)
     elif source == "Stored circuit":
         shown = _stored_circuit(model_id)
-    else:
+    elif source == "Compare circuits":
         shown = _compare(model_id)
+    else:
+        shown = curate.saved(model_id)
     if shown is None:
         return
-    _explore(shown, n_layers, n_heads)
+    _explore(shown, model_id, n_layers, n_heads)
 
 
 def _open_run(run_id: str) -> None:
@@ -80,7 +87,7 @@ def _open_run(run_id: str) -> None:
     )
 
 
-def _explore(shown: Shown, n_layers: int, n_heads: int) -> None:
+def _explore(shown: Shown, model_id: str, n_layers: int, n_heads: int) -> None:
     """Path pruning, hidden layers, the node picked (its neighbourhood highlighted), the graph
     drawn with WebGL, and the picked node's scores across methods."""
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -124,6 +131,8 @@ def _explore(shown: Shown, n_layers: int, n_heads: int) -> None:
             colours=shown.colours,
             highlight=node,
             webgl=renderer == "WebGL",
+            pinned=curate.pinned(),
+            groups=shown.groups,
         )
         _clickable(fig, "circuit_graph")
         dropped = len(shown.edges) - len(edges)
@@ -133,6 +142,13 @@ def _explore(shown: Shown, n_layers: int, n_heads: int) -> None:
         )
     if shown.after is not None:
         shown.after()
+    curate.panel(
+        edges if shown.own_edges is None else shown.own_edges,
+        nodes,
+        model_id,
+        shown.checkpoint_id,
+        shown.source,
+    )
     if node:
         _node_inspector(node, shown.checkpoint_id)
 
@@ -209,7 +225,7 @@ def _edge_run(model_id: str) -> Shown | None:
             fig.add_hline(y=0.8, line_dash="dot")
             st.plotly_chart(fig, key="circuit_curve")
 
-    return Shown(_triples(edges), str(run["checkpoint_id"]), after=after)
+    return Shown(_triples(edges), str(run["checkpoint_id"]), after=after, source=f"run:{run_id}")
 
 
 def _circuit_edges(circuit_id: str) -> list[Edge]:
@@ -232,7 +248,11 @@ def _stored_circuit(model_id: str) -> Shown | None:
     )
     row = stored[stored["circuit_id"] == circuit_id].iloc[0]
     st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
-    return Shown(_circuit_edges(row["circuit_id"]), str(row["checkpoint_id"]))
+    return Shown(
+        _circuit_edges(row["circuit_id"]),
+        str(row["checkpoint_id"]),
+        source=f"circuit:{row['circuit_id']}",
+    )
 
 
 def _compare(model_id: str) -> Shown | None:
@@ -272,7 +292,13 @@ def _compare(model_id: str) -> Shown | None:
         )
         st.dataframe(table.sort_values("in"), hide_index=True)
 
-    return Shown(merged, str(left_row["checkpoint_id"]), colours=colours, after=after)
+    return Shown(
+        merged,
+        str(left_row["checkpoint_id"]),
+        colours=colours,
+        after=after,
+        source=f"circuits:{left_row['circuit_id']},{right_row['circuit_id']}",
+    )
 
 
 def _node_inspector(node: str, checkpoint_id: str) -> None:
@@ -373,14 +399,19 @@ def circuit_figure(
     colours: dict | None = None,
     highlight: str | None = None,
     webgl: bool = True,
+    pinned: set[str] | None = None,
+    groups: dict[str, list[str]] | None = None,
 ) -> go.Figure:
     """Nodes by layer (x) and head (y); edges coloured by sign (or `colours`, keyed by the
     stored (src, dst)) and as wide as their |score|. Edges are batched into one trace per colour
     and width, drawn with WebGL (`Scattergl`) unless `webgl` is False (SVG, for vector export);
     the nodes stay one SVG trace, clickable and labelled while there are few. `highlight`: a
-    node whose edges are drawn in full colour while the rest fade."""
+    node whose edges are drawn in full colour while the rest fade; `pinned` nodes are drawn as
+    diamonds; `groups`: supernodes (`group:<label>`) placed at their members' mean position."""
     graph = build_graph(edges)
-    where = layout(list(graph.nodes), n_layers, n_heads, sae_depths(n_layers))
+    members = [m for ms in (groups or {}).values() for m in ms]
+    where = layout(list(graph.nodes) + members, n_layers, n_heads, sae_depths(n_layers))
+    where |= curate.supernode_positions(where, groups or {})
     lines = go.Scattergl if webgl else go.Scatter
     biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
     stored_key = {(s, split_port(d)[0]): (s, d) for s, d, _ in edges}
@@ -442,6 +473,7 @@ def circuit_figure(
                     22 if n == highlight else 16 if n in near or not near else 10 for n in nodes
                 ],
                 "color": ["#ff7f0e" if n == highlight else "#444" for n in nodes],
+                "symbol": ["diamond" if n in (pinned or ()) else "circle" for n in nodes],
             },
             hoverinfo="text",
             showlegend=False,

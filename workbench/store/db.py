@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -26,6 +26,9 @@ from workbench import __version__, records
 from workbench.errors import BadInput
 from workbench.results import RunResult
 from workbench.store.schema import MIGRATIONS, RUN_TABLES, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from workbench.subgraphs import Subgraph
 
 logger = logging.getLogger(__name__)
 
@@ -316,6 +319,67 @@ class Store:
         return self.write_run(
             run, registry=registry, rows=rows, linked=linked, replace=replace, files=result.files
         )
+
+    def save_subgraph(self, subgraph: "Subgraph") -> str:
+        """Store a curated subgraph in one transaction, replacing one of the same name at the
+        same checkpoint; returns its id. Bad content (no name, an edge to a node it does not
+        hold, an unknown checkpoint) is BadInput and stores nothing."""
+        subgraph.check()
+        known = self._scalar(
+            "SELECT model_id FROM checkpoints WHERE checkpoint_id = ?", [subgraph.checkpoint_id]
+        )
+        if known is None:
+            raise BadInput(f"subgraph: no checkpoint {subgraph.checkpoint_id!r} in {self.path}")
+        if known != subgraph.model_id:
+            raise BadInput(
+                f"subgraph: checkpoint {subgraph.checkpoint_id!r} belongs to {known!r}, "
+                f"not {subgraph.model_id!r}"
+            )
+        sid = subgraph.subgraph_id
+        nodes = pa.table(
+            {
+                "subgraph_id": [sid] * len(subgraph.nodes),
+                "node_id": [n.node_id for n in subgraph.nodes],
+                "group_label": pa.array([n.group for n in subgraph.nodes], pa.string()),
+                "note": pa.array([n.note for n in subgraph.nodes], pa.string()),
+            }
+        )
+        edges = pa.table(
+            {
+                "subgraph_id": [sid] * len(subgraph.edges),
+                "src": pa.array([e.src for e in subgraph.edges], pa.string()),
+                "dst": pa.array([e.dst for e in subgraph.edges], pa.string()),
+                "score": pa.array([e.score for e in subgraph.edges], pa.float64()),
+                "note": pa.array([e.note for e in subgraph.edges], pa.string()),
+            }
+        )
+        with self.transaction() as con:
+            for table in ("subgraph_edges", "subgraph_nodes", "subgraphs"):
+                con.execute(f"DELETE FROM {table} WHERE subgraph_id = ?", [sid])
+            con.execute(
+                "INSERT INTO subgraphs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    sid,
+                    subgraph.name.strip(),
+                    subgraph.model_id,
+                    subgraph.checkpoint_id,
+                    subgraph.source,
+                    subgraph.description,
+                    len(subgraph.nodes),
+                    len(subgraph.edges),
+                    datetime.now(UTC).replace(tzinfo=None),
+                ],
+            )
+            con.register("_subgraph_nodes", nodes)
+            con.register("_subgraph_edges", edges)
+            try:
+                con.execute("INSERT INTO subgraph_nodes SELECT * FROM _subgraph_nodes")
+                con.execute("INSERT INTO subgraph_edges SELECT * FROM _subgraph_edges")
+            finally:
+                con.unregister("_subgraph_nodes")
+                con.unregister("_subgraph_edges")
+        logger.info("saved subgraph %s (%s)", sid, subgraph.name)
+        return sid
 
     def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
         run.status = "failed"

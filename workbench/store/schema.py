@@ -149,6 +149,20 @@ SCHEMA_V6 = [
           ON x.src = y.src AND x.dst = y.dst""",
 ]
 
+# v7: curated subgraphs (`workbench.subgraphs`): a named set of a checkpoint's nodes, the edges
+# among them with their scores, node groups (supernodes) and notes, saved from the app.
+SCHEMA_V7 = [
+    """CREATE TABLE subgraphs (
+        subgraph_id VARCHAR PRIMARY KEY, name VARCHAR, model_id VARCHAR, checkpoint_id VARCHAR,
+        source VARCHAR, description VARCHAR, n_nodes INTEGER, n_edges INTEGER,
+        saved_at TIMESTAMP)""",
+    """CREATE TABLE subgraph_nodes (
+        subgraph_id VARCHAR, node_id VARCHAR, group_label VARCHAR, note VARCHAR,
+        PRIMARY KEY (subgraph_id, node_id))""",
+    """CREATE TABLE subgraph_edges (
+        subgraph_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE, note VARCHAR)""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -156,6 +170,7 @@ MIGRATIONS: dict[int, list[str]] = {
     4: SCHEMA_V4,
     5: SCHEMA_V5,
     6: SCHEMA_V6,
+    7: SCHEMA_V7,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

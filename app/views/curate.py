@@ -1,0 +1,263 @@
+"""Curate a circuit and keep it: pin nodes, group pinned nodes into a labelled supernode,
+annotate nodes and edges, save the result as a named subgraph (the app's only write, through
+`Store.save_subgraph`), and reopen a saved subgraph: drawn with its groups collapsed into
+supernodes, compared with a stored circuit of its checkpoint, exported as GraphML or JSON."""
+
+import pandas as pd
+import streamlit as st
+
+from app import data, links, queries
+from workbench.errors import BadInput
+from workbench.graph import split_port
+from workbench.store import DatabaseBusy, Store
+from workbench.subgraphs import GROUP_PREFIX, Subgraph, SubgraphEdge, SubgraphNode, collapse
+
+Edge = tuple[str, str, float]
+PINS, GROUPS, NOTES = "curate_pins", "curate_groups", "curate_notes"
+SAVE_WAIT_SECONDS = 10.0  # a writer holding the database: wait this long, then say so
+COMPARE = {"shared": "#444444", "subgraph": "#1f77b4", "circuit": "#ff7f0e"}
+
+
+def pinned() -> set[str]:
+    return set(st.session_state.get(PINS, []))
+
+
+def groups() -> dict[str, list[str]]:
+    return dict(st.session_state.get(GROUPS, {}))
+
+
+def panel(edges: list[Edge], nodes: list[str], model_id: str, checkpoint_id: str, source: str):
+    """The curation controls under the graph, for the edges shown."""
+    with st.expander("Curate: pin, group, annotate, save as a subgraph", expanded=bool(pinned())):
+        members = [m for ms in groups().values() for m in ms]
+        options = list(dict.fromkeys([*nodes, *st.session_state.get(PINS, []), *members]))
+        options = [n for n in options if not n.startswith(GROUP_PREFIX)]
+        pins = links.multiselect("Pinned nodes", options, key=PINS, param="pins")
+        kept = [(s, d, v) for s, d, v in edges if s in pins and split_port(d)[0] in pins]
+        _groups(pins)
+        _notes(pins, kept)
+        c1, c2 = st.columns([3, 1])
+        name = c1.text_input("Subgraph name", key="curate_name")
+        if c2.button("Save subgraph", key="curate_save"):
+            _save(name, pins, kept, model_id, checkpoint_id, source)
+
+
+def _groups(pins: list[str]) -> None:
+    current = {k: [m for m in v if m in pins] for k, v in groups().items()}
+    st.session_state[GROUPS] = {k: v for k, v in current.items() if v}
+    c1, c2, c3 = st.columns([2, 3, 1])
+    label = c1.text_input("Group label", key="curate_group_label")
+    members = c2.multiselect("Group these pinned nodes", pins, key="curate_group_members")
+    if c3.button("Group", key="curate_group"):
+        if not label.strip() or not members:
+            st.warning("A group needs a label and at least one pinned node.")
+        else:
+            taken = {m for k, v in st.session_state[GROUPS].items() if k != label for m in v}
+            st.session_state[GROUPS][label.strip()] = [m for m in members if m not in taken]
+    for name, nodes in st.session_state[GROUPS].items():
+        st.markdown(f"- group **{name}**: {', '.join(f'`{n}`' for n in nodes)}")
+
+
+def _notes(pins: list[str], kept: list[Edge]) -> None:
+    notes = {k: v for k, v in st.session_state.get(NOTES, {}).items() if k in _items(pins, kept)}
+    st.session_state[NOTES] = notes
+    items = _items(pins, kept)
+    if not items:
+        return
+    c1, c2, c3 = st.columns([2, 3, 1])
+    target = c1.selectbox("Annotate", items, key="curate_note_target")
+    text = c2.text_input("Note", key="curate_note_text")
+    if c3.button("Add note", key="curate_note_add") and target:
+        if text.strip():
+            notes[target] = text.strip()
+        else:
+            notes.pop(target, None)
+    for on, text in notes.items():
+        st.markdown(f"- note on `{on}`: {text}")
+
+
+def _items(pins: list[str], kept: list[Edge]) -> list[str]:
+    return list(pins) + [_edge_item(s, d) for s, d, _ in kept]
+
+
+def _edge_item(src: str, dst: str) -> str:
+    return f"{src} → {dst}"
+
+
+def _save(
+    name: str, pins: list[str], kept: list[Edge], model_id: str, checkpoint_id: str, source: str
+) -> None:
+    owner = {m: label for label, members in groups().items() for m in members}
+    notes = st.session_state.get(NOTES, {})
+    subgraph = Subgraph(
+        name=name,
+        model_id=model_id,
+        checkpoint_id=checkpoint_id,
+        source=source,
+        nodes=[SubgraphNode(n, owner.get(n), notes.get(n)) for n in pins],
+        edges=[SubgraphEdge(s, d, v, notes.get(_edge_item(s, d))) for s, d, v in kept],
+    )
+    try:
+        with Store(data.db_path(), lock_wait=SAVE_WAIT_SECONDS) as store:
+            sid = store.save_subgraph(subgraph)
+    except DatabaseBusy as err:
+        st.warning(f"{err}. Nothing was saved; save again once the writer lets go.")
+        return
+    except BadInput as err:
+        st.error(str(err))
+        return
+    data.query.clear()  # type: ignore[attr-defined]  # (the saved subgraph shows at once)
+    st.success(
+        f"Saved subgraph `{sid}` ({len(pins)} nodes, {len(kept)} edges). "
+        f"Reopen it under Show → Saved subgraph, or link `?view=circuit&subgraph={sid}`."
+    )
+
+
+def saved(model_id: str):  # type: ignore[no-untyped-def]
+    """The 'Saved subgraph' source of the Circuit page: returns what the explorer draws."""
+    from app.views.circuit import Shown
+
+    stored = queries.subgraphs(model_id)
+    if stored.empty:
+        st.info("No saved subgraphs for this model yet: pin nodes under Curate and save them.")
+        return None
+    ids = stored["subgraph_id"].tolist()
+    labels = dict(zip(ids, stored["label"], strict=True))
+    sid = links.selectbox(
+        "Subgraph", ids, format_func=lambda i: str(labels[i]), key="curate_open", param="subgraph"
+    )
+    row = stored[stored["subgraph_id"] == sid].iloc[0]
+    nodes = queries.subgraph_nodes(sid)
+    edge_rows = queries.subgraph_edges(sid)
+    if st.session_state.get("curate_loaded") != sid:  # opening it: its pins, groups and notes
+        st.session_state["curate_loaded"] = sid
+        st.session_state[PINS] = nodes["node_id"].tolist()
+        st.session_state[GROUPS] = {
+            str(label): g["node_id"].tolist()
+            for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
+        }
+        notes = {str(r.node_id): str(r.note) for r in nodes.dropna(subset=["note"]).itertuples()}
+        notes |= {
+            _edge_item(str(r.src), str(r.dst)): str(r.note)
+            for r in edge_rows.dropna(subset=["note"]).itertuples()
+        }
+        st.session_state[NOTES] = notes
+        st.session_state["curate_name"] = str(row["name"])
+    edges = [(str(r.src), str(r.dst), float(r.score)) for r in edge_rows.itertuples()]
+    c1, c2 = st.columns([1, 2])
+    folded = links.checkbox(
+        "Collapse groups into supernodes",
+        key="curate_collapse",
+        param="collapse",
+        default=True,
+        where=c1,
+    )
+    circuits = queries.circuits_at(str(row["checkpoint_id"]))
+    choices = ["(none)", *circuits["circuit_id"].tolist()]
+    names = dict(zip(circuits["circuit_id"], circuits["label"], strict=True))
+    versus = links.selectbox(
+        "Compare with the circuit",
+        choices,
+        format_func=lambda c: names.get(c, c),
+        key="curate_versus",
+        param="vs",
+        where=c2,
+    )
+    subgraph_groups = {
+        str(label): g["node_id"].tolist()
+        for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
+    }
+    drawn = collapse(edges, subgraph_groups) if folded else edges
+    colours = None
+    if versus != "(none)":
+        theirs = queries.circuit_edges(versus)
+        other = {(str(r.src), str(r.dst)) for r in theirs.itertuples()}
+        mine = {(s, d) for s, d, _ in edges}
+        colours = {e: COMPARE["shared" if e in other else "subgraph"] for e in mine}
+        extra = [
+            (str(r.src), str(r.dst), float(r.score))
+            for r in theirs.itertuples()
+            if (str(r.src), str(r.dst)) not in mine
+        ]
+        colours |= {(s, d): COMPARE["circuit"] for s, d, _ in extra}
+        drawn = edges + extra  # compared edge by edge: groups stay open
+        cols = st.columns(4)
+        both = len(mine & other)
+        cols[0].metric("in both", both)
+        cols[1].metric("only in the subgraph", len(mine - other))
+        cols[2].metric("only in the circuit", len(other - mine))
+        union = len(mine | other)
+        cols[3].metric("Jaccard", f"{both / union:.2f}" if union else "-")
+
+    def after() -> None:
+        st.caption(
+            f"subgraph `{sid}` from `{row['source']}` · "
+            + (
+                "grey: in both · blue: only in the subgraph · orange: only in the circuit"
+                if colours
+                else "groups are drawn as `group:<label>`"
+            )  # fmt: skip
+        )
+        if not nodes.dropna(subset=["note"]).empty or not edge_rows.dropna(subset=["note"]).empty:
+            st.dataframe(
+                pd.concat(
+                    [
+                        nodes.dropna(subset=["note"]).rename(columns={"node_id": "on"})[
+                            ["on", "note"]
+                        ],
+                        edge_rows.dropna(subset=["note"]).assign(
+                            on=lambda t: t["src"] + " → " + t["dst"]
+                        )[["on", "note"]],
+                    ]
+                ),
+                hide_index=True,
+                key="curate_saved_notes",
+            )
+        _exports(sid)
+
+    return Shown(
+        drawn,
+        str(row["checkpoint_id"]),
+        colours=colours,
+        after=after,
+        source=f"subgraph:{sid}",
+        groups=subgraph_groups if folded and colours is None else None,
+        own_edges=edges,
+    )
+
+
+def _exports(sid: str) -> None:
+    from workbench.export import export_subgraph
+
+    left, right = st.columns(2)
+    left.download_button(
+        "Export GraphML",
+        data=lambda: export_subgraph(sid, "graphml", db=data.db_path()).encode(),
+        file_name=f"{sid}.graphml",
+        mime="application/graphml+xml",
+        key="curate_graphml",
+        on_click="ignore",
+    )
+    right.download_button(
+        "Export JSON",
+        data=lambda: export_subgraph(sid, "json", db=data.db_path()).encode(),
+        file_name=f"{sid}.json",
+        mime="application/json",
+        key="curate_json",
+        on_click="ignore",
+    )
+
+
+def supernode_positions(
+    where: dict[str, tuple[float, float]], members: dict[str, list[str]]
+) -> dict[str, tuple[float, float]]:
+    """A supernode sits at the mean position of its members."""
+    out = {}
+    for label, nodes in members.items():
+        points = [where[n] for n in nodes if n in where]
+        if points:
+            out[GROUP_PREFIX + label] = (
+                sum(p[0] for p in points) / len(points),
+                sum(p[1] for p in points) / len(points),
+            )
+    return out
