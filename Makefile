@@ -92,6 +92,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_methods
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_watch
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ray --checkpoints 11
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_explorer
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

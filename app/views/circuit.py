@@ -6,7 +6,9 @@ features it writes most, a feature to its dashboard."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from math import nan
 
+import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
@@ -24,6 +26,7 @@ COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
 
 MAX_DRAWN = 10_000  # edges the explorer draws at most
 LABELLED = 150  # nodes drawn with their labels (beyond it: hover only)
+HOVERED = 2_000  # edges whose score shows on hovering over their midpoint (beyond: the table)
 
 
 @dataclass
@@ -102,7 +105,14 @@ def _explore(shown: Shown, model_id: str, n_layers: int, n_heads: int) -> None:
         "Hide layers", list(range(n_layers)), key="circuit_hide", param="hide", where=c2
     )
     renderer = links.radio(
-        "Draw with", ["WebGL", "SVG"], key="circuit_draw", param="draw", where=c3
+        "Draw with",
+        ["SVG", "WebGL"],
+        key="circuit_draw",
+        param="draw",
+        where=c3,
+        help="SVG: edges batched into one path per colour and width, the fastest to draw in "
+        "the explorer benchmark (Chromium without a GPU) and vector for export; WebGL: for "
+        "a browser with a GPU",
     )
     edges = shown.edges
     if on_paths:
@@ -398,13 +408,14 @@ def circuit_figure(
     *,
     colours: dict | None = None,
     highlight: str | None = None,
-    webgl: bool = True,
+    webgl: bool = False,
     pinned: set[str] | None = None,
     groups: dict[str, list[str]] | None = None,
 ) -> go.Figure:
     """Nodes by layer (x) and head (y); edges coloured by sign (or `colours`, keyed by the
     stored (src, dst)) and as wide as their |score|. Edges are batched into one trace per colour
-    and width, drawn with WebGL (`Scattergl`) unless `webgl` is False (SVG, for vector export);
+    and width, drawn as SVG paths (one per trace: the fastest to draw without a GPU, and vector
+    for export) or with WebGL (`Scattergl`, `webgl`);
     the nodes stay one SVG trace, clickable and labelled while there are few. `highlight`: a
     node whose edges are drawn in full colour while the rest fade; `pinned` nodes are drawn as
     diamonds; `groups`: supernodes (`group:<label>`) placed at their members' mean position."""
@@ -427,8 +438,8 @@ def circuit_figure(
         )
         lit = not near or highlight in (src, dst)
         xs, ys = batches.setdefault((lit, colour, _width(attrs["score"], biggest)), ([], []))
-        xs += [x0, x1, None]
-        ys += [y0, y1, None]
+        xs += [x0, x1, nan]  # (a gap between segments; float arrays travel as binary)
+        ys += [y0, y1, nan]
         ports = ",".join(p for p in attrs["ports"] if p)
         middles[0].append((x0 + x1) / 2)
         middles[1].append((y0 + y1) / 2)
@@ -437,8 +448,8 @@ def circuit_figure(
     for (lit, colour, width), (xs, ys) in sorted(batches.items(), key=lambda b: b[0]):
         fig.add_trace(
             lines(
-                x=xs,
-                y=ys,
+                x=np.array(xs),
+                y=np.array(ys),
                 mode="lines",
                 line={"width": width, "color": colour},
                 opacity=1.0 if lit else 0.15,
@@ -446,17 +457,18 @@ def circuit_figure(
                 showlegend=False,
             )
         )
-    fig.add_trace(  # each edge's score, on hover over its midpoint
-        lines(
-            x=middles[0],
-            y=middles[1],
-            mode="markers",
-            marker={"size": 6, "color": "#999", "opacity": 0.4},
-            hovertext=middles[2],
-            hoverinfo="text",
-            showlegend=False,
+    if len(middles[0]) <= HOVERED:  # each edge's score, on hover over its midpoint
+        fig.add_trace(
+            lines(
+                x=np.array(middles[0]),
+                y=np.array(middles[1]),
+                mode="markers",
+                marker={"size": 6, "color": "#999", "opacity": 0.4},
+                hovertext=middles[2],
+                hoverinfo="text",
+                showlegend=False,
+            )
         )
-    )
     nodes = list(graph.nodes)
     xy = [where[n] for n in nodes]
     fig.add_trace(

@@ -261,8 +261,8 @@ def _plot_traces(driver) -> list[str]:
 
 
 def test_a_deep_link_opens_the_explorer_as_it_was(server, browser, heads_db, tmp_path):
-    """A link naming a run, a circuit size and a node opens the Circuit page with that run, that
-    many edges drawn with WebGL and that node picked; the address bar then holds the page's
+    """A link naming a run, a circuit size, a node and WebGL opens the Circuit page with that run,
+    that many edges drawn with WebGL and that node picked; the address bar then holds the page's
     whole state, and opening it in a new session shows the same page."""
     from urllib.parse import parse_qs, urlparse
 
@@ -292,7 +292,7 @@ def test_a_deep_link_opens_the_explorer_as_it_was(server, browser, heads_db, tmp
         assert f"30 of {n_edges} edges" in browser.find_element(By.TAG_NAME, "body").text
         return {k: v[0] for k, v in parse_qs(urlparse(browser.current_url).query).items()}
 
-    first = opened(f"{server}/?view=circuit&run={run_id}&k=30&node=a1.h0")
+    first = opened(f"{server}/?view=circuit&run={run_id}&k=30&node=a1.h0&draw=WebGL")
     assert (first["run"], first["k"], first["node"], first["step"]) == (
         run_id,
         "30",
@@ -352,7 +352,7 @@ def test_curating_in_a_real_browser(heads_db, browser, tmp_path):
         browser.delete_all_cookies()
         browser.get(f"{server}/?view=circuit&subgraph={sid}")
         _wait_for_text(browser, f"subgraph {sid} from run:")
-        WebDriverWait(browser, 60).until(lambda d: "scattergl" in _plot_traces(d))
+        WebDriverWait(browser, 60).until(lambda d: "scatter" in _plot_traces(d))  # SVG (auto)
         drawn = browser.execute_script(
             "const gd = document.querySelector('.js-plotly-plot');"
             "return JSON.stringify(gd._fullData[gd._fullData.length - 1].customdata);"
