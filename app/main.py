@@ -12,6 +12,7 @@ from app.views import (
     heads,
     overview,
     patching_view,
+    prompt_view,
     sql_console,
     timeline,
 )
@@ -22,6 +23,7 @@ VIEWS = {
     "Patching": patching_view.render,
     "Circuit": circuit.render,
     "Timeline": timeline.render,
+    "Prompt": prompt_view.render,
     "Features": features.render,
     "SQL": sql_console.render,
 }

@@ -489,3 +489,74 @@ def circuits_at(checkpoint_id: str) -> pd.DataFrame:
            ORDER BY r.method, c.n_edges""",
         (checkpoint_id,),
     )
+
+
+# -- prompt-level views ----------------------------------------------------------------------
+
+
+def prompts_analysed(model_id: str) -> pd.DataFrame:
+    """A model's stored prompt views, newest first, with a display label."""
+    return data.query(
+        """SELECT p.prompt_id, p.checkpoint_id, c.step, p.text, p.tokens, p.predicted, p.tau,
+                  'step ' || c.step || ' · ' || p.text AS label
+           FROM prompt_views p JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? ORDER BY p.created_at DESC""",
+        (model_id,),
+    )
+
+
+def model_source(model_id: str) -> pd.DataFrame:
+    """Where a model's checkpoints are loaded from, and their steps."""
+    return data.query(
+        """SELECT m.source, c.step, c.checkpoint_id FROM models m JOIN checkpoints c
+           USING (model_id) WHERE m.model_id = ? ORDER BY c.step""",
+        (model_id,),
+    )
+
+
+def prompt_attention(prompt_id: str, layer: int, head: int) -> pd.DataFrame:
+    """One head's attention pattern for a stored prompt (query_pos, key_pos, weight)."""
+    return data.query(
+        """SELECT query_pos, key_pos, weight FROM prompt_attention
+           WHERE prompt_id = ? AND layer = ? AND head = ? ORDER BY query_pos, key_pos""",
+        (prompt_id, layer, head),
+    )
+
+
+def prompt_lens(prompt_id: str) -> pd.DataFrame:
+    """The logit lens: per layer and position, the top token and the prediction's probability."""
+    return data.query(
+        """SELECT t.layer, t.position, t.token AS top_token, t.prob AS top_prob,
+                  p.prob AS predicted_prob
+           FROM prompt_logit_lens t JOIN prompt_logit_lens p
+             ON p.prompt_id = t.prompt_id AND p.layer = t.layer AND p.position = t.position
+            AND p.rank IS NULL
+           WHERE t.prompt_id = ? AND t.rank = 0 ORDER BY t.layer, t.position""",
+        (prompt_id,),
+    )
+
+
+def prompt_dla(prompt_id: str) -> pd.DataFrame:
+    """Direct logit attribution to the predicted token, largest |score| first."""
+    return data.query(
+        "SELECT node_id, score FROM prompt_dla WHERE prompt_id = ? ORDER BY abs(score) DESC",
+        (prompt_id,),
+    )
+
+
+def prompt_flow(prompt_id: str) -> pd.DataFrame:
+    """Attention rollout and flow: per method, layer and position, the score."""
+    return data.query(
+        "SELECT method, layer, position, score FROM prompt_flow WHERE prompt_id = ? "
+        "ORDER BY method, layer, position",
+        (prompt_id,),
+    )
+
+
+def prompt_routes(prompt_id: str) -> pd.DataFrame:
+    """The information-flow routes graph's edges."""
+    return data.query(
+        "SELECT src_layer, src_pos, dst_layer, dst_pos, kind, importance FROM prompt_routes "
+        "WHERE prompt_id = ? ORDER BY dst_layer, dst_pos, src_pos",
+        (prompt_id,),
+    )

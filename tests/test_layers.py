@@ -131,6 +131,7 @@ CONTRACTS = [
             "workbench.zoo",
             "workbench.models",
             "workbench.tasks",
+            "workbench.prompt_views",
         ),
         UI_AND_DB,
         False,
@@ -197,7 +198,15 @@ def test_module_does_not_load(module, forbidden):
     assert out.stdout.strip() == "", f"{module} loads {out.stdout.strip()}"
 
 
-def test_app_never_writes():
+def test_the_app_writes_only_saved_subgraphs():
+    """The app is read-only but for one write: saving a curated subgraph, through the store's
+    API (`Store.save_subgraph`), in the curation view."""
+    import re
+
     app_dir = ROOT / "app"
-    source = "\n".join(p.read_text() for p in app_dir.rglob("*.py"))
-    assert "write_run" not in source and "Store(" not in source
+    sources = {p.relative_to(ROOT).as_posix(): p.read_text() for p in app_dir.rglob("*.py")}
+    assert not [name for name, text in sources.items() if "write_run" in text]
+    writers = sorted(name for name, text in sources.items() if "Store(" in text)
+    assert writers == ["app/views/curate.py"]
+    calls = set(re.findall(r"\bstore\.(\w+)\(", sources["app/views/curate.py"]))
+    assert calls == {"save_subgraph"}

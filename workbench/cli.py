@@ -264,6 +264,43 @@ def _register_run_commands() -> None:
 _register_run_commands()
 
 
+@run_app.command("prompt")
+def run_prompt_command(
+    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
+    text: Annotated[str | None, typer.Option(help="The prompt, as text.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="A task (built-in name or JSONL) to take a prompt from.")
+    ] = None,
+    index: Annotated[int, typer.Option(help="Which of the task's prompts (from 0).")] = 0,
+    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
+    tau: Annotated[
+        float, typer.Option(help="Information-flow routes keep edges of this importance or more.")
+    ] = 0.04,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    db: DbOption = None,
+    force: Annotated[bool, typer.Option(help="Compute again even if stored.")] = False,
+) -> int:
+    """One prompt at each chosen checkpoint: attention patterns, logit lens, direct logit
+    attribution, attention rollout and flow, information-flow routes (tables prompt_*)."""
+    from workbench.prompt_run import run_prompt
+
+    for pid, status in run_prompt(
+        model,
+        text=text,
+        task=task,
+        index=index,
+        checkpoint=checkpoint,
+        tau=tau,
+        device=device,
+        dtype=dtype,
+        db=db,
+        force=force,
+    ):
+        typer.echo(f"{status:<8} prompt {pid}")
+    return 0
+
+
 @app.command("sql")
 def sql(
     query: Annotated[str, typer.Argument(help="A SQL query over the store (read-only).")],

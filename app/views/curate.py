@@ -28,7 +28,8 @@ def groups() -> dict[str, list[str]]:
 
 def panel(edges: list[Edge], nodes: list[str], model_id: str, checkpoint_id: str, source: str):
     """The curation controls under the graph, for the edges shown."""
-    with st.expander("Curate: pin, group, annotate, save as a subgraph", expanded=bool(pinned())):
+    st.subheader("Curate: pin, group, annotate, save as a subgraph")
+    with st.container(border=True):
         members = [m for ms in groups().values() for m in ms]
         options = list(dict.fromkeys([*nodes, *st.session_state.get(PINS, []), *members]))
         options = [n for n in options if not n.startswith(GROUP_PREFIX)]

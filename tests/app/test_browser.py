@@ -325,9 +325,6 @@ def test_curating_in_a_real_browser(heads_db, browser, tmp_path):
         _wait_for_text(browser, "Curate: pin, group")
         label = "input[aria-label='Group label']"
         WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, label))
-        time.sleep(1)  # (the page settles: the expander opens by itself once nodes are pinned)
-        if not browser.find_element(By.CSS_SELECTOR, label).is_displayed():
-            browser.find_element(By.XPATH, "//summary[.//*[contains(text(), 'Curate:')]]").click()
         _type_into(browser, label, "previous token", [Keys.ENTER])
         members = "input[aria-label='Group these pinned nodes']"
         for node in ("a0.h1", "a0.h3"):
@@ -361,3 +358,30 @@ def test_curating_in_a_real_browser(heads_db, browser, tmp_path):
         assert "group:previous token" in nodes and not {"a0.h1", "a0.h3"} & nodes
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
         browser.save_screenshot(str(tmp_path / "curate-reopened.png"))
+
+
+def test_the_prompt_page_in_a_real_browser(induction_dir, browser, tmp_path):
+    """A prompt analysed by `workbench run prompt` opens from its link with its attention,
+    logit lens, attribution, rollout/flow and routes views (screenshot kept out of git)."""
+    import duckdb
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from workbench.cli import cli
+
+    db = tmp_path / "w.duckdb"
+    argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "1"]
+    assert cli([*argv, "--db", str(db)]) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    (pid,) = con.execute("SELECT prompt_id FROM prompt_views").fetchone()
+    con.close()
+    with streamlit_server(db) as server:
+        browser.get(f"{server}/?view=prompt&prompt={pid}")
+        _wait_for_text(browser, "predicted next token")
+        WebDriverWait(browser, 60).until(lambda d: _plot_traces(d))
+        for tab in ("Logit lens", "Rollout and flow", "Routes"):
+            browser.find_element(By.XPATH, f"//*[@role='tab'][contains(., '{tab}')]").click()
+            time.sleep(0.5)
+        _wait_for_text(browser, "information-flow routes")
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "prompt.png"))

@@ -69,6 +69,7 @@ CHANGES = {
     "Timeline": [("timeline_node", "selectbox", "a1.h0"), ("timeline_from", "select_slider", 500)],
     "SQL": [("sql_text", "text_area", "SELECT 42 AS answer"), ("sql_timeout", "number_input", 7)],
     "Overview": [],
+    "Prompt": [],
 }
 
 

@@ -190,6 +190,59 @@ HEADS_DB_CASES: dict[str, Case] = {
 }
 
 # SAE queries need a database with SAEs and sae_attr runs: the session's SAE run.
+HEADS_DB_CASES |= {
+    # (no subgraph or prompt is stored in this database: the columns are what is checked here;
+    # tests/app/test_curate.py and tests/test_prompt_views.py read stored ones)
+    "subgraphs": (
+        lambda i: queries.subgraphs(i["model"]),
+        ["subgraph_id", "name", "checkpoint_id", "step", "source", "n_nodes", "n_edges"]
+        + ["saved_at", "label"],
+        False,
+    ),
+    "subgraph_nodes": (
+        lambda i: queries.subgraph_nodes("sg-none"),
+        ["node_id", "group_label", "note"],
+        False,
+    ),
+    "subgraph_edges": (
+        lambda i: queries.subgraph_edges("sg-none"),
+        ["src", "dst", "score", "note"],
+        False,
+    ),
+    "circuits_at": (lambda i: queries.circuits_at(i["checkpoint"]), ["circuit_id", "label"], True),
+    "prompts_analysed": (
+        lambda i: queries.prompts_analysed(i["model"]),
+        ["prompt_id", "checkpoint_id", "step", "text", "tokens", "predicted", "tau", "label"],
+        False,
+    ),
+    "model_source": (
+        lambda i: queries.model_source(i["model"]),
+        ["source", "step", "checkpoint_id"],
+        True,
+    ),
+    "prompt_attention": (
+        lambda i: queries.prompt_attention("p-none", 0, 0),
+        ["query_pos", "key_pos", "weight"],
+        False,
+    ),
+    "prompt_lens": (
+        lambda i: queries.prompt_lens("p-none"),
+        ["layer", "position", "top_token", "top_prob", "predicted_prob"],
+        False,
+    ),
+    "prompt_dla": (lambda i: queries.prompt_dla("p-none"), ["node_id", "score"], False),
+    "prompt_flow": (
+        lambda i: queries.prompt_flow("p-none"),
+        ["method", "layer", "position", "score"],
+        False,
+    ),
+    "prompt_routes": (
+        lambda i: queries.prompt_routes("p-none"),
+        ["src_layer", "src_pos", "dst_layer", "dst_pos", "kind", "importance"],
+        False,
+    ),
+}
+
 SAE_DB_CASES: dict[str, Case] = {
     "sae_hooks": (lambda i: queries.sae_hooks(), ["sae_id", "hook"], True),
     "saes_of": (lambda i: queries.saes_of(i["model"]), [], True),  # saes.* + step, label

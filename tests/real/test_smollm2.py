@@ -198,3 +198,41 @@ def test_an_sae_on_the_middle_layer_reconstructs_text_it_never_saw(sae_db, smoll
     assert norms[:, 0].mean() > 20 * norms[:, 1:].mean()  # the sink at the first position
     after_first = _explained(x[:, 1:], x_hat[:, 1:])
     assert measured("smollm2_sae_held_out_explained_variance", after_first) > 0.45
+
+
+def test_the_prompt_views_of_a_real_model(smollm2, tmp_path):
+    """`workbench run prompt` on SmolLM2: it predicts " Paris", the logit lens ends there, and
+    the stored rollout follows its formula from the stored attention."""
+    import duckdb
+    import numpy as np
+
+    db = tmp_path / "p.duckdb"
+    argv = ["run", "prompt", "--model", str(SMOLLM2), "--text", "The capital of France is"]
+    assert cli([*argv, "--db", str(db)]) == 0
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        ((pid, predicted, n),) = con.execute(
+            "SELECT prompt_id, predicted, len(token_ids) FROM prompt_views"
+        ).fetchall()
+        attention = np.zeros((30, 9, n, n))
+        for layer, head, q, k, w in con.execute(
+            "SELECT layer, head, query_pos, key_pos, weight FROM prompt_attention"
+        ).fetchall():
+            attention[layer, head, q, k] = w
+        rollout = dict(
+            ((layer, pos), score)
+            for layer, pos, score in con.execute(
+                "SELECT layer, position, score FROM prompt_flow WHERE method = 'rollout'"
+            ).fetchall()
+        )
+        (routes,) = con.execute("SELECT count(*) FROM prompt_routes").fetchone()
+    finally:
+        con.close()
+    assert predicted.replace("Ġ", " ").strip() == "Paris"
+    expected = np.eye(n)
+    for layer in range(30):
+        a_hat = 0.5 * attention[layer].mean(0) + 0.5 * np.eye(n)
+        expected = (a_hat / a_hat.sum(-1, keepdims=True)) @ expected
+        got = np.array([rollout[(layer, p)] for p in range(n)])
+        np.testing.assert_allclose(got, expected[-1], atol=1e-5)
+    assert routes > 0

@@ -25,7 +25,7 @@ import pyarrow as pa
 from workbench import __version__, records
 from workbench.errors import BadInput
 from workbench.results import RunResult
-from workbench.store.schema import MIGRATIONS, RUN_TABLES, SCHEMA_VERSION
+from workbench.store.schema import MIGRATIONS, PROMPT_TABLES, RUN_TABLES, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from workbench.subgraphs import Subgraph
@@ -319,6 +319,30 @@ class Store:
         return self.write_run(
             run, registry=registry, rows=rows, linked=linked, replace=replace, files=result.files
         )
+
+    def has_prompt_views(self, prompt_id: str) -> bool:
+        return bool(
+            self._scalar("SELECT count(*) FROM prompt_views WHERE prompt_id = ?", [prompt_id])
+        )
+
+    def save_prompt_views(
+        self, rows: dict[str, list[dict[str, Any]]], registry: dict[str, pa.Table]
+    ) -> str:
+        """Store one prompt's views (`workbench.prompt_views.rows`) with the model, checkpoint
+        and node rows they refer to, in one transaction, replacing the same prompt_id."""
+        (head,) = rows["prompt_views"]
+        pid = str(head["prompt_id"])
+        head = head | {"created_at": datetime.now(UTC).replace(tzinfo=None)}
+        with self.transaction() as con:
+            for table, data in registry.items():
+                self._insert(con, table, data, ignore_existing=True)
+            for table in ("prompt_views", *PROMPT_TABLES):
+                con.execute(f"DELETE FROM {table} WHERE prompt_id = ?", [pid])
+            self._insert(con, "prompt_views", pa.Table.from_pylist([head]))
+            for table in PROMPT_TABLES:
+                if rows.get(table):
+                    self._insert(con, table, pa.Table.from_pylist(rows[table]))
+        return pid
 
     def save_subgraph(self, subgraph: "Subgraph") -> str:
         """Store a curated subgraph in one transaction, replacing one of the same name at the

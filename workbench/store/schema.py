@@ -163,6 +163,27 @@ SCHEMA_V7 = [
         subgraph_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE, note VARCHAR)""",
 ]
 
+# v8: prompt-level views (`workbench run prompt`, `workbench.prompt_views`): one prompt at one
+# checkpoint, keyed by prompt_id (a hash of the checkpoint, the tokens and tau).
+SCHEMA_V8 = [
+    """CREATE TABLE prompt_views (
+        prompt_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, text VARCHAR, token_ids INTEGER[],
+        tokens VARCHAR[], predicted_id INTEGER, predicted VARCHAR, tau DOUBLE,
+        created_at TIMESTAMP)""",
+    """CREATE TABLE prompt_attention (
+        prompt_id VARCHAR, layer INTEGER, head INTEGER, query_pos INTEGER, key_pos INTEGER,
+        weight DOUBLE)""",
+    """CREATE TABLE prompt_logit_lens (
+        prompt_id VARCHAR, layer INTEGER, position INTEGER, rank INTEGER, token_id INTEGER,
+        token VARCHAR, prob DOUBLE)""",
+    "CREATE TABLE prompt_dla (prompt_id VARCHAR, node_id VARCHAR, score DOUBLE)",
+    """CREATE TABLE prompt_flow (
+        prompt_id VARCHAR, method VARCHAR, layer INTEGER, position INTEGER, score DOUBLE)""",
+    """CREATE TABLE prompt_routes (
+        prompt_id VARCHAR, src_layer INTEGER, src_pos INTEGER, dst_layer INTEGER,
+        dst_pos INTEGER, kind VARCHAR, importance DOUBLE)""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -171,8 +192,18 @@ MIGRATIONS: dict[int, list[str]] = {
     5: SCHEMA_V5,
     6: SCHEMA_V6,
     7: SCHEMA_V7,
+    8: SCHEMA_V8,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
+
+# The tables of a prompt's views besides `prompt_views` itself, keyed by prompt_id.
+PROMPT_TABLES = (
+    "prompt_attention",
+    "prompt_logit_lens",
+    "prompt_dla",
+    "prompt_flow",
+    "prompt_routes",
+)
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
 RUN_TABLES = (

@@ -1,0 +1,220 @@
+"""Prompt: one prompt at one checkpoint, looked at closely. Attention patterns per head, the
+logit lens across layers, direct logit attribution per head and MLP for the predicted token,
+attention rollout and attention flow, and the information-flow routes graph.
+
+The app stays free of torch: "Analyse" starts `workbench run prompt` in a process of its own,
+shows its progress, and the page then reads what it stored (tables `prompt_*`)."""
+
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from app import data, links, queries
+from app.views.common import diverging_heatmap, select_model
+
+ROUTE_COLOURS = {"attention": "#1f77b4", "residual": "#999999", "mlp": "#2ca02c"}
+ANALYSE_TIMEOUT = 1800  # seconds
+
+
+def render() -> None:
+    st.header("Prompt")
+    model_id = select_model("prompt_model")
+    if model_id is None:
+        return
+    _analyse(model_id)
+    stored = queries.prompts_analysed(model_id)
+    if stored.empty:
+        st.info("No prompt analysed for this model yet: analyse one above, or run "
+                "`workbench run prompt --model ... --text ...`.")  # fmt: skip
+        return
+    ids = stored["prompt_id"].tolist()
+    labels = dict(zip(ids, stored["label"], strict=True))
+    pid = links.selectbox(
+        "Prompt", ids, format_func=lambda i: str(labels[i]), key="prompt_pick", param="prompt"
+    )
+    row = stored[stored["prompt_id"] == pid].iloc[0]
+    tokens = [f"{i}:{t}" for i, t in enumerate(row["tokens"])]
+    st.caption(
+        f"prompt `{pid}` at step {row['step']} · {len(tokens)} tokens · predicted next token: "
+        f"`{row['predicted']}`"
+    )
+    tabs = st.tabs(
+        ["Attention", "Logit lens", "Direct logit attribution", "Rollout and flow", "Routes"]
+    )
+    shape = queries.model_shape(model_id)
+    n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
+    with tabs[0]:
+        _attention(pid, tokens, n_layers, n_heads)
+    with tabs[1]:
+        _lens(pid, tokens, str(row["predicted"]))
+    with tabs[2]:
+        _dla(pid, str(row["predicted"]))
+    with tabs[3]:
+        _flow(pid, tokens)
+    with tabs[4]:
+        _routes(pid, tokens, float(row["tau"]))
+
+
+def _analyse(model_id: str) -> None:
+    with st.expander("Analyse a prompt", expanded=False):
+        checkpoints = queries.model_source(model_id)
+        steps = checkpoints["step"].tolist()
+        c1, c2 = st.columns([1, 3])
+        step = c1.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="prompt_step")
+        text = c2.text_input("Prompt text", key="prompt_text")
+        c3, c4 = st.columns([3, 1])
+        task = c3.text_input(
+            "…or a task's prompt: task (built-in name or JSONL)", key="prompt_task"
+        )
+        index = c4.number_input("index", min_value=0, value=0, step=1, key="prompt_index")
+        if not st.button("Analyse", key="prompt_analyse"):
+            return
+        if not text.strip() and not task.strip():
+            st.warning("Type a prompt, or name a task and the index of one of its prompts.")
+            return
+        source = str(checkpoints["source"].iloc[0])
+        cmd = [sys.executable, "-m", "workbench", "run", "prompt", "--model", source]
+        cmd += ["--checkpoint", str(step), "--db", data.db_path()]
+        cmd += ["--text", text] if text.strip() else ["--task", task, "--index", str(int(index))]
+        _launch(cmd)
+
+
+def _launch(cmd: list[str]) -> None:
+    """Run the pipeline in its own process, showing its progress; then show its prompt."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with st.status("Analysing the prompt…", expanded=False) as status:
+        while proc.poll() is None:
+            if time.monotonic() - start > ANALYSE_TIMEOUT:
+                proc.kill()
+                break
+            status.update(label=f"Analysing the prompt… {time.monotonic() - start:.0f} s")
+            time.sleep(0.5)
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            status.update(label="The analysis failed", state="error")
+            lines = [line for line in err.splitlines() if line.strip()]
+            st.error(lines[-1] if lines else f"workbench run prompt exited {proc.returncode}")
+            return
+        status.update(label=f"Analysed in {time.monotonic() - start:.1f} s", state="complete")
+    found = re.search(r"prompt (p-[0-9a-f]+)", out)
+    data.query.clear()  # type: ignore[attr-defined]  # (the new prompt shows at once)
+    if found:
+        st.session_state["prompt_pick"] = found.group(1)
+
+
+def _attention(pid: str, tokens: list[str], n_layers: int, n_heads: int) -> None:
+    c1, c2 = st.columns(2)
+    layer = int(links.number("Layer", 0, max(n_layers - 1, 1), 0, key="prompt_layer",
+                             param="layer", where=c1, slider=n_layers > 1))  # fmt: skip
+    head = int(links.number("Head", 0, max(n_heads - 1, 1), 0, key="prompt_head",
+                            param="head", where=c2, slider=n_heads > 1))  # fmt: skip
+    pattern = queries.prompt_attention(pid, min(layer, n_layers - 1), min(head, n_heads - 1))
+    n = len(tokens)
+    grid = np.full((n, n), np.nan)
+    grid[pattern["query_pos"], pattern["key_pos"]] = pattern["weight"]
+    fig = px.imshow(
+        grid,
+        x=tokens,
+        y=tokens,
+        zmin=0,
+        zmax=1,
+        color_continuous_scale="Blues",
+        labels={"x": "key (attended to)", "y": "query", "color": "attention"},
+        aspect="auto",
+    )
+    st.plotly_chart(fig, key="prompt_attention_map")
+
+
+def _lens(pid: str, tokens: list[str], predicted: str) -> None:
+    lens = queries.prompt_lens(pid)
+    prob = lens.pivot_table(index="layer", columns="position", values="predicted_prob")
+    top = lens.pivot_table(index="layer", columns="position", values="top_token", aggfunc="first")
+    fig = px.imshow(
+        prob.values,
+        x=tokens,
+        y=[f"after layer {i}" for i in prob.index],
+        zmin=0,
+        zmax=1,
+        color_continuous_scale="Viridis",
+        labels={"x": "position", "y": "", "color": f"p({predicted})"},
+        aspect="auto",
+    )
+    fig.update_traces(text=top.values, texttemplate="%{text}")
+    st.caption(f"colour: the probability of `{predicted}` (the model's prediction) read off each "
+               "layer's residual; text: that layer's most likely next token")  # fmt: skip
+    st.plotly_chart(fig, key="prompt_lens_map")
+
+
+def _dla(pid: str, predicted: str) -> None:
+    dla = queries.prompt_dla(pid).head(20)
+    fig = px.bar(dla, x="score", y="node_id", orientation="h")
+    fig.update_yaxes(autorange="reversed")
+    st.caption(f"direct contribution of each head and MLP to the logit of `{predicted}` (minus "
+               "the mean logit) at the last position")  # fmt: skip
+    st.plotly_chart(fig, key="prompt_dla_bars")
+    st.dataframe(dla, hide_index=True, key="prompt_dla_table")
+
+
+def _flow(pid: str, tokens: list[str]) -> None:
+    flow = queries.prompt_flow(pid)
+    cols = st.columns(2)
+    for col, method in zip(cols, ("rollout", "flow"), strict=True):
+        part = flow[flow["method"] == method]
+        grid = part.pivot_table(index="layer", columns="position", values="score")
+        fig = diverging_heatmap(
+            grid.values,
+            float(np.nanmax(np.abs(grid.values))) if grid.size else 1.0,
+            {"x": "input position", "y": "after layer", "color": method},
+            x=tokens,
+        )
+        col.caption(f"attention {method}: how much the last position draws on each input")
+        col.plotly_chart(fig, key=f"prompt_{method}_map")
+
+
+def _routes(pid: str, tokens: list[str], tau: float) -> None:
+    routes = queries.prompt_routes(pid)
+    st.caption(f"information-flow routes (importance ≥ {tau}) that reach the last position's "
+               "final residual; x: position, y: layer")  # fmt: skip
+    if routes.empty:
+        st.info("No route reaches the last position at this threshold.")
+        return
+    fig = go.Figure()
+    for kind, colour in ROUTE_COLOURS.items():
+        part = routes[routes["kind"] == kind]
+        xs: list[float | None] = []
+        ys: list[float | None] = []
+        for r in part.itertuples():
+            offset = 0.15 if kind == "mlp" else 0.0
+            xs += [r.src_pos + offset, r.dst_pos + offset, None]
+            ys += [r.src_layer, r.dst_layer, None]
+        if xs:
+            fig.add_trace(
+                go.Scatter(x=xs, y=ys, mode="lines", line={"color": colour, "width": 2}, name=kind)
+            )
+    nodes = {(r.src_pos, r.src_layer) for r in routes.itertuples()}
+    nodes |= {(r.dst_pos, r.dst_layer) for r in routes.itertuples()}
+    fig.add_trace(
+        go.Scatter(
+            x=[p for p, _ in nodes],
+            y=[layer for _, layer in nodes],
+            mode="markers",
+            marker={"size": 8, "color": "#444"},
+            hovertext=[f"{tokens[p]} before layer {layer}" for p, layer in nodes],
+            hoverinfo="text",
+            name="residual stream",
+        )
+    )
+    fig.update_layout(
+        xaxis={"tickvals": list(range(len(tokens))), "ticktext": tokens, "title": "position"},
+        yaxis={"title": "layer (residual stream before it)", "dtick": 1},
+        height=520,
+    )
+    st.plotly_chart(fig, key="prompt_routes_graph")
+    st.dataframe(routes, hide_index=True, key="prompt_routes_table")

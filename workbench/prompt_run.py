@@ -1,0 +1,88 @@
+"""`workbench run prompt`: compute one prompt's views (`workbench.prompt_views`) at each chosen
+checkpoint without holding the database, then store them in one short transaction. Cached by
+prompt_id (checkpoint, tokens, tau): a prompt already stored is not computed again unless
+`force`."""
+
+import logging
+
+from tqdm.auto import tqdm
+
+from workbench import records
+from workbench.errors import BadInput
+from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.models.sources import select_checkpoints
+from workbench.prompt_views import DEFAULT_TAU, lens_ids, prompt_id, prompt_views, rows
+from workbench.store import Store
+from workbench.tasks import load_task
+
+logger = logging.getLogger(__name__)
+
+
+def run_prompt(
+    model: str,
+    *,
+    text: str | None = None,
+    task: str | None = None,
+    index: int = 0,
+    checkpoint: str = "latest",
+    tau: float = DEFAULT_TAU,
+    device: str = "cpu",
+    dtype: str = "float32",
+    db: str | None = None,
+    force: bool = False,
+) -> list[tuple[str, str]]:
+    """[(prompt_id, 'done' or 'cached')] per checkpoint."""
+    if (text is None) == (task is None):
+        raise BadInput("give the prompt as --text TEXT, or as --task NAME_OR_JSONL --index I")
+    if not 0 < tau < 1:
+        raise BadInput(f"--tau {tau}: must be between 0 and 1")
+    if index < 0:
+        raise BadInput(f"--index {index}: must be 0 or more")
+    refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
+    done: list[tuple[str, str]] = []
+    for ref in tqdm(refs, desc="prompt checkpoints", disable=len(refs) < 2):
+        loaded = load_checkpoint(ref, device=device, dtype=dtype)
+        if text is not None:
+            if not text.strip():
+                raise BadInput("--text: empty")
+            ids, shown = loaded.encode(text), text
+        else:
+            pairs = load_task(str(task), loaded).pairs
+            if index >= len(pairs):
+                raise BadInput(f"--index {index}: task {task} has {len(pairs)} prompts")
+            ids = list(pairs[index].clean_tokens)
+            shown = pairs[index].clean_text or " ".join(loaded.token_strs(ids))
+        if len(ids) < 2:
+            raise BadInput(f"the prompt is {len(ids)} token long: it needs at least 2")
+        checkpoint_id = loaded.checkpoint.checkpoint_id
+        pid = prompt_id(checkpoint_id, ids, tau)
+        if not force:
+            with Store(db) as store:
+                if store.has_prompt_views(pid):
+                    logger.info("prompt %s at %s: stored already", pid, checkpoint_id)
+                    done.append((pid, "cached"))
+                    continue
+        views = prompt_views(loaded.model, ids, tau)
+        named = lens_ids(views)
+        table = rows(
+            views,
+            pid=pid,
+            checkpoint_id=checkpoint_id,
+            text=shown,
+            tokens=loaded.token_strs(ids),
+            names=dict(zip(named, loaded.token_strs(named), strict=True)),
+            tau=tau,
+        )
+        cfg = loaded.model.cfg
+        registry = {
+            "models": records.model_rows(loaded.info),
+            "checkpoints": records.checkpoint_rows(loaded.checkpoint),
+            "nodes": records.model_graph_nodes(
+                loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
+            ),
+        }
+        with Store(db) as store:
+            store.save_prompt_views(table, registry)
+        logger.info("prompt %s at %s: stored", pid, checkpoint_id)
+        done.append((pid, "done"))
+    return done
