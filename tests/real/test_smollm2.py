@@ -200,9 +200,9 @@ def test_an_sae_on_the_middle_layer_reconstructs_text_it_never_saw(sae_db, smoll
     assert measured("smollm2_sae_held_out_explained_variance", after_first) > 0.45
 
 
-def test_the_prompt_views_of_a_real_model(smollm2, tmp_path):
-    """`workbench run prompt` on SmolLM2: it predicts " Paris", the logit lens ends there, and
-    the stored rollout follows its formula from the stored attention."""
+def test_the_prompt_views_of_a_real_model(smollm2, tmp_path, monkeypatch):
+    """`workbench run prompt` on SmolLM2: it predicts " Paris", the stored rollout follows its
+    formula from the stored attention, and the app's Prompt page shows every view of it."""
     import duckdb
     import numpy as np
 
@@ -236,3 +236,16 @@ def test_the_prompt_views_of_a_real_model(smollm2, tmp_path):
         got = np.array([rollout[(layer, p)] for p in range(n)])
         np.testing.assert_allclose(got, expected[-1], atol=1e-5)
     assert routes > 0
+
+    from streamlit.testing.v1 import AppTest
+
+    from app import data
+
+    monkeypatch.setenv("WORKBENCH_DB", str(db))
+    data.query.clear()  # type: ignore[attr-defined]
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=300)
+    at.query_params.update({"view": "prompt", "prompt": pid, "layer": "18", "head": "6"})
+    at.run()
+    assert not at.exception and not at.error
+    assert (at.session_state["prompt_layer"], at.session_state["prompt_head"]) == (18, 6)
+    assert len(at.get("plotly_chart")) >= 6  # attention, lens, dla, rollout, flow, routes
