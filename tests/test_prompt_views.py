@@ -5,24 +5,16 @@ direct logit attribution summing to the logit), and the app's Prompt page."""
 
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
+from tests.db import rows
 from workbench.cli import cli
 from workbench.core import Hook
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
-
-
-def _rows(db: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +22,19 @@ def stored(induction_dir, tmp_path_factory) -> tuple[Path, str]:
     db = tmp_path_factory.mktemp("prompt") / "w.duckdb"
     argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "3"]
     assert cli([*argv, "--db", str(db)]) == 0
-    ((pid,),) = _rows(db, "SELECT prompt_id FROM prompt_views")
+    ((pid,),) = rows(db, "SELECT prompt_id FROM prompt_views")
     return db, pid
 
 
 def _attention(db: Path, pid: str) -> np.ndarray:
-    (n_layers, n_heads, n) = _rows(
+    (n_layers, n_heads, n) = rows(
         db,
         "SELECT max(layer) + 1, max(head) + 1, max(query_pos) + 1 FROM prompt_attention "
         "WHERE prompt_id = ?",
         [pid],
     )[0]
     a = np.zeros((n_layers, n_heads, n, n))
-    for layer, head, q, k, w in _rows(
+    for layer, head, q, k, w in rows(
         db,
         "SELECT layer, head, query_pos, key_pos, weight FROM prompt_attention WHERE prompt_id = ?",
         [pid],
@@ -56,7 +48,7 @@ def test_attention_rollout_and_flow_follow_abnar_and_zuidema(stored, induction_f
     attention = _attention(db, pid)
     n_layers, _, n, _ = attention.shape
     # the patterns are the model's own
-    (ids,) = _rows(db, "SELECT token_ids FROM prompt_views WHERE prompt_id = ?", [pid])[0]
+    (ids,) = rows(db, "SELECT token_ids FROM prompt_views WHERE prompt_id = ?", [pid])[0]
     _, cache = induction_final.model.run_with_cache(torch.tensor([ids]))
     for layer in range(n_layers):
         np.testing.assert_allclose(
@@ -65,7 +57,7 @@ def test_attention_rollout_and_flow_follow_abnar_and_zuidema(stored, induction_f
     # rollout: A_hat = 0.5 * (head mean) + 0.5 * I, rows renormalised; R_l = A_hat_l ... A_hat_1
     stored_rollout = np.zeros((n_layers, n))
     stored_flow = np.zeros((n_layers, n))
-    for method, layer, pos, score in _rows(
+    for method, layer, pos, score in rows(
         db, "SELECT method, layer, position, score FROM prompt_flow WHERE prompt_id = ?", [pid]
     ):
         (stored_rollout if method == "rollout" else stored_flow)[layer, pos] = score
@@ -83,20 +75,20 @@ def test_attention_rollout_and_flow_follow_abnar_and_zuidema(stored, induction_f
 
 def test_the_logit_lens_ends_at_the_models_prediction(stored, induction_final):
     db, pid = stored
-    ((ids, predicted_id),) = _rows(
+    ((ids, predicted_id),) = rows(
         db, "SELECT token_ids, predicted_id FROM prompt_views WHERE prompt_id = ?", [pid]
     )
     logits = induction_final.model(torch.tensor([ids]))[0, -1].detach()
     assert predicted_id == int(logits.argmax())
     n_layers = induction_final.model.cfg.n_layers
-    ((prob,),) = _rows(
+    ((prob,),) = rows(
         db,
         "SELECT prob FROM prompt_logit_lens WHERE prompt_id = ? AND layer = ? AND position = ? "
         "AND rank IS NULL",
         [pid, n_layers - 1, len(ids) - 1],
     )
     assert prob == pytest.approx(float(logits.softmax(-1)[predicted_id]), abs=1e-5)
-    ((top,),) = _rows(
+    ((top,),) = rows(
         db,
         "SELECT token_id FROM prompt_logit_lens WHERE prompt_id = ? AND layer = ? "
         "AND position = ? AND rank = 0",
@@ -111,10 +103,10 @@ def test_direct_logit_attribution_sums_to_the_logit(stored, induction_final):
     aside: the final normalisation is linear once its scale is fixed at this run."""
     db, pid = stored
     model = induction_final.model
-    ((ids, predicted_id),) = _rows(
+    ((ids, predicted_id),) = rows(
         db, "SELECT token_ids, predicted_id FROM prompt_views WHERE prompt_id = ?", [pid]
     )
-    scores = dict(_rows(db, "SELECT node_id, score FROM prompt_dla WHERE prompt_id = ?", [pid]))
+    scores = dict(rows(db, "SELECT node_id, score FROM prompt_dla WHERE prompt_id = ?", [pid]))
     logits, cache = model.run_with_cache(torch.tensor([ids]))
     direction = (model.W_U[:, predicted_id] - model.W_U.mean(1)).detach()
     scale = cache[Hook.FINAL_SCALE][0, -1] if hasattr(model, "ln_final") else 1.0
@@ -140,8 +132,8 @@ def test_routes_are_above_tau_and_reach_the_last_position(stored, induction_fina
     import networkx as nx
 
     db, pid = stored
-    ((tau, ids),) = _rows(db, "SELECT tau, token_ids FROM prompt_views WHERE prompt_id = ?", [pid])
-    routes = _rows(
+    ((tau, ids),) = rows(db, "SELECT tau, token_ids FROM prompt_views WHERE prompt_id = ?", [pid])
+    routes = rows(
         db,
         "SELECT src_layer, src_pos, dst_layer, dst_pos, kind, importance FROM prompt_routes "
         "WHERE prompt_id = ?",
@@ -171,7 +163,7 @@ def test_a_stored_prompt_is_not_computed_again_and_bad_input_exits_2(stored, ind
     ):
         assert cli([*base, *extra]) == 2
         assert message in capsys.readouterr().err
-    assert _rows(db, "SELECT count(*) FROM prompt_views") == [(1,)]
+    assert rows(db, "SELECT count(*) FROM prompt_views") == [(1,)]
 
 
 def _app(db: Path, monkeypatch, params: dict) -> AppTest:
@@ -199,5 +191,5 @@ def test_the_prompt_page_shows_every_view_and_analyses_a_new_prompt(stored, monk
     at.number_input(key="prompt_index").set_value(5)
     at = at.button(key="prompt_analyse").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
-    assert _rows(db, "SELECT count(*) FROM prompt_views") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM prompt_views") == [(2,)]
     assert at.session_state["prompt_pick"] != pid

@@ -6,10 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-import duckdb
 import networkx as nx
 import pytest
 
+from tests.db import rows
 from workbench.cli import cli
 from workbench.errors import BadInput
 from workbench.graph import input_to_logits, without_layers
@@ -24,23 +24,15 @@ def db(heads_db, tmp_path) -> Path:
     return copy
 
 
-def _rows(db: Path, sql: str, params: list | None = None) -> list[tuple]:
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        return con.execute(sql, params or []).fetchall()
-    finally:
-        con.close()
-
-
 def _eap_subgraph(db: Path, name: str = "induction core") -> Subgraph:
     """The top 12 edges of the final EAP run, their nodes pinned, the layer-0 heads grouped,
     a note on a node and on an edge."""
-    ((model_id, checkpoint_id, run_id),) = _rows(
+    ((model_id, checkpoint_id, run_id),) = rows(
         db,
         """SELECT c.model_id, r.checkpoint_id, r.run_id FROM runs r JOIN checkpoints c
            USING (checkpoint_id) WHERE r.method = 'eap' ORDER BY c.step DESC LIMIT 1""",
     )
-    top = _rows(
+    top = rows(
         db,
         "SELECT src, dst, score FROM edges WHERE run_id = ? ORDER BY abs(score) DESC LIMIT 12",
         [run_id],
@@ -74,18 +66,18 @@ def test_a_subgraph_round_trips_through_sql_and_both_exports(db):
     with Store(db) as store:
         sid = store.save_subgraph(subgraph)
     assert sid == subgraph.subgraph_id and sid.startswith("sg-")
-    ((name, n_nodes, n_edges, source),) = _rows(
+    ((name, n_nodes, n_edges, source),) = rows(
         db, "SELECT name, n_nodes, n_edges, source FROM subgraphs WHERE subgraph_id = ?", [sid]
     )
     assert (name, n_nodes, n_edges) == ("induction core", len(subgraph.nodes), 12)
     assert source == subgraph.source
-    stored = _rows(
+    stored = rows(
         db, "SELECT src, dst, score, note FROM subgraph_edges WHERE subgraph_id = ?", [sid]
     )
     assert sorted(stored, key=str) == sorted(
         [(e.src, e.dst, e.score, e.note) for e in subgraph.edges], key=str
     )
-    grouped = _rows(
+    grouped = rows(
         db,
         "SELECT node_id FROM subgraph_nodes WHERE subgraph_id = ? AND group_label = 'layer 0'",
         [sid],
@@ -124,9 +116,9 @@ def test_saving_again_under_the_same_name_replaces_it(db):
         assert store.save_subgraph(smaller) == sid
         other = store.save_subgraph(another)
     assert other != sid
-    counts = dict(_rows(db, "SELECT subgraph_id, count(*) FROM subgraph_edges GROUP BY ALL"))
+    counts = dict(rows(db, "SELECT subgraph_id, count(*) FROM subgraph_edges GROUP BY ALL"))
     assert counts == {sid: 3, other: 12}
-    assert _rows(db, "SELECT count(*) FROM subgraphs") == [(2,)]
+    assert rows(db, "SELECT count(*) FROM subgraphs") == [(2,)]
 
 
 @pytest.mark.parametrize(
@@ -143,12 +135,12 @@ def test_a_bad_subgraph_is_one_sentence_and_stores_nothing(db, spoil, message):
     kept = _eap_subgraph(db, name="kept")
     with Store(db) as store:
         store.save_subgraph(kept)
-    before = _rows(db, "SELECT * FROM subgraph_edges ORDER BY ALL")
+    before = rows(db, "SELECT * FROM subgraph_edges ORDER BY ALL")
     subgraph = _eap_subgraph(db, name="kept")
     spoil(subgraph)
     with Store(db) as store, pytest.raises(BadInput, match=message):
         store.save_subgraph(subgraph)
-    assert _rows(db, "SELECT * FROM subgraph_edges ORDER BY ALL") == before
+    assert rows(db, "SELECT * FROM subgraph_edges ORDER BY ALL") == before
 
 
 def test_export_of_an_unknown_subgraph_exits_2(db, capsys):

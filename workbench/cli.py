@@ -386,12 +386,13 @@ def migrate(db: DbOption = None) -> None:
     typer.echo(f"{path}: {done} schema v{SCHEMA_VERSION}")
 
 
+FormatOption = Annotated[GraphFormat, typer.Option("--format", help="graphml or json.")]
+
+
 @export_app.command("circuit")
 def export_circuit_command(
     circuit_id: Annotated[str, typer.Argument(help="A circuits.circuit_id.")],
-    format: Annotated[
-        GraphFormat, typer.Option("--format", help="graphml or json.")
-    ] = GraphFormat.graphml,
+    format: FormatOption = GraphFormat.graphml,
     db: DbOption = None,
 ) -> None:
     """Print a stored circuit (nodes, edges with scores, provenance) as GraphML or JSON."""
@@ -403,9 +404,7 @@ def export_circuit_command(
 @export_app.command("subgraph")
 def export_subgraph_command(
     subgraph_id: Annotated[str, typer.Argument(help="A subgraphs.subgraph_id.")],
-    format: Annotated[
-        GraphFormat, typer.Option("--format", help="graphml or json.")
-    ] = GraphFormat.graphml,
+    format: FormatOption = GraphFormat.graphml,
     db: DbOption = None,
 ) -> None:
     """Print a curated subgraph (its nodes with groups and notes, edges with scores and notes,

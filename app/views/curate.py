@@ -227,26 +227,21 @@ def saved(model_id: str):  # type: ignore[no-untyped-def]
     )
 
 
+EXPORTS = {"graphml": ("GraphML", "application/graphml+xml"), "json": ("JSON", "application/json")}
+
+
 def _exports(sid: str) -> None:
     from workbench.export import export_subgraph
 
-    left, right = st.columns(2)
-    left.download_button(
-        "Export GraphML",
-        data=lambda: export_subgraph(sid, "graphml", db=data.db_path()).encode(),
-        file_name=f"{sid}.graphml",
-        mime="application/graphml+xml",
-        key="curate_graphml",
-        on_click="ignore",
-    )
-    right.download_button(
-        "Export JSON",
-        data=lambda: export_subgraph(sid, "json", db=data.db_path()).encode(),
-        file_name=f"{sid}.json",
-        mime="application/json",
-        key="curate_json",
-        on_click="ignore",
-    )
+    for col, (fmt, (label, mime)) in zip(st.columns(2), EXPORTS.items(), strict=True):
+        col.download_button(
+            f"Export {label}",
+            data=lambda fmt=fmt: export_subgraph(sid, fmt, db=data.db_path()).encode(),
+            file_name=f"{sid}.{fmt}",
+            mime=mime,
+            key=f"curate_{fmt}",
+            on_click="ignore",
+        )
 
 
 def supernode_positions(
