@@ -28,7 +28,7 @@ import networkx as nx
 import torch
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.metrics import final_norm
+from workbench.attribution.metrics import final_norm, frozen_final_norm
 from workbench.core import Hook, Node
 
 LENS_TOP = 5
@@ -127,14 +127,9 @@ def prompt_views(
     # direct logit attribution at the last position, the final norm linearised at this run
     direction = model.W_U[:, predicted] - model.W_U.mean(1)
     scale = cache[Hook.FINAL_SCALE][0, -1] if hasattr(model, "ln_final") else None
-    centred = cfg.normalization_type in ("LN", "LNPre")
 
     def direct(out: torch.Tensor) -> torch.Tensor:
-        if centred:
-            out = out - out.mean(-1, keepdim=True)
-        if scale is not None:
-            out = out / scale
-        return out.float() @ direction.float()
+        return frozen_final_norm(model, out, scale).float() @ direction.float()
 
     dla: dict[str, float] = {}
     for layer in range(n_layers):

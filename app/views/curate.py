@@ -130,13 +130,14 @@ def saved(model_id: str):  # type: ignore[no-untyped-def]
     row = stored[stored["subgraph_id"] == sid].iloc[0]
     nodes = queries.subgraph_nodes(sid)
     edge_rows = queries.subgraph_edges(sid)
+    subgraph_groups = {
+        str(label): g["node_id"].tolist()
+        for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
+    }
     if st.session_state.get("curate_loaded") != sid:  # opening it: its pins, groups and notes
         st.session_state["curate_loaded"] = sid
         st.session_state[PINS] = nodes["node_id"].tolist()
-        st.session_state[GROUPS] = {
-            str(label): g["node_id"].tolist()
-            for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
-        }
+        st.session_state[GROUPS] = {k: list(v) for k, v in subgraph_groups.items()}
         notes = {str(r.node_id): str(r.note) for r in nodes.dropna(subset=["note"]).itertuples()}
         notes |= {
             _edge_item(str(r.src), str(r.dst)): str(r.note)
@@ -164,10 +165,6 @@ def saved(model_id: str):  # type: ignore[no-untyped-def]
         param="vs",
         where=c2,
     )
-    subgraph_groups = {
-        str(label): g["node_id"].tolist()
-        for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
-    }
     drawn = collapse(edges, subgraph_groups) if folded else edges
     colours = None
     if versus != "(none)":

@@ -44,6 +44,7 @@ from transformer_lens import HookedTransformer
 from workbench.attribution.baseline import Baseline
 from workbench.attribution.batches import PromptBatch, final_norm, model_device
 from workbench.attribution.edges import edge_attribution, run_with_grads
+from workbench.attribution.metrics import frozen_final_norm
 from workbench.attribution.patching import patch_sweep
 from workbench.core import Hook, Node
 
@@ -84,10 +85,8 @@ def direct_logit_attribution(
         for layer in range(cfg.n_layers):
             z_last = cache[Hook.z(layer)][:, -1]  # [b, head, d_head]
             out = torch.einsum("bhe,hed->bhd", z_last, model.W_O[layer])
-            if cfg.normalization_type in ("LN", "LNPre"):
-                out = out - out.mean(-1, keepdim=True)
-            if normalised:
-                out = out / cache[Hook.FINAL_SCALE][:, -1][:, None, :]
+            scale = cache[Hook.FINAL_SCALE][:, -1][:, None, :] if normalised else None
+            out = frozen_final_norm(model, out, scale)
             total[layer] += torch.einsum("bhd,db->h", out.float(), direction.float())
     scores = (total / n).float().cpu()
     edges = [

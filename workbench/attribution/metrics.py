@@ -38,6 +38,17 @@ def final_norm(
     return resid if ln_final is None else ln_final(resid)
 
 
+def frozen_final_norm(
+    model: "HookedTransformer", out: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A component's output through the final normalisation linearised at a run: centred for
+    a LayerNorm (whose weights are folded into the unembedding), divided by that run's final
+    scale (`scale`; None for a model without one, or for directions taken per unit)."""
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        out = out - out.mean(-1, keepdim=True)
+    return out if scale is None else out / scale
+
+
 @dataclass(frozen=True)
 class Target:
     """What a metric compares against, per prompt."""

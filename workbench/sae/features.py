@@ -36,6 +36,7 @@ from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
 from workbench.attribution.batches import model_device
+from workbench.attribution.metrics import frozen_final_norm
 from workbench.core import Hook
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
@@ -298,9 +299,7 @@ def logit_effects(
     directions = residual_directions(loaded, sae)
     if directions is None:
         return None
-    if loaded.model.cfg.normalization_type in ("LN", "LNPre"):
-        # the final LayerNorm centres the residual stream (its scale is folded into W_U)
-        directions = directions - directions.mean(-1, keepdim=True)
+    directions = frozen_final_norm(loaded.model, directions)  # per unit: no run's scale
     w_u = loaded.model.W_U.detach()
     out = []
     for start in range(0, len(directions), chunk):
