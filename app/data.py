@@ -12,6 +12,7 @@ import os
 import pandas as pd
 import streamlit as st
 
+from app.access import plain
 from workbench.store import DatabaseBusy, default_db_path
 from workbench.store.query import run_readonly_query
 
@@ -28,7 +29,7 @@ def query(sql: str, params: tuple = (), db: str | None = None) -> pd.DataFrame:
     try:
         return _query(sql, params, db or db_path())
     except DatabaseBusy as err:
-        st.warning(f"{err}. This page will show the data once the writer lets go.")
+        st.warning(plain(f"{err}. This page will show the data once the writer lets go."))
         st.stop()
         raise AssertionError("unreachable") from err
 

@@ -6,14 +6,19 @@ time the widget is drawn); every run writes the page's current values back to th
 address bar always holds a link that reopens the page exactly as it is, e.g.
 `?view=circuit&run=<run_id>&k=2000&node=a1.h0` or `?view=features&sae=<id>&feature=12`.
 
-A value a page cannot take (a step that is not stored, `k=abc`) is dropped with a note on the
-page naming the parameter; the widget keeps its default.
+A value a page cannot take (a step that is not stored, `k=abc`, `min=nan`, `share=inf`) is
+dropped with a note on the page naming the parameter; the widget keeps its default. A note quotes
+the value as it came, in a code span (`app.access.literal`), so a link cannot put Markdown (a
+link, an image) on the page.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import streamlit as st
+
+from app.access import literal
 
 PENDING = "_links_pending"  # parameters of the opened URL not yet applied to a widget
 SHOWN = "_links_shown"  # the parameters this run's widgets published
@@ -31,7 +36,7 @@ def restore(views: Sequence[str]) -> None:
     if view is not None:
         match = {v.lower(): v for v in views}.get(str(view).lower())
         if match is None:
-            _note(f"link parameter view={view!r} is not a page of this app; ignored")
+            _note(f"link parameter {_quoted('view', view)} is not a page of this app; ignored")
         else:
             st.session_state["view"] = match
     st.session_state[PENDING] = {k: str(v) for k, v in params.items() if v is not None}
@@ -94,6 +99,11 @@ def _note(text: str) -> None:
     st.session_state.setdefault(NOTES, []).append(text)
 
 
+def _quoted(param: str, raw: Any) -> str:
+    """`param='value'` for a note, as a code span (whatever the link carried)."""
+    return literal(f"{param}={raw!r}")
+
+
 def _choose(param: str, key: str, options: list, *, many: bool = False) -> None:
     """Apply a pending link value to a choice widget's state; drop a stale state."""
     raw = take(param)
@@ -102,7 +112,7 @@ def _choose(param: str, key: str, options: list, *, many: bool = False) -> None:
         wanted = ([] if raw == "-" else raw.split(",")) if many else [raw]
         found = [by_text[w] for w in wanted if w in by_text]
         if len(found) != len(wanted):
-            _note(f"link parameter {param}={raw!r} is not among this page's choices; ignored")
+            _note(f"link parameter {_quoted(param, raw)} is not among this page's choices; ignored")
         else:
             st.session_state[key] = found if many else found[0]
     current = st.session_state.get(key, _MISSING)
@@ -176,14 +186,19 @@ def number(
     **kw: Any,
 ) -> Any:
     """An int or float slider (or number input) in [lo, hi]; a linked value out of range is
-    clamped into it."""
+    clamped into it, one that is not a finite number (`abc`, `nan`, `inf`) dropped."""
     kind = float if isinstance(lo, float) or isinstance(default, float) else int
     raw = take(param)
     if raw is not None:
         try:
-            st.session_state[key] = min(max(kind(raw), kind(lo)), kind(hi))
+            linked = kind(raw)
         except ValueError:
-            _note(f"link parameter {param}={raw!r} is not a number; ignored")
+            _note(f"link parameter {_quoted(param, raw)} is not a number; ignored")
+        else:
+            if math.isfinite(linked):
+                st.session_state[key] = min(max(linked, kind(lo)), kind(hi))
+            else:
+                _note(f"link parameter {_quoted(param, raw)} is not a finite number; ignored")
     current = st.session_state.get(key, _MISSING)
     if current is not _MISSING and not (lo <= current <= hi):
         st.session_state[key] = min(max(current, lo), hi)
@@ -229,7 +244,7 @@ def checkbox(label: str, *, key: str, param: str, default: bool = False, where: 
         if raw in ("0", "1"):
             st.session_state[key] = raw == "1"
         else:
-            _note(f"link parameter {param}={raw!r} is not 0 or 1; ignored")
+            _note(f"link parameter {_quoted(param, raw)} is not 0 or 1; ignored")
     if key not in st.session_state:
         st.session_state[key] = default
     value = (where or st).checkbox(label, key=key)

@@ -1,11 +1,12 @@
 """Circuit Workbench app: `streamlit run app/main.py` (or `workbench app`).
 
-Read-only: it queries the DuckDB store that the pipelines write.
+It queries the DuckDB store that the pipelines write. Nothing renders before app/auth.py lets
+the session in (this machine only, unless a token or an identity provider guards the server).
 """
 
 import streamlit as st
 
-from app import data, links
+from app import access, auth, data, links
 from app.views import (
     circuit,
     features,
@@ -28,11 +29,17 @@ VIEWS = {
     "SQL": sql_console.render,
 }
 
+
 st.set_page_config(page_title="Circuit Workbench", layout="wide")
+auth.gate()
 links.restore(list(VIEWS))
 st.sidebar.title("Circuit Workbench")
 view = st.sidebar.radio("View", list(VIEWS), key="view")
 st.sidebar.caption(f"Database: `{data.db_path()}`")
+if access.read_only():  # $WORKBENCH_APP_READ_ONLY, `workbench app --read-only`
+    st.sidebar.caption("Read-only: this server saves nothing and starts no model processes.")
+for problem in access.problems():  # a setting of the server that cannot be read
+    st.sidebar.warning(access.plain(problem))
 links.begin(view)
 
 if not data.database_ready():

@@ -18,6 +18,7 @@ from tests.app.test_browser import (
     chromium_driver,
     wait_until_healthy,
 )
+from tests.test_app_server import WAIT, alive, listening, owner, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,13 +80,18 @@ def test_workbench_app_from_another_directory_serves_the_app(installed, heads_db
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    url = f"http://localhost:{port}"
+    url = f"http://127.0.0.1:{port}"  # where `workbench app` listens by default
+    server = None
     try:
         wait_until_healthy(url, proc)
+        server = owner(listening(port)[0][1])
         with chromium_driver() as driver:
             driver.get(url)
             _wait_for_text(driver, "Circuit Workbench")
             _wait_for_text(driver, "Checkpoints")  # the overview read the database
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # passed on to the server: nothing is left listening after the suite
+        proc.wait(timeout=WAIT)
+    assert server is not None and server != proc.pid
+    wait_for(lambda: not alive(server), f"the app server (pid {server}) to end")
+    assert listening(port) == []

@@ -1,10 +1,17 @@
 """`workbench run prompt` on the zoo's induction model: stored views checked against the
 model and against the papers' definitions computed here (attention rollout by its formula,
 attention flow at the first layer, the logit lens's last layer against the model's output,
-direct logit attribution summing to the logit), and the app's Prompt page."""
+direct logit attribution summing to the logit), and the app's Prompt page.
 
+Attention flow is checked against networkx's maximum flow on the same layered graph (the
+definition, kept here as the reference) on random causal patterns, and the information-flow
+routes against the whole-block computation they replace (also kept here); the prompt's length
+and the flow's time are bounded with one sentence and exit status 2."""
+
+import time
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
@@ -13,6 +20,14 @@ from streamlit.testing.v1 import AppTest
 from tests.db import rows
 from workbench.cli import cli
 from workbench.core import Hook
+from workbench.errors import BadInput
+from workbench.prompt_views import (
+    DEFAULT_TAU,
+    FLOW_SCALE,
+    attention_flow,
+    prompt_views,
+    residual_attention,
+)
 
 APP = str(Path(__file__).resolve().parents[1] / "app" / "main.py")
 
@@ -193,3 +208,187 @@ def test_the_prompt_page_shows_every_view_and_analyses_a_new_prompt(stored, monk
     assert not at.exception and not at.error, [e.value for e in at.error]
     assert rows(db, "SELECT count(*) FROM prompt_views") == [(2,)]
     assert at.session_state["prompt_pick"] != pid
+
+
+# attention flow against networkx -------------------------------------------------------------
+
+
+def _networkx_graph(patterns: torch.Tensor) -> nx.DiGraph:
+    """Abnar & Zuidema's layered graph: node (l, p) is position p before layer l; Â_l[q, k] is
+    the capacity of (l, k) -> (l + 1, q)."""
+    mixed = residual_attention(patterns).double()
+    n_layers, n = mixed.shape[0], mixed.shape[-1]
+    graph = nx.DiGraph()
+    for layer in range(n_layers):
+        for q in range(n):
+            for k in range(q + 1):
+                weight = float(mixed[layer, q, k])
+                if weight > 0:
+                    graph.add_edge((layer, k), (layer + 1, q), capacity=weight)
+    return graph
+
+
+def _networkx_flow(patterns: torch.Tensor) -> np.ndarray:
+    """The reference: one networkx maximum flow per (layer, input position)."""
+    graph = _networkx_graph(patterns)
+    n_layers, _, n, _ = patterns.shape
+    flow = np.zeros((n_layers, n))
+    for layer in range(n_layers):
+        for source in range(n):
+            flow[layer, source] = nx.maximum_flow_value(graph, (0, source), (layer + 1, n - 1))
+    return flow
+
+
+def _random_patterns(n_layers: int, n_heads: int, n: int, seed: int, *, spread: float = 2.0):
+    """Causal attention patterns from random scores; a large `spread` makes them nearly hard,
+    and one head in three attends to a single key exactly (zero weight elsewhere)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n_layers, n_heads, n, n, generator=gen, dtype=torch.float64) * spread
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    patterns = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    hard = torch.nn.functional.one_hot(scores.masked_fill(~causal, float("-inf")).argmax(-1), n)
+    patterns[:, ::3] = hard[:, ::3].to(patterns.dtype)
+    return patterns.float()
+
+
+def _flow_tolerance(n_layers: int, n: int) -> np.ndarray:
+    """[layer]: capacities are floored to multiples of 1 / FLOW_SCALE, so the flow to layer l is
+    below the exact one by less than (edges of a minimum cut) / FLOW_SCALE, at most the edges
+    of the graph up to layer l; plus networkx's own float rounding."""
+    edges = np.arange(1, n_layers + 1) * n * (n + 1) / 2
+    return edges / FLOW_SCALE + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_attention_flow_equals_networkx_on_random_patterns(seed):
+    n_layers, n_heads, n = 1 + seed % 4, 1 + seed % 3, 2 + (5 * seed) % 15
+    patterns = _random_patterns(n_layers, n_heads, n, seed, spread=(1.0, 4.0, 12.0)[seed % 3])
+    reference = _networkx_flow(patterns)
+    flow = attention_flow(patterns).numpy()
+    assert flow.dtype == np.float64 and flow.shape == (n_layers, n)
+    gap = reference - flow
+    assert (gap >= -1e-12).all()  # floored capacities: never above the exact flow
+    assert (gap <= _flow_tolerance(n_layers, n)[:, None]).all(), np.abs(gap).max()
+    np.testing.assert_array_equal(flow[0], residual_attention(patterns)[0, -1].double().numpy())
+
+
+def test_attention_flow_at_a_real_models_width_matches_networkx_where_checked():
+    """SmolLM2's 9 heads at 6 layers x 96 tokens (27,936 edges): networkx would take minutes
+    for all 576 problems; it checks two of the deepest layer's here."""
+    patterns = _random_patterns(6, 9, 96, seed=7)
+    start = time.monotonic()
+    flow = attention_flow(patterns, max_seconds=600).numpy()
+    assert time.monotonic() - start < 600  # it ended
+    graph = _networkx_graph(patterns)
+    tolerance = _flow_tolerance(6, 96)[-1]
+    for source in (0, 40):
+        exact = nx.maximum_flow_value(graph, (0, source), (6, 95))
+        assert 0 <= exact - flow[-1, source] <= tolerance
+    assert (flow >= 0).all() and (flow <= 1 + 1e-6).all()
+
+
+def test_attention_flow_stops_with_one_sentence_after_its_time_limit():
+    patterns = _random_patterns(30, 9, 128, seed=3)  # SmolLM2's shape: tens of seconds
+    start = time.monotonic()
+    with pytest.raises(BadInput) as err:
+        attention_flow(patterns, max_seconds=1)
+    assert time.monotonic() - start < 120  # it ended rather than ran on
+    message = str(err.value)
+    assert message.startswith("attention flow over 30 layers x 128 tokens did not finish within ")
+    assert "--flow-seconds 1 " in message and "(0: no limit)" in message
+    assert "\n" not in message
+
+
+def test_a_prompt_longer_than_the_context_or_a_flow_over_its_limit_exits_2(
+    stored, induction_dir, capsys
+):
+    db, pid = stored
+    ((text,),) = rows(db, "SELECT text FROM prompt_views WHERE prompt_id = ?", [pid])
+    long_text = " ".join([text] * 8)
+    base = ["run", "prompt", "--model", str(induction_dir), "--db", str(db)]
+    before = rows(db, "SELECT prompt_id FROM prompt_views ORDER BY prompt_id")
+    capsys.readouterr()
+    assert cli([*base, "--text", long_text]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt (--text) is " in err and "more than the model's context of 48 tokens" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # a prompt that fits, with attention flow given no time at all
+    assert cli([*base, "--text", text, "--force", "--flow-seconds", "0.000001"]) == 2
+    err = capsys.readouterr().err
+    assert "did not finish within --flow-seconds 1e-06" in err
+    assert cli([*base, "--text", text, "--flow-seconds", "-1"]) == 2
+    assert "--flow-seconds -1.0: must be 0 (no limit) or more" in capsys.readouterr().err
+    assert rows(db, "SELECT prompt_id FROM prompt_views ORDER BY prompt_id") == before
+
+
+# information-flow routes against the whole-block computation ----------------------------------
+
+
+def _proximity(y: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
+    raw = (y.abs().sum() - (y[None] - terms).abs().sum(-1)).clamp(min=0)
+    total = raw.sum()
+    return raw / total if total > 0 else raw
+
+
+def _whole_block_routes(model, cache, patterns: torch.Tensor, n: int, tau: float) -> list:
+    """The reference: every source's term of a whole attention block at once, [n, n, d_model],
+    every edge listed, then filtered by tau and by reaching the last position."""
+    cfg = model.cfg
+    every = []
+    for layer in range(cfg.n_layers):
+        resid_pre = cache[Hook.resid_pre(layer)][0]
+        v = cache[Hook.qkv(layer, "v")][0]
+        if v.shape[1] != cfg.n_heads:
+            v = v.repeat_interleave(cfg.n_heads // v.shape[1], dim=1)
+        per_source = torch.einsum(
+            "hqk,khe,hed->qkd", patterns[layer].to(v.dtype), v, model.W_O[layer]
+        )
+        attn_out = cache[Hook.attn_out(layer)][0]
+        for q in range(n):
+            terms = torch.cat([resid_pre[q][None], per_source[q, : q + 1]])
+            imp = _proximity((resid_pre[q] + attn_out[q]).float(), terms.float())
+            every.append((layer, q, layer + 1, q, "residual", float(imp[0])))
+            for k in range(q + 1):
+                every.append((layer, k, layer + 1, q, "attention", float(imp[1 + k])))
+        if not cfg.attn_only:
+            mid = cache[Hook.resid_mid(layer)][0]
+            mlp = cache[Hook.mlp_out(layer)][0]
+            for q in range(n):
+                imp = _proximity((mid[q] + mlp[q]).float(), torch.stack([mid[q], mlp[q]]).float())
+                every.append((layer, q, layer + 1, q, "mlp", float(imp[1])))
+    kept = [e for e in every if e[5] >= tau]
+    graph = nx.DiGraph([((a, b), (c, d)) for a, b, c, d, _, _ in kept])
+    goal = (cfg.n_layers, n - 1)
+    reach = (nx.ancestors(graph, goal) | {goal}) if goal in graph else set()
+    return [e for e in kept if (e[2], e[3]) in reach and (e[0], e[1]) in reach]
+
+
+@torch.no_grad()
+def _check_routes(model, ids: list[int], tau: float) -> int:
+    views = prompt_views(model, ids, tau)
+    _, cache = model.run_with_cache(torch.tensor([ids]))
+    reference = _whole_block_routes(model, cache, views.attention, len(ids), tau)
+    assert [e[:5] for e in views.routes] == [e[:5] for e in reference]
+    np.testing.assert_allclose(
+        [e[5] for e in views.routes], [e[5] for e in reference], rtol=1e-5, atol=1e-6
+    )
+    return len(reference)
+
+
+@pytest.mark.parametrize("tau", [DEFAULT_TAU, 1e-4])
+@pytest.mark.parametrize("chunk_queries", [None, 3])
+def test_routes_in_chunks_equal_the_whole_block_computation(
+    induction_task, induction_final, tiny_hf_dirs, monkeypatch, tau, chunk_queries
+):
+    """The zoo's induction model (attention only) and a tiny Llama (MLPs, grouped-query
+    attention, d_model 32), in one chunk of query positions or in chunks of 3."""
+    from workbench import prompt_views as views_module
+    from workbench.models import load_checkpoint, resolve_checkpoints
+
+    if chunk_queries:
+        monkeypatch.setattr(views_module, "ROUTES_CHUNK_ELEMENTS", chunk_queries * 41 * 32)
+    llama = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["llama"]))[-1])
+    ids = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    assert _check_routes(llama.model, ids, tau) > 0
+    ids = list(induction_task.pairs[3].clean_tokens)
+    assert _check_routes(induction_final.model, ids, tau) > 0

@@ -158,7 +158,7 @@ def test_cli_ray_executor_records_a_failing_job_and_the_others_go_on(tmp_path, i
         ([*base, "run", "toy", *model, "--executor", "dask"], "--executor dask: choose"),
         ([*base, "run", "toy", *model, "--address", "h:1"], "--address applies to --executor"),
     ]:
-        bad = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        bad = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
         assert bad.returncode == 2 and sentence in bad.stderr, bad.stderr
     con = duckdb.connect(str(db), read_only=True)  # nothing stored was lost
     assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_checkpoints + 1

@@ -1,19 +1,28 @@
 """`workbench watch`: a trainer writes checkpoints while the watcher runs and readers query; half
-written and corrupt checkpoints, SIGTERM, kill -9 and a second watcher."""
+written and corrupt checkpoints, SIGTERM, kill -9 and a second watcher.
+
+No test here assumes that something happened after a fixed time: each waits (with a generous
+bound) for a state it can see: the lock file naming the watcher's pid, a row, or a number of
+scans, which the watcher logs one line each at DEBUG (`Watching` reads its log as it comes)."""
 
 import json
+import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
+import pytest
 
 from workbench.cli import cli
-from workbench.watch import discover, weights_incomplete
+from workbench.watch import Watcher, discover, read_config, weights_incomplete
 
 CONFIG = """
 db = "{db}"
@@ -41,15 +50,88 @@ def _config(tmp_path: Path, db: Path, settle: float = 0.5) -> Path:
     return path
 
 
-def _watch(root: Path, config: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "workbench", "watch", str(root), "--config", str(config)]
-    return subprocess.Popen(
-        [*cmd, *extra], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+STARTED = 300  # seconds: bound on a process starting up (imports) on a loaded machine
+WORKED = 900  # seconds: bound on waits that include loading models and computing runs
+
+
+def wait_for(
+    what: str,
+    condition: Callable[[], object],
+    *,
+    timeout: float = STARTED,
+    proc: subprocess.Popen | None = None,
+    log: Callable[[], str] = str,
+) -> object:
+    """`condition()` once it is true; fails after `timeout` seconds, or as soon as `proc`
+    (the process expected to bring the state about) has exited, showing the end of `log()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(
+                f"waiting for {what}: the process exited ({proc.returncode})\n{log()[-3000:]}"
+            )
+        time.sleep(0.1)
+    raise AssertionError(f"waiting for {what}: not within {timeout} s\n{log()[-3000:]}")
+
+
+class Watching:
+    """`workbench watch` in a process of its own, logging at DEBUG (one line per scan), its
+    log read line by line as it comes so that a test can wait for scans."""
+
+    def __init__(self, root: Path, config: Path, *extra: str):
+        cmd = [sys.executable, "-m", "workbench", "watch", str(root), "--config", str(config)]
+        self.proc = subprocess.Popen(
+            [*cmd, *extra],
+            env={**ENV, "WORKBENCH_LOG": "DEBUG"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(list(self.lines))
+
+    def scans(self) -> int:
+        return sum("workbench.watch: scan of " in line for line in list(self.lines))
+
+    def wait_for(self, what: str, condition: Callable[[], object], timeout: float) -> object:
+        """`wait_for` while this watcher runs; a failure shows the end of its log."""
+        return wait_for(what, condition, timeout=timeout, proc=self.proc, log=self.log)
+
+    def wait_for_scans(self, n: int, timeout: float = WORKED) -> None:
+        self.wait_for(f"{n} scans", lambda: self.scans() >= n, timeout)
+
+    def stop(self) -> str:
+        """SIGTERM; the exit status is checked by the caller; returns the whole log."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=WORKED)  # the run in progress finishes first
+        self._reader.join(timeout=STARTED)
+        return self.log()
+
+
+def lock_holder(db: Path) -> int | None:
+    """The pid the watcher lock file beside `db` names (None: no holder written yet)."""
+    try:
+        return json.loads(Path(f"{db}.watch.lock").read_text() or "{}").get("pid")
+    except (OSError, ValueError):  # not there yet, or being written
+        return None
 
 
 def _rows(db: Path, sql: str) -> list[tuple]:
-    for _ in range(100):  # the watcher may hold the write lock for a moment
+    deadline = time.monotonic() + STARTED
+    while time.monotonic() < deadline:  # the watcher may hold the write lock for a moment
         try:
             con = duckdb.connect(str(db), read_only=True)
         except duckdb.IOException:
@@ -59,7 +141,12 @@ def _rows(db: Path, sql: str) -> list[tuple]:
             return con.execute(sql).fetchall()
         finally:
             con.close()
-    raise AssertionError("the database stayed locked")
+    raise AssertionError(f"{db} stayed locked (or absent) for {STARTED} s")
+
+
+def _count(db: Path, sql: str) -> int:
+    """A count from the database, 0 while it does not exist yet."""
+    return int(_rows(db, sql)[0][0]) if db.exists() else 0
 
 
 def _settled(path: Path) -> None:
@@ -140,23 +227,26 @@ def test_watcher_follows_a_trainer_while_readers_query(tmp_path, induction_dir):
     (corrupt / "config.json").write_text("{oops")
     _settled(corrupt)
 
-    watcher = _watch(runs, config, "--every", "0.5")
+    watcher = Watching(runs, config, "--every", "0.5")
     trainer = subprocess.Popen(
         [sys.executable, "-m", "workbench", "zoo", "train", "induction", "--out",
          str(runs / "train"), "--steps", "60", "--save-every", "20", "--seed", "3"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        time.sleep(1.0)
+        pid = watcher.proc.pid
+        watcher.wait_for(
+            "the lock file naming the watcher", lambda: lock_holder(db) == pid, STARTED
+        )
         second = subprocess.run(
             [sys.executable, "-m", "workbench", "watch", str(runs), "--config", str(config)],
-            env=ENV, capture_output=True, text=True, timeout=120,
+            env=ENV, capture_output=True, text=True, timeout=STARTED,
         )  # fmt: skip
-        assert second.returncode == 2
-        assert "another watcher is running on this database (pid" in second.stderr
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another watcher is running on this database (pid {pid} on" in second.stderr
 
         queries = failures = 0
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + WORKED
         while time.monotonic() < deadline:
             out = subprocess.run(
                 [sys.executable, "-m", "workbench", "sql",
@@ -173,25 +263,28 @@ def test_watcher_follows_a_trainer_while_readers_query(tmp_path, induction_dir):
             if trainer.poll() is not None and seen >= 5:  # 4 trained + the corrupt one
                 break
             time.sleep(0.2)
-        assert trainer.wait(timeout=60) == 0
+        else:
+            raise AssertionError(f"5 checkpoints not seen in {WORKED} s\n{watcher.log()[-3000:]}")
+        assert trainer.wait(timeout=STARTED) == 0
         assert failures == 0 and queries > 3  # readers were never locked out
 
         # the half-written checkpoint becomes whole: picked up by the next scan
         (half / "model.safetensors").write_bytes(whole)
         _settled(half)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if _rows(db, "SELECT count(*) FROM watched_checkpoints")[0][0] >= 6:
-                break
-            time.sleep(0.5)
-        failed_before = _rows(db, "SELECT count(*) FROM runs WHERE status = 'failed'")[0][0]
-        time.sleep(2.0)  # more scans: the corrupt checkpoint is not retried
-        assert _rows(db, "SELECT count(*) FROM runs WHERE status = 'failed'")[0][0] == failed_before
+        watcher.wait_for(
+            "the whole checkpoint's row",
+            lambda: _count(db, "SELECT count(*) FROM watched_checkpoints") >= 6,
+            WORKED,
+        )
+        failed_sql = "SELECT count(*), max(started_at) FROM runs WHERE status = 'failed'"
+        seen_sql = "SELECT seen_at FROM watched_checkpoints WHERE path LIKE '%corrupt%'"
+        failed_before, seen_before = _rows(db, failed_sql)[0], _rows(db, seen_sql)
+        watcher.wait_for_scans(watcher.scans() + 3)  # more scans: the corrupt one is not retried
+        assert _rows(db, failed_sql)[0] == failed_before and _rows(db, seen_sql) == seen_before
     finally:
         trainer.kill()
-        watcher.send_signal(signal.SIGTERM)
-        out, err = watcher.communicate(timeout=120)
-    assert watcher.returncode == 0, err[-2000:]
+        log = watcher.stop()
+    assert watcher.proc.returncode == 0, log[-2000:]
 
     trained = sorted((runs / "train" / "induction").glob("step_*"))
     assert len(trained) == 4  # steps 0, 20, 40, 60
@@ -213,10 +306,10 @@ def test_watcher_follows_a_trainer_while_readers_query(tmp_path, induction_dir):
     again = subprocess.run(
         [sys.executable, "-m", "workbench", "watch", str(runs), "--config", str(config),
          "--once", "--retry-failed"],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        env=ENV, capture_output=True, text=True, timeout=WORKED,
     )  # fmt: skip
     assert again.returncode == 1  # it fails again
-    assert _rows(db, "SELECT count(*) FROM runs WHERE status = 'failed'")[0][0] == failed_before
+    assert _rows(db, "SELECT count(*) FROM runs WHERE status = 'failed'")[0][0] == failed_before[0]
 
 
 def test_rescan_of_processed_checkpoints_loads_nothing(tmp_path, induction_dir, monkeypatch):
@@ -248,14 +341,12 @@ def test_killed_watcher_leaves_nothing_half_written_and_a_restart_completes(
     for step_dir in sorted(induction_dir.glob("step_*"))[:4]:
         shutil.copytree(step_dir, runs / "r" / step_dir.name)
     config = _config(tmp_path, db, settle=0)
-    watcher = _watch(runs, config, "--every", "60")
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if db.exists() and _rows(db, "SELECT count(*) FROM runs")[0][0] >= 2:
-            break
-        time.sleep(0.1)
-    watcher.kill()  # -9: no handler runs
-    watcher.wait()
+    watcher = Watching(runs, config, "--every", "60")
+    watcher.wait_for(
+        "two stored runs", lambda: _count(db, "SELECT count(*) FROM runs") >= 2, WORKED
+    )
+    watcher.proc.kill()  # -9: no handler runs
+    watcher.stop()
     orphans = _rows(
         db,
         "SELECT (SELECT count(*) FROM node_scores WHERE run_id NOT IN (SELECT run_id FROM runs))"
@@ -266,4 +357,150 @@ def test_killed_watcher_leaves_nothing_half_written_and_a_restart_completes(
     # the dead watcher's queue rows are swept, its lock is free, and the restart completes
     assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 0
     assert _rows(db, "SELECT count(*) FROM runs")[0][0] == 4 * METHODS_PER_CHECKPOINT
+    assert _rows(db, "SELECT count(*) FROM run_queue")[0][0] == 0
+
+
+def _header(data: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _with_header(header: object, body: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def _string_offsets(data: bytes) -> bytes:
+    header, body = _header(data)
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [str(o) for o in header[name]["data_offsets"]]
+    return _with_header(header, body)
+
+
+BROKEN: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
+    # name: (the file broken, its new bytes from the good weights)
+    "header-list": ("model.safetensors", lambda w: _with_header([], _header(w)[1])),
+    "header-numbers": ("model.safetensors", lambda w: _with_header({"x": 1}, _header(w)[1])),
+    "offsets-strings": ("model.safetensors", _string_offsets),
+    "header-length-huge": ("model.safetensors", lambda w: b"\xff" * 8 + w[8:]),
+    "trailing-bytes": ("model.safetensors", lambda w: w + b"\0" * 64),
+    "meta-binary": ("meta.json", lambda w: b"\xff\xfe{}"),
+    "config-binary": ("config.json", lambda w: b'{"n_layers": \xff}'),
+}
+
+
+def test_broken_checkpoints_fail_alone_and_are_not_retried(tmp_path, induction_dir):
+    """Broken weights headers, and config/meta files that are not text, beside a good
+    checkpoint (scanned last): `--once` exits 1, the good one's runs are stored, each broken
+    one is one failed run per method and a failed record naming its file; a second `--once`
+    retries none of them and exits 0."""
+    db = tmp_path / "w.duckdb"
+    runs = tmp_path / "runs"
+    final = sorted(induction_dir.glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    weights = (final / "model.safetensors").read_bytes()
+    broken = {}
+    for name, (file, breaks) in BROKEN.items():
+        checkpoint = _copy_checkpoint(final, runs / name / "step_5", 5)
+        (checkpoint / file).write_bytes(breaks(weights))
+        broken[name] = checkpoint / file
+    good = _copy_checkpoint(final, runs / "zz-good" / "step_5", 5)
+    config = _config(tmp_path, db, settle=0)
+    watch = [sys.executable, "-m", "workbench", "watch", str(runs), "--config", str(config)]
+
+    first = subprocess.run(
+        [*watch, "--once"], env=ENV, capture_output=True, text=True, timeout=WORKED
+    )
+    assert first.returncode == 1, first.stderr[-3000:]  # runs failed; the watcher did not crash
+    assert "error:" not in first.stderr and "Traceback" not in first.stderr, first.stderr[-3000:]
+    done = _rows(
+        db,
+        "SELECT c.path FROM runs r JOIN checkpoints c USING (checkpoint_id) "
+        "WHERE r.status = 'done'",
+    )
+    assert done == [(str(good.resolve()),)] * METHODS_PER_CHECKPOINT
+    records = {
+        Path(path).parent.name: (status, error)
+        for path, status, error in _rows(db, "SELECT path, status, error FROM watched_checkpoints")
+    }
+    assert records.pop("zz-good") == ("done", None)
+    assert records.keys() == broken.keys()
+    for name, path in broken.items():
+        status, error = records[name]
+        assert status == "failed" and error.startswith(f"{path}: "), (name, error)
+        assert "\n" not in error
+    failed = _rows(db, "SELECT error FROM runs WHERE status = 'failed' ORDER BY error")
+    assert len(failed) == len(BROKEN) * METHODS_PER_CHECKPOINT
+    assert {e for (e,) in failed} == {e for _, e in records.values()}
+
+    everything = "SELECT * FROM runs ORDER BY run_id"
+    before = _rows(db, everything), _rows(db, "SELECT * FROM watched_checkpoints ORDER BY path")
+    again = subprocess.run(
+        [*watch, "--once"], env=ENV, capture_output=True, text=True, timeout=WORKED
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = _rows(db, everything), _rows(db, "SELECT * FROM watched_checkpoints ORDER BY path")
+    assert after == before
+
+
+def test_an_unexpected_error_fails_that_checkpoint_alone(
+    tmp_path, induction_dir, monkeypatch, caplog
+):
+    """Errors nobody anticipated (here injected: one while checking a checkpoint's weights, one
+    while loading its task) fail that checkpoint alone, with its traceback in the debug log; the
+    next checkpoint is processed. An interrupt still stops the watcher, recording nothing."""
+    from workbench import tasks
+    from workbench.models import zoo_format
+
+    db = tmp_path / "w.duckdb"
+    runs = tmp_path / "runs"
+    final = sorted(induction_dir.glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    for name in ("a-check", "b-task", "c-good"):
+        _copy_checkpoint(final, runs / name / "step_5", 5)
+    check, load_task = zoo_format.check_safetensors, tasks.load_task
+
+    def faulty_check(file: Path):
+        if "a-check" in str(file):
+            raise ZeroDivisionError("injected while checking")
+        return check(file)
+
+    def faulty_task(name, model, **kwargs):
+        if "b-task" in model.checkpoint.path:
+            raise RuntimeError("injected while loading the task")
+        return load_task(name, model, **kwargs)
+
+    monkeypatch.setattr(zoo_format, "check_safetensors", faulty_check)
+    monkeypatch.setattr(tasks, "load_task", faulty_task)
+    config = _config(tmp_path, db, settle=0)
+    with caplog.at_level(logging.DEBUG, logger="workbench.watch"):
+        assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 1
+    errors = dict(
+        (Path(p).parent.name, (s, e))
+        for p, s, e in _rows(db, "SELECT path, status, error FROM watched_checkpoints")
+    )
+    assert errors["a-check"] == (
+        "failed",
+        f"{runs / 'a-check' / 'step_5'}: ZeroDivisionError while processing this checkpoint "
+        "(injected while checking)",
+    )
+    assert errors["b-task"][0] == "failed"
+    assert (
+        "RuntimeError while processing this checkpoint (injected while loading the task)"
+        in (errors["b-task"][1])
+    )
+    assert errors["c-good"] == ("done", None)
+    tracebacks = [r for r in caplog.records if r.exc_info and r.levelno == logging.DEBUG]
+    assert {type(r.exc_info[1]).__name__ for r in tracebacks} == {
+        "ZeroDivisionError",
+        "RuntimeError",
+    }
+
+    def interrupted(name, model, **kwargs):
+        raise KeyboardInterrupt
+
+    _copy_checkpoint(final, runs / "d-new" / "step_5", 5)
+    monkeypatch.setattr(tasks, "load_task", interrupted)
+    watcher = Watcher(runs, read_config(config))
+    with pytest.raises(KeyboardInterrupt):
+        watcher.scan()
+    assert "d-new" not in str(_rows(db, "SELECT path FROM watched_checkpoints"))
     assert _rows(db, "SELECT count(*) FROM run_queue")[0][0] == 0

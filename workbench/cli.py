@@ -172,9 +172,31 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
 ]
 EXECUTOR_HELP = "local (this process) or ray (a Ray cluster; needs the ray extra)."
 ADDRESS_HELP = "The Ray cluster to join (default: a new local Ray instance)."
+LOCK_WAIT_HELP = (
+    "Seconds to wait for the database lock while another process holds it, before a computed "
+    "run is kept beside the database for the next run to store (default: $WORKBENCH_LOCK_WAIT, "
+    "else 3600; 0: no limit)."
+)
+
+
+def _lock_wait_option(value: float | None) -> float | None:
+    """--lock-wait N stands for WORKBENCH_LOCK_WAIT=N in this process (the runner reads it)."""
+    if value is not None:
+        from workbench.store.db import LOCK_WAIT_ENV, run_lock_wait
+
+        run_lock_wait(value)  # a bad value is one sentence naming the flag
+        os.environ[LOCK_WAIT_ENV] = repr(float(value))
+    return value
+
+
 COMMON_OPTIONS += [
     ("executor", str, typer.Option("local", help=EXECUTOR_HELP)),
     ("address", str | None, typer.Option(None, help=ADDRESS_HELP)),
+    (
+        "lock_wait",
+        float | None,
+        typer.Option(None, "--lock-wait", help=LOCK_WAIT_HELP, callback=_lock_wait_option),
+    ),
 ]
 
 
@@ -280,6 +302,10 @@ def run_prompt_command(
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     db: DbOption = None,
     force: Annotated[bool, typer.Option(help="Compute again even if stored.")] = False,
+    flow_seconds: Annotated[
+        float,
+        typer.Option(help="Stop with an error if attention flow takes longer (0: no limit)."),
+    ] = 300.0,
 ) -> int:
     """One prompt at each chosen checkpoint: attention patterns, logit lens, direct logit
     attribution, attention rollout and flow, information-flow routes (tables prompt_*)."""
@@ -296,6 +322,7 @@ def run_prompt_command(
         dtype=dtype,
         db=db,
         force=force,
+        flow_seconds=flow_seconds,
     ):
         typer.echo(f"{status:<8} prompt {pid}")
     return 0
@@ -313,14 +340,44 @@ def sql(
     max_rows: Annotated[
         int, typer.Option(help="Print at most this many rows (0: all of them).")
     ] = 100_000,
+    max_bytes: Annotated[
+        str,
+        typer.Option(help="Stop fetching once the rows pass this size, e.g. 256MB (0: no limit)."),
+    ] = "256MB",
+    max_memory: Annotated[
+        str, typer.Option(help="Memory the query may use, e.g. 4GB (0: no bound).")
+    ] = "4GB",
+    max_spill: Annotated[
+        str, typer.Option(help="Temporary disk the query may spill to, e.g. 1GB (0: no cap).")
+    ] = "1GB",
     db: DbOption = None,
 ) -> None:
-    """Run a read-only SQL query and print the result."""
-    from workbench.store.query import format_table, run_console_query
+    """Run a read-only SQL query and print the result (control characters shown escaped).
 
-    result = run_console_query(query, db=db, timeout=timeout or None, max_rows=max_rows or None)
-    typer.echo(format_table(result.table, format.value), nl=False)
-    if result.truncated:
+    It runs in a process of its own, killed at --timeout; its memory, spill and bytes are
+    bounded."""
+    from workbench.store.query import format_size, parse_size, run_console_query, write_table
+
+    limit_bytes = parse_size(max_bytes, option="--max-bytes")
+    result = run_console_query(
+        query,
+        db=db,
+        timeout=timeout or None,
+        max_rows=max_rows or None,
+        max_bytes=limit_bytes,
+        max_memory=parse_size(max_memory, option="--max-memory"),
+        max_spill=parse_size(max_spill, option="--max-spill"),
+    )
+    write_table(result.table, format.value, sys.stdout)
+    sys.stdout.flush()
+    if result.cut == "bytes" and limit_bytes is not None:
+        typer.echo(
+            f"note: the first {result.table.num_rows} rows are shown (the --max-bytes budget "
+            f"of {format_size(limit_bytes)}); the query has more (aggregate, add a LIMIT, or "
+            "pass a larger --max-bytes)",
+            err=True,
+        )
+    elif result.truncated:
         typer.echo(
             f"note: the first {max_rows} rows are shown; the query has more "
             "(aggregate, add a LIMIT, or pass --max-rows 0)",
@@ -414,12 +471,62 @@ def export_subgraph_command(
     typer.echo(export_subgraph(subgraph_id, format.value, db=db), nl=False)
 
 
+APP_TOKEN_ENV = "WORKBENCH_APP_TOKEN"
+LOOPBACK = "127.0.0.1"
+AddressOption = Annotated[
+    str,
+    typer.Option(
+        "--address",
+        help="Interface to listen on (default 127.0.0.1: this machine only). Any other address "
+        "makes every page ask for the token in $WORKBENCH_APP_TOKEN (one is made and printed "
+        "when it is unset).",
+    ),
+]
+
+
 @app.command("app")
 def app_command(
-    db: DbOption = None, port: Annotated[int, typer.Option(help="Port.")] = 8501
+    db: DbOption = None,
+    port: Annotated[int, typer.Option(help="Port.")] = 8501,
+    address: AddressOption = LOOPBACK,
+    read_only: Annotated[
+        bool,
+        typer.Option(
+            "--read-only",
+            help="Save nothing, start no model processes ($WORKBENCH_APP_READ_ONLY=1).",
+        ),
+    ] = False,
+    max_processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Model processes the app runs at once, all sessions together "
+            "($WORKBENCH_APP_MAX_PROCESSES, default 2)."
+        ),
+    ] = None,
+    process_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds before a model process the app started is killed "
+            "($WORKBENCH_APP_PROCESS_TIMEOUT, default 600)."
+        ),
+    ] = None,
+    task_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--task-dir",
+            help="A directory whose JSONL task files the app may read; repeatable "
+            "($WORKBENCH_APP_TASK_DIRS; default: built-in tasks only).",
+        ),
+    ] = None,
 ) -> int:
-    """Start the Streamlit app (streamlit run app/main.py)."""
-    return _start_app(db, port)
+    """Start the Streamlit app (streamlit run app/main.py), on 127.0.0.1 unless --address."""
+    policy = _app_policy(
+        read_only=read_only,
+        max_processes=max_processes,
+        process_timeout=process_timeout,
+        task_dirs=task_dir or [],
+    )
+    return _start_app(db, port, address=address, policy=policy)
 
 
 def _app_main() -> str:
@@ -433,14 +540,148 @@ def _app_main() -> str:
     return spec.origin
 
 
-def _start_app(db: str | None, port: int) -> int:
+def _app_policy(
+    *,
+    read_only: bool,
+    max_processes: int | None,
+    process_timeout: float | None,
+    task_dirs: list[Path],
+) -> dict[str, str]:
+    """The app's limits as the environment variables the server reads (only those given)."""
+    env: dict[str, str] = {}
+    if read_only:
+        env["WORKBENCH_APP_READ_ONLY"] = "1"
+    if max_processes is not None:
+        if max_processes < 1:
+            raise BadInput(f"--max-processes must be 1 or more, not {max_processes}")
+        env["WORKBENCH_APP_MAX_PROCESSES"] = str(max_processes)
+    if process_timeout is not None:
+        if not process_timeout > 0 or process_timeout == float("inf"):
+            raise BadInput(
+                f"--process-timeout must be a positive number of seconds, not {process_timeout}"
+            )
+        seconds = int(process_timeout) if process_timeout.is_integer() else process_timeout
+        env["WORKBENCH_APP_PROCESS_TIMEOUT"] = str(seconds)
+    for path in task_dirs:
+        if not path.is_dir():
+            raise BadInput(f"--task-dir {path}: no such directory")
+    if task_dirs:
+        env["WORKBENCH_APP_TASK_DIRS"] = os.pathsep.join(str(p.resolve()) for p in task_dirs)
+    return env
+
+
+def _start_app(
+    db: str | None, port: int, *, address: str = LOOPBACK, policy: dict[str, str] | None = None
+) -> int:
+    """Serve the app until it ends or this process is told to stop (SIGTERM, SIGINT: passed on
+    to the server); returns the server's exit status."""
     from workbench.store import default_db_path
 
-    env = {**os.environ, "WORKBENCH_DB": str(default_db_path(db).resolve())}
+    if not 0 < port < 65536:
+        raise BadInput(f"--port must be between 1 and 65535, not {port}")
+    if not address.strip():
+        raise BadInput("--address must name an interface, e.g. 127.0.0.1 or 0.0.0.0")
+    env = {**os.environ, **(policy or {}), "WORKBENCH_DB": str(default_db_path(db).resolve())}
+    stop_timeout = _stop_timeout(env)
     cmd = [sys.executable, "-m", "streamlit", "run", _app_main(), "--server.port", str(port)]
+    cmd += ["--server.address", address]
     cmd += ["--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    typer.echo(f"starting the app on http://localhost:{port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, env=env)
+    _announce_app(address, port, env)
+    return _serve(cmd, env, stop_timeout=stop_timeout)
+
+
+def _is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (app/auth.py decides the same way inside the app)."""
+    import ipaddress
+
+    host = address.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _announce_app(address: str, port: int, env: dict[str, str]) -> None:
+    """Say where the app is; served beyond loopback without a token, make one (into `env`)
+    and print the one link that carries it."""
+    import secrets
+    import socket
+
+    if address in ("0.0.0.0", "::"):
+        host = socket.gethostname()
+    else:
+        host = f"[{address}]" if ":" in address else address
+    url = f"http://{host}:{port}/"
+    if _is_loopback(address) and not env.get(APP_TOKEN_ENV):
+        typer.echo(f"starting the app on {url} (Ctrl-C to stop)")
+    elif env.get(APP_TOKEN_ENV):
+        typer.echo(f"starting the app on {url} (Ctrl-C to stop); it asks for ${APP_TOKEN_ENV}")
+    else:
+        env[APP_TOKEN_ENV] = secrets.token_urlsafe(32)
+        typer.echo(f"starting the app on {address}:{port} (Ctrl-C to stop); open it with")
+        typer.echo(f"{url}?token={env[APP_TOKEN_ENV]}")
+
+
+def _stop_timeout(env: dict[str, str]) -> float:
+    """Seconds the server gets to stop after a signal before it is killed
+    ($WORKBENCH_APP_STOP_TIMEOUT, default 10)."""
+    raw = env.get("WORKBENCH_APP_STOP_TIMEOUT", "10")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise BadInput(f"WORKBENCH_APP_STOP_TIMEOUT={raw!r} is not a positive number of seconds")
+    return seconds
+
+
+def _serve(cmd: list[str], env: dict[str, str], *, stop_timeout: float) -> int:
+    """Run `cmd` in a process group of its own; SIGTERM and SIGINT sent to this process are
+    passed on to it (so Ctrl-C reaches it once), and `stop_timeout` seconds after the first of
+    them it is killed. Returns its exit status (128 + N when signal N ended it)."""
+    import signal
+    import threading
+
+    signalled: list[float] = []
+    child: list[subprocess.Popen] = []
+
+    def forward(signum: int, frame: object) -> None:
+        signalled.append(time.monotonic())
+        if child and child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in handled} if in_main else {}
+    try:
+        child.append(subprocess.Popen(cmd, env=env, process_group=0))
+        if signalled:  # a signal came while it was starting
+            child[0].terminate()
+        return _wait_for_server(child[0], signalled, stop_timeout=stop_timeout)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child and child[0].poll() is None:  # this process is ending for another reason
+            child[0].kill()
+            child[0].wait()
+
+
+def _wait_for_server(proc: subprocess.Popen, signalled: list[float], *, stop_timeout: float) -> int:
+    while True:
+        try:
+            code = proc.wait(timeout=0.2)
+            return 128 - code if code < 0 else code
+        except subprocess.TimeoutExpired:
+            if signalled and time.monotonic() - signalled[0] > stop_timeout:
+                logger.warning(
+                    "the app did not stop %.0f s after the signal; killing it", stop_timeout
+                )
+                proc.kill()
 
 
 @app.command("demo")
@@ -451,6 +692,7 @@ def demo(
     db: DbOption = None,
     zoo_dir: Annotated[Path, typer.Option(help="Where the zoo checkpoints live.")] = DEFAULT_ZOO,
     port: Annotated[int, typer.Option(help="App port.")] = 8501,
+    address: AddressOption = LOOPBACK,
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, SAEs on the
     final checkpoints, then the app."""
@@ -474,7 +716,7 @@ def demo(
     typer.echo(f"demo pipelines finished in {time.perf_counter() - started:.1f} s")
     if no_app:
         return status
-    return _start_app(db, port) or status
+    return _start_app(db, port, address=address) or status
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -19,6 +19,16 @@ What runs where:
 * A worker that dies mid-job (killed, out of memory, its node lost) has the job retried by Ray,
   up to `MAX_RETRIES` times; since only the driver writes, a retried job stores its runs once. A
   method that raises is a failed run, stored as such with its error.
+
+Joining a cluster (`--address HOST:PORT`) is bounded: before Ray is asked, the address must
+accept a connection and answer an HTTP/2 connection preface the way a gRPC server (Ray's GCS, or
+the Ray Client server of `ray://`) does, with a SETTINGS frame, within
+`WORKBENCH_RAY_CONNECT_SECONDS` (default 10); then Ray gets one attempt (unless
+`RAY_gcs_server_port_wait_time_s` says otherwise) of at most that many seconds
+(`RAY_py_gcs_connect_timeout_s`, where Ray is not yet loaded) to fetch the cluster's id. Anything
+else listening there (a web server, a database, a port that says nothing) is one sentence, exit 2,
+instead of Ray's minutes of retries. With `RAY_USE_TLS` set the preface is not sent (the port
+speaks TLS first) and only the connection is checked.
 """
 
 import io
@@ -53,6 +63,11 @@ logger = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # Ray re-runs a job whose worker died this many times before it counts as failed
 POLL_SECONDS = 0.5  # how often the driver checks for finished jobs (and for a stop request)
+CONNECT_SECONDS = 10.0  # bound on joining a cluster at --address (seconds); overridden by:
+CONNECT_SECONDS_ENV = "WORKBENCH_RAY_CONNECT_SECONDS"
+# what an HTTP/2 client sends first (RFC 9113, 3.4): the preface and an empty SETTINGS frame
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+H2_SETTINGS = 4  # the frame type a server's first frame has
 
 
 @dataclass
@@ -157,9 +172,14 @@ def _ray() -> Any:
 
 def connect(address: str | None) -> Any:
     """Ray, connected: to the cluster at `address`, to the instance this process already
-    joined, or to a new local instance."""
+    joined, or to a new local instance. Joining `address` gives up after a bounded time."""
     if address and address != "auto":
-        _reachable(address)
+        seconds = connect_seconds()
+        _reachable(address, timeout=seconds)
+        # one bounded attempt at the cluster's id instead of Ray's 20 of 30 s each (these are
+        # read when Ray loads; a value set in the environment wins)
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "1")
+        os.environ.setdefault("RAY_py_gcs_connect_timeout_s", str(max(1, round(seconds))))
         # a cluster started with `ray start` asks for its token (Ray >= 2.5x); given an
         # address, Ray's client sends it only when told (before Ray is imported) that the
         # cluster uses tokens
@@ -178,15 +198,68 @@ def connect(address: str | None) -> Any:
     return ray
 
 
-def _reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an address nothing listens at (Ray itself would keep trying for minutes)."""
+def connect_seconds() -> float:
+    """The bound on joining a cluster: `$WORKBENCH_RAY_CONNECT_SECONDS`, else 10 s."""
+    value = os.environ.get(CONNECT_SECONDS_ENV, "").strip()
+    if not value:
+        return CONNECT_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise BadInput(f"{CONNECT_SECONDS_ENV}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+def _reachable(address: str, timeout: float = CONNECT_SECONDS) -> None:
+    """Fail fast, as BadInput, on an address nothing listens at, or where what listens does not
+    answer as a gRPC server does (Ray itself would keep trying for minutes)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise BadInput(f"--address {address}: expected HOST:PORT (or ray://HOST:PORT, or auto)")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in {"0", "false", ""}:
+                reply = _h2_reply(sock, time.monotonic() + timeout)
+                if not _is_settings(reply):
+                    raise BadInput(f"--address {address}: {_not_ray(reply, timeout)}")
     except OSError as err:
         raise BadInput(f"--address {address}: no Ray cluster answers there ({err})") from None
+
+
+def _h2_reply(sock: socket.socket, deadline: float) -> bytes:
+    """The first 9 bytes (a frame header) of the answer to the HTTP/2 preface, or fewer: what
+    came before the peer closed the connection or the deadline passed."""
+    sock.sendall(H2_PREFACE)
+    reply = b""
+    while len(reply) < 9 and (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(9 - len(reply))
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def _is_settings(header: bytes) -> bool:
+    """Whether `header` is that of a SETTINGS frame on stream 0."""
+    return len(header) == 9 and header[3] == H2_SETTINGS and header[5:9] == b"\0\0\0\0"
+
+
+def _not_ray(reply: bytes, timeout: float) -> str:
+    if not reply:
+        return (
+            "something listens there but is not a Ray cluster (it sent nothing back within "
+            f"{timeout:g} s, or closed the connection; {CONNECT_SECONDS_ENV} sets how long to "
+            "wait)"
+        )
+    shown = reply.decode("ascii", "replace")
+    shown = "".join(c if c.isprintable() else "?" for c in shown)
+    return f"something listens there but is not a Ray cluster (it answered {shown!r}...)"
 
 
 def _gpus(job: Job, resources: dict[str, float]) -> float:

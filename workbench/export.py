@@ -1,5 +1,10 @@
 """`workbench export circuit ID` and `workbench export subgraph ID`: a stored circuit or a
-curated subgraph as GraphML or JSON."""
+curated subgraph as GraphML or JSON.
+
+The JSON keeps every stored string exactly; the GraphML is always well-formed XML 1.0, so the C0
+control characters XML cannot carry are written as their Control Pictures symbols
+(`workbench.subgraphs.graph_text`).
+"""
 
 import networkx as nx
 

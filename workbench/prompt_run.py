@@ -1,7 +1,11 @@
 """`workbench run prompt`: compute one prompt's views (`workbench.prompt_views`) at each chosen
 checkpoint without holding the database, then store them in one short transaction. Cached by
 prompt_id (checkpoint, tokens, tau): a prompt already stored is not computed again unless
-`force`."""
+`force`.
+
+A prompt longer than the model's context (`n_ctx` in its config) is BadInput before the model
+runs; attention flow taking longer than `flow_seconds` (`--flow-seconds`, 300 by default, 0 for
+no limit) is BadInput too, and in both cases nothing is stored."""
 
 import logging
 
@@ -11,7 +15,14 @@ from workbench import records
 from workbench.errors import BadInput
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.models.sources import select_checkpoints
-from workbench.prompt_views import DEFAULT_TAU, lens_ids, prompt_id, prompt_views, rows
+from workbench.prompt_views import (
+    DEFAULT_FLOW_SECONDS,
+    DEFAULT_TAU,
+    lens_ids,
+    prompt_id,
+    prompt_views,
+    rows,
+)
 from workbench.store import Store
 from workbench.tasks import load_task
 
@@ -30,14 +41,17 @@ def run_prompt(
     dtype: str = "float32",
     db: str | None = None,
     force: bool = False,
+    flow_seconds: float = DEFAULT_FLOW_SECONDS,
 ) -> list[tuple[str, str]]:
-    """[(prompt_id, 'done' or 'cached')] per checkpoint."""
+    """[(prompt_id, 'done' or 'cached')] per checkpoint; `flow_seconds` 0: no limit."""
     if (text is None) == (task is None):
         raise BadInput("give the prompt as --text TEXT, or as --task NAME_OR_JSONL --index I")
     if not 0 < tau < 1:
         raise BadInput(f"--tau {tau}: must be between 0 and 1")
     if index < 0:
         raise BadInput(f"--index {index}: must be 0 or more")
+    if not flow_seconds >= 0:
+        raise BadInput(f"--flow-seconds {flow_seconds}: must be 0 (no limit) or more")
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="prompt checkpoints", disable=len(refs) < 2):
@@ -54,6 +68,7 @@ def run_prompt(
             shown = pairs[index].clean_text or " ".join(loaded.token_strs(ids))
         if len(ids) < 2:
             raise BadInput(f"the prompt is {len(ids)} token long: it needs at least 2")
+        _check_length(ids, loaded.model.cfg.n_ctx, text=text, task=task, index=index)
         checkpoint_id = loaded.checkpoint.checkpoint_id
         pid = prompt_id(checkpoint_id, ids, tau)
         if not force:
@@ -62,7 +77,7 @@ def run_prompt(
                     logger.info("prompt %s at %s: stored already", pid, checkpoint_id)
                     done.append((pid, "cached"))
                     continue
-        views = prompt_views(loaded.model, ids, tau)
+        views = prompt_views(loaded.model, ids, tau, flow_seconds=flow_seconds or None)
         named = lens_ids(views)
         table = rows(
             views,
@@ -86,3 +101,16 @@ def run_prompt(
         logger.info("prompt %s at %s: stored", pid, checkpoint_id)
         done.append((pid, "done"))
     return done
+
+
+def _check_length(
+    ids: list[int], n_ctx: int, *, text: str | None, task: str | None, index: int
+) -> None:
+    """BadInput when the prompt has more tokens than the model's context."""
+    if len(ids) <= n_ctx:
+        return
+    what = "the prompt (--text)" if text is not None else f"prompt {index} of task {task}"
+    raise BadInput(
+        f"{what} is {len(ids)} tokens long, more than the model's context of {n_ctx} tokens "
+        "(n_ctx in its config): shorten it"
+    )

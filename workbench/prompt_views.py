@@ -20,19 +20,36 @@ For a token sequence and a checkpoint:
   block's result y is the proximity max(0, ‖y‖₁ − ‖y − c‖₁), normalised over the terms; the
   MLP's edge is its output's importance to the MLP block's result. Edges at or above the
   threshold `tau` that reach the last position's final residual form the routes graph.
+
+Cost at a real model's prompt length. Attention flow is one maximum-flow problem per (layer,
+input position); each is solved by SciPy's Dinic on only the part of the layered graph it can
+use, with capacities floored to multiples of 2^-30 (so a flow is at most 2^-30 per edge of a
+minimum cut below the exact one, never above). Its work still grows with layers² x tokens³, so
+`flow_seconds` bounds it: past that, one sentence (BadInput) rather than a long wait. The routes
+take a chunk of query positions at a time (`ROUTES_CHUNK_ELEMENTS` numbers of per-source
+terms), never a block's [tokens, tokens, d_model] at once.
 """
 
+import time
 from dataclasses import dataclass, field
 
 import networkx as nx
+import numpy as np
+import scipy.sparse as sp
 import torch
+from scipy.sparse.csgraph import maximum_flow
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.metrics import final_norm, frozen_final_norm
 from workbench.core import Hook, Node
+from workbench.errors import BadInput
 
 LENS_TOP = 5
 DEFAULT_TAU = 0.04
+DEFAULT_FLOW_SECONDS = 300.0
+FLOW_SCALE = 2**30  # attention flow's capacities are floored to multiples of 1 / FLOW_SCALE
+ROUTES_CHUNK_ELEMENTS = 2**22  # the routes' per-source terms held at once (16 MB in float32)
 
 
 @dataclass
@@ -69,38 +86,87 @@ def attention_rollout(patterns: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def attention_flow(patterns: torch.Tensor) -> torch.Tensor:
+def attention_flow(patterns: torch.Tensor, *, max_seconds: float | None = None) -> torch.Tensor:
     """[layer, head, q, k] -> [layer, position]: the maximum flow from each input position to
-    the last position after each layer, capacities Â."""
-    mixed = residual_attention(patterns).double().cpu()
+    the last position after each layer, capacities Â.
+
+    One maximum-flow problem per (layer, input position), solved by SciPy's Dinic on the layered
+    graph cut down to what the problem can use: the layers up to the sink's and the positions
+    from the source's on (causal attention never sends anything backwards). The solver takes
+    integer capacities: each Â is floored to a multiple of 2^-30 (`FLOW_SCALE`), so a flow is
+    never above the exact one and below it by less than 2^-30 per edge of a minimum cut. The
+    first layer's flow is the single edge's capacity, exactly. `max_seconds`: BadInput rather
+    than a computation longer than that."""
+    mixed = residual_attention(patterns).double().cpu().numpy()
     n_layers, n = mixed.shape[0], mixed.shape[-1]
-    graph = nx.DiGraph()
-    for layer in range(n_layers):
-        for q in range(n):
-            for k in range(q + 1):
-                weight = float(mixed[layer, q, k])
-                if weight > 0:
-                    graph.add_edge((layer, k), (layer + 1, q), capacity=weight)
-    flow = torch.zeros(n_layers, n, dtype=torch.float64)
-    for layer in range(n_layers):
-        sink = (layer + 1, n - 1)
+    flow = np.zeros((n_layers, n))
+    flow[0] = mixed[0, n - 1]
+    q, k = np.tril_indices(n)
+    capacity = np.floor(mixed[:, q, k] * FLOW_SCALE).astype(np.int32)  # [layer, edge]
+    start = time.monotonic()
+    for layer in tqdm(range(1, n_layers), desc="attention flow", leave=False, disable=None):
+        graph = _flow_graph(capacity[: layer + 1], q, k, n)
         for source in range(n):
-            if (0, source) in graph and sink in graph:
-                flow[layer, source] = nx.maximum_flow_value(graph, (0, source), sink)
-    return flow
+            if max_seconds is not None and time.monotonic() - start > max_seconds:
+                raise BadInput(_flow_too_long(n_layers, n, layer, source, max_seconds))
+            flow[layer, source] = _max_flow(graph, source, layer + 1, n) / FLOW_SCALE
+    return torch.from_numpy(flow)
 
 
-def _proximity(y: torch.Tensor, terms: torch.Tensor) -> torch.Tensor:
-    """[d], [t, d] -> [t]: max(0, ‖y‖₁ − ‖y − c‖₁), normalised to sum to 1."""
-    raw = (y.abs().sum() - (y[None] - terms).abs().sum(-1)).clamp(min=0)
-    total = raw.sum()
-    return raw / total if total > 0 else raw
+def _flow_graph(capacity: np.ndarray, q: np.ndarray, k: np.ndarray, n: int) -> sp.csr_array:
+    """The layered graph from the inputs (layer 0) to the last position after the last layer of
+    `capacity` ([layer, edge], edges (k -> q) in `np.tril_indices` order), as a CSR matrix whose
+    nodes are ordered by position from the last one, then by layer: the nodes a source at
+    position s can reach are then the first (n - s)(layers + 1), a leading block of the matrix.
+    Edges into the last layer other than the sink's, and edges of capacity 0, are left out."""
+    layers = capacity.shape[0]
+    layer = np.repeat(np.arange(layers, dtype=np.int32), len(q))
+    into = np.tile(q.astype(np.int32), layers)
+    rows = (n - 1 - np.tile(k.astype(np.int32), layers)) * (layers + 1) + layer
+    cols = (n - 1 - into) * (layers + 1) + layer + 1
+    data = capacity.reshape(-1)
+    keep = (data > 0) & ((layer + 1 < layers) | (into == n - 1))
+    size = n * (layers + 1)
+    graph = sp.csr_array((data[keep], (rows[keep], cols[keep])), shape=(size, size))
+    graph.sort_indices()
+    return graph
+
+
+def _max_flow(graph: sp.csr_array, source: int, layers: int, n: int) -> int:
+    """The integer maximum flow from input position `source` to the last position after
+    `layers` layers, on the leading block of `graph` that source reaches."""
+    size = (n - source) * (layers + 1)
+    end = graph.indptr[size]
+    block = sp.csr_array(
+        (graph.data[:end], graph.indices[:end], graph.indptr[: size + 1]), shape=(size, size)
+    )
+    block.has_sorted_indices = True
+    return int(maximum_flow(block, (n - 1 - source) * (layers + 1), layers).flow_value)
+
+
+def _flow_too_long(n_layers: int, n: int, layer: int, source: int, seconds: float) -> str:
+    """The sentence for a flow stopped at (layer, source); the share done is weighted by each
+    problem's size, (layer + 1)(n - source)² (the first layer's flow costs nothing)."""
+    size = (n - np.arange(n, dtype=np.float64)) ** 2
+    done = size.sum() * sum(range(2, layer + 1)) + (layer + 1) * size[:source].sum()
+    total = size.sum() * sum(range(2, n_layers + 1))
+    return (
+        f"attention flow over {n_layers} layers x {n} tokens did not finish within "
+        f"--flow-seconds {seconds:g} (about {100 * done / total:.0f}% done): raise "
+        "--flow-seconds (0: no limit) or analyse a shorter prompt"
+    )
 
 
 @torch.no_grad()
 def prompt_views(
-    model: HookedTransformer, token_ids: list[int], tau: float = DEFAULT_TAU
+    model: HookedTransformer,
+    token_ids: list[int],
+    tau: float = DEFAULT_TAU,
+    *,
+    flow_seconds: float | None = DEFAULT_FLOW_SECONDS,
 ) -> PromptViews:
+    """Every view of one prompt; BadInput if attention flow would take longer than
+    `flow_seconds` (None: no limit)."""
     cfg = model.cfg
     device = model.W_U.device
     tokens = torch.tensor([token_ids], dtype=torch.long, device=device)
@@ -117,11 +183,10 @@ def prompt_views(
         resid = cache[Hook.resid_post(layer)]
         probs = (final_norm(model, resid) @ model.W_U + model.b_U)[0].float().softmax(-1)
         top = probs.topk(LENS_TOP, dim=-1)
+        top_ids, top_probs = top.indices.tolist(), top.values.tolist()
         for pos in range(n):
             for rank in range(LENS_TOP):
-                lens.append(
-                    (layer, pos, rank, int(top.indices[pos, rank]), float(top.values[pos, rank]))
-                )
+                lens.append((layer, pos, rank, top_ids[pos][rank], top_probs[pos][rank]))
         target[layer] = probs[:, predicted].cpu()
 
     # direct logit attribution at the last position, the final norm linearised at this run
@@ -132,16 +197,17 @@ def prompt_views(
         return frozen_final_norm(model, out, scale).float() @ direction.float()
 
     dla: dict[str, float] = {}
+    w_o = model.W_O  # (a property that stacks every layer's weights: read once)
     for layer in range(n_layers):
         z_last = cache[Hook.z(layer)][0, -1]  # [head, d_head]
-        per_head = torch.einsum("he,hed->hd", z_last, model.W_O[layer])
+        per_head = torch.einsum("he,hed->hd", z_last, w_o[layer])
         for head, value in enumerate(direct(per_head).tolist()):
             dla[Node.head_of(layer, head).id] = value
         if not cfg.attn_only:
             dla[Node.mlp(layer).id] = float(direct(cache[Hook.mlp_out(layer)][0, -1]))
 
     rollout = attention_rollout(patterns)[:, -1].cpu()
-    flow = attention_flow(patterns).float()
+    flow = attention_flow(patterns, max_seconds=flow_seconds).float()
     routes = _routes(model, cache, patterns, n, tau)
     return PromptViews(
         token_ids=list(token_ids),
@@ -159,39 +225,62 @@ def prompt_views(
 def _routes(
     model: HookedTransformer, cache, patterns: torch.Tensor, n: int, tau: float
 ) -> list[tuple[int, int, int, int, str, float]]:  # type: ignore[no-untyped-def]
+    """The routes graph: every edge's importance, a chunk of query positions at a time (their
+    per-source terms, [chunk, n, d_model], at most `ROUTES_CHUNK_ELEMENTS` numbers: never a
+    block's whole [n, n, d_model]), keeping those at or above `tau` that reach the last
+    position's final residual."""
     cfg = model.cfg
-    every: list[tuple[int, int, int, int, str, float]] = []
+    chunk = max(1, ROUTES_CHUNK_ELEMENTS // ((n + 1) * cfg.d_model))
+    kept: list[tuple[int, int, int, int, str, float]] = []
+    w_o = model.W_O  # (a property that stacks every layer's weights: read once)
     for layer in range(cfg.n_layers):
         resid_pre = cache[Hook.resid_pre(layer)][0]
         v = cache[Hook.qkv(layer, "v")][0]  # [pos, kv head or head, d_head]
         if v.shape[1] != cfg.n_heads:  # grouped keys and values: each query head's own view
             v = v.repeat_interleave(cfg.n_heads // v.shape[1], dim=1)
-        per_source = torch.einsum(
-            "hqk,khe,hed->qkd", patterns[layer].to(v.dtype), v, model.W_O[layer]
-        )
-        attn_out = cache[Hook.attn_out(layer)][0]
-        for q in range(n):
-            terms = torch.cat([resid_pre[q][None], per_source[q, : q + 1]])
-            y = resid_pre[q] + attn_out[q]
-            imp = _proximity(y.float(), terms.float())
-            every.append((layer, q, layer + 1, q, "residual", float(imp[0])))
-            for k in range(q + 1):
-                every.append((layer, k, layer + 1, q, "attention", float(imp[1 + k])))
+        value_out = torch.einsum("khe,hed->khd", v, w_o[layer])  # [key, head, d_model]
+        attn = patterns[layer].to(v.dtype)
+        y = resid_pre + cache[Hook.attn_out(layer)][0]
+        for start in range(0, n, chunk):
+            qs = range(start, min(n, start + chunk))
+            weights = attn[:, qs.start : qs.stop].permute(2, 1, 0).contiguous()  # [k, q, head]
+            per_source = torch.bmm(weights, value_out).transpose(0, 1)  # [q, k, d_model]
+            terms = torch.cat([resid_pre[qs.start : qs.stop, None], per_source], 1)
+            imp = _proximities(y[qs.start : qs.stop].float(), terms.float(), qs, n)
+            for i, t in (imp.double() >= tau).nonzero().tolist():
+                q = qs.start + i
+                kind, src = ("residual", q) if t == 0 else ("attention", t - 1)
+                kept.append((layer, src, layer + 1, q, kind, float(imp[i, t])))
         if not cfg.attn_only:
             mid = cache[Hook.resid_mid(layer)][0]
             mlp = cache[Hook.mlp_out(layer)][0]
-            for q in range(n):
-                y = (mid[q] + mlp[q]).float()
-                imp = _proximity(y, torch.stack([mid[q], mlp[q]]).float())
-                every.append((layer, q, layer + 1, q, "mlp", float(imp[1])))
-    # keep what is above tau and reaches the last position's final residual
-    kept = [e for e in every if e[5] >= tau]
+            imp = _proximities((mid + mlp).float(), torch.stack([mid, mlp], 1).float())
+            for q, value in enumerate(imp[:, 1].tolist()):
+                if value >= tau:
+                    kept.append((layer, q, layer + 1, q, "mlp", value))
+    # keep what reaches the last position's final residual
     graph = nx.DiGraph()
     for a_layer, a_pos, b_layer, b_pos, _, _ in kept:
         graph.add_edge((a_layer, a_pos), (b_layer, b_pos))
     goal = (cfg.n_layers, n - 1)
     reach = (nx.ancestors(graph, goal) | {goal}) if goal in graph else set()
     return [e for e in kept if (e[2], e[3]) in reach and (e[0], e[1]) in reach]
+
+
+def _proximities(
+    y: torch.Tensor, terms: torch.Tensor, queries: range | None = None, n: int = 0
+) -> torch.Tensor:
+    """[q, d], [q, t, d] -> [q, t]: for each row, each term's max(0, ‖y‖₁ − ‖y − c‖₁),
+    normalised to sum to 1 over the row's terms. With `queries` (the rows' positions), the
+    terms are [residual, source 0 .. n - 1] and the sources after a row's own position (which
+    causal attention gives nothing) are not among its terms."""
+    raw = (y.abs().sum(-1, keepdim=True) - (y[:, None] - terms).abs().sum(-1)).clamp(min=0)
+    if queries is not None:
+        source = torch.arange(n + 1, device=raw.device) - 1
+        position = torch.arange(queries.start, queries.stop, device=raw.device)
+        raw = raw.masked_fill(source[None] > position[:, None], 0)
+    total = raw.sum(-1, keepdim=True)
+    return torch.where(total > 0, raw / total.clamp(min=torch.finfo(raw.dtype).tiny), raw)
 
 
 def lens_ids(views: PromptViews) -> list[int]:
@@ -220,9 +309,10 @@ def rows(
     """The store's rows for these views (plain Python: the store builds its Arrow tables);
     `names`: the token strings of the ids `lens_ids` names."""
     n_layers, n_heads, n, _ = views.attention.shape
+    weights = views.attention.tolist()  # (a tensor read element by element is far slower)
     attention = [
         {"prompt_id": pid, "layer": layer, "head": head, "query_pos": q, "key_pos": k,
-         "weight": float(views.attention[layer, head, q, k])}
+         "weight": weights[layer][head][q][k]}
         for layer in range(n_layers) for head in range(n_heads)
         for q in range(n) for k in range(q + 1)
     ]  # fmt: skip
@@ -231,16 +321,17 @@ def rows(
          "token": names.get(tid), "prob": prob}
         for layer, pos, rank, tid, prob in views.lens
     ]  # fmt: skip
+    target = views.lens_target.tolist()
     lens += [
         {"prompt_id": pid, "layer": layer, "position": pos, "rank": None,
          "token_id": views.predicted_id, "token": names.get(views.predicted_id),
-         "prob": float(views.lens_target[layer, pos])}
+         "prob": target[layer][pos]}
         for layer in range(n_layers) for pos in range(n)
     ]  # fmt: skip
     flow = [
         {"prompt_id": pid, "method": method, "layer": layer, "position": pos,
-         "score": float(values[layer, pos])}
-        for method, values in (("rollout", views.rollout), ("flow", views.flow))
+         "score": values[layer][pos]}
+        for method, values in (("rollout", views.rollout.tolist()), ("flow", views.flow.tolist()))
         for layer in range(n_layers) for pos in range(n)
     ]  # fmt: skip
     return {

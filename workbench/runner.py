@@ -7,11 +7,20 @@ a hash of (pipeline, method, checkpoint sha256, task sha256, the method's keyed 
 finished run with that key is skipped unless `force`. A method that raises is recorded as a
 failed run with its error. Bad input (a wrong path, a malformed task file) raises `BadInput`
 before anything is written for that checkpoint.
+
+Two runners may compute the same run at once: the store keeps the first one written (the
+other is reported `skipped`, with the stored run's id). A runner waits for the database lock
+rather than fail (`lock_wait`; see `workbench.store.session`). It leaves no queue row behind
+on any way out: an exception, Ctrl-C, or SIGTERM (handled as Ctrl-C when nothing else handles
+it, as `workbench watch` does).
 """
 
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -49,6 +58,8 @@ class RunOptions:
     metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
     executor: str = "local"  # local or ray: where jobs compute (never part of a run key)
     address: str | None = None  # the Ray cluster (ray only; default: a new local instance)
+    # how long to wait for the database lock (None: $WORKBENCH_LOCK_WAIT, else 3600 s; 0: ever)
+    lock_wait: float | None = None
 
 
 @dataclass(frozen=True)
@@ -274,6 +285,7 @@ def run(
         force=options.force,
         executor=options.executor,
         address=options.address,
+        lock_wait=options.lock_wait,
     )
 
 
@@ -286,24 +298,61 @@ def run_jobs(
     should_stop: Callable[[], bool] | None = None,
     executor: str = "local",
     address: str | None = None,
+    lock_wait: float | None = None,
 ) -> list[RunOutcome]:
     """Execute jobs in order, loading each checkpoint once for the consecutive jobs on it.
     The database is opened only for each short operation (readers get in between runs), or
     held for the whole call with `hold` (faster for many tiny runs). `should_stop` is asked
     before each run; when it says so, `Stopped` is raised with the runs made so far.
+    `lock_wait`: seconds to wait for the database lock (`run_lock_wait`).
 
     `executor="ray"` computes the jobs on a Ray cluster instead (`address`, else a local Ray
     instance) and stores what its workers return here, one run transaction at a time."""
-    if executor == "ray":
-        from workbench.executor_ray import run_jobs_ray
-
-        return run_jobs_ray(
-            list(jobs), db=db, force=force, address=address, should_stop=should_stop
-        )
-    if executor != "local":
+    if executor not in ("local", "ray"):
         raise BadInput(f"--executor {executor}: choose local or ray")
-    if address is not None:
+    if address is not None and executor != "ray":
         raise BadInput("--address applies to --executor ray")
+    with _sigterm_interrupts():
+        if executor == "ray":
+            from workbench.executor_ray import run_jobs_ray
+
+            return run_jobs_ray(
+                list(jobs), db=db, force=force, address=address, should_stop=should_stop
+            )
+        return _run_local(jobs, db, force, hold, should_stop, lock_wait)
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt as Ctrl-C does: the run in progress
+    is abandoned (its transaction never commits) and the runner's queue rows go. Only in the
+    main thread, and only where SIGTERM has no handler yet (`workbench watch` has its own)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        logger.info("signal %d: stopping", signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_local(
+    jobs: Iterable[Job],
+    db: str | None,
+    force: bool,
+    hold: bool,
+    should_stop: Callable[[], bool] | None,
+    lock_wait: float | None,
+) -> list[RunOutcome]:
     groups: list[tuple[tuple[CheckpointRef, str, str], list[Job]]] = []
     for job in jobs:
         where = (job.checkpoint, job.device, job.dtype)
@@ -314,7 +363,7 @@ def run_jobs(
     outcomes: list[RunOutcome] = []
     names = sorted({j.pipeline for _, group in groups for j in group})
     every = [j for _, group in groups for j in group]
-    with StoreSession(db, hold=hold) as session:
+    with StoreSession(db, hold=hold, lock_wait=lock_wait) as session:
         session.enqueue([_queue_row(j) for j in every])
         ctx = PlanContext(store=session, db=db)
         try:
@@ -324,7 +373,7 @@ def run_jobs(
                 outcomes += _run_checkpoint(
                     session, ctx, ref, device, dtype, group, force, should_stop, outcomes
                 )
-        finally:  # stopped early (bad input, an interrupt): what is left is not queued
+        finally:  # done, or stopped early (bad input, an interrupt): nothing stays queued
             session.clear([j.job_id for j in every])
     return outcomes
 
@@ -403,8 +452,7 @@ def _run_one(
     existing = store.start(job.job_id, run.run_id, run.run_key, force)
     if existing:
         return _skipped(run, existing)
-    with store.heartbeat(job.job_id):
-        result = _compute(method, planned, inputs, run)
+    result = _compute(method, planned, inputs, run)  # (the session keeps the heartbeat)
     return _store(store, run, rows, result, force)
 
 
@@ -452,11 +500,14 @@ def _store(
     result: RunResult | None,
     force: bool,
 ) -> RunOutcome:
-    """Write a computed run (or record it as failed) in its one transaction."""
+    """Write a computed run (or record it as failed) in its one transaction; a run another
+    runner stored first, while this one computed, is skipped."""
     if result is None:
         run_id = store.record_failed_run(run, registry=rows)
         return RunOutcome(run.checkpoint_id, run.method, "failed", run_id, run.error)
     run_id = store.write_result(run, registry=rows, result=result, replace=force)
+    if run_id != run.run_id:
+        return _skipped(run, run_id)
     logger.info("%s %s on %s: run %s", run.pipeline, run.method, run.checkpoint_id, run_id)
     return RunOutcome(run.checkpoint_id, run.method, "done", run_id)
 

@@ -9,10 +9,19 @@ tables `subgraphs`, `subgraph_nodes` and `subgraph_edges` (schema v7) through
 
 Its id is `sg-` + the first 10 hex digits of sha256(checkpoint id, name): saving again under the
 same name at the same checkpoint replaces the earlier one.
+
+Names, group labels and notes are stored exactly as typed, control characters included, and the
+JSON export keeps them exactly (as JSON escapes). XML 1.0 cannot carry most C0 controls, so the
+GraphML export writes each of U+0000-U+0008, U+000B, U+000C and U+000E-U+001F as its Control
+Pictures symbol (U+2400 + its code: NUL as U+2400, ESC as U+241B), a lone surrogate, U+FFFE or
+U+FFFF as U+FFFD, and a carriage return as the reference `&#13;` (so a parser reads it back
+rather than a newline). Tab, newline, DEL (U+007F) and every other character are written as they
+are and read back unchanged.
 """
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,12 +147,51 @@ def _plain(value: Any) -> Any:
 
 
 def graph_text(graph: nx.DiGraph, fmt: str, what: str) -> str:
-    """GraphML, or JSON with `what` (circuit, subgraph) naming the graph's attributes."""
+    """GraphML (always well-formed XML: see the module's docstring for the characters XML
+    cannot carry), or JSON with `what` (circuit, subgraph) naming the graph's attributes."""
     if fmt == "graphml":
-        return "\n".join(nx.generate_graphml(graph)) + "\n"
+        writer = nx.readwrite.graphml.GraphMLWriter(graph=xml_safe_graph(graph))
+        return str(writer).replace(_CR_WRITTEN, "&#13;").replace(_CR, "&#13;") + "\n"
     data: dict[str, Any] = {
         what: dict(graph.graph),
         "nodes": [{"id": n, **attrs} for n, attrs in graph.nodes(data=True)],
         "edges": [{"src": s, "dst": d, **attrs} for s, d, attrs in graph.edges(data=True)],
     }
     return json.dumps(data, indent=1, default=str) + "\n"
+
+
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_CR = "\ufffe"  # stands for a carriage return until the GraphML is written (never left in it)
+_CR_WRITTEN = "&#65534;"  # how the writer (ASCII output) writes `_CR`
+
+
+def xml_text(text: str) -> str:
+    """`text` with what XML 1.0 cannot carry replaced (module docstring) and each carriage
+    return as `_CR`, which `graph_text` writes as `&#13;`."""
+    return _NOT_XML.sub(_stand_in, text).replace("\r", _CR)
+
+
+def _stand_in(match: re.Match[str]) -> str:
+    char = match.group()
+    return chr(0x2400 + ord(char)) if char < " " else "\ufffd"
+
+
+def _xml_value(value: Any) -> Any:
+    return xml_text(value) if isinstance(value, str) else value
+
+
+def _xml_attrs(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {xml_text(k): _xml_value(v) for k, v in attrs.items()}
+
+
+def xml_safe_graph(graph: nx.DiGraph) -> nx.DiGraph:
+    """A copy of `graph` whose ids, attribute names and string values XML can carry."""
+    safe = nx.DiGraph()
+    safe.graph.update(_xml_attrs(graph.graph))
+    for node, attrs in graph.nodes(data=True):
+        safe.add_node(_xml_value(node))
+        safe.nodes[_xml_value(node)].update(_xml_attrs(attrs))
+    for src, dst, attrs in graph.edges(data=True):
+        safe.add_edge(_xml_value(src), _xml_value(dst))
+        safe.edges[_xml_value(src), _xml_value(dst)].update(_xml_attrs(attrs))
+    return safe

@@ -13,6 +13,11 @@ only once it is complete, and runs the configured jobs on it that are not stored
   costs one `stat` per file and one query. A checkpoint that fails (it cannot be loaded: a
   corrupt one) is recorded as failed runs with the error, and not retried until its files
   change (or `--retry-failed`).
+* No checkpoint stops the watcher: a safetensors header that is not one (checked for its
+  structure, `zoo_format.check_safetensors`), a broken config.json or meta.json, an unreadable
+  file, a model that does not load, and any error nobody anticipated (its traceback in the
+  debug log) are that checkpoint's failed runs, one sentence naming the file; the scan goes on.
+  Only SIGTERM/SIGINT, or a database another process holds, end a scan early.
 * One watcher per database: a lock file beside it (`<db>.watch.lock`) names the holder.
 * SIGTERM / SIGINT: the run in progress finishes (a second signal abandons it; either way no
   partial rows: a run's rows are one transaction) and the watcher exits.
@@ -24,7 +29,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import threading
 import time
 import tomllib
@@ -39,6 +43,7 @@ from typing import Any
 from workbench import registry
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
+from workbench.models import zoo_format
 from workbench.models.base import CheckpointRef
 from workbench.runner import (
     Job,
@@ -173,30 +178,30 @@ def fingerprint(path: Path) -> tuple[str, float]:
 
 
 def weights_incomplete(path: Path) -> str | None:
-    """Why the directory's weights are not (yet) whole, or None if every file is."""
-    weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    """Why the directory's weights are not (yet) whole, or None if every file is. Weights that
+    are whole but can never load (a safetensors header that is not one) are a `BadInput`
+    naming the file."""
+    try:
+        weights = [p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)]
+    except FileNotFoundError:
+        return "the directory was removed"
+    except OSError as err:
+        raise BadInput(f"{path}: cannot list the directory ({err.strerror or err})") from err
     if not weights:
         return "no weights file yet"
-    for file in weights:
-        size = file.stat().st_size
+    for file in sorted(weights):
         if file.suffix == ".bin":
             if not zipfile.is_zipfile(file):
                 return f"{file.name} is not a complete archive yet"
             continue
         try:
-            with file.open("rb") as fh:
-                head = fh.read(8)
-                if len(head) < 8:
-                    return f"{file.name} has no header yet"
-                (n,) = struct.unpack("<Q", head)
-                if 8 + n > size:
-                    return f"{file.name} is shorter than its header"
-                header = json.loads(fh.read(n))
-        except (OSError, ValueError):
-            return None  # whole but unreadable: a corrupt file, for the loader to report
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        if 8 + n + max(ends, default=0) > size:
-            return f"{file.name} is {size} bytes of {8 + n + max(ends, default=0)}"
+            why = zoo_format.check_safetensors(file)
+        except BadInput:
+            if not file.exists():  # removed while we looked: the directory is changing
+                return f"{file.name} was removed"
+            raise
+        if why:
+            return f"{file.name} {why}"
     return None
 
 
@@ -261,50 +266,92 @@ class Watcher:
         return {r["path"]: (r["fingerprint"], r["status"]) for r in rows.to_pylist()}
 
     def scan(self) -> ScanReport:
-        """One pass: register and process every new or changed complete checkpoint."""
+        """One pass: register and process every new or changed complete checkpoint. A
+        checkpoint that fails in any way is recorded as failed and the pass goes on; only a
+        stop request (SIGTERM/SIGINT) or a busy database ends it early."""
         report = ScanReport()
         known = self.known()
         for cand in discover(self.root):
             if self.stop.requested:
                 break
             report.seen += 1
-            key = str(cand.path.resolve())
-            print_, newest = fingerprint(cand.path)
-            before = known.get(key)
-            if before and before[0] == print_ and (before[1] == "done" or not self.retry_failed):
-                continue
-            if time.time() - newest < self.config.settle:
-                report.skipped_incomplete += 1
-                continue
-            why = weights_incomplete(cand.path)
-            if why:
-                logger.debug("%s: not complete (%s)", cand.path, why)
-                report.skipped_incomplete += 1
-                continue
             try:
-                outcomes, error = self.process(cand)
+                self._visit(cand, known, report)
             except Stopped as stopped:  # not finished: the next watcher resumes it
                 report.outcomes += stopped.outcomes
                 break
             except DatabaseBusy as err:  # not the checkpoint's fault: the next scan retries
                 logger.warning("%s; trying again on the next scan", err)
                 break
-            report.processed += 1
-            report.outcomes += outcomes
-            report.failed += error is not None or any(o.status == "failed" for o in outcomes)
-            self._record(key, print_, outcomes, error)
         return report
 
-    def process(self, cand: Candidate) -> tuple[list[RunOutcome], str | None]:
+    def _visit(
+        self, cand: Candidate, known: dict[str, tuple[str, str]], report: ScanReport
+    ) -> None:
+        """Process one candidate if it is new or changed, complete, and not failed before."""
+        key = str(cand.path.resolve())
+        try:
+            print_, newest = fingerprint(cand.path)
+        except FileNotFoundError:  # removed since discovered (a trainer rotating checkpoints)
+            logger.debug("%s: changed while scanning; looking again next scan", cand.path)
+            return
+        except OSError as err:  # unreadable: failed, until the error (its fingerprint) changes
+            unreadable = f"{err.filename or cand.path}: cannot read ({err.strerror or err})"
+            print_ = sha256_json(["unreadable", unreadable])
+            if not self._unchanged(known.get(key), print_):
+                self._failed(cand, key, print_, unreadable, report)
+            return
+        if self._unchanged(known.get(key), print_):
+            return
+        if time.time() - newest < self.config.settle:
+            report.skipped_incomplete += 1
+            return
+        try:
+            why = weights_incomplete(cand.path)
+        except BadInput as err:  # whole but not loadable: corrupt weights
+            self._failed(cand, key, print_, str(err), report)
+            return
+        except Exception as err:  # a surprise: this checkpoint fails, the others go on
+            self._failed(cand, key, print_, _unexpected(cand, err), report)
+            return
+        if why:
+            logger.debug("%s: not complete (%s)", cand.path, why)
+            report.skipped_incomplete += 1
+            return
+        outcomes, error = self.process(cand, print_)
+        self._count(report, outcomes, error)
+        self._record(key, print_, outcomes, error)
+
+    def _unchanged(self, before: tuple[str, str] | None, print_: str) -> bool:
+        """Seen with these files before, and done (or failed, without --retry-failed)."""
+        if before is None or before[0] != print_:
+            return False
+        return before[1] == "done" or not self.retry_failed
+
+    def _failed(
+        self, cand: Candidate, key: str, print_: str, error: str, report: ScanReport
+    ) -> None:
+        outcomes = self._failed_checkpoint(cand, print_, error)
+        self._count(report, outcomes, error)
+        self._record(key, print_, outcomes, error)
+
+    @staticmethod
+    def _count(report: ScanReport, outcomes: list[RunOutcome], error: str | None) -> None:
+        report.processed += 1
+        report.outcomes += outcomes
+        report.failed += error is not None or any(o.status == "failed" for o in outcomes)
+
+    def process(self, cand: Candidate, print_: str) -> tuple[list[RunOutcome], str | None]:
+        """Run the config's jobs on one checkpoint: (its runs, None), or (one failed run per
+        configured method, the error) when it cannot be used. Any exception but a stop or a
+        busy database fails this checkpoint alone: the watcher goes on to the next."""
         from workbench.models.sources import _single_dir_ref
 
+        ref = None
         try:
             ref = _single_dir_ref(cand.path, cand.run_dir, cand.step)
-        except BadInput as err:
-            return self._failed_checkpoint(cand, str(err)), str(err)
-        jobs = [job for spec in self.config.jobs for job in spec.jobs(ref)]
-        logger.info("%s: %d jobs", ref.checkpoint_id, len(jobs))
-        try:
+            jobs = [job for spec in self.config.jobs for job in spec.jobs(ref)]
+            logger.info("%s: %d jobs", ref.checkpoint_id, len(jobs))
             outcomes = run_jobs(
                 jobs,
                 db=self.db,
@@ -312,14 +359,18 @@ class Watcher:
                 executor=self.executor,
                 address=self.address,
             )
-        except DatabaseBusy:
+        except (Stopped, DatabaseBusy):
             raise
         except BadInput as err:  # the checkpoint (or a task on it) cannot be used
-            return self._failed_checkpoint(cand, str(err), ref), str(err)
-        return outcomes, None  # (the runner logged one line per run)
+            error = str(err)
+        except Exception as err:  # anything else: this checkpoint fails, the others go on
+            error = _unexpected(cand, err)
+        else:
+            return outcomes, None  # (the runner logged one line per run)
+        return self._failed_checkpoint(cand, print_, error, ref), error
 
     def _failed_checkpoint(
-        self, cand: Candidate, error: str, ref: CheckpointRef | None = None
+        self, cand: Candidate, print_: str, error: str, ref: CheckpointRef | None = None
     ) -> list[RunOutcome]:
         """A checkpoint that cannot be loaded: one failed run per configured method."""
         from workbench.models.sources import model_id_for
@@ -327,7 +378,6 @@ class Watcher:
         checkpoint_id = (
             ref.checkpoint_id if ref else f"{model_id_for(cand.run_dir)}@{cand.step or 0}"
         )
-        print_, _ = fingerprint(cand.path)
         logger.error("%s: %s", cand.path, error)
         outcomes = []
         with Store(self.db) as store:
@@ -379,6 +429,12 @@ class Watcher:
             if self.stop.requested:
                 break
         return 1 if once and failed else 0
+
+
+def _unexpected(cand: Candidate, err: Exception) -> str:
+    """The sentence recorded for an error nobody anticipated (its traceback at debug)."""
+    logger.debug("%s: unexpected error", cand.path, exc_info=True)
+    return f"{cand.path}: {type(err).__name__} while processing this checkpoint ({err})"
 
 
 def _now() -> datetime:

@@ -14,7 +14,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import links, queries
+from app import access, links, queries
 from app.views import curate, features
 from app.views.common import select_model
 from workbench.core import PORTS, Hook, Node
@@ -78,7 +78,8 @@ def _open_run(run_id: str) -> None:
     """A link naming a run (`?view=circuit&run=...`) opens its model, method, task and step."""
     found = queries.run_info(run_id)
     if found.empty:
-        st.caption(f":orange[link parameter run={run_id!r} is not a stored run; ignored]")
+        bad = access.literal(f"run={run_id!r}")
+        st.caption(f":orange[link parameter {bad} is not a stored run; ignored]")
         return
     row = found.iloc[0]
     links.prefill(
@@ -257,7 +258,7 @@ def _stored_circuit(model_id: str) -> Shown | None:
         param="circuit",
     )
     row = stored[stored["circuit_id"] == circuit_id].iloc[0]
-    st.caption(f"circuit `{row['circuit_id']}`: {row['name']}")
+    st.caption(f"circuit `{row['circuit_id']}`: {access.literal(row['name'])}")
     return Shown(
         _circuit_edges(row["circuit_id"]),
         str(row["checkpoint_id"]),
@@ -319,7 +320,10 @@ def _node_inspector(node: str, checkpoint_id: str) -> None:
     scores = queries.node_scores_at_checkpoint(checkpoint_id, with_ports)
     incident = queries.incident_edges(checkpoint_id, node, with_ports)
     st.dataframe(scores, hide_index=True)
-    st.caption(f"strongest edges at `{node}` in every edge run of `{checkpoint_id}`")
+    st.caption(
+        f"strongest edges at {access.literal(node)} in every edge run of "
+        f"{access.literal(checkpoint_id)}"
+    )
     st.dataframe(incident, hide_index=True)
     _feature_links(node, checkpoint_id)
 
@@ -376,7 +380,7 @@ def _feature_links(node: str, checkpoint_id: str) -> None:
     writes = queries.features_written_by(checkpoint_id, node)
     if writes.empty:
         return
-    st.caption(f"features `{node}` writes most (sae_attr: direct write × gradient)")
+    st.caption(f"features {access.literal(node)} writes most (sae_attr: direct write × gradient)")
     for i, row in enumerate(writes.itertuples()):
         feature = Node.parse(str(row.feature))
         st.button(

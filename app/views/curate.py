@@ -1,12 +1,14 @@
 """Curate a circuit and keep it: pin nodes, group pinned nodes into a labelled supernode,
 annotate nodes and edges, save the result as a named subgraph (the app's only write, through
-`Store.save_subgraph`), and reopen a saved subgraph: drawn with its groups collapsed into
-supernodes, compared with a stored circuit of its checkpoint, exported as GraphML or JSON."""
+`Store.save_subgraph`; hidden in read-only mode, see `app.access`), and reopen a saved subgraph:
+drawn with its groups collapsed into supernodes, compared with a stored circuit of its
+checkpoint, exported as GraphML or JSON. Labels and notes are shown as typed, never as
+Markdown."""
 
 import pandas as pd
 import streamlit as st
 
-from app import data, links, queries
+from app import access, data, links, queries
 from workbench.errors import BadInput
 from workbench.graph import split_port
 from workbench.store import DatabaseBusy, Store
@@ -37,6 +39,8 @@ def panel(edges: list[Edge], nodes: list[str], model_id: str, checkpoint_id: str
         kept = [(s, d, v) for s, d, v in edges if s in pins and split_port(d)[0] in pins]
         _groups(pins)
         _notes(pins, kept)
+        if not access.require_writable("Saving a subgraph"):
+            return
         c1, c2 = st.columns([3, 1])
         name = c1.text_input("Subgraph name", key="curate_name")
         if c2.button("Save subgraph", key="curate_save"):
@@ -56,7 +60,8 @@ def _groups(pins: list[str]) -> None:
             taken = {m for k, v in st.session_state[GROUPS].items() if k != label for m in v}
             st.session_state[GROUPS][label.strip()] = [m for m in members if m not in taken]
     for name, nodes in st.session_state[GROUPS].items():
-        st.markdown(f"- group **{name}**: {', '.join(f'`{n}`' for n in nodes)}")
+        listed = ", ".join(access.literal(n) for n in nodes)
+        st.markdown(f"- group {access.literal(name)}: {listed}")
 
 
 def _notes(pins: list[str], kept: list[Edge]) -> None:
@@ -74,7 +79,7 @@ def _notes(pins: list[str], kept: list[Edge]) -> None:
         else:
             notes.pop(target, None)
     for on, text in notes.items():
-        st.markdown(f"- note on `{on}`: {text}")
+        st.markdown(f"- note on {access.literal(on)}: {access.literal(text)}")
 
 
 def _items(pins: list[str], kept: list[Edge]) -> list[str]:
@@ -102,10 +107,10 @@ def _save(
         with Store(data.db_path(), lock_wait=SAVE_WAIT_SECONDS) as store:
             sid = store.save_subgraph(subgraph)
     except DatabaseBusy as err:
-        st.warning(f"{err}. Nothing was saved; save again once the writer lets go.")
+        st.warning(access.plain(f"{err}. Nothing was saved; save again once the writer lets go."))
         return
     except BadInput as err:
-        st.error(str(err))
+        st.error(access.plain(err))
         return
     data.query.clear()  # type: ignore[attr-defined]  # (the saved subgraph shows at once)
     st.success(
@@ -189,7 +194,7 @@ def saved(model_id: str):  # type: ignore[no-untyped-def]
 
     def after() -> None:
         st.caption(
-            f"subgraph `{sid}` from `{row['source']}` · "
+            f"subgraph `{sid}` from {access.literal(row['source'])} · "
             + (
                 "grey: in both · blue: only in the subgraph · orange: only in the circuit"
                 if colours

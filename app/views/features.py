@@ -10,7 +10,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import links, queries
+from app import access, links, queries
 from app.views.common import select_model
 from workbench.core import Node
 
@@ -67,7 +67,9 @@ def _quality(sae: pd.Series) -> None:
     cols[2].metric("CE loss recovered", "n/a" if pd.isna(ce) else f"{ce:.3f}")
     cols[3].metric("dead features", f"{100 * sae['dead_fraction']:.1f}%")
     cols[4].metric("corpus tokens", f"{int(sae['n_tokens']):,}")
-    st.caption(f"`{sae['path'] or sae['source']}` · corpus {sae['corpus']}")
+    st.caption(
+        f"{access.literal(sae['path'] or sae['source'])} · corpus {access.literal(sae['corpus'])}"
+    )
 
 
 def _search(sae_id: str, d_sae: int) -> None:
@@ -95,10 +97,10 @@ def _dashboard(sae: pd.Series, feature: int) -> None:
     sae_id = str(sae["sae_id"])
     row = queries.feature_stats(sae_id, feature)
     if row.empty:
-        st.warning(f"feature {feature} of `{sae_id}` has no statistics")
+        st.warning(f"feature {feature} of {access.literal(sae_id)} has no statistics")
         return
     f = row.iloc[0]
-    st.subheader(f"Feature {feature}  ·  `{Node.sae_feature(sae_id, feature).id}`")
+    st.subheader(f"Feature {feature}  ·  {access.literal(Node.sae_feature(sae_id, feature).id)}")
     cols = st.columns(4)
     cols[0].metric("density", f"{f['density']:.4f}")
     cols[1].metric("max activation", f"{f['max_activation']:.3f}")

@@ -2,24 +2,27 @@
 logit lens across layers, direct logit attribution per head and MLP for the predicted token,
 attention rollout and attention flow, and the information-flow routes graph.
 
-The app stays free of torch: "Analyse" starts `workbench run prompt` in a process of its own,
-shows its progress, and the page then reads what it stored (tables `prompt_*`)."""
+The app stays free of torch: "Analyse" starts `workbench run prompt` in a process of its own
+(through `app.access.launch`: not in read-only mode, within the server's bound on processes and
+their timeout; a task must be a built-in name or a file in an allowed directory), shows its
+progress, and the page then reads what it stored (tables `prompt_*`). The job is kept in the
+session, so a rerun while it runs picks it up again."""
 
 import re
-import subprocess
 import sys
-import time
 
 import numpy as np
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import data, links, queries
+from app import access, data, links, queries
 from app.views.common import diverging_heatmap, select_model
+from workbench.errors import BadInput
 
 ROUTE_COLOURS = {"attention": "#1f77b4", "residual": "#999999", "mlp": "#2ca02c"}
-ANALYSE_TIMEOUT = 1800  # seconds
+JOB = "prompt_job"  # session state: the analysis this session started and has not shown yet
+ANALYSING = "The prompt analysis"
 
 
 def render() -> None:
@@ -30,7 +33,8 @@ def render() -> None:
     _analyse(model_id)
     stored = queries.prompts_analysed(model_id)
     if stored.empty:
-        st.info("No prompt analysed for this model yet: analyse one above, or run "
+        above = "" if access.read_only() else "analyse one above, or "
+        st.info(f"No prompt analysed for this model yet: {above}run "
                 "`workbench run prompt --model ... --text ...`.")  # fmt: skip
         return
     ids = stored["prompt_id"].tolist()
@@ -42,7 +46,7 @@ def render() -> None:
     tokens = [f"{i}:{t}" for i, t in enumerate(row["tokens"])]
     st.caption(
         f"prompt `{pid}` at step {row['step']} · {len(tokens)} tokens · predicted next token: "
-        f"`{row['predicted']}`"
+        f"{access.literal(row['predicted'])}"
     )
     tabs = st.tabs(
         ["Attention", "Logit lens", "Direct logit attribution", "Rollout and flow", "Routes"]
@@ -63,47 +67,61 @@ def render() -> None:
 
 def _analyse(model_id: str) -> None:
     with st.expander("Analyse a prompt", expanded=False):
-        checkpoints = queries.model_source(model_id)
-        steps = checkpoints["step"].tolist()
-        c1, c2 = st.columns([1, 3])
-        step = c1.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="prompt_step")
-        text = c2.text_input("Prompt text", key="prompt_text")
-        c3, c4 = st.columns([3, 1])
-        task = c3.text_input(
-            "…or a task's prompt: task (built-in name or JSONL)", key="prompt_task"
-        )
-        index = c4.number_input("index", min_value=0, value=0, step=1, key="prompt_index")
-        if not st.button("Analyse", key="prompt_analyse"):
-            return
-        if not text.strip() and not task.strip():
-            st.warning("Type a prompt, or name a task and the index of one of its prompts.")
-            return
-        source = str(checkpoints["source"].iloc[0])
-        cmd = [sys.executable, "-m", "workbench", "run", "prompt", "--model", source]
-        cmd += ["--checkpoint", str(step), "--db", data.db_path()]
-        cmd += ["--text", text] if text.strip() else ["--task", task, "--index", str(int(index))]
-        _launch(cmd)
+        if access.require_writable("Analysing a prompt"):
+            _analyse_form(model_id)
+    job = st.session_state.get(JOB)
+    if job is not None:
+        _follow(job)
 
 
-def _launch(cmd: list[str]) -> None:
-    """Run the pipeline in its own process, showing its progress; then show its prompt."""
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    with st.status("Analysing the prompt…", expanded=False) as status:
-        while proc.poll() is None:
-            if time.monotonic() - start > ANALYSE_TIMEOUT:
-                proc.kill()
-                break
-            status.update(label=f"Analysing the prompt… {time.monotonic() - start:.0f} s")
-            time.sleep(0.5)
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            status.update(label="The analysis failed", state="error")
-            lines = [line for line in err.splitlines() if line.strip()]
-            st.error(lines[-1] if lines else f"workbench run prompt exited {proc.returncode}")
+def _analyse_form(model_id: str) -> None:
+    checkpoints = queries.model_source(model_id)
+    steps = checkpoints["step"].tolist()
+    c1, c2 = st.columns([1, 3])
+    step = c1.selectbox("Checkpoint step", steps, index=len(steps) - 1, key="prompt_step")
+    text = c2.text_input("Prompt text", key="prompt_text")
+    c3, c4 = st.columns([3, 1])
+    task = c3.text_input(
+        "…or a task's prompt: task (built-in name or JSONL)", key="prompt_task", help=_task_help()
+    )
+    index = c4.number_input("index", min_value=0, value=0, step=1, key="prompt_index")
+    if not st.button("Analyse", key="prompt_analyse"):
+        return
+    if not text.strip() and not task.strip():
+        st.warning("Type a prompt, or name a task and the index of one of its prompts.")
+        return
+    source = str(checkpoints["source"].iloc[0])
+    cmd = [sys.executable, "-m", "workbench", "run", "prompt", f"--model={source}"]
+    cmd += [f"--checkpoint={step}", f"--db={data.db_path()}"]
+    if text.strip():
+        cmd.append(f"--text={text}")
+    else:
+        try:
+            cmd += [f"--task={access.check_task(task)}", f"--index={int(index)}"]
+        except BadInput as err:
+            st.error(access.plain(err))
             return
-        status.update(label=f"Analysed in {time.monotonic() - start:.1f} s", state="complete")
-    found = re.search(r"prompt (p-[0-9a-f]+)", out)
+    job = access.launch(cmd, what=ANALYSING)
+    if job is not None:
+        st.session_state[JOB] = job
+
+
+def _task_help() -> str:
+    dirs = access.policy().task_dirs
+    names = ", ".join(access.BUILTIN_TASKS)
+    if not dirs:
+        return f"A built-in task ({names}); this app reads no task files."
+    return f"A built-in task ({names}) or a JSONL file in {', '.join(map(access.literal, dirs))}."
+
+
+def _follow(job: access.Job) -> None:
+    """Show the analysis's progress until it ends (a rerun meanwhile comes back here), then
+    its failure or its prompt."""
+    succeeded = access.wait(job, label="Analysing the prompt")
+    del st.session_state[JOB]
+    if not succeeded:
+        return
+    found = re.search(r"prompt (p-[0-9a-f]+)", job.stdout())
     data.query.clear()  # type: ignore[attr-defined]  # (the new prompt shows at once)
     if found:
         st.session_state["prompt_pick"] = found.group(1)
@@ -147,8 +165,10 @@ def _lens(pid: str, tokens: list[str], predicted: str) -> None:
         aspect="auto",
     )
     fig.update_traces(text=top.values, texttemplate="%{text}")
-    st.caption(f"colour: the probability of `{predicted}` (the model's prediction) read off each "
-               "layer's residual; text: that layer's most likely next token")  # fmt: skip
+    st.caption(
+        f"colour: the probability of {access.literal(predicted)} (the model's prediction) read "
+        "off each layer's residual; text: that layer's most likely next token"
+    )
     st.plotly_chart(fig, key="prompt_lens_map")
 
 
@@ -156,8 +176,10 @@ def _dla(pid: str, predicted: str) -> None:
     dla = queries.prompt_dla(pid).head(20)
     fig = px.bar(dla, x="score", y="node_id", orientation="h")
     fig.update_yaxes(autorange="reversed")
-    st.caption(f"direct contribution of each head and MLP to the logit of `{predicted}` (minus "
-               "the mean logit) at the last position")  # fmt: skip
+    st.caption(
+        "direct contribution of each head and MLP to the logit of "
+        f"{access.literal(predicted)} (minus the mean logit) at the last position"
+    )
     st.plotly_chart(fig, key="prompt_dla_bars")
     st.dataframe(dla, hide_index=True, key="prompt_dla_table")
 

@@ -2,11 +2,14 @@
 opened on that URL shows the page exactly as it was (Streamlit's AppTest, on databases the
 pipelines filled)."""
 
+import math
 from pathlib import Path
 
 import duckdb
 import pytest
 from streamlit.testing.v1 import AppTest
+
+from tests.app.test_access import markdown_links
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
@@ -84,7 +87,9 @@ def test_every_page_reopens_from_its_link(page, heads_db, monkeypatch):
     again = _reopened_the_same(at, heads_db, monkeypatch)
     for key, _, value in CHANGES[page]:
         assert again.session_state[key] == value, key
-    if page == "SQL":  # the linked query ran
+    if page == "SQL":  # the linked query waits for Run
+        assert not again.dataframe
+        again = _ok(again.button(key="sql_run").click().run())
         assert again.dataframe[0].value["answer"].tolist() == [42]
 
 
@@ -134,3 +139,40 @@ def test_a_feature_link_opens_its_sae_and_feature(sae_run, monkeypatch):
     assert at.session_state["features_index"] == feature
     assert at.subheader[0].value.startswith(f"Feature {feature}")
     _reopened_the_same(at, sae_run.db, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("param", "mode", "key", "value"),
+    [
+        ("min", "threshold", "circuit_threshold", "nan"),
+        ("min", "threshold", "circuit_threshold", "inf"),
+        ("min", "threshold", "circuit_threshold", "-inf"),
+        ("share", "cumulative share", "circuit_share", "NaN"),
+        ("share", "cumulative share", "circuit_share", "1e999"),
+    ],
+)
+def test_a_number_that_is_not_finite_is_named_and_dropped(
+    heads_db, monkeypatch, param, mode, key, value
+):
+    params = {"view": "circuit", "method": "eap", "prune": mode}
+    default = _ok(_open(heads_db, monkeypatch, params)).session_state[key]
+    at = _ok(_open(heads_db, monkeypatch, {**params, param: value}))
+    assert f"{param}={value!r}" in " ".join(_notes(at))
+    assert math.isfinite(at.session_state[key]) and at.session_state[key] == default
+    assert at.query_params[param] == str(default)
+
+
+def test_a_link_value_in_a_note_is_shown_as_text_not_markdown(heads_db, monkeypatch):
+    params = {
+        "view": "circuit",
+        "method": "eap",
+        "k": "[click](http://x.example/k)",
+        "hide": "![i](http://x.example/i.png)",
+        "run": "[r](http://x.example/r)",
+    }
+    at = _ok(_open(heads_db, monkeypatch, params))
+    notes = " ".join(_notes(at))
+    for value in params.values():
+        if value not in ("circuit", "eap"):
+            assert value in notes
+    assert not markdown_links(at)

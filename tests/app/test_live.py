@@ -16,7 +16,7 @@ from tests.app.test_browser import (
     pytestmark,  # noqa: F401  (browser tests: skipped without Chromium)
     streamlit_server,
 )
-from tests.test_watch import ENV, METHODS_PER_CHECKPOINT, _config, _rows, _watch
+from tests.test_watch import ENV, METHODS_PER_CHECKPOINT, Watching, _config, _rows
 
 TRAINED = 4  # the trainer below saves steps 0, 20, 40 and 60
 PROBLEMS = ("Traceback", "Error", "busy", "lock")
@@ -34,23 +34,34 @@ def _overview_counts(driver) -> dict[str, int]:
     return counts
 
 
-def test_app_and_sql_stay_live_while_a_watcher_writes(tmp_path, browser):  # noqa: F811
+def _reload(driver, url: str, problems: list[str]) -> dict[str, int]:
+    """Open the app afresh (a new session of the same server); its Overview's metrics."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    _wait_for_text(driver, "Checkpoints")
+    WebDriverWait(driver, 60).until(lambda d: "checkpoints" in _overview_counts(d))
+    body = driver.find_element(By.TAG_NAME, "body").text
+    problems += [word for word in PROBLEMS if word in body]
+    return _overview_counts(driver)
+
+
+def test_app_and_sql_stay_live_while_a_watcher_writes(tmp_path, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
 
     db = tmp_path / "w.duckdb"
     runs = tmp_path / "runs"
     runs.mkdir()
-    watcher = _watch(runs, _config(tmp_path, db), "--every", "0.5")
+    watcher = Watching(runs, _config(tmp_path, db), "--every", "0.5")
     trainer = None
     seen: list[int] = []  # the Overview's checkpoint count at each reload
     problems: list[str] = []
     sql_errors: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while not db.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        watcher.wait_for_scans(1)  # the database is there, migrated, and being watched
         with streamlit_server(db) as url:
+            seen.append(_reload(browser, url, problems)["checkpoints"])  # before any training
             trainer = subprocess.Popen(
                 [sys.executable, "-m", "workbench", "zoo", "train", "induction", "--out",
                  str(runs / "train"), "--steps", "60", "--save-every", "20", "--seed", "5"],
@@ -65,17 +76,12 @@ def test_app_and_sql_stay_live_while_a_watcher_writes(tmp_path, browser):  # noq
                 )  # fmt: skip
                 if out.returncode != 0:
                     sql_errors.append(out.stderr)
-                browser.get(url)  # a reload: a new session of the same server
-                _wait_for_text(browser, "Checkpoints")
-                WebDriverWait(browser, 60).until(lambda d: "checkpoints" in _overview_counts(d))
-                body = browser.find_element(By.TAG_NAME, "body").text
-                problems += [word for word in PROBLEMS if word in body]
-                counts = _overview_counts(browser)
+                counts = _reload(browser, url, problems)
                 seen.append(counts["checkpoints"])
                 finished = trainer.poll() is not None
                 if finished and counts["runs done"] >= TRAINED * METHODS_PER_CHECKPOINT:
                     break
-                time.sleep(1.0)
+                time.sleep(1.0)  # pacing between reloads (the loop waits for the state above)
             # the Timeline page of the same server draws the run trained meanwhile
             click_view(browser, "Timeline")
             _wait_for_text(browser, "Formation steps")
@@ -85,13 +91,12 @@ def test_app_and_sql_stay_live_while_a_watcher_writes(tmp_path, browser):  # noq
     finally:
         if trainer is not None:
             trainer.kill()
-        watcher.terminate()
-        watcher.communicate(timeout=120)
-    assert trainer.returncode == 0
+        log = watcher.stop()
+    assert trainer is not None and trainer.returncode == 0, log[-2000:]
     assert sql_errors == [] and problems == []
     assert len(seen) > 2
-    # checkpoints appeared while the app was serving: fewer at first, all of them at the end
-    assert seen[0] < TRAINED and seen[-1] == TRAINED
+    # checkpoints appeared while the app was serving: none at first, all of them at the end
+    assert seen[0] == 0 and seen[-1] == TRAINED
     assert seen == sorted(seen)
     done = _rows(db, "SELECT count(*) FROM runs WHERE status = 'done'")[0][0]
     assert done == TRAINED * METHODS_PER_CHECKPOINT

@@ -9,6 +9,7 @@ import transformers
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
 
+from tests.models import gguf_files
 from tests.models.gguf_files import VOCAB, write_llama_gguf
 from workbench.cli import cli
 from workbench.models import load_checkpoint, resolve_checkpoints
@@ -16,13 +17,7 @@ from workbench.models import load_checkpoint, resolve_checkpoints
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(VOCAB), max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+    return gguf_files.tiny_llama()
 
 
 # max |logit difference| to the original model: float32 is exact up to float error; Q8_0's
@@ -83,3 +78,44 @@ def test_unsupported_architecture_or_quantisation_is_bad_input(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: ") and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# GPT-2's Conv1D weights are stored [in, out] in transformers, and transposed in GGUF
+GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3", "gpt2", "bloom"])
+def test_the_checked_layout_is_the_one_transformers_maps(architecture):
+    """Every tensor the import requires, with the dimensions it requires, is one transformers'
+    GGUF reader maps onto a parameter of that shape, and every parameter it maps is required
+    (but `output.weight`, which is optional: without it the output is tied to the embedding)."""
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    from workbench.models.gguf_check import LAYOUTS, QWEN3_HEAD_SIZE
+
+    small = {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 50}
+    config = transformers.AutoConfig.for_model(
+        architecture, hidden_size=64, n_embd=64, intermediate_size=128, num_key_value_heads=2,
+        n_layer=2, n_head=4, **small,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    mapped = get_gguf_hf_weights_map(model, TENSOR_PROCESSORS.get(architecture, TensorProcessor)())
+    head = QWEN3_HEAD_SIZE if architecture == "qwen3" else 16
+    fused = architecture in ("gpt2", "bloom")
+    sizes = {
+        "E": 64, "3E": 192, "V": 50, "F": 256 if fused else 128, "Q": 4 * head,
+        "K": (4 if fused else 2) * head, "D": head, "P": 1024,
+    }  # fmt: skip
+    top, layer = LAYOUTS[architecture]
+    required = dict(top) | {f"blk.{i}.{s}": d for i in range(2) for s, d in layer.items()}
+    assert set(mapped) - set(required) == {"output.weight"}
+    parameters = model.state_dict()
+    for name, dims in required.items():
+        want = tuple(sizes[d] for d in dims)
+        shape = tuple(parameters[mapped[name]].shape)
+        transposed = architecture == "gpt2" and name.endswith(GPT2_TRANSPOSED)
+        assert (shape if transposed else shape[::-1]) == want, name

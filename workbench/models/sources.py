@@ -138,16 +138,18 @@ def load_checkpoint(
         tokenizer = _local_tokenizer(path)
         architecture = "zoo:" + str(zoo_format.read_json(path / "meta.json").get("task", ""))
         weight_files = [path / "config.json", path / "model.safetensors"]
-        sha = sha256_files(weight_files)
+        sha = _sha256_files(weight_files)
         config = cfg_kwargs
     elif ref.kind == "hf":
         config = zoo_format.read_json(path / "config.json")
         architecture = engine.hf_architecture(config, path)
+        for file in sorted(path.glob("*.safetensors")):
+            zoo_format.check_whole(file)
         model = engine.from_hf_directory(path)
         tokenizer = _local_tokenizer(path)
         model.cfg.default_prepend_bos = engine.prepends_bos(architecture, tokenizer)
         weights = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin"})
-        sha = sha256_files([path / "config.json", *weights])
+        sha = _sha256_files([path / "config.json", *weights])
     else:
         model, tokenizer = engine.from_tl_name(ref.location, ref.checkpoint_index)
         architecture = str(model.cfg.original_architecture)
@@ -172,6 +174,14 @@ def load_checkpoint(
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, checkpoint=ckpt)
 
 
+def _sha256_files(paths: list[Path]) -> str:
+    """The checkpoint's content hash; a file that cannot be read is a `BadInput` naming it."""
+    try:
+        return sha256_files(paths)
+    except OSError as err:
+        raise BadInput(f"{err.filename or paths[0]}: cannot read ({err.strerror or err})") from err
+
+
 def train_loss(path: Path, step: int) -> float | None:
     """The training loss logged at a checkpoint: `train_loss` of a zoo `meta.json`, or the last
     `loss` at or before `step` in a Hugging Face Trainer's `trainer_state.json`."""
@@ -186,7 +196,7 @@ def train_loss(path: Path, step: int) -> float | None:
             history = json.loads((path / "trainer_state.json").read_text()).get("log_history", [])
             losses = [h["loss"] for h in history if "loss" in h and h.get("step", 0) <= step]
             return float(losses[-1]) if losses else None
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return None  # a loss is a nicety: its absence never fails a run
     return None
 

@@ -4,10 +4,21 @@ Writes of a run happen in one transaction: the run row, its node scores and edge
 model, checkpoint, task and prompt rows it refers to. Readers see all of a run or none of it,
 and a process killed mid-run leaves nothing behind. Rows arrive as Arrow tables and are inserted
 in bulk (`INSERT ... SELECT` from a registered Arrow table), never row by row.
+
+One done run per run key: `done_runs` (run_key primary key) is written in the run's
+transaction. A writer that finds the key taken inside its transaction (another process stored
+the same run while this one computed) writes nothing and gets the stored run's id back; with
+`replace` (`--force`) the stored run and all its rows are deleted and the new one written, in
+the same transaction.
+
+Opening the file waits while another process holds DuckDB's lock (one writer, or several
+readers, at a time), retrying with backoff; `lock_wait` bounds the wait (`math.inf`: no bound),
+and a wait that names its purpose is logged at INFO every `LOCK_LOG_SECONDS`.
 """
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -35,13 +46,36 @@ logger = logging.getLogger(__name__)
 DEFAULT_DB = Path("data") / "workbench.duckdb"
 # How long opening the file waits while another process holds DuckDB's lock (one writer, or
 # several readers, at a time): one bounded wait, then a clear error. Readers wait less; the
-# app turns their error into a message on the page.
+# app turns their error into a message on the page. A runner waits far longer for the writes
+# of a run it has computed (`run_lock_wait`: --lock-wait, $WORKBENCH_LOCK_WAIT).
 LOCK_WAIT_SECONDS = 30.0
 READ_LOCK_WAIT_SECONDS = 10.0
+RUN_LOCK_WAIT_SECONDS = 3600.0
+LOCK_WAIT_ENV = "WORKBENCH_LOCK_WAIT"
+LOCK_LOG_SECONDS = 30.0  # a long wait says so this often
 
 
 class DatabaseBusy(BadInput):
     """Another process held the database's lock for longer than we waited."""
+
+
+def run_lock_wait(seconds: float | None = None) -> float:
+    """How long a runner waits for the database lock: `seconds` (--lock-wait), else
+    $WORKBENCH_LOCK_WAIT, else one hour; 0 means no limit (`math.inf`)."""
+    if seconds is None:
+        text = os.environ.get(LOCK_WAIT_ENV, "").strip()
+        if not text:
+            return RUN_LOCK_WAIT_SECONDS
+        try:
+            seconds = float(text)
+        except ValueError:
+            raise BadInput(f"{LOCK_WAIT_ENV}={text}: not a number of seconds") from None
+        where = f"{LOCK_WAIT_ENV}={text}"
+    else:
+        where = f"--lock-wait {seconds:g}"
+    if not seconds >= 0:
+        raise BadInput(f"{where}: must be 0 (no limit) or a positive number of seconds")
+    return math.inf if seconds == 0 else float(seconds)
 
 
 def default_db_path(db: str | os.PathLike[str] | None = None) -> Path:
@@ -71,20 +105,56 @@ class RunRecord:
     run_id: str = field(default_factory=lambda: "r" + uuid.uuid4().hex[:12])
 
 
-def _connect(path: Path, read_only: bool, wait: float) -> duckdb.DuckDBPyConnection:
+@dataclass
+class RunWrite:
+    """Everything one run writes, as `Store.write_run` takes it: its record, the registry rows
+    it refers to, its own rows (without run_id), rows with their own keys, and its staged files
+    (staged path -> final path)."""
+
+    run: RunRecord
+    registry: dict[str, pa.Table]
+    rows: dict[str, pa.Table]
+    linked: dict[str, pa.Table] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def result_write(run: RunRecord, *, registry: dict[str, pa.Table], result: RunResult) -> RunWrite:
+    """What a run with this `RunResult` writes: its metrics go on its record, the nodes it
+    introduces join the registry rows."""
+    run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
+    if result.nodes is not None:
+        nodes = registry.get("nodes")
+        registry = registry | {
+            "nodes": pa.concat_tables([nodes, result.nodes]) if nodes else result.nodes
+        }
+    rows, linked = records.result_rows(run.run_id, result)
+    return RunWrite(run, registry, rows, linked, dict(result.files))
+
+
+def _connect(
+    path: Path, read_only: bool, wait: float, *, purpose: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """Open the file, retrying with backoff while another process holds its lock, for at most
+    `wait` seconds; with a `purpose`, the wait is logged at INFO as it starts and every
+    `LOCK_LOG_SECONDS`."""
     deadline = time.monotonic() + wait
     delay = 0.05
+    next_log = time.monotonic()
     while True:
         try:
             return duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as err:
             if "lock" not in str(err).lower():
                 raise BadInput(f"{path}: cannot open the database ({err})") from err
-            if time.monotonic() + delay > deadline:
+            now = time.monotonic()
+            if now + delay > deadline:
                 raise DatabaseBusy(
-                    f"{path}: the database is busy (another process is writing to it) and "
-                    f"stayed busy for {wait:.0f} s; try again when it finishes"
+                    f"{path}: the database is busy (another process holds it) and stayed busy "
+                    f"for {wait:.0f} s; try again when it finishes"
                 ) from err
+            if purpose is not None and now >= next_log:
+                logger.info("waiting for the database lock to %s (%s)", purpose, path)
+                next_log = now + LOCK_LOG_SECONDS
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -130,6 +200,7 @@ class Store:
         read_only: bool = False,
         lock_wait: float | None = None,
         migrate: bool = True,
+        purpose: str | None = None,
     ):
         self.path = default_db_path(path)
         if read_only and not self.path.exists():
@@ -143,7 +214,7 @@ class Store:
             if lock_wait is not None
             else (READ_LOCK_WAIT_SECONDS if read_only else LOCK_WAIT_SECONDS)
         )
-        self.con = _connect(self.path, read_only, wait)
+        self.con = _connect(self.path, read_only, wait, purpose=purpose)
         try:
             if read_only:
                 self._check_readable()
@@ -231,9 +302,7 @@ class Store:
         return relation.to_arrow_table()
 
     def done_run(self, run_key: str) -> str | None:
-        run_id = self._scalar(
-            "SELECT run_id FROM runs WHERE run_key = ? AND status = 'done' LIMIT 1", [run_key]
-        )
+        run_id = self._scalar("SELECT run_id FROM done_runs WHERE run_key = ?", [run_key])
         return str(run_id) if run_id is not None else None
 
     def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]:
@@ -261,7 +330,9 @@ class Store:
         replace: bool = False,
         files: dict[str, str] | None = None,
     ) -> str:
-        """Write a run and everything it refers to in one transaction.
+        """Write a run and everything it refers to in one transaction; returns the id of the
+        run stored under its key: `run.run_id`, or, for a done run whose key another writer
+        took first, that run's id (and then nothing is written and `files` are removed).
 
         `registry` holds rows for `models`, `checkpoints`, `tasks`, `prompts` and `nodes`,
         inserted only where their keys are new. `rows` holds the run's own rows
@@ -269,34 +340,55 @@ class Store:
         here; `linked` holds rows that carry their own keys (`circuits`, `circuit_edges`).
         With `replace`, finished or failed runs with the same `run_key` are deleted first.
         """
+        return self.write(RunWrite(run, registry, rows, linked or {}, files or {}), replace=replace)
+
+    def write(self, w: RunWrite, *, replace: bool = False) -> str:
+        """`write_run` of a `RunWrite`."""
+        run = w.run
         run.finished_at = run.finished_at or datetime.now(UTC).replace(tzinfo=None)
+        unique = run.status == "done" and not replace  # the key may be taken already
         moved: list[tuple[Path, Path | None]] = []
         try:
             with self.transaction() as con:
-                if replace:
-                    self._delete_runs(con, run.run_key)
-                else:
-                    con.execute(
-                        "DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key]
-                    )
-                for table, data in registry.items():
-                    self._insert(con, table, data, ignore_existing=True)
-                self._insert(con, "runs", self._run_table(run))
-                for table, data in rows.items():
-                    if data.num_rows:
-                        run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
-                        self._insert(con, table, data.add_column(0, "run_id", run_ids))
-                for table, data in (linked or {}).items():
-                    if data.num_rows:
-                        self._insert(con, table, data)
-                _move_into_place(files or {}, moved)
+                existing = self.done_run(run.run_key) if unique else None
+                if existing is None:
+                    self._insert_run(con, w, replace)
+                    _move_into_place(w.files, moved)
+        except (duckdb.ConstraintException, duckdb.TransactionException):
+            _undo_moves(w.files, moved)  # the key taken at commit (another connection here)
+            existing = self.done_run(run.run_key) if unique else None
+            if existing is None:
+                raise
         except BaseException:  # nothing of a run that did not commit stays on disk
-            _undo_moves(files or {}, moved)
+            _undo_moves(w.files, moved)
             raise
+        if existing is not None:
+            logger.debug("run %s: an identical run %s is stored already", run.run_id, existing)
+            _undo_moves(w.files, [])
+            return existing
         for _, aside in moved:
             if aside is not None:
                 _remove(aside)
         return run.run_id
+
+    def _insert_run(self, con: duckdb.DuckDBPyConnection, w: RunWrite, replace: bool) -> None:
+        run = w.run
+        if replace:
+            self._delete_runs(con, run.run_key)
+        else:
+            con.execute("DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key])
+        for table, data in w.registry.items():
+            self._insert(con, table, data, ignore_existing=True)
+        self._insert(con, "runs", self._run_table(run))
+        if run.status == "done":
+            con.execute("INSERT INTO done_runs VALUES (?, ?)", [run.run_key, run.run_id])
+        for table, data in w.rows.items():
+            if data.num_rows:
+                run_ids = pa.array([run.run_id] * data.num_rows, pa.string())
+                self._insert(con, table, data.add_column(0, "run_id", run_ids))
+        for table, data in w.linked.items():
+            if data.num_rows:
+                self._insert(con, table, data)
 
     def write_result(
         self,
@@ -308,17 +400,8 @@ class Store:
     ) -> str:
         """Write a run from its `RunResult`: its rows, its circuit, the nodes it introduces and
         its files (moved from their staged paths into place just before the transaction commits,
-        and removed if it does not)."""
-        run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
-        if result.nodes is not None:
-            nodes = registry.get("nodes")
-            registry = registry | {
-                "nodes": pa.concat_tables([nodes, result.nodes]) if nodes else result.nodes
-            }
-        rows, linked = records.result_rows(run.run_id, result)
-        return self.write_run(
-            run, registry=registry, rows=rows, linked=linked, replace=replace, files=result.files
-        )
+        and removed if it does not). Returns what `write_run` returns."""
+        return self.write(result_write(run, registry=registry, result=result), replace=replace)
 
     def has_prompt_views(self, prompt_id: str) -> bool:
         return bool(
@@ -411,12 +494,14 @@ class Store:
 
     @staticmethod
     def _delete_runs(con: duckdb.DuckDBPyConnection, run_key: str) -> None:
+        """Delete the runs of a key (done, failed or duplicate) and every row they own."""
         old = "SELECT run_id FROM runs WHERE run_key = ?"
         circuits = f"SELECT circuit_id FROM circuits WHERE run_id IN ({old})"
         con.execute(f"DELETE FROM circuit_edges WHERE circuit_id IN ({circuits})", [run_key])
         con.execute(f"DELETE FROM circuits WHERE run_id IN ({old})", [run_key])
         for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id IN ({old})", [run_key])
+        con.execute("DELETE FROM done_runs WHERE run_key = ?", [run_key])
         con.execute("DELETE FROM runs WHERE run_key = ?", [run_key])
 
     def insert(self, table: str, data: pa.Table) -> None:

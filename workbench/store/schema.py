@@ -184,6 +184,75 @@ SCHEMA_V8 = [
         dst_pos INTEGER, kind VARCHAR, importance DOUBLE)""",
 ]
 
+# Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
+RUN_TABLES = (
+    "node_scores",
+    "edges",
+    "faithfulness_curves",
+    "run_metrics",
+    "saes",
+    "features",
+    "feature_examples",
+)
+
+
+def _delete_rows_of(runs: str) -> list[str]:
+    """Statements deleting every row of the runs whose ids `runs` (a query) selects."""
+    circuits = f"SELECT circuit_id FROM circuits WHERE run_id IN ({runs})"
+    return [
+        f"DELETE FROM circuit_edges WHERE circuit_id IN ({circuits})",
+        f"DELETE FROM circuits WHERE run_id IN ({runs})",
+        *(f"DELETE FROM {table} WHERE run_id IN ({runs})" for table in RUN_TABLES),
+        f"DELETE FROM runs WHERE run_id IN ({runs})",
+    ]
+
+
+# The order in which the done runs of one run key were stored (the first one is kept).
+_STORED_ORDER = "finished_at NULLS LAST, started_at NULLS LAST, run_id"
+# A queue row is live while its runner's last sign of life (its heartbeat, refreshed for every
+# row of a live runner) is younger than `run_queue_stale_seconds` (a DuckDB variable: `SET
+# VARIABLE run_queue_stale_seconds = 60`; default 600). Queue timestamps are UTC.
+_LIVE_SINCE = (
+    "make_timestamp(epoch_us(now())) - "
+    "to_seconds(coalesce(getvariable('run_queue_stale_seconds'), 600)::DOUBLE)"
+)
+
+# v9: one done run per run key, and the live part of the run queue.
+# - `done_runs`: the run key of every done run, the primary key, written in the transaction
+#   that stores the run: a second writer that computed the same run finds its key taken and
+#   stores nothing (a --force run replaces the row with its own, in its transaction).
+#   Migrating keeps the earliest stored done run of each key; the later duplicates are deleted
+#   with all their rows, unless a curated subgraph names the run or one of its circuits as
+#   its source: such a run stays, with status `duplicate` (out of every view of done runs).
+# - the view `run_queue_live`: the queue rows whose runner showed a sign of life recently;
+#   rows of a killed runner drop out of it (and out of the table when the next runner starts).
+SCHEMA_V9 = [
+    "CREATE TABLE done_runs (run_key VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL)",
+    f"""CREATE TEMP TABLE v9_duplicates AS
+        SELECT run_id FROM (
+            SELECT run_id, row_number() OVER (PARTITION BY run_key ORDER BY {_STORED_ORDER})
+              AS nth
+            FROM runs WHERE status = 'done')
+        WHERE nth > 1""",
+    f"""INSERT INTO done_runs
+        SELECT run_key, run_id FROM (
+            SELECT run_key, run_id,
+                   row_number() OVER (PARTITION BY run_key ORDER BY {_STORED_ORDER}) AS nth
+            FROM runs WHERE status = 'done')
+        WHERE nth = 1""",
+    """UPDATE runs SET status = 'duplicate'
+        WHERE run_id IN (SELECT run_id FROM v9_duplicates)
+          AND (('run:' || run_id) IN (SELECT source FROM subgraphs)
+               OR run_id IN (SELECT c.run_id FROM circuits c JOIN subgraphs s
+                               ON s.source = 'circuit:' || c.circuit_id))""",
+    "DELETE FROM v9_duplicates WHERE run_id IN (SELECT run_id FROM runs WHERE status <> 'done')",
+    *_delete_rows_of("SELECT run_id FROM v9_duplicates"),
+    "DROP TABLE v9_duplicates",
+    f"""CREATE VIEW run_queue_live AS
+        SELECT * FROM run_queue
+        WHERE coalesce(heartbeat_at, started_at, queued_at) >= {_LIVE_SINCE}""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -193,6 +262,7 @@ MIGRATIONS: dict[int, list[str]] = {
     6: SCHEMA_V6,
     7: SCHEMA_V7,
     8: SCHEMA_V8,
+    9: SCHEMA_V9,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -203,15 +273,4 @@ PROMPT_TABLES = (
     "prompt_dla",
     "prompt_flow",
     "prompt_routes",
-)
-
-# Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
-RUN_TABLES = (
-    "node_scores",
-    "edges",
-    "faithfulness_curves",
-    "run_metrics",
-    "saes",
-    "features",
-    "feature_examples",
 )

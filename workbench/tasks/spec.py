@@ -1,4 +1,9 @@
-"""The task data model and `load_task`."""
+"""The task data model and `load_task`.
+
+`load_task` takes a built-in task's name or a JSONL task file's path. Whatever is wrong with a
+path (not found, a name too long for the file system, unreadable) is `BadInput` naming it, with
+an absurdly long path shortened in the sentence (`shown_path`).
+"""
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -9,6 +14,8 @@ from workbench.core import DEFAULT_METRIC, METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
 from workbench.models.base import LoadedModel
+
+SHOWN_PATH_CHARS = 120  # a longer path is shown by its start and end in error sentences
 
 METRIC = DEFAULT_METRIC  # mean over prompts of logit(answer) - logit(wrong) at the last position
 
@@ -74,8 +81,35 @@ def _load(name_or_path: str, model: LoadedModel, n_prompts: int | None) -> Task:
 
     if name_or_path in builtin.BUILTIN_TASKS:
         return builtin.BUILTIN_TASKS[name_or_path](model, n_prompts=n_prompts)
-    path = Path(name_or_path).expanduser()
-    if path.suffix in {".jsonl", ".json"} or path.exists() or "/" in name_or_path:
+    path = _expand(name_or_path)
+    if path.suffix in {".jsonl", ".json"} or "/" in name_or_path or _may_exist(path):
         return jsonl.read_task_file(path, model)
     known = ", ".join(sorted(builtin.BUILTIN_TASKS))
-    raise BadInput(f"unknown task {name_or_path!r}: not a built-in task ({known}) or a JSONL file")
+    raise BadInput(
+        f"unknown task '{shown_path(name_or_path)}': not a built-in task ({known}) or a JSONL file"
+    )
+
+
+def _expand(name_or_path: str) -> Path:
+    try:
+        return Path(name_or_path).expanduser()
+    except RuntimeError as err:  # `~user/...` of a user this system does not know
+        raise BadInput(f"{shown_path(name_or_path)}: cannot expand the path ({err})") from None
+
+
+def _may_exist(path: Path) -> bool:
+    """Whether `path` names a file; a path the system refuses to look up (a name too long)
+    counts, so that reading it says why."""
+    try:
+        return path.exists()
+    except OSError:
+        return True
+
+
+def shown_path(path: Path | str) -> str:
+    """`path` for an error sentence: control characters escaped, an absurdly long path by its
+    start and end."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+    if len(text) <= SHOWN_PATH_CHARS:
+        return text
+    return f"{text[:60]}...{text[-40:]} ({len(text):,} characters)"
