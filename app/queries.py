@@ -370,7 +370,7 @@ def run_queue() -> pd.DataFrame:
     return data.query(
         """SELECT status, pipeline, method, checkpoint_id, task, run_id, pid, host,
                   started_at, heartbeat_at, queued_at
-           FROM run_queue ORDER BY status = 'running' DESC, queued_at, job_id"""
+           FROM run_queue_live ORDER BY status = 'running' DESC, queued_at, job_id"""
     )
 
 
