@@ -504,3 +504,67 @@ def test_an_unexpected_error_fails_that_checkpoint_alone(
         watcher.scan()
     assert "d-new" not in str(_rows(db, "SELECT path FROM watched_checkpoints"))
     assert _rows(db, "SELECT count(*) FROM run_queue")[0][0] == 0
+
+
+HOLD = """
+import pathlib, sys, time
+import duckdb
+
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("held", flush=True)
+release = pathlib.Path(sys.argv[2])
+while release.exists():
+    time.sleep(0.05)
+"""
+
+
+def test_a_busy_database_stops_the_scan_and_the_next_scan_records_it(
+    tmp_path, induction_dir, monkeypatch, caplog
+):
+    """Another process holds the database (a long console query) while the watcher would write:
+    it waits `lock_wait` seconds, records nothing, says so, and does not crash; the next scan,
+    the database free again, records the checkpoint. Here the checkpoint is corrupt (its
+    failure is recorded without loading a model) and the reader takes the database just after
+    the watcher has read what it has seen before."""
+    db = tmp_path / "w.duckdb"
+    runs = tmp_path / "runs"
+    final = sorted(induction_dir.glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    checkpoint = _copy_checkpoint(final, runs / "r" / "step_5", 5)
+    (checkpoint / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00[]")
+    watcher = Watcher(runs, read_config(_config(tmp_path, db, settle=0)), lock_wait=0.5)
+    release = tmp_path / "release"
+    holders: list[subprocess.Popen[str]] = []
+    known = Watcher.known
+
+    def known_then_held(self: Watcher) -> dict:
+        seen = known(self)
+        if not holders:
+            release.touch()
+            holder = subprocess.Popen(
+                [sys.executable, "-c", HOLD, str(db), str(release)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            holders.append(holder)
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        return seen
+
+    monkeypatch.setattr(Watcher, "known", known_then_held)
+    try:
+        with caplog.at_level(logging.WARNING, logger="workbench.watch"):
+            report = watcher.scan()
+        assert report.processed == 0
+        assert any("trying again on the next scan" in r.getMessage() for r in caplog.records)
+    finally:
+        release.unlink(missing_ok=True)
+        for holder in holders:
+            holder.wait(timeout=STARTED)
+    assert _rows(db, "SELECT count(*) FROM watched_checkpoints") == [(0,)]
+    assert _rows(db, "SELECT count(*) FROM runs") == [(0,)]
+
+    report = watcher.scan()
+    assert report.processed == 1 and report.failed == 1
+    assert _rows(db, "SELECT status FROM watched_checkpoints") == [("failed",)]
+    assert _rows(db, "SELECT count(*) FROM runs WHERE status = 'failed'") == [
+        (METHODS_PER_CHECKPOINT,)
+    ]

@@ -400,6 +400,7 @@ def watch(
     ] = False,
     executor: Annotated[str, typer.Option(help=EXECUTOR_HELP)] = "local",
     address: Annotated[str | None, typer.Option(help=ADDRESS_HELP)] = None,
+    lock_wait: Annotated[float | None, typer.Option("--lock-wait", help=LOCK_WAIT_HELP)] = None,
     db: DbOption = None,
 ) -> int:
     """Analyse every checkpoint written under DIRECTORY with the config's jobs, as it appears.
@@ -424,6 +425,7 @@ def watch(
         stop=stop,
         executor=executor,
         address=address,
+        lock_wait=lock_wait,
     )
     with watch_lock(path), signals_stop(stop):
         return watcher.run(every=every, once=once)

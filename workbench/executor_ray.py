@@ -287,8 +287,10 @@ def run_jobs_ray(
     force: bool,
     address: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    lock_wait: float | None = None,
 ) -> list[RunOutcome]:
-    """Compute `jobs` on Ray and store them here as they come back (in any order)."""
+    """Compute `jobs` on Ray and store them here as they come back (in any order), each write
+    waiting up to `lock_wait` seconds for the database lock (`run_lock_wait`)."""
     ray = connect(address)
     # workers log (Ray forwards their lines here) but draw no progress bars of their own
     remote = ray.remote(
@@ -302,7 +304,7 @@ def run_jobs_ray(
     pending = awaited + [j for j in jobs if j not in awaited]
     in_flight: dict[Any, Job] = {}
     outcomes: list[RunOutcome] = []
-    with StoreSession(db_path) as session:
+    with StoreSession(db_path, lock_wait=lock_wait) as session:
         session.enqueue([_queue_row(j) for j in jobs])
         beat = time.monotonic()
         try:

@@ -317,7 +317,12 @@ def run_jobs(
             from workbench.executor_ray import run_jobs_ray
 
             return run_jobs_ray(
-                list(jobs), db=db, force=force, address=address, should_stop=should_stop
+                list(jobs),
+                db=db,
+                force=force,
+                address=address,
+                should_stop=should_stop,
+                lock_wait=lock_wait,
             )
         return _run_local(jobs, db, force, hold, should_stop, lock_wait)
 

@@ -55,6 +55,7 @@ from workbench.runner import (
     run_key,
 )
 from workbench.store import DatabaseBusy, RunRecord, Store, default_db_path
+from workbench.store.db import run_lock_wait
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,7 @@ class Watcher:
         stop: Stop | None = None,
         executor: str = "local",
         address: str | None = None,
+        lock_wait: float | None = None,
     ):
         if not root.is_dir():
             raise BadInput(f"{root}: no such directory to watch")
@@ -259,9 +261,12 @@ class Watcher:
         if address is not None and executor != "ray":
             raise BadInput("--address applies to --executor ray")
         self.executor, self.address = executor, address
+        # every write waits this long for another process's lock (a long console query, a
+        # second runner); still busy, the scan stops and the next one tries again
+        self.lock_wait = run_lock_wait(lock_wait)
 
     def known(self) -> dict[str, tuple[str, str]]:
-        with Store(self.db) as store:
+        with Store(self.db, lock_wait=self.lock_wait, purpose="read its checkpoints") as store:
             rows = store.query("SELECT path, fingerprint, status FROM watched_checkpoints")
         return {r["path"]: (r["fingerprint"], r["status"]) for r in rows.to_pylist()}
 
@@ -270,7 +275,11 @@ class Watcher:
         checkpoint that fails in any way is recorded as failed and the pass goes on; only a
         stop request (SIGTERM/SIGINT) or a busy database ends it early."""
         report = ScanReport()
-        known = self.known()
+        try:
+            known = self.known()
+        except DatabaseBusy as err:
+            logger.warning("%s; trying again on the next scan", err)
+            return report
         for cand in discover(self.root):
             if self.stop.requested:
                 break
@@ -358,6 +367,7 @@ class Watcher:
                 should_stop=lambda: self.stop.requested,
                 executor=self.executor,
                 address=self.address,
+                lock_wait=self.lock_wait,
             )
         except (Stopped, DatabaseBusy):
             raise
@@ -380,7 +390,7 @@ class Watcher:
         )
         logger.error("%s: %s", cand.path, error)
         outcomes = []
-        with Store(self.db) as store:
+        with Store(self.db, lock_wait=self.lock_wait, purpose="record a failed run") as store:
             for spec in self.config.jobs:
                 for method in spec.methods:
                     key = run_key(
@@ -401,7 +411,7 @@ class Watcher:
         status = "failed" if error or failed else "done"
         message = error or (failed[0].error if failed else None)
         checkpoint_id = outcomes[0].checkpoint_id if outcomes else None
-        with Store(self.db) as store:
+        with Store(self.db, lock_wait=self.lock_wait, purpose="record a checkpoint") as store:
             store.con.execute("DELETE FROM watched_checkpoints WHERE path = ?", [path])
             store.con.execute(
                 "INSERT INTO watched_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
