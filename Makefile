@@ -28,8 +28,8 @@ demo: $(STAMP)
 	$(BIN)/workbench demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check workbench pipelines app tests benchmarks
-	$(BIN)/ruff format --check workbench pipelines app tests benchmarks
+	$(BIN)/ruff check workbench tests benchmarks
+	$(BIN)/ruff format --check workbench tests benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

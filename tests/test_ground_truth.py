@@ -15,11 +15,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from pipelines.edges import METHODS as EDGE_METHODS
 from tests.attribution.test_edges import noising_scores
 from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import make_batches
+from workbench.pipelines.edges import METHODS as EDGE_METHODS
 from workbench.runner import RunOptions, run
 from workbench.store import Store
 from workbench.zoo.ground_truth import known_induction_edges

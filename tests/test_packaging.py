@@ -30,7 +30,7 @@ def installed(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("wheel")
     source = work / "source"  # a clean copy: no build/ or egg-info left from earlier builds
     skip = shutil.ignore_patterns(".*", "data", "build", "*.egg-info", "__pycache__", "tests")
-    shutil.copytree(ROOT, source, ignore=skip)
+    shutil.copytree(ROOT, source, ignore=skip, symlinks=True)  # app/ and pipelines/ as in git
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"), "."],
@@ -48,8 +48,15 @@ def _env(site: Path) -> dict[str, str]:
 
 
 def test_the_installed_wheel_has_its_pipelines_and_app(installed, tmp_path):
+    """Under the one name `workbench`: the wheel adds no other top-level module (no `app`,
+    no `pipelines` to collide with another distribution's)."""
+    top_level = {p.name for p in installed.iterdir() if not p.name.endswith(".dist-info")}
+    assert top_level == {"workbench"}, top_level
     code = (
-        "import workbench, app, pipelines; from workbench.registry import pipelines as p; "
+        "import importlib.util as u; assert u.find_spec('app') is None, 'app'; "
+        "assert u.find_spec('pipelines') is None, 'pipelines'; "
+        "import workbench.app, workbench.pipelines; "
+        "from workbench.registry import pipelines as p; "
         "from workbench.cli import _app_main; "
         "print(workbench.__file__); print(_app_main()); print(','.join(p()))"
     )
@@ -62,7 +69,7 @@ def test_the_installed_wheel_has_its_pipelines_and_app(installed, tmp_path):
         check=True,
     ).stdout.splitlines()
     assert Path(out[0]).is_relative_to(installed)  # not the source checkout
-    assert Path(out[1]) == installed / "app" / "main.py"
+    assert Path(out[1]) == installed / "workbench" / "app" / "main.py"
     assert out[2].split(",")[:4] == ["heads", "patching", "edges", "sae"]
 
 

@@ -183,7 +183,7 @@ def test_a_stored_prompt_is_not_computed_again_and_bad_input_exits_2(stored, ind
 
 def _app(db: Path, monkeypatch, params: dict) -> AppTest:
     monkeypatch.setenv("WORKBENCH_DB", str(db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=300)

@@ -536,9 +536,11 @@ def _app_main() -> str:
     found by import machinery, never relative to the current directory."""
     import importlib.util
 
-    spec = importlib.util.find_spec("app.main")
+    spec = importlib.util.find_spec("workbench.app.main")
     if spec is None or spec.origin is None:
-        raise BadInput("the app is not installed with this workbench (module app.main missing)")
+        raise BadInput(
+            "the app is not installed with this workbench (module workbench.app.main missing)"
+        )
     return spec.origin
 
 

@@ -16,7 +16,7 @@ import duckdb
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app import access
+from workbench.app import access
 from workbench.errors import BadInput
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
@@ -47,7 +47,7 @@ def db(heads_db, tmp_path) -> Path:
 
 def _open(db: Path, monkeypatch, params: dict, timeout: float = BOUND) -> AppTest:
     monkeypatch.setenv("WORKBENCH_DB", str(db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=timeout)

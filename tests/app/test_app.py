@@ -13,7 +13,7 @@ APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 @pytest.fixture()
 def app(heads_db, monkeypatch):
     monkeypatch.setenv("WORKBENCH_DB", str(heads_db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=120)

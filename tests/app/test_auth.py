@@ -10,7 +10,7 @@ import pytest
 from streamlit import config
 from streamlit.testing.v1 import AppTest
 
-from app.auth import is_loopback, served_beyond_loopback
+from workbench.app.auth import is_loopback, served_beyond_loopback
 
 APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 TOKEN = "a-long-enough-token-for-tests"
@@ -27,7 +27,7 @@ def served_on() -> Iterator:
 
 def _open(db: Path, monkeypatch, *, params: dict | None = None, **kw) -> AppTest:
     monkeypatch.setenv("WORKBENCH_DB", str(db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=120)

@@ -22,7 +22,7 @@ def db(heads_db, tmp_path) -> Path:
 
 def _open(db: Path, monkeypatch, params: dict | None = None) -> AppTest:
     monkeypatch.setenv("WORKBENCH_DB", str(db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=120)

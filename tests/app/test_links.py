@@ -16,7 +16,7 @@ APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 
 def _open(db: Path, monkeypatch, params: dict | None = None) -> AppTest:
     monkeypatch.setenv("WORKBENCH_DB", str(db))
-    from app import data
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=120)

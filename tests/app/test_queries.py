@@ -11,7 +11,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from app import data, queries
+from workbench.app import data, queries
 from workbench.core import PORTS, Node
 
 APP_DIR = Path(__file__).resolve().parents[2] / "app"
@@ -460,7 +460,7 @@ def test_sql_lives_only_in_the_read_layer():
     callers = [
         p.name
         for p in sorted((APP_DIR / "views").glob("*.py"))
-        if "query(" in p.read_text() or "app.data" in p.read_text()
+        if "query(" in p.read_text() or "workbench.app.data" in p.read_text()
     ]
     assert callers == ["sql_console.py"]
 

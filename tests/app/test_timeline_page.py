@@ -51,8 +51,8 @@ def test_overview_shows_the_run_queue(app, heads_db, tmp_path):  # noqa: F811
     pytest.MonkeyPatch().setenv("WORKBENCH_DB", str(db))
     from streamlit.testing.v1 import AppTest
 
-    from app import data
     from tests.app.test_app import APP
+    from workbench.app import data
 
     data.query.clear()
     at = AppTest.from_file(APP, default_timeout=120)

@@ -239,7 +239,7 @@ def test_the_prompt_views_of_a_real_model(smollm2, tmp_path, monkeypatch):
 
     from streamlit.testing.v1 import AppTest
 
-    from app import data
+    from workbench.app import data
 
     monkeypatch.setenv("WORKBENCH_DB", str(db))
     data.query.clear()  # type: ignore[attr-defined]

@@ -132,8 +132,8 @@ def test_cli_row_cap_timeout_and_memory(db):
 def test_app_console_caps_rows_and_times_out(db, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    from app import data
-    from app.views import sql_console
+    from workbench.app import data
+    from workbench.app.views import sql_console
 
     monkeypatch.setenv("WORKBENCH_DB", str(db))
     data.query.clear()

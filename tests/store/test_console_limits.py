@@ -258,8 +258,8 @@ def test_the_cli_prints_control_characters_escaped(db):
 def _app(db: Path, monkeypatch, params: dict | None = None):  # type: ignore[no-untyped-def]
     from streamlit.testing.v1 import AppTest
 
-    from app import data
-    from app.views import sql_console
+    from workbench.app import data
+    from workbench.app.views import sql_console
 
     monkeypatch.setenv("WORKBENCH_DB", str(db))
     data.query.clear()

@@ -5,8 +5,8 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from app import links, queries
-from app.views.common import diverging_heatmap, select_model
+from workbench.app import links, queries
+from workbench.app.views.common import diverging_heatmap, select_model
 
 
 def render() -> None:

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import streamlit as st
 
-from app import links
-from app.data import db_path
+from workbench.app import links
+from workbench.app.data import db_path
 from workbench.errors import BadInput
 from workbench.store import DatabaseBusy
 from workbench.store.query import (

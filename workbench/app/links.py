@@ -18,7 +18,7 @@ from typing import Any
 
 import streamlit as st
 
-from app.access import literal
+from workbench.app.access import literal
 
 PENDING = "_links_pending"  # parameters of the opened URL not yet applied to a widget
 SHOWN = "_links_shown"  # the parameters this run's widgets published

@@ -6,8 +6,8 @@ the session in (this machine only, unless a token or an identity provider guards
 
 import streamlit as st
 
-from app import access, auth, data, links
-from app.views import (
+from workbench.app import access, auth, data, links
+from workbench.app.views import (
     circuit,
     features,
     heads,

@@ -7,9 +7,9 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app import links, queries
-from app.views.circuit import COLOURS, circuit_figure
-from app.views.common import diverging_heatmap, select_model
+from workbench.app import links, queries
+from workbench.app.views.circuit import COLOURS, circuit_figure
+from workbench.app.views.common import diverging_heatmap, select_model
 
 # circuit_diff's statuses in the circuit view's comparison colours
 DIFF_COLOURS = {"kept": COLOURS["shared"], "removed": COLOURS["left"], "added": COLOURS["right"]}

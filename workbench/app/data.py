@@ -12,7 +12,7 @@ import os
 import pandas as pd
 import streamlit as st
 
-from app.access import plain
+from workbench.app.access import plain
 from workbench.store import DatabaseBusy, default_db_path
 from workbench.store.query import run_readonly_query
 

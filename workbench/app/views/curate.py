@@ -8,7 +8,7 @@ Markdown."""
 import pandas as pd
 import streamlit as st
 
-from app import access, data, links, queries
+from workbench.app import access, data, links, queries
 from workbench.errors import BadInput
 from workbench.graph import split_port
 from workbench.store import DatabaseBusy, Store
@@ -121,7 +121,7 @@ def _save(
 
 def saved(model_id: str):  # type: ignore[no-untyped-def]
     """The 'Saved subgraph' source of the Circuit page: returns what the explorer draws."""
-    from app.views.circuit import Shown
+    from workbench.app.views.circuit import Shown
 
     stored = queries.subgraphs(model_id)
     if stored.empty:

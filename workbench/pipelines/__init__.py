@@ -4,7 +4,7 @@ the library never imports this package by name."""
 
 
 def main(pipeline: str) -> None:
-    """`python -m pipelines.<name> ...`: the same as `workbench run <name> ...`."""
+    """`python -m workbench.pipelines.<name> ...`: the same as `workbench run <name> ...`."""
     import sys
 
     from workbench.cli import cli

@@ -14,9 +14,9 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import access, links, queries
-from app.views import curate, features
-from app.views.common import select_model
+from workbench.app import access, links, queries
+from workbench.app.views import curate, features
+from workbench.app.views.common import select_model
 from workbench.core import PORTS, Hook, Node
 from workbench.graph import build_graph, input_to_logits, layout, split_port, without_layers
 

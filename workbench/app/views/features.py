@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import access, links, queries
-from app.views.common import select_model
+from workbench.app import access, links, queries
+from workbench.app.views.common import select_model
 from workbench.core import Node
 
 WINDOW = 10  # tokens shown either side of the activating one

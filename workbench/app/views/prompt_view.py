@@ -16,8 +16,8 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app import access, data, links, queries
-from app.views.common import diverging_heatmap, select_model
+from workbench.app import access, data, links, queries
+from workbench.app.views.common import diverging_heatmap, select_model
 from workbench.errors import BadInput
 
 ROUTE_COLOURS = {"attention": "#1f77b4", "residual": "#999999", "mlp": "#2ca02c"}

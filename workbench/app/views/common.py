@@ -4,7 +4,7 @@ from typing import Any
 
 import streamlit as st
 
-from app import links, queries
+from workbench.app import links, queries
 
 
 def select_model(key: str) -> str | None:

@@ -3,8 +3,8 @@ patched positions one at a time (e.g. the residual stream by layer and position)
 
 import streamlit as st
 
-from app import links, queries
-from app.views.common import diverging_heatmap, select_model
+from workbench.app import links, queries
+from workbench.app.views.common import diverging_heatmap, select_model
 
 
 def render() -> None:

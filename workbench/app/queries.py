@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import pandas as pd
 
-from app import data
+from workbench.app import data
 from workbench.core import Node
 
 # -- models, checkpoints, runs -------------------------------------------------------------

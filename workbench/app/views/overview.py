@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import queries
+from workbench.app import queries
 
 
 def render() -> None:
