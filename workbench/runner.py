@@ -1,10 +1,7 @@
-"""Jobs as plain values, and the local runner that executes them.
+"""The local runner that executes jobs (`workbench.jobs`).
 
-A `Job` is (pipeline, method, checkpoint, task, params) plus where to compute it: serialisable
-to JSON, runnable in another process from its value alone (`Job.from_json(text)`). The runner
-loads each checkpoint once, prepares its task once, and makes each method's runs: the run key is
-a hash of (pipeline, method, checkpoint sha256, task sha256, the method's keyed params); a
-finished run with that key is skipped unless `force`. A method that raises is recorded as a
+The runner loads each checkpoint once, prepares its task once, and makes each method's runs; a
+finished run with the same run key is skipped unless `force`. A method that raises is recorded as a
 failed run with its error. Bad input (a wrong path, a malformed task file) raises `BadInput`
 before anything is written for that checkpoint.
 
@@ -15,22 +12,32 @@ on any way out: an exception, Ctrl-C, or SIGTERM (handled as Ctrl-C when nothing
 it, as `workbench watch` does).
 """
 
-import json
 import logging
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from workbench import records, registry
-from workbench.core import METRICS
 from workbench.errors import BadInput
-from workbench.hashing import sha256_json
+from workbench.jobs import (  # noqa: F401  (the names callers have imported from here)
+    KEY_DEFAULTS,
+    KEY_EXCLUDED,
+    Job,
+    RunOptions,
+    RunOutcome,
+    Stopped,
+    check_applies,
+    demo_jobs,
+    now,
+    plan_all,
+    plan_jobs,
+    run_key,
+)
 from workbench.models.base import CheckpointRef, LoadedModel
 from workbench.registry import Method, PlanContext, Planned, RunInputs, StoreReader
 from workbench.results import RunResult
@@ -39,236 +46,6 @@ from workbench.store.session import StoreSession
 from workbench.tasks.spec import Task
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunOptions:
-    """Options every run has, whatever its pipeline."""
-
-    model: str
-    task: str
-    checkpoint: str = "latest"  # all, latest or a step
-    db: str | None = None
-    force: bool = False
-    n_prompts: int | None = None
-    max_batch: int = 64
-    batch_tokens: int | None = None  # and at most this many tokens a batch
-    device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
-    dtype: str = "float32"  # float32, bfloat16, float16
-    metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
-    executor: str = "local"  # local or ray: where jobs compute (never part of a run key)
-    address: str | None = None  # the Ray cluster (ray only; default: a new local instance)
-    # how long to wait for the database lock (None: $WORKBENCH_LOCK_WAIT, else 3600 s; 0: ever)
-    lock_wait: float | None = None
-
-
-@dataclass(frozen=True)
-class Job:
-    """One method on one checkpoint and task, with the method's params (a plain dict)."""
-
-    pipeline: str
-    method: str
-    checkpoint: CheckpointRef
-    task: str  # a built-in task name or a JSONL path
-    params: dict[str, Any] = field(default_factory=dict, hash=False)
-    n_prompts: int | None = None
-    max_batch: int = 64
-    device: str = "auto"
-    dtype: str = "float32"
-    metric: str | None = None
-    batch_tokens: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def make(
-        cls, method: Method, ref: CheckpointRef, options: "RunOptions", params: dict[str, Any]
-    ) -> "Job":
-        """The job of `method` on checkpoint `ref` with the run `options` and option values
-        `params` (by field name; those the method lacks are ignored)."""
-        return cls(
-            pipeline=method.pipeline,
-            method=method.name,
-            checkpoint=ref,
-            task=options.task,
-            params=asdict(method.make_params(params)),
-            n_prompts=options.n_prompts,
-            max_batch=options.max_batch,
-            device=options.device,
-            dtype=options.dtype,
-            metric=options.metric,
-            batch_tokens=options.batch_tokens,
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Job":
-        data = dict(data)
-        data["checkpoint"] = CheckpointRef(**data["checkpoint"])
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Job":
-        return cls.from_dict(json.loads(text))
-
-    @property
-    def job_id(self) -> str:
-        return sha256_json(self.to_dict())[:16]
-
-
-class Stopped(Exception):
-    """`run_jobs` stopped early because `should_stop()` said so; `outcomes` are the runs made."""
-
-    def __init__(self, outcomes: list["RunOutcome"]):
-        super().__init__(f"stopped after {len(outcomes)} runs")
-        self.outcomes = outcomes
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    checkpoint_id: str
-    method: str
-    status: Literal["done", "skipped", "failed"]
-    run_id: str | None = None
-    error: str | None = None
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-# Parameters added after runs were first stored, with the value that reproduces those runs'
-# numbers: at that value a parameter is left out of the run key, so a stored run keeps its key
-# (and is skipped, not repeated) while `runs.params` still records the value.
-KEY_DEFAULTS: dict[str, Any] = {"ig_rule": "right", "dtype": "float32"}
-# Recorded in `runs.params` but never part of the run key: where a run computed does not change
-# what it computes (up to float order), so a run made on a GPU is not repeated on a CPU.
-KEY_EXCLUDED = {"device"}
-
-
-def run_key(
-    pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
-) -> str:
-    keyed = {
-        k: v
-        for k, v in params.items()
-        if k not in KEY_EXCLUDED and (k not in KEY_DEFAULTS or KEY_DEFAULTS[k] != v)
-    }
-    return sha256_json(
-        {
-            "pipeline": pipeline,
-            "method": method,
-            "checkpoint": ckpt_sha,
-            "task": task_sha,
-            "params": keyed,
-        }
-    )
-
-
-def plan_jobs(
-    pipeline: str,
-    options: RunOptions,
-    methods: Sequence[str] | None = None,
-    params: dict[str, Any] | None = None,
-) -> list[Job]:
-    """The jobs of one `workbench run PIPELINE`: each chosen method (default: the pipeline's
-    default methods) on each selected checkpoint. `params` are option values by field name;
-    one that no chosen method takes is an error, as is an unknown method."""
-    from workbench.models import resolve_checkpoints, select_checkpoints
-
-    p = registry.pipeline(pipeline)
-    if options.max_batch < 1 or (options.batch_tokens is not None and options.batch_tokens < 1):
-        raise BadInput("--max-batch and --batch-tokens must be at least 1")
-    if options.metric is not None and options.metric not in METRICS:
-        raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
-    chosen = [p.method(m) for m in (methods or p.default_methods)]
-    params = params or {}
-    check_applies(pipeline, chosen, params)
-    for m in chosen:
-        m.check(m.make_params(params))
-    refs = select_checkpoints(resolve_checkpoints(options.model), options.checkpoint)
-    return [Job.make(m, ref, options, params) for ref in refs for m in chosen]
-
-
-def plan_all(
-    names: Sequence[str],
-    options: RunOptions,
-    methods: Sequence[str] | None,
-    params: dict[str, Any],
-) -> list[Job]:
-    """`workbench run PIPELINE` (one name) or `workbench run all` (several): with several, each
-    pipeline runs the `methods` that are its own (all its defaults when none is named) with the
-    `params` its methods take, and a pipeline none of whose methods or options was asked for is
-    left out only when it needs options to run (sae without --hook or --sae)."""
-    if len(names) == 1:
-        return plan_jobs(names[0], options, methods, params)
-    known = registry.pipelines()
-    taken = set().union(*(known[n].options() for n in names))
-    for name in params:
-        if name not in taken:
-            raise BadInput(f"{_flag(name)}: not an option of any pipeline")
-    all_methods = {m for n in names for m in known[n].method_names}
-    for m in methods or []:
-        if m not in all_methods:
-            raise BadInput(f"--method {m}: not a method of any pipeline")
-    plans: list[list[Job]] = []
-    for n in names:
-        p = known[n]
-        own = [m for m in methods or [] if m in p.method_names]
-        if methods and not own:
-            continue
-        mine = {k: v for k, v in params.items() if k in p.options()}
-        chosen = own or list(p.default_methods)
-        try:
-            for m in chosen:
-                p.method(m).check(p.method(m).make_params(mine))
-        except BadInput:
-            if methods:
-                raise
-            continue  # a default pipeline that needs options it was not given (sae)
-        plans.append(plan_jobs(n, options, chosen, mine))
-    # checkpoint by checkpoint, so that each is loaded once for every pipeline
-    order = {
-        ref: i for i, ref in enumerate(dict.fromkeys(j.checkpoint for js in plans for j in js))
-    }
-    return sorted((j for js in plans for j in js), key=lambda j: order[j.checkpoint])
-
-
-def demo_jobs(options: RunOptions) -> list[Job]:
-    """`workbench demo` on one zoo run: every registered method, checkpoint by checkpoint, as
-    each method's `demo` and `demo_params` say."""
-    from workbench.models import resolve_checkpoints
-
-    refs = resolve_checkpoints(options.model)
-    jobs = []
-    for ref in refs:
-        for p in registry.pipelines().values():
-            for m in p.methods:
-                if m.demo == "all" or (m.demo == "latest" and ref == refs[-1]):
-                    jobs.append(Job.make(m, ref, options, m.demo_params))
-    return jobs
-
-
-def check_applies(pipeline: str, chosen: Sequence[Method], params: dict[str, Any]) -> None:
-    """Every given option is taken by at least one chosen method."""
-    p = registry.pipeline(pipeline)
-    known = p.options()
-    for name in params:
-        if name not in known:
-            raise BadInput(f"{_flag(name)}: not an option of the {pipeline} pipeline")
-        if not any(name in m.option_names for m in chosen):
-            takers = [m.name for m in p.methods if name in m.option_names]
-            raise BadInput(
-                f"{_flag(name)} applies to {', '.join(takers)}, not to "
-                f"{', '.join(m.name for m in chosen)}"
-            )
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def run(

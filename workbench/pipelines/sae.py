@@ -24,9 +24,9 @@ from workbench.attribution.ig import IgParams, check_ig_params
 from workbench.core import Hook, Node
 from workbench.errors import BadInput
 from workbench.hashing import sha256_files
+from workbench.jobs import run_key
 from workbench.registry import Method, PlanContext, Planned, RunInputs, option
 from workbench.results import CircuitResult, RunResult
-from workbench.runner import run_key
 from workbench.sae.options import PRETRAINED_PREFIX, SaeTrainOptions
 from workbench.store.db import default_db_path
 
