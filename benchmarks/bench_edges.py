@@ -78,7 +78,8 @@ def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list
 
 
 def insert_rates(n_rows: int = 2_000_000, n_rowwise: int = 20_000) -> list[list[str]]:
-    from workbench.store import RunRecord, Store
+    from workbench.rows import RunRow
+    from workbench.store import Store
 
     srcs = [Node.head_of(i % 12, i % 7).id for i in range(1000)]
     dsts = [Node.head_of(i % 12, i % 7, "k").id for i in range(1000)]
@@ -91,7 +92,7 @@ def insert_rates(n_rows: int = 2_000_000, n_rowwise: int = 20_000) -> list[list[
     )
     with tempfile.TemporaryDirectory() as tmp:
         with Store(Path(tmp) / "bulk.duckdb") as store:
-            record = RunRecord(
+            record = RunRow(
                 "k",
                 "edges",
                 "eap",

@@ -36,10 +36,11 @@ def zoo_final(root: Path, task: str):  # type: ignore[no-untyped-def]
 
 def trained_saes(run_dir: Path, task: str, loaded, db: Path):  # type: ignore[no-untyped-def]
     from workbench import runner
+    from workbench.jobs import RunOptions
     from workbench.sae.saes import load_sae
     from workbench.store import Store
 
-    options = runner.RunOptions(model=str(run_dir), task=task, db=str(db))
+    options = RunOptions(model=str(run_dir), task=task, db=str(db))
     runner.run("sae", options, ["sae_features"], hooks=list(HOOKS))
     with Store(db) as store:
         saes = store.latest_saes(loaded.checkpoint.checkpoint_id)

@@ -24,7 +24,8 @@ def main() -> None:
     import ray
     import torch
 
-    from workbench.runner import RunOptions, demo_jobs, run_jobs
+    from workbench.jobs import RunOptions, demo_jobs
+    from workbench.runner import run_jobs
     from workbench.zoo import TrainConfig, train_zoo_model
 
     parser = argparse.ArgumentParser()

@@ -157,7 +157,8 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
     """A database filled by the heads and patching pipelines over every zoo checkpoint, and
     by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
-    from workbench.runner import RunOptions, run
+    from workbench.jobs import RunOptions
+    from workbench.runner import run
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
     every = RunOptions(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pipelines import heads
 from tests.conftest import write_jsonl
 from tests.store.test_store import counts
 from workbench.cli import cli
+from workbench.pipelines import heads
 
 
 def run_dla(model_dir, db) -> list[str]:

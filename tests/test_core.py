@@ -4,14 +4,14 @@ stored `nodes` rows (and the v5 migration of older ones) agree with `Node`."""
 import duckdb
 import pytest
 
-from workbench import records
 from workbench.core import PORTS, QKV, Hook, Node
+from workbench.rows import feature_node_rows, model_graph_nodes
 from workbench.store import Store
 
 
 def test_every_stored_node_id_round_trips_with_its_columns():
-    table = records.model_graph_nodes("m", n_layers=3, n_heads=4, has_mlp=True)
-    rows = table.to_pylist() + records.feature_node_rows("m", "s1", "h", 1, 5).to_pylist()
+    table = model_graph_nodes("m", n_layers=3, n_heads=4, has_mlp=True)
+    rows = table.to_pylist() + feature_node_rows("m", "s1", "h", 1, 5).to_pylist()
     for row in rows:
         node = Node.parse(row["node_id"])
         assert node.id == row["node_id"]
@@ -111,8 +111,8 @@ def test_v5_migration_fills_ports_of_stored_nodes(tmp_path):
         for statement in MIGRATIONS[version]:
             con.execute(statement)
         con.execute("INSERT INTO schema_version VALUES (?, current_timestamp)", [version])
-    old = records.model_graph_nodes("m", 2, 3, True).drop_columns(["port"])
-    features = records.feature_node_rows("m", "s", "h", 0, 2).drop_columns(["port"])
+    old = model_graph_nodes("m", 2, 3, True).drop_columns(["port"])
+    features = feature_node_rows("m", "s", "h", 0, 2).drop_columns(["port"])
     for table in (old, features):
         con.register("incoming", table)
         con.execute("INSERT INTO nodes SELECT * FROM incoming")

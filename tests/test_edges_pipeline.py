@@ -10,7 +10,8 @@ from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import make_batches
 from workbench.cli import cli
-from workbench.runner import RunOptions, run
+from workbench.jobs import RunOptions
+from workbench.runner import run
 from workbench.store import Store
 
 

@@ -19,8 +19,9 @@ from tests.attribution.test_edges import noising_scores
 from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import make_batches
+from workbench.jobs import RunOptions
 from workbench.pipelines.edges import METHODS as EDGE_METHODS
-from workbench.runner import RunOptions, run
+from workbench.runner import run
 from workbench.store import Store
 from workbench.zoo.ground_truth import known_induction_edges
 

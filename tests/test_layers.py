@@ -5,8 +5,10 @@
   is started as a script;
 * compute (`workbench.attribution`, `.sae`, `.circuits`, `.zoo`, `.models`, `.tasks`) never
   imports duckdb or streamlit;
-* the store side (`workbench.store`, `.records`, `.results`, `.registry`) never imports torch or
-  model code, nor does the app; `workbench.core` imports nothing outside the standard library.
+* the store side (`workbench.store`, `.rows`, `.results`, `.registry`) never imports torch or
+  model code, nor does the app; `workbench.core` imports nothing outside the standard library;
+* no module of `workbench` (app and pipelines included) imports itself back through others
+  (`import_graph` says how packages count).
 
 Each module's imports are read from its source, function-level imports included (those under
 `if TYPE_CHECKING:` excepted); a contract on what must not be *loaded* also follows module-level
@@ -40,7 +42,8 @@ def modules() -> dict[str, Path]:
 
 @cache
 def imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(every import of the module, those at module level), as absolute module names."""
+    """(every import of the module, those at module level), as absolute names: `import a.b`
+    gives `a.b`, `from a import b` gives `a.b` (the module `a.b`, or the name `b` of `a`)."""
     path = modules()[module]
     tree = ast.parse(path.read_text(), str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
@@ -65,7 +68,7 @@ def imports(module: str) -> tuple[frozenset[str], frozenset[str]]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - stmt.level + 1]
                 base = ".".join([*anchor, base]) if base else ".".join(anchor)
-            names = [base] + [f"{base}.{a.name}" for a in stmt.names]
+            names = [base if a.name == "*" else f"{base}.{a.name}" for a in stmt.names]
         for name in names:
             every.add(name)
             if at_top:
@@ -139,14 +142,14 @@ CONTRACTS = [
             "workbench.zoo",
             "workbench.models",
             "workbench.tasks",
-            "workbench.prompt_views",
+            "workbench.prompt.views",
         ),
         UI_AND_DB,
         False,
     ),
     (
         "the store never imports model code",
-        members("workbench.store", "workbench.records", "workbench.results", "workbench.registry"),
+        members("workbench.store", "workbench.rows", "workbench.results", "workbench.registry"),
         MODEL_CODE,
         True,
     ),
@@ -178,14 +181,72 @@ def test_import_contract(modules_, forbidden, transitive):
 
 
 def test_the_contract_checker_sees_function_level_and_transitive_imports():
-    """The checker is not blind: the runner reaches model code only inside functions and loads
-    the store (and so duckdb) at import; the prompt batches load torch."""
-    every, top = imports("workbench.runner")
-    assert "workbench.store" in top
-    assert any(n.startswith("workbench.models") for n in every)
+    """The checker is not blind: the local executor reaches model code only inside functions and
+    loads the store (and so duckdb) at import, and so does the runner through it; the prompt
+    batches load torch."""
+    every, top = imports("workbench.executor_local")
+    assert "workbench.store.session.StoreSession" in top
+    assert "workbench.models.load_checkpoint" in every - top
+    assert "duckdb" in loaded_at_import("workbench.executor_local")
     assert "duckdb" in loaded_at_import("workbench.runner")
     assert "torch" in loaded_at_import("workbench.attribution.batches")
     assert "torch" not in loaded_at_import("workbench.registry")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each project module and the project modules it imports, anywhere in its file.
+
+    `import a.b` imports the module `a.b`; so does `from a import b` when `a.b` is a module,
+    else it imports the package `a` (its `__init__`, where the name `b` is defined or
+    re-exported). The parent packages Python runs first are not counted: a package importing
+    its own submodules is no cycle by itself, nor is a submodule importing a sibling
+    (`from workbench.tasks import builtin` counts as `import workbench.tasks.builtin`); a
+    submodule taking a name from its package (`from workbench.tasks import load_task`) while
+    the package imports the submodule is one."""
+    graph: dict[str, set[str]] = {}
+    for module in modules():
+        targets = {_own(name) for name in imports(module)[0]}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (its modules in import order, the first repeated at the end) for each group
+    of modules that import one another."""
+    import networkx as nx
+
+    g = nx.DiGraph([(m, t) for m, ts in graph.items() for t in ts])
+    found = []
+    for group in nx.strongly_connected_components(g):
+        if len(group) > 1:
+            edges = nx.find_cycle(g.subgraph(group), source=min(group))
+            found.append([e[0] for e in edges] + [edges[0][0]])
+    return sorted(found)
+
+
+def test_no_import_cycles():
+    """Module A importing B while B imports A (directly or through others, at module level or
+    inside a function) is a cycle."""
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_import_graph_counts_imports_as_its_docstring_says():
+    graph = import_graph()
+    # a package importing its submodules, which import a sibling: no edge back to the package
+    assert {"workbench.tasks.spec", "workbench.tasks.jsonl"} <= graph["workbench.tasks"]
+    assert "workbench.tasks.spec" in graph["workbench.tasks.jsonl"]
+    assert "workbench.tasks" not in graph["workbench.tasks.jsonl"]
+    # `from workbench.models import zoo_format` is the submodule, not the package
+    assert "workbench.models.zoo_format" in graph["workbench.models.sources"]
+    assert "workbench.models" not in graph["workbench.models.sources"]
+    # a name from a package is the package, imported inside a function here
+    every, top = imports("workbench.executor_local")
+    assert {"workbench.tasks.load_task", "workbench.models.load_checkpoint"} <= every - top
+    assert {"workbench.tasks", "workbench.models"} <= graph["workbench.executor_local"]
+    # imports under `if TYPE_CHECKING:` are left out
+    assert "workbench.tasks.spec" not in graph["workbench.registry"]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
 @pytest.mark.parametrize(
@@ -193,7 +254,7 @@ def test_the_contract_checker_sees_function_level_and_transitive_imports():
     [
         ("workbench.core", ["torch", "duckdb", "streamlit", "pyarrow"]),
         ("workbench.store", MODEL_CODE + ["streamlit"]),
-        ("workbench.records", MODEL_CODE + UI_AND_DB),
+        ("workbench.rows", MODEL_CODE + UI_AND_DB),
         ("workbench.registry", MODEL_CODE + UI_AND_DB),
         ("workbench.attribution.edges", UI_AND_DB),
         ("workbench.sae.attribution", UI_AND_DB),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tests.lockfile import LOCK, ROOT, normalise, read_lock, requirements_hash, unlocked
+from tools.lockfile import LOCK, ROOT, normalise, read_lock, requirements_hash, unlocked
 
 
 def _requirements() -> list[Requirement]:

@@ -21,7 +21,7 @@ from tests.db import rows
 from workbench.cli import cli
 from workbench.core import Hook
 from workbench.errors import BadInput
-from workbench.prompt_views import (
+from workbench.prompt.views import (
     DEFAULT_TAU,
     FLOW_SCALE,
     attention_flow,
@@ -382,8 +382,8 @@ def test_routes_in_chunks_equal_the_whole_block_computation(
 ):
     """The zoo's induction model (attention only) and a tiny Llama (MLPs, grouped-query
     attention, d_model 32), in one chunk of query positions or in chunks of 3."""
-    from workbench import prompt_views as views_module
     from workbench.models import load_checkpoint, resolve_checkpoints
+    from workbench.prompt import views as views_module
 
     if chunk_queries:
         monkeypatch.setattr(views_module, "ROUTES_CHUNK_ELEMENTS", chunk_queries * 41 * 32)

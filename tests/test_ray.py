@@ -19,9 +19,10 @@ import duckdb
 import pytest
 
 from tests.conftest import query
-from tests.regression import compare
+from tools.regression import compare
+from workbench.jobs import Job, RunOptions, demo_jobs, plan_jobs
 from workbench.models import resolve_checkpoints
-from workbench.runner import Job, RunOptions, demo_jobs, plan_jobs, run_jobs
+from workbench.runner import run_jobs
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -1,7 +1,8 @@
-"""The README's cluster recipe: `ray start --head`, then `workbench run ... --executor ray
---address HOST:PORT` joins that cluster (its token authentication included) and stores the
-same numbers as the local executor. In its own module: `ray stop` ends every Ray process of
-this machine, so no other Ray instance may be running (test_ray's is shut down by then)."""
+"""The cluster recipe of docs/scheduling.md: `ray start --head`, then `workbench run ...
+--executor ray --address HOST:PORT` joins that cluster (its token authentication included) and
+stores the same numbers as the local executor. In its own module: `ray stop` ends every Ray
+process of this machine, so no other Ray instance may be running (test_ray's is shut down by
+then)."""
 
 import os
 import socket
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.regression import compare
+from tools.regression import compare
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.ray

@@ -14,7 +14,8 @@ import torch
 
 from workbench import registry
 from workbench.cli import cli
-from workbench.runner import Job, RunOptions, plan_jobs, run, run_jobs
+from workbench.jobs import Job, RunOptions, plan_jobs
+from workbench.runner import run, run_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_SITE = Path(__file__).resolve().parent / "plugin_site"
@@ -78,7 +79,7 @@ def test_job_runs_in_another_process_from_its_json(tmp_path, induction_dir):
     text = job.to_json()
     assert Job.from_json(text) == job and json.loads(text)["params"]["ig_steps"] == 2
     code = (
-        "import sys; from workbench.runner import Job, run_jobs; "
+        "import sys; from workbench.jobs import Job; from workbench.runner import run_jobs; "
         "print(run_jobs([Job.from_json(sys.argv[1])], db=sys.argv[2])[0].status)"
     )
     env = {**os.environ, "WORKBENCH_LOG": "WARNING"}

@@ -5,7 +5,7 @@ import shutil
 
 import duckdb
 
-from tests.regression import compare
+from tools.regression import compare
 
 
 def test_identical_databases_agree_and_any_change_is_found(heads_db, tmp_path):

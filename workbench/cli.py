@@ -1,4 +1,4 @@
-"""The `workbench` command line (DESIGN.md, "Command line").
+"""The `workbench` command line (docs/cli.md, "Command line").
 
 Exit status: 0 done, 1 a run failed (recorded in `runs`), 2 bad usage or bad input. Errors are
 one sentence naming the bad thing, never a traceback.
@@ -237,7 +237,8 @@ def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
     )
 
     def command(ctx: typer.Context, **values: Any) -> int:
-        from workbench.runner import RunOptions, plan_all, run_jobs
+        from workbench.jobs import RunOptions, plan_all
+        from workbench.runner import run_jobs
 
         given = {
             p.name: values[p.name]
@@ -309,7 +310,7 @@ def run_prompt_command(
 ) -> int:
     """One prompt at each chosen checkpoint: attention patterns, logit lens, direct logit
     attribution, attention rollout and flow, information-flow routes (tables prompt_*)."""
-    from workbench.prompt_run import run_prompt
+    from workbench.prompt.run import run_prompt
 
     for pid, status in run_prompt(
         model,
@@ -700,7 +701,8 @@ def demo(
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, SAEs on the
     final checkpoints, then the app."""
-    from workbench.runner import RunOptions, demo_jobs, run_jobs
+    from workbench.jobs import RunOptions, demo_jobs
+    from workbench.runner import run_jobs
     from workbench.zoo import TrainConfig, train_zoo_model
 
     started = time.perf_counter()

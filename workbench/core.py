@@ -1,6 +1,7 @@
-"""The workbench's vocabulary: graph nodes and their ids, edges, hook names and metrics.
+"""The workbench's vocabulary: graph nodes and their ids, edges, hook names and metrics, and
+the current time as the workbench writes it into the store (`utc_now`).
 
-This module is the single owner of two public contracts (DESIGN.md, "Naming"):
+This module is the single owner of two public contracts (docs/architecture.md, "The vocabulary"):
 
 * **node ids**: `input`, `r{L}` (residual stream before layer L), `a{L}` (attention layer),
   `a{L}.h{H}` (a head's output), `a{L}.h{H}<q|k|v|pattern>` (a head's query, key or value input,
@@ -15,6 +16,7 @@ It imports neither torch nor duckdb, so the app, the SQL helpers and every compu
 
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 NodeKind = Literal["input", "resid", "attn", "attn_head", "mlp", "logits", "feature", "sae_error"]
@@ -30,8 +32,8 @@ _KIND_LETTER = {kind: letter for letter, kind in _LAYERED_KIND.items()}
 
 @dataclass(frozen=True)
 class Node:
-    """One node of a model's graph. Build with the constructors (`Node.head(1, 0, "k")`), read an
-    id with `Node.parse`, format one with `.id`."""
+    """One node of a model's graph. Build one with the constructors (`Node.head_of(1, 0, "k")`,
+    `Node.mlp(2)`, ...), read an id with `Node.parse`, format one with `.id`."""
 
     kind: NodeKind
     layer: int | None = None
@@ -324,3 +326,8 @@ def metric_named(name: str) -> Metric:
     if name not in METRICS:
         raise ValueError(f"unknown metric {name!r} (choose from {', '.join(METRICS)})")
     return METRICS[name]
+
+
+def utc_now() -> datetime:
+    """The current time in UTC without a time zone, as the store's TIMESTAMP columns hold it."""
+    return datetime.now(UTC).replace(tzinfo=None)

@@ -4,7 +4,7 @@ What runs where:
 
 * The driver (the `workbench run` or `workbench watch` process) plans the jobs, keeps the run
   queue and is the only writer: it stores what the workers return, one run transaction at a
-  time, exactly as the local runner stores what it computes.
+  time, exactly as the local executor stores what it computes (`workbench.compute`).
 * A worker task takes one job (checkpoint x task x method). It loads the checkpoint (and keeps it
   loaded for its next job on the same one), plans and computes the job's runs, and returns them:
   each run's record, the rows it refers to and its result (the table parts as Arrow tables).
@@ -45,17 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from workbench import registry
+from workbench.compute import JobComputed, compute_job, ingest, queue_row
 from workbench.errors import BadInput
+from workbench.jobs import Job, RunOutcome, Stopped
 from workbench.models.base import LoadedModel
-from workbench.runner import (
-    Job,
-    JobComputed,
-    RunOutcome,
-    Stopped,
-    _queue_row,
-    compute_job,
-    ingest,
-)
 from workbench.store import default_db_path
 from workbench.store.session import HEARTBEAT_SECONDS, StoreSession
 
@@ -305,7 +298,7 @@ def run_jobs_ray(
     in_flight: dict[Any, Job] = {}
     outcomes: list[RunOutcome] = []
     with StoreSession(db_path, lock_wait=lock_wait) as session:
-        session.enqueue([_queue_row(j) for j in jobs])
+        session.enqueue([queue_row(j) for j in jobs])
         beat = time.monotonic()
         try:
             while pending or in_flight:

@@ -4,20 +4,19 @@ A `Job` is (pipeline, method, checkpoint, task, params) plus where to compute it
 to JSON, runnable in another process from its value alone (`Job.from_json(text)`). The run key
 is a hash of (pipeline, method, checkpoint sha256, task sha256, the method's keyed params); a
 finished run with that key is skipped unless `force`. Planning turns a command's options into
-jobs (`plan_jobs`, `plan_all`, `demo_jobs`); the executors (`workbench.runner`) run them.
+jobs (`plan_jobs`, `plan_all`, `demo_jobs`); `workbench.runner` runs them.
 """
 
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 from workbench import registry
 from workbench.core import METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
-from workbench.models.base import CheckpointRef
+from workbench.models.base import CheckpointRef, LoadedModel
 from workbench.registry import Method
 
 
@@ -109,15 +108,14 @@ class Stopped(Exception):
 
 @dataclass(frozen=True)
 class RunOutcome:
+    """What became of one run: `done`, `skipped` (a done run had its key: `run_id` is that
+    run's) or `failed` (`error` says why; `run_id` is the failed run's row, if one was stored)."""
+
     checkpoint_id: str
     method: str
     status: Literal["done", "skipped", "failed"]
     run_id: str | None = None
     error: str | None = None
-
-
-def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 # Parameters added after runs were first stored, with the value that reproduces those runs'
@@ -132,6 +130,8 @@ KEY_EXCLUDED = {"device"}
 def run_key(
     pipeline: str, method: str, ckpt_sha: str, task_sha: str, params: dict[str, Any]
 ) -> str:
+    """The run key: the sha256 of the pipeline, method, checkpoint and task sha256s and the
+    params, less those never keyed (`KEY_EXCLUDED`) and those at their `KEY_DEFAULTS` value."""
     keyed = {
         k: v
         for k, v in params.items()
@@ -146,6 +146,11 @@ def run_key(
             "params": keyed,
         }
     )
+
+
+def dtype_name(loaded: LoadedModel) -> str:
+    """The loaded model's dtype as `runs.params` and run keys record it (`float32`, ...)."""
+    return str(loaded.model.cfg.dtype).removeprefix("torch.")
 
 
 def plan_jobs(

@@ -8,10 +8,10 @@ name an iterable of `Method` values:
     [project.entry-points."workbench.methods"]
     my_methods = "my_package.methods:METHODS"
 
-The workbench itself registers `pipelines.*` this way, so the library never imports a pipeline
-by name; the runner, the run keys, the command line (`workbench run PIPELINE`, one subcommand
-per pipeline, its options generated from the params dataclasses) and the demo all read this
-registry. No torch here: the CLI builds its help from it without loading a model.
+The workbench itself registers `workbench.pipelines.*` this way, so the library never imports a
+pipeline by name; the executors, the run keys, the command line (`workbench run PIPELINE`, one
+subcommand per pipeline, its options generated from the params dataclasses) and the demo all
+read this registry. No torch here: the CLI builds its help from it without loading a model.
 """
 
 import dataclasses
@@ -53,8 +53,15 @@ def option(
 
 @dataclass(frozen=True)
 class Planned:
-    """One run a method makes: the params it computes with and the parameters recorded in
-    `runs.params` (and, with the checkpoint and task, hashed into the run key)."""
+    """One run a method makes on a checkpoint and task, as `Method.runs` returns it (the
+    method's `plan`, else one run of its params).
+
+    - `params`: what `Method.compute` gets for this run: the method's params, or a value its
+      `plan` made of them (one component, one SAE to train or load);
+    - `key`: the parameters recorded in `runs.params` and, with the pipeline, method,
+      checkpoint and task, hashed into the run key (`workbench.jobs.run_key`), JSON values;
+      read by the executor before the run computes, to skip one a done run has the key of.
+    """
 
     params: Any
     key: dict[str, Any]
@@ -62,8 +69,20 @@ class Planned:
 
 @dataclass
 class RunInputs:
-    """What the runner prepares once per checkpoint x task and hands to every method: the
-    loaded model, the task, and its prompt batches (made on first use, on the model's device)."""
+    """What a method computes from. The executor makes it for a checkpoint and a task (the local
+    one once for all the jobs on them, a Ray worker once per job) and hands it to every method's
+    `plan` and `compute` on them.
+
+    - `loaded`: the checkpoint, loaded once (the model, its tokenizer and provenance);
+    - `task`: the task, loaded for that model (its prompt pairs and metric);
+    - `max_batch`, `batch_tokens`: `--max-batch` and `--batch-tokens`, read when the batches
+      are made (and by a method that batches data of its own, such as an SAE's corpus);
+    - `cache`: what methods on this checkpoint and task share, filled and read by them (the
+      SAE planner keeps its planned runs, with their loaded corpus) and by `baseline`;
+    - `batches`, `baseline`, `model` (properties): the task's prompt batches on the model's
+      device and the metric on the clean and corrupt prompts, each made on first use; the
+      `HookedTransformer`.
+    """
 
     loaded: "LoadedModel"
     task: "Task"
@@ -84,10 +103,12 @@ class RunInputs:
 
     @property
     def model(self) -> Any:
+        """The loaded `HookedTransformer`."""
         return self.loaded.model
 
     @property
     def batches(self) -> list:  # type: ignore[type-arg]
+        """The task's prompt batches (`PromptBatch`), on the model's device, made once."""
         if self._batches is None:
             from workbench.attribution.batches import make_batches, model_device
 
@@ -104,20 +125,32 @@ class RunInputs:
 
 @dataclass
 class PlanContext:
-    """What a planner may read besides the model and the task: the store (its read methods)
-    and the database's location."""
+    """What a method's `plan` may read besides its `RunInputs`, made by the executor (the local
+    one once per invocation, a Ray worker once per job).
+
+    - `store`: the store's reads (`StoreReader`): the live session, or on a Ray worker a
+      snapshot taken when the job was sent;
+    - `db`: the database as given (`--db`; None: the default), for files kept beside it (the
+      trained SAEs' directory).
+    """
 
     store: "StoreReader"
     db: str | None
 
 
 class StoreReader(Protocol):
-    """The store's reads a planner or runner may make: the live `StoreSession`, or a snapshot
-    of it shipped to a remote worker (`workbench.executor_ray`)."""
+    """The store's reads a planner or an executor may make: the live `StoreSession`, or a
+    snapshot of it shipped to a remote worker (`workbench.executor_ray.Snapshot`)."""
 
-    def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]: ...
+    def latest_saes(self, checkpoint_id: str) -> list[tuple[str, str]]:
+        """(sae_id, directory or pretrained spec) of the SAEs stored for the checkpoint, the
+        newest per hook (read by `sae_attr`'s plan)."""
+        ...
 
-    def done_run(self, run_key: str) -> str | None: ...
+    def done_run(self, run_key: str) -> str | None:
+        """The id of the done run with this run key, or None (read by the executor before it
+        computes a run)."""
+        ...
 
 
 def _no_check(params: Any) -> None:
@@ -126,22 +159,45 @@ def _no_check(params: Any) -> None:
 
 @dataclass(frozen=True)
 class Method:
+    """A method, declared once by the package that registers it; the command line, planning,
+    the executors and `workbench demo` read it from the registry (`pipelines()`).
+
+    - `name`, `pipeline`: `workbench run PIPELINE --method NAME`; stored in `runs.method` and
+      `runs.pipeline`, and part of the run key;
+    - `params`: a dataclass whose fields (each with a default, made with `option()`) are the
+      method's options: the command line makes its flags and help from them, planning makes a
+      value of them from the options given (`make_params`), and a `Job` carries it as a dict;
+    - `compute(inputs, params)`: the computation, called by the executor for each planned run
+      with the `RunInputs` and that run's `Planned.params`, returning a `RunResult`; an
+      exception is a failed run (stored with its error), except BadInput, which stops the
+      command;
+    - `key(params)`: the params recorded in `runs.params` and hashed into the run key (JSON
+      values; leave out what does not change the result), read as each run is planned;
+    - `plan(params, inputs, ctx)`: for a method that makes several runs per call (one per
+      component, one per SAE), its `Planned` runs, called by the executor once the checkpoint
+      and the task are loaded, before any run computes; None: one run keyed by `key`;
+    - `check(params)`: BadInput for bad params, called while the jobs are planned (and while
+      `workbench watch` reads its config), before any model loads;
+    - `default`: among the pipeline's methods when no `--method` is given;
+    - `summary`: the method's line in `workbench run PIPELINE --help`;
+    - `demo`, `demo_params`: how `workbench demo` runs it on the zoo: on `"all"` checkpoints,
+      the `"latest"` only, or not at all (None), with these option values;
+    - `after`: methods of the same pipeline whose stored results this one reads (`sae_attr`
+      reads the SAEs `sae_features` trains): an executor that runs jobs at once (Ray) starts
+      it only after theirs are stored.
+    """
+
     name: str
     pipeline: str
-    params: type  # a dataclass whose fields (all with defaults) are the method's options
+    params: type
     compute: Callable[[RunInputs, Any], "RunResult"]
     key: Callable[[Any], dict[str, Any]]
-    # one call of the method -> its runs (default: one run keyed by `key(params)`)
     plan: Callable[[Any, RunInputs, PlanContext], list[Planned]] | None = None
-    check: Callable[[Any], None] = _no_check  # BadInput for bad params, before loading
-    default: bool = True  # among the pipeline's methods when none is named
+    check: Callable[[Any], None] = _no_check
+    default: bool = True
     summary: str = ""
-    # how `workbench demo` runs it on the zoo: on "all" checkpoints, the "latest" only, or not
-    # at all (None), with these params
     demo: str | None = "all"
     demo_params: dict[str, Any] = field(default_factory=dict)
-    # methods of the same pipeline whose stored results this one reads (sae_attr reads the SAEs
-    # sae_features trains): an executor that runs jobs at once starts it after theirs
     after: tuple[str, ...] = ()
 
     def make_params(self, values: dict[str, Any]) -> Any:
@@ -150,17 +206,23 @@ class Method:
         return self.params(**{k: v for k, v in values.items() if k in names})
 
     def runs(self, params: Any, inputs: RunInputs, ctx: PlanContext) -> list[Planned]:
+        """The runs one call of the method makes: its `plan`, else one run keyed by `key`."""
         if self.plan is not None:
             return self.plan(params, inputs, ctx)
         return [Planned(params, self.key(params))]
 
     @property
     def option_names(self) -> set[str]:
+        """The names of the params' fields."""
         return {f.name for f in dataclasses.fields(self.params)}
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """The methods that name one pipeline, in registration order: `pipelines()` makes it from the
+    registered methods (no package declares one). `workbench run NAME` is its subcommand, with
+    the options of all its methods; methods that share an option name declare it alike."""
+
     name: str
     methods: tuple[Method, ...]
 

@@ -1,5 +1,5 @@
-"""`RunResult`: what a method computes, as plain values. Only the store's side
-(`workbench.records`, `Store.write_run`) turns it into table rows."""
+"""What a method returns, as plain values: a `RunResult` (with its `CircuitResult`). Only the
+store's side (`workbench.rows`, `Store.write_run`) turns it into table rows."""
 
 from dataclasses import dataclass, field
 
@@ -24,6 +24,11 @@ class CircuitResult:
 
 @dataclass
 class RunResult:
+    """What one run of a method computed, returned by `Method.compute`. The metric on the clean
+    and corrupt prompts goes on the run's `runs` row; the rest become rows of the run's own
+    tables (`node_scores`, `edges`, `faithfulness_curves`, `run_metrics`, `circuits` and
+    `circuit_edges`, and `tables`), all written in the run's one transaction."""
+
     metric_clean: float | None = None
     metric_corrupt: float | None = None
     node_scores: list[NodeScore] = field(default_factory=list)

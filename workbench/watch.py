@@ -41,20 +41,15 @@ from pathlib import Path
 from typing import Any
 
 from workbench import registry
+from workbench.core import utc_now
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
+from workbench.jobs import Job, RunOptions, RunOutcome, Stopped, check_applies, run_key
 from workbench.models import zoo_format
 from workbench.models.base import CheckpointRef
-from workbench.runner import (
-    Job,
-    RunOptions,
-    RunOutcome,
-    Stopped,
-    check_applies,
-    run_jobs,
-    run_key,
-)
-from workbench.store import DatabaseBusy, RunRecord, Store, default_db_path
+from workbench.rows import RunRow
+from workbench.runner import run_jobs
+from workbench.store import DatabaseBusy, Store, default_db_path
 from workbench.store.db import run_lock_wait
 
 logger = logging.getLogger(__name__)
@@ -396,9 +391,9 @@ class Watcher:
                     key = run_key(
                         spec.pipeline, method, print_, spec.task, {"path": str(cand.path)}
                     )
-                    run = RunRecord(
+                    run = RunRow(
                         key, spec.pipeline, method, checkpoint_id, spec.task,
-                        {"path": str(cand.path.resolve())}, started_at=_now(), error=error,
+                        {"path": str(cand.path.resolve())}, started_at=utc_now(), error=error,
                     )  # fmt: skip
                     run_id = store.record_failed_run(run, registry={})
                     outcomes.append(RunOutcome(checkpoint_id, method, "failed", run_id, error))
@@ -415,7 +410,7 @@ class Watcher:
             store.con.execute("DELETE FROM watched_checkpoints WHERE path = ?", [path])
             store.con.execute(
                 "INSERT INTO watched_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
-                [path, print_, checkpoint_id, status, message, _now()],
+                [path, print_, checkpoint_id, status, message, utc_now()],
             )
 
     def run(self, *, every: float, once: bool) -> int:
@@ -445,10 +440,6 @@ def _unexpected(cand: Candidate, err: Exception) -> str:
     """The sentence recorded for an error nobody anticipated (its traceback at debug)."""
     logger.debug("%s: unexpected error", cand.path, exc_info=True)
     return f"{cand.path}: {type(err).__name__} while processing this checkpoint ({err})"
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @contextmanager

@@ -94,6 +94,7 @@ def _model_dirs(tiny_hf_dirs, norm_dirs):
     return dirs | {"llama-gqa": tiny_hf_dirs["llama"], "gpt-neox": tiny_hf_dirs["gpt_neox"]}
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(
     "kind", ["norm-LN", "norm-LNPre", "norm-RMS", "norm-RMSPre", "norm-None", "llama-gqa"]
 )

@@ -311,6 +311,7 @@ class Worker:
         self.log.close()
 
 
+@pytest.mark.heavy
 def test_fuzzed_files_import_or_are_bad_input(tmp_path):
     model = gguf_files.tiny_llama(hidden_size=32, intermediate_size=64)
     base = write_llama_gguf(model, tmp_path / "base.gguf")

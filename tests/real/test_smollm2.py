@@ -132,7 +132,7 @@ def test_eap_over_every_edge_and_its_faithfulness_curve(db, measured):
 
 
 # An SAE on the residual stream after the middle layer, trained on real English text (the
-# package READMEs and standard-library docstrings of `tests.real.corpus`) and checked on
+# package READMEs and standard-library docstrings of `tools.corpus`) and checked on
 # paragraphs of that text it never saw. The first position of every window carries a massive
 # activation (the attention sink: norm ~24,000 against ~170 elsewhere), which dominates the
 # explained variance over all positions; the held-out check leaves it out.
@@ -145,7 +145,7 @@ HELD_OUT_LINES = 48  # the corpus file's last paragraphs, far beyond its first S
 
 @pytest.fixture(scope="module")
 def sae_db(tmp_path_factory) -> tuple[Path, Path]:
-    from tests.real.corpus import write
+    from tools.corpus import write
 
     root = tmp_path_factory.mktemp("smollm2-sae")
     corpus = root / "text.txt"

@@ -194,6 +194,23 @@ def test_a_worker_does_not_outlive_its_caller(db, tmp_path):
     assert list(temp.iterdir()) == []
 
 
+def test_a_caller_gone_before_its_request_leaves_no_directory(tmp_path):
+    """The caller killed between starting the worker and writing its request (a window a
+    loaded machine opens): the worker finds stdin closed and removes the directory it was
+    started with."""
+    private = tmp_path / "workbench-sql-x"
+    private.mkdir()
+    (private / "stderr.txt").write_bytes(b"")
+    worker = subprocess.run(
+        [sys.executable, "-m", "workbench.store.console_worker", str(private)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=300,
+    )
+    assert worker.returncode == 3, worker.stderr  # GONE_STATUS
+    assert not private.exists()
+
+
 def test_the_worker_exits_cleanly_and_promptly_after_its_query(db, tmp_path):
     """Its outcome, then exit status 0 with nothing on stderr: no abort at interpreter exit
     (a daemon thread must not hold a lock the exit needs)."""

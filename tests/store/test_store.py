@@ -13,8 +13,10 @@ import pyarrow as pa
 import pytest
 
 from workbench.errors import BadInput
-from workbench.runner import RunOptions, run
-from workbench.store import SCHEMA_VERSION, RunRecord, Store
+from workbench.jobs import RunOptions
+from workbench.rows import RunRow
+from workbench.runner import run
+from workbench.store import SCHEMA_VERSION, Store
 
 TABLES = [
     "models",
@@ -121,8 +123,8 @@ def test_read_only_store_needs_an_existing_file(tmp_path):
         Store(tmp_path / "absent.duckdb", read_only=True)
 
 
-def _record(key: str = "k1") -> RunRecord:
-    return RunRecord(key, "heads", "dla", "m@0", "t-1", {}, started_at=datetime(2026, 1, 1))
+def _record(key: str = "k1") -> RunRow:
+    return RunRow(key, "heads", "dla", "m@0", "t-1", {}, started_at=datetime(2026, 1, 1))
 
 
 def _rows(n: int) -> dict[str, pa.Table]:
@@ -191,7 +193,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from workbench.store import db as store_db
-    from workbench.runner import RunOptions, run
+    from workbench.jobs import RunOptions
+    from workbench.runner import run
 
     original = store_db.Store._insert
     calls = {"n": 0}

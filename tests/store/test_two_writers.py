@@ -22,7 +22,8 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from workbench.store import SCHEMA_VERSION, RunRecord, Store
+from workbench.rows import RunRow
+from workbench.store import SCHEMA_VERSION, Store
 from workbench.store.schema import MIGRATIONS, RUN_TABLES
 from workbench.store.session import StoreSession
 
@@ -326,8 +327,8 @@ def test_the_live_queue_leaves_out_rows_without_a_recent_sign_of_life(tmp_path):
 # --- schema v9: one done run per run key ---------------------------------------------------
 
 
-def _record(key: str, status: str = "done") -> RunRecord:
-    return RunRecord(
+def _record(key: str, status: str = "done") -> RunRow:
+    return RunRow(
         key, "heads", "dla", "m@0", "t-1", {}, started_at=datetime(2026, 1, 1), status=status
     )
 

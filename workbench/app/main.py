@@ -1,7 +1,10 @@
 """Circuit Workbench app: `streamlit run app/main.py` (or `workbench app`).
 
-It queries the DuckDB store that the pipelines write. Nothing renders before app/auth.py lets
-the session in (this machine only, unless a token or an identity provider guards the server).
+It reads the DuckDB store that the pipelines write. It writes in two places only: the Circuit
+page's Curate panel saves a curated subgraph (`Store.save_subgraph`), and the Prompt page's
+Analyse starts `workbench run prompt`, which stores a prompt's views, in a process of its own; a
+read-only server does neither. Nothing renders before app/auth.py lets the session in (this
+machine only, unless a token or an identity provider guards the server).
 """
 
 import streamlit as st
@@ -12,8 +15,8 @@ from workbench.app.views import (
     features,
     heads,
     overview,
-    patching_view,
-    prompt_view,
+    patching,
+    prompt,
     sql_console,
     timeline,
 )
@@ -21,10 +24,10 @@ from workbench.app.views import (
 VIEWS = {
     "Overview": overview.render,
     "Heads": heads.render,
-    "Patching": patching_view.render,
+    "Patching": patching.render,
     "Circuit": circuit.render,
     "Timeline": timeline.render,
-    "Prompt": prompt_view.render,
+    "Prompt": prompt.render,
     "Features": features.render,
     "SQL": sql_console.render,
 }

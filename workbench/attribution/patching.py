@@ -5,7 +5,7 @@ activation in one run by its value in another run and measures the metric. *Deno
 corrupt prompts with a clean activation patched in; *noising* runs the clean prompts with the
 activation ablated: replaced by its value on the corrupt prompts (`resample`), by zero (`zero`),
 or by its mean over the task's clean prompts of the same length (`mean`). Scores are normalised
-so that 1 is the whole clean-vs-corrupt gap (DESIGN.md): denoising
+so that 1 is the whole clean-vs-corrupt gap (docs/methods.md): denoising
 `(m_patched - m_corrupt) / (m_clean - m_corrupt)`, noising `(m_clean - m_patched) / (m_clean -
 m_corrupt)`.
 

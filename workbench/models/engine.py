@@ -304,8 +304,8 @@ def _tl_config(path: Path) -> HookedTransformerConfig:
     if cfg.n_key_value_heads is not None:
         # grouped-query attention: every query head gets its own copy of its group's key and
         # value weights, so `hook_k_input`, `hook_k`, `hook_v` (and the node a{L}.h{H}<k|v>)
-        # are per query head, as TransformerLens's patching functions see them (README, "Grouped-
-        # query attention"). The forward pass is unchanged.
+        # are per query head, as TransformerLens's patching functions see them (docs/models.md,
+        # "Grouped-query attention"). The forward pass is unchanged.
         cfg.ungroup_grouped_query_attention = True
     return cfg
 

@@ -1,6 +1,6 @@
 """Resolve a `--model` argument into checkpoints and load them.
 
-Accepted forms (DESIGN.md, "Model sources"):
+Accepted forms (docs/models.md, "Model sources"):
 - a zoo checkpoint directory (`config.json`, `model.safetensors`, tokenizer, `meta.json`);
 - a directory of zoo checkpoints (`step_<N>/` subdirectories);
 - a Hugging Face model directory (`config.json` + safetensors or bin weights);

@@ -1,4 +1,4 @@
-"""The zoo checkpoint directory format (see DESIGN.md, "Model sources").
+"""The zoo checkpoint directory format (see docs/models.md, "Model sources").
 
 A checkpoint directory holds `config.json` (keyword arguments of `HookedTransformerConfig`),
 `model.safetensors` (the HookedTransformer `state_dict`), a Hugging Face tokenizer

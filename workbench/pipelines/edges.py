@@ -177,6 +177,6 @@ METHODS = (
 
 
 if __name__ == "__main__":
-    from pipelines import main
+    from workbench.pipelines import main
 
     main("edges")

@@ -87,6 +87,6 @@ METHODS = (
 
 
 if __name__ == "__main__":
-    from pipelines import main
+    from workbench.pipelines import main
 
     main("heads")

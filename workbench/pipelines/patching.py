@@ -133,6 +133,6 @@ METHODS = (
 
 
 if __name__ == "__main__":
-    from pipelines import main
+    from workbench.pipelines import main
 
     main("patching")

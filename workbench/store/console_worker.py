@@ -1,7 +1,8 @@
 """The SQL console's worker: one user query, in a process of its own that its caller can kill.
 
-`run_console_query` starts `python -m workbench.store.console_worker` and writes one JSON line
-to its stdin: the query, the database, a private directory and the limits. The worker
+`run_console_query` starts `python -m workbench.store.console_worker PRIVATE_DIR` and writes one
+JSON line to its stdin: the query, the database, the private directory and the limits. The
+worker
 
 1. opens the database read-only and sandboxed, with DuckDB's temporary files in the private
    directory (at most `max_spill` bytes) and DuckDB's `memory_limit` set;
@@ -48,7 +49,9 @@ GONE_STATUS = 3  # the exit status when the caller went away
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     line = sys.stdin.buffer.readline()
-    if not line:
+    if not line:  # the caller went before sending its request: remove the directory it named
+        if len(sys.argv) > 1:
+            shutil.rmtree(sys.argv[1], ignore_errors=True)
         return GONE_STATUS
     request = json.loads(line)
     threading.Thread(

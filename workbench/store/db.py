@@ -16,26 +16,24 @@ readers, at a time), retrying with backoff; `lock_wait` bounds the wait (`math.i
 and a wait that names its purpose is logged at INFO every `LOCK_LOG_SECONDS`.
 """
 
-import json
 import logging
 import math
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
-from workbench import __version__, records
+from workbench.core import utc_now
 from workbench.errors import BadInput
 from workbench.results import RunResult
+from workbench.rows import RunRow, result_rows, run_rows
 from workbench.store.schema import MIGRATIONS, PROMPT_TABLES, RUN_TABLES, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -87,38 +85,19 @@ def default_db_path(db: str | os.PathLike[str] | None = None) -> Path:
 
 
 @dataclass
-class RunRecord:
-    """One run's metadata; the rows it produced travel as Arrow tables beside it."""
-
-    run_key: str
-    pipeline: str
-    method: str
-    checkpoint_id: str
-    task_id: str
-    params: dict[str, Any]
-    started_at: datetime
-    status: str = "done"
-    error: str | None = None
-    metric_clean: float | None = None
-    metric_corrupt: float | None = None
-    finished_at: datetime | None = None
-    run_id: str = field(default_factory=lambda: "r" + uuid.uuid4().hex[:12])
-
-
-@dataclass
 class RunWrite:
     """Everything one run writes, as `Store.write_run` takes it: its record, the registry rows
     it refers to, its own rows (without run_id), rows with their own keys, and its staged files
     (staged path -> final path)."""
 
-    run: RunRecord
+    run: RunRow
     registry: dict[str, pa.Table]
     rows: dict[str, pa.Table]
     linked: dict[str, pa.Table] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
 
-def result_write(run: RunRecord, *, registry: dict[str, pa.Table], result: RunResult) -> RunWrite:
+def result_write(run: RunRow, *, registry: dict[str, pa.Table], result: RunResult) -> RunWrite:
     """What a run with this `RunResult` writes: its metrics go on its record, the nodes it
     introduces join the registry rows."""
     run.metric_clean, run.metric_corrupt = result.metric_clean, result.metric_corrupt
@@ -127,7 +106,7 @@ def result_write(run: RunRecord, *, registry: dict[str, pa.Table], result: RunRe
         registry = registry | {
             "nodes": pa.concat_tables([nodes, result.nodes]) if nodes else result.nodes
         }
-    rows, linked = records.result_rows(run.run_id, result)
+    rows, linked = result_rows(run.run_id, result)
     return RunWrite(run, registry, rows, linked, dict(result.files))
 
 
@@ -322,7 +301,7 @@ class Store:
     # --- writes -------------------------------------------------------------------------
     def write_run(
         self,
-        run: RunRecord,
+        run: RunRow,
         *,
         registry: dict[str, pa.Table],
         rows: dict[str, pa.Table],
@@ -345,7 +324,7 @@ class Store:
     def write(self, w: RunWrite, *, replace: bool = False) -> str:
         """`write_run` of a `RunWrite`."""
         run = w.run
-        run.finished_at = run.finished_at or datetime.now(UTC).replace(tzinfo=None)
+        run.finished_at = run.finished_at or utc_now()
         unique = run.status == "done" and not replace  # the key may be taken already
         moved: list[tuple[Path, Path | None]] = []
         try:
@@ -379,7 +358,7 @@ class Store:
             con.execute("DELETE FROM runs WHERE run_key = ? AND status = 'failed'", [run.run_key])
         for table, data in w.registry.items():
             self._insert(con, table, data, ignore_existing=True)
-        self._insert(con, "runs", self._run_table(run))
+        self._insert(con, "runs", run_rows(run))
         if run.status == "done":
             con.execute("INSERT INTO done_runs VALUES (?, ?)", [run.run_key, run.run_id])
         for table, data in w.rows.items():
@@ -392,7 +371,7 @@ class Store:
 
     def write_result(
         self,
-        run: RunRecord,
+        run: RunRow,
         *,
         registry: dict[str, pa.Table],
         result: RunResult,
@@ -411,11 +390,11 @@ class Store:
     def save_prompt_views(
         self, rows: dict[str, list[dict[str, Any]]], registry: dict[str, pa.Table]
     ) -> str:
-        """Store one prompt's views (`workbench.prompt_views.rows`) with the model, checkpoint
+        """Store one prompt's views (`workbench.prompt.views.view_rows`) with the model, checkpoint
         and node rows they refer to, in one transaction, replacing the same prompt_id."""
         (head,) = rows["prompt_views"]
         pid = str(head["prompt_id"])
-        head = head | {"created_at": datetime.now(UTC).replace(tzinfo=None)}
+        head = head | {"created_at": utc_now()}
         with self.transaction() as con:
             for table, data in registry.items():
                 self._insert(con, table, data, ignore_existing=True)
@@ -474,7 +453,7 @@ class Store:
                     subgraph.description,
                     len(subgraph.nodes),
                     len(subgraph.edges),
-                    datetime.now(UTC).replace(tzinfo=None),
+                    utc_now(),
                 ],
             )
             con.register("_subgraph_nodes", nodes)
@@ -488,7 +467,7 @@ class Store:
         logger.info("saved subgraph %s (%s)", sid, subgraph.name)
         return sid
 
-    def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
+    def record_failed_run(self, run: RunRow, *, registry: dict[str, pa.Table]) -> str:
         run.status = "failed"
         return self.write_run(run, registry=registry, rows={})
 
@@ -520,26 +499,3 @@ class Store:
             con.execute(f"{verb} INTO {table} ({columns}) SELECT {columns} FROM {view}")
         finally:
             con.unregister(view)
-
-    @staticmethod
-    def _run_table(run: RunRecord) -> pa.Table:
-        return pa.Table.from_pylist(
-            [
-                {
-                    "run_id": run.run_id,
-                    "run_key": run.run_key,
-                    "pipeline": run.pipeline,
-                    "method": run.method,
-                    "checkpoint_id": run.checkpoint_id,
-                    "task_id": run.task_id,
-                    "params": json.dumps(run.params, sort_keys=True),
-                    "status": run.status,
-                    "error": run.error,
-                    "metric_clean": run.metric_clean,
-                    "metric_corrupt": run.metric_corrupt,
-                    "started_at": run.started_at,
-                    "finished_at": run.finished_at,
-                    "code_version": __version__,
-                }
-            ]
-        )

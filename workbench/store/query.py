@@ -226,7 +226,7 @@ def _spawn(private: Path, request: dict[str, Any]) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
     with open(private / "stderr.txt", "wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", WORKER],
+            [sys.executable, "-m", WORKER, str(private)],  # removed if the request never comes
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,

@@ -1,4 +1,4 @@
-"""Schema v1 (DESIGN.md, "DuckDB schema") and forward migrations.
+"""Schema v1 (docs/schema.md, "Tables") and forward migrations.
 
 `MIGRATIONS[v]` holds the statements that take a database from version v-1 to v. A database is
 migrated forward when opened for writing; a database newer than this code is refused.
@@ -163,7 +163,7 @@ SCHEMA_V7 = [
         subgraph_id VARCHAR, src VARCHAR, dst VARCHAR, score DOUBLE, note VARCHAR)""",
 ]
 
-# v8: prompt-level views (`workbench run prompt`, `workbench.prompt_views`): one prompt at one
+# v8: prompt-level views (`workbench run prompt`, `workbench.prompt.views`): one prompt at one
 # checkpoint, keyed by prompt_id (a hash of the checkpoint, the tokens and tau).
 SCHEMA_V8 = [
     """CREATE TABLE prompt_views (

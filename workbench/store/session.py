@@ -34,18 +34,19 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from workbench.core import utc_now
 from workbench.errors import BadInput
 from workbench.results import RunResult
+from workbench.rows import RunRow
 from workbench.store.db import (
     LOCK_WAIT_SECONDS,
     DatabaseBusy,
-    RunRecord,
     RunWrite,
     Store,
     default_db_path,
@@ -60,10 +61,6 @@ BEAT_LOCK_WAIT = 1.0  # a heartbeat waits this long for the lock, then is skippe
 # a queue row whose heartbeat is older than this, from another host, is abandoned
 STALE_AFTER = timedelta(minutes=30)
 PENDING_FORMAT = 1
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _alive(pid: int) -> bool:
@@ -156,7 +153,7 @@ class StoreSession:
                 r["job_id"]
                 for r in rows
                 if (r["host"] == self.host and not _alive(int(r["pid"])))
-                or (r["host"] != self.host and r["seen"] < _now() - STALE_AFTER)
+                or (r["host"] != self.host and r["seen"] < utc_now() - STALE_AFTER)
             ]
             if stale:
                 store.con.execute("DELETE FROM run_queue WHERE list_contains(?, job_id)", [stale])
@@ -168,7 +165,7 @@ class StoreSession:
         the session closes, a thread keeps this process's rows' heartbeat fresh."""
         if not jobs:
             return
-        now = _now()
+        now = utc_now()
         unique = {j["job_id"]: j for j in jobs}
         rows = [
             j | {"status": "queued", "pid": self.pid, "host": self.host, "queued_at": now}
@@ -189,7 +186,7 @@ class StoreSession:
                     """UPDATE run_queue SET status = 'running', run_id = ?, pid = ?, host = ?,
                        started_at = coalesce(started_at, ?), heartbeat_at = ?
                        WHERE job_id = ?""",
-                    [run_id, self.pid, self.host, _now(), _now(), job_id],
+                    [run_id, self.pid, self.host, utc_now(), utc_now(), job_id],
                 )
             return existing
 
@@ -199,7 +196,7 @@ class StoreSession:
             store.con.execute(
                 """UPDATE run_queue SET status = 'running', pid = ?, host = ?,
                    started_at = coalesce(started_at, ?), heartbeat_at = ? WHERE job_id = ?""",
-                [self.pid, self.host, _now(), _now(), job_id],
+                [self.pid, self.host, utc_now(), utc_now(), job_id],
             )
 
     def beat(self, job_ids: list[str]) -> None:
@@ -215,7 +212,7 @@ class StoreSession:
         try:
             with self._open(wait=BEAT_LOCK_WAIT) as store:
                 store.con.execute(
-                    f"UPDATE run_queue SET heartbeat_at = ? WHERE {where}", [_now(), *params]
+                    f"UPDATE run_queue SET heartbeat_at = ? WHERE {where}", [utc_now(), *params]
                 )
         except Exception:
             logger.debug("a heartbeat was skipped", exc_info=True)
@@ -258,19 +255,19 @@ class StoreSession:
 
     # --- writes ---------------------------------------------------------------------------
     def write_result(
-        self, run: RunRecord, *, registry: dict[str, pa.Table], result: RunResult, replace: bool
+        self, run: RunRow, *, registry: dict[str, pa.Table], result: RunResult, replace: bool
     ) -> str:
         """Store a computed run (see `Store.write_run` for what it returns)."""
         return self.write(result_write(run, registry=registry, result=result), replace=replace)
 
-    def record_failed_run(self, run: RunRecord, *, registry: dict[str, pa.Table]) -> str:
+    def record_failed_run(self, run: RunRow, *, registry: dict[str, pa.Table]) -> str:
         run.status = "failed"
         return self.write(RunWrite(run, registry, {}), replace=False)
 
     def write(self, w: RunWrite, *, replace: bool) -> str:
         """Write a run, waiting up to `lock_wait` for the lock; if it stays busy, the run is
         kept in the pending directory and `DatabaseBusy` says where."""
-        w.run.finished_at = w.run.finished_at or _now()  # computed now, whenever it is stored
+        w.run.finished_at = w.run.finished_at or utc_now()  # computed now, whenever it is stored
         try:
             with self.store(purpose=f"store run {w.run.run_id}") as store:
                 return store.write(w, replace=replace)
@@ -367,7 +364,7 @@ def read_pending(directory: Path) -> tuple[RunWrite, bool]:
         section, table, _ = path.name.split(".")
         with pa.memory_map(str(path)) as source:
             tables[section][table] = pa.ipc.open_file(source).read_all()
-    w = RunWrite(RunRecord(**record), **tables, files=dict(meta["files"]))
+    w = RunWrite(RunRow(**record), **tables, files=dict(meta["files"]))
     return w, bool(meta["replace"])
 
 

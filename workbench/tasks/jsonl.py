@@ -6,7 +6,8 @@ Token-id form: {"clean_ids": [...], "corrupt_ids": [...], "answer_id": 7, "wrong
 A line may also name the task's metric (`"metric": "prob_diff"`, see `workbench.core.METRICS`);
 lines that name one must agree.
 
-Every error names the file, the line number and the field.
+Every error names the file, the line number and the field; an absurdly long path is shortened
+in the sentence (`shown_path`).
 
 Sizes are checked before anything costly: the file is read a line at a time, and no line is
 read past `max_line_chars` characters (`line_limit`: 64 characters per position of the model's
@@ -27,7 +28,7 @@ from typing import IO, Any
 from workbench.core import METRICS
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
-from workbench.tasks.spec import PromptPair, Task, shown_path
+from workbench.tasks.spec import PromptPair, Task
 
 TEXT_FIELDS = ("clean", "corrupt", "answer", "wrong")
 ID_FIELDS = ("clean_ids", "corrupt_ids", "answer_id", "wrong_id")
@@ -35,6 +36,7 @@ ID_FIELDS = ("clean_ids", "corrupt_ids", "answer_id", "wrong_id")
 LINE_CHARS_PER_POSITION = 64  # the line limit per position of the model's context
 MIN_LINE_CHARS = 4096  # the line limit however short the context
 LINE_LIMIT_ENV = "WORKBENCH_TASK_MAX_LINE_CHARS"
+SHOWN_PATH_CHARS = 120  # a longer path is shown by its start and end in error sentences
 
 
 def line_limit(model: LoadedModel) -> int:
@@ -265,3 +267,12 @@ def _n_ctx(model: LoadedModel) -> int:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def shown_path(path: Path | str) -> str:
+    """`path` for an error sentence: control characters escaped, an absurdly long path by its
+    start and end."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(path))
+    if len(text) <= SHOWN_PATH_CHARS:
+        return text
+    return f"{text[:60]}...{text[-40:]} ({len(text):,} characters)"

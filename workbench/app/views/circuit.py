@@ -4,42 +4,20 @@ only-left and only-right edges); and every score a chosen node has across method
 circuits (`sae_attr`) draw each SAE's features in a column at its hook; a head links to the
 features it writes most, a feature to its dashboard."""
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from math import nan
-
-import numpy as np
 import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.app import access, links, queries
+from workbench.app.circuit_data import Shown, triples
+from workbench.app.figures import COLOURS, Edge, circuit_figure
 from workbench.app.views import curate, features
-from workbench.app.views.common import select_model
-from workbench.core import PORTS, Hook, Node
-from workbench.graph import build_graph, input_to_logits, layout, split_port, without_layers
-
-Edge = tuple[str, str, float]
-COLOURS = {"shared": "#444444", "left": "#1f77b4", "right": "#ff7f0e"}
-
+from workbench.app.views.common import pick_row, pick_run, select_model
+from workbench.core import PORTS, Node
+from workbench.graph import input_to_logits, split_port, without_layers
 
 MAX_DRAWN = 10_000  # edges the explorer draws at most
-LABELLED = 150  # nodes drawn with their labels (beyond it: hover only)
-HOVERED = 2_000  # edges whose score shows on hovering over their midpoint (beyond: the table)
-
-
-@dataclass
-class Shown:
-    """What a source of edges hands the explorer: the edges and where they come from."""
-
-    edges: list[Edge]
-    checkpoint_id: str
-    colours: dict[tuple[str, str], str] | None = None
-    after: Callable[[], None] | None = None  # drawn below the graph (tables, curves)
-    source: str = ""  # where the edges come from (`run:<id>`, `circuit:<id>`, ...)
-    groups: dict[str, list[str]] | None = None  # supernodes drawn in place of their members
-    own_edges: list[Edge] | None = None  # what curating works on, when not the drawn edges
 
 
 def render() -> None:
@@ -171,22 +149,8 @@ def _edge_run(model_id: str) -> Shown | None:
     if runs.empty:
         st.info("No runs with edges for this model yet (dla, attr_patch and the edges pipeline).")
         return None
-    c1, c2, c3 = st.columns(3)
-    method = links.selectbox(
-        "Method", sorted(runs["method"].unique()), key="circuit_method", param="method", where=c1
-    )
-    runs = runs[runs["method"] == method]
-    task = links.selectbox(
-        "Task", sorted(runs["task_id"].unique()), key="circuit_task", param="task", where=c2
-    )
-    runs = runs[runs["task_id"] == task]
-    steps = sorted(runs["step"].unique().tolist())
-    step = links.selectbox(
-        "Checkpoint step", steps, index=len(steps) - 1, key="circuit_step", param="step", where=c3
-    )
-    run = runs[runs["step"] == step].iloc[0]
+    run = pick_run(runs, "circuit", slider=False)
     run_id = str(run["run_id"])
-    links.show("run", run_id)
     size = queries.edge_run_size(run_id).iloc[0]
     n_stored, bound = int(size["n"]), float(size["m"] or 0.0)
     mode = links.radio(
@@ -236,11 +200,11 @@ def _edge_run(model_id: str) -> Shown | None:
             fig.add_hline(y=0.8, line_dash="dot")
             st.plotly_chart(fig, key="circuit_curve")
 
-    return Shown(_triples(edges), str(run["checkpoint_id"]), after=after, source=f"run:{run_id}")
+    return Shown(triples(edges), str(run["checkpoint_id"]), after=after, source=f"run:{run_id}")
 
 
 def _circuit_edges(circuit_id: str) -> list[Edge]:
-    return _triples(queries.circuit_edges(circuit_id))
+    return triples(queries.circuit_edges(circuit_id))
 
 
 def _stored_circuit(model_id: str) -> Shown | None:
@@ -248,16 +212,7 @@ def _stored_circuit(model_id: str) -> Shown | None:
     if stored.empty:
         st.info("No stored circuits for this model yet (`workbench run edges` stores them).")
         return None
-    ids = stored["circuit_id"].tolist()
-    labels = dict(zip(ids, stored["label"], strict=True))
-    circuit_id = links.selectbox(
-        "Circuit",
-        ids,
-        format_func=lambda i: str(labels[i]),
-        key="circuit_pick",
-        param="circuit",
-    )
-    row = stored[stored["circuit_id"] == circuit_id].iloc[0]
+    row = pick_row(stored, "circuit_id", "Circuit", key="circuit_pick", param="circuit")
     st.caption(f"circuit `{row['circuit_id']}`: {access.literal(row['name'])}")
     return Shown(
         _circuit_edges(row["circuit_id"]),
@@ -357,14 +312,6 @@ def _with_ports(node_id: str) -> list[str]:
     return [node_id] + [Node.head_of(node.layer or 0, node.head or 0, p).id for p in PORTS]
 
 
-def _short(node_id: str) -> str:
-    """Feature nodes are labelled by their index (or `err`); the full id is in the hover."""
-    node = Node.try_parse(node_id)
-    if node is None or not node.is_sae_node:
-        return node_id
-    return "#err" if node.feature is None else f"#{node.feature}"
-
-
 def _feature_links(node: str, checkpoint_id: str) -> None:
     """A head: the features its output writes most (sae_attr); a feature: its dashboard."""
     parsed = Node.try_parse(node)
@@ -389,116 +336,3 @@ def _feature_links(node: str, checkpoint_id: str) -> None:
             args=(feature.sae_id, feature.feature),
             key=f"circuit_head_feature_{i}",
         )
-
-
-def _triples(edges: pd.DataFrame) -> list[Edge]:
-    return [(str(r.src), str(r.dst), float(r.score)) for r in edges.itertuples()]
-
-
-def sae_depths(n_layers: int) -> dict[str, float]:
-    saes = queries.sae_hooks()
-    return {str(r.sae_id): Hook.depth(str(r.hook), n_layers) for r in saes.itertuples()}
-
-
-def _width(score: float, biggest: float) -> float:
-    """Line width in four steps of |score| / the largest |score| (one WebGL trace per step)."""
-    return 1.0 + 2.0 * min(int(4 * abs(score) / biggest), 3)
-
-
-def circuit_figure(
-    edges: list[Edge],
-    n_layers: int,
-    n_heads: int,
-    *,
-    colours: dict | None = None,
-    highlight: str | None = None,
-    webgl: bool = False,
-    pinned: set[str] | None = None,
-    groups: dict[str, list[str]] | None = None,
-) -> go.Figure:
-    """Nodes by layer (x) and head (y); edges coloured by sign (or `colours`, keyed by the
-    stored (src, dst)) and as wide as their |score|. Edges are batched into one trace per colour
-    and width, drawn as SVG paths (one per trace: the fastest to draw without a GPU, and vector
-    for export) or with WebGL (`Scattergl`, `webgl`);
-    the nodes stay one SVG trace, clickable and labelled while there are few. `highlight`: a
-    node whose edges are drawn in full colour while the rest fade; `pinned` nodes are drawn as
-    diamonds; `groups`: supernodes (`group:<label>`) placed at their members' mean position."""
-    graph = build_graph(edges)
-    members = [m for ms in (groups or {}).values() for m in ms]
-    where = layout(list(graph.nodes) + members, n_layers, n_heads, sae_depths(n_layers))
-    where |= curate.supernode_positions(where, groups or {})
-    lines = go.Scattergl if webgl else go.Scatter
-    biggest = max((abs(d["score"]) for *_, d in graph.edges(data=True)), default=1.0) or 1.0
-    stored_key = {(s, split_port(d)[0]): (s, d) for s, d, _ in edges}
-    batches: dict[tuple[bool, str, float], tuple[list, list]] = {}
-    middles: tuple[list, list, list] = ([], [], [])
-    near: set[str] = set()
-    if highlight is not None and highlight in graph:
-        near = {highlight, *graph.pred[highlight], *graph.succ[highlight]}
-    for src, dst, attrs in graph.edges(data=True):
-        (x0, y0), (x1, y1) = where[src], where[dst]
-        colour = (colours or {}).get(stored_key.get((src, dst))) or (
-            "#1f77b4" if attrs["score"] >= 0 else "#d62728"
-        )
-        lit = not near or highlight in (src, dst)
-        xs, ys = batches.setdefault((lit, colour, _width(attrs["score"], biggest)), ([], []))
-        xs += [x0, x1, nan]  # (a gap between segments; float arrays travel as binary)
-        ys += [y0, y1, nan]
-        ports = ",".join(p for p in attrs["ports"] if p)
-        middles[0].append((x0 + x1) / 2)
-        middles[1].append((y0 + y1) / 2)
-        middles[2].append(f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}")
-    fig = go.Figure()
-    for (lit, colour, width), (xs, ys) in sorted(batches.items(), key=lambda b: b[0]):
-        fig.add_trace(
-            lines(
-                x=np.array(xs),
-                y=np.array(ys),
-                mode="lines",
-                line={"width": width, "color": colour},
-                opacity=1.0 if lit else 0.15,
-                hoverinfo="skip",  # lines end on the nodes: clicks there must reach the nodes
-                showlegend=False,
-            )
-        )
-    if len(middles[0]) <= HOVERED:  # each edge's score, on hover over its midpoint
-        fig.add_trace(
-            lines(
-                x=np.array(middles[0]),
-                y=np.array(middles[1]),
-                mode="markers",
-                marker={"size": 6, "color": "#999", "opacity": 0.4},
-                hovertext=middles[2],
-                hoverinfo="text",
-                showlegend=False,
-            )
-        )
-    nodes = list(graph.nodes)
-    xy = [where[n] for n in nodes]
-    fig.add_trace(
-        go.Scatter(
-            x=[p[0] for p in xy],
-            y=[p[1] for p in xy],
-            mode="markers+text" if len(nodes) <= LABELLED else "markers",
-            text=[_short(n) for n in nodes],
-            hovertext=nodes,
-            customdata=nodes,
-            textposition="top center",
-            marker={
-                "size": [
-                    22 if n == highlight else 16 if n in near or not near else 10 for n in nodes
-                ],
-                "color": ["#ff7f0e" if n == highlight else "#444" for n in nodes],
-                "symbol": ["diamond" if n in (pinned or ()) else "circle" for n in nodes],
-            },
-            hoverinfo="text",
-            showlegend=False,
-        )
-    )
-    fig.update_layout(
-        xaxis={"title": "layer", "dtick": 1 if n_layers <= 32 else None},
-        yaxis={"title": "head", "dtick": 1 if n_heads <= 32 else None},
-        height=max(520, 26 * n_heads),
-        margin={"l": 40, "r": 20, "t": 20, "b": 40},
-    )
-    return fig

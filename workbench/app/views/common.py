@@ -1,7 +1,9 @@
-"""Selectors shared by the views."""
+"""Pickers and figures shared by the views: the model, a stored row by its label, a run by
+method, task and checkpoint step (each choice linked, `app.links`), and the diverging heatmap."""
 
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 
 from workbench.app import links, queries
@@ -13,6 +15,57 @@ def select_model(key: str) -> str | None:
         st.info("No models stored yet.")
         return None
     return links.selectbox("Model", models["model_id"].tolist(), key=key, param="model")
+
+
+def pick_row(table: pd.DataFrame, id_column: str, label: str, *, key: str, param: str) -> pd.Series:
+    """The row of `table` picked by its id (`id_column`), each shown by its `label` column."""
+    ids = table[id_column].tolist()
+    labels = dict(zip(ids, table["label"], strict=True))
+    chosen = links.selectbox(label, ids, format_func=lambda i: str(labels[i]), key=key, param=param)
+    return table[table[id_column] == chosen].iloc[0]
+
+
+def narrow(
+    rows: pd.DataFrame,
+    label: str,
+    values: str | pd.Series,
+    *,
+    key: str,
+    param: str,
+    where: Any = None,
+) -> pd.DataFrame:
+    """The rows whose value (a column's, or `values` beside the rows) is the one picked among
+    the distinct values, in order."""
+    column = rows[values] if isinstance(values, str) else values
+    chosen = links.selectbox(label, sorted(column.unique()), key=key, param=param, where=where)
+    return rows[column == chosen]
+
+
+def pick_step(runs: pd.DataFrame, key: str, *, slider: bool, where: Any = None) -> pd.Series:
+    """The run at the checkpoint step picked (the last by default), on a slider or in a select
+    box; its id is linked as `run`."""
+    steps = sorted(runs["step"].unique().tolist())
+    if slider:
+        step = links.select_slider(
+            "Checkpoint (training step)", steps, value=steps[-1], key=key, param="step"
+        )
+    else:
+        step = links.selectbox(
+            "Checkpoint step", steps, index=len(steps) - 1, key=key, param="step", where=where
+        )
+    run = runs[runs["step"] == step].iloc[0]
+    links.show("run", str(run["run_id"]))
+    return run
+
+
+def pick_run(runs: pd.DataFrame, prefix: str, *, slider: bool) -> pd.Series:
+    """One of `runs` (rows with method, task_id, step and run_id): its method and task side by
+    side, then its checkpoint step (on a slider below them, or in a select box beside them).
+    The widgets' keys are `{prefix}_method`, `{prefix}_task` and `{prefix}_step`."""
+    cols = st.columns(2 if slider else 3)
+    runs = narrow(runs, "Method", "method", key=f"{prefix}_method", param="method", where=cols[0])
+    runs = narrow(runs, "Task", "task_id", key=f"{prefix}_task", param="task", where=cols[1])
+    return pick_step(runs, f"{prefix}_step", slider=slider, where=None if slider else cols[2])
 
 
 def diverging_heatmap(grid: Any, bound: float, labels: dict[str, str], **style: Any) -> Any:

@@ -9,12 +9,14 @@ import pandas as pd
 import streamlit as st
 
 from workbench.app import access, data, links, queries
+from workbench.app.circuit_data import Shown, triples
+from workbench.app.figures import Edge
+from workbench.app.views.common import pick_row
 from workbench.errors import BadInput
 from workbench.graph import split_port
 from workbench.store import DatabaseBusy, Store
 from workbench.subgraphs import GROUP_PREFIX, Subgraph, SubgraphEdge, SubgraphNode, collapse
 
-Edge = tuple[str, str, float]
 PINS, GROUPS, NOTES = "curate_pins", "curate_groups", "curate_notes"
 SAVE_WAIT_SECONDS = 10.0  # a writer holding the database: wait this long, then say so
 COMPARE = {"shared": "#444444", "subgraph": "#1f77b4", "circuit": "#ff7f0e"}
@@ -119,20 +121,14 @@ def _save(
     )
 
 
-def saved(model_id: str):  # type: ignore[no-untyped-def]
+def saved(model_id: str) -> Shown | None:
     """The 'Saved subgraph' source of the Circuit page: returns what the explorer draws."""
-    from workbench.app.views.circuit import Shown
-
     stored = queries.subgraphs(model_id)
     if stored.empty:
         st.info("No saved subgraphs for this model yet: pin nodes under Curate and save them.")
         return None
-    ids = stored["subgraph_id"].tolist()
-    labels = dict(zip(ids, stored["label"], strict=True))
-    sid = links.selectbox(
-        "Subgraph", ids, format_func=lambda i: str(labels[i]), key="curate_open", param="subgraph"
-    )
-    row = stored[stored["subgraph_id"] == sid].iloc[0]
+    row = pick_row(stored, "subgraph_id", "Subgraph", key="curate_open", param="subgraph")
+    sid = str(row["subgraph_id"])
     nodes = queries.subgraph_nodes(sid)
     edge_rows = queries.subgraph_edges(sid)
     subgraph_groups = {
@@ -150,7 +146,7 @@ def saved(model_id: str):  # type: ignore[no-untyped-def]
         }
         st.session_state[NOTES] = notes
         st.session_state["curate_name"] = str(row["name"])
-    edges = [(str(r.src), str(r.dst), float(r.score)) for r in edge_rows.itertuples()]
+    edges = triples(edge_rows)
     c1, c2 = st.columns([1, 2])
     folded = links.checkbox(
         "Collapse groups into supernodes",
@@ -244,18 +240,3 @@ def _exports(sid: str) -> None:
             key=f"curate_{fmt}",
             on_click="ignore",
         )
-
-
-def supernode_positions(
-    where: dict[str, tuple[float, float]], members: dict[str, list[str]]
-) -> dict[str, tuple[float, float]]:
-    """A supernode sits at the mean position of its members."""
-    out = {}
-    for label, nodes in members.items():
-        points = [where[n] for n in nodes if n in where]
-        if points:
-            out[GROUP_PREFIX + label] = (
-                sum(p[0] for p in points) / len(points),
-                sum(p[1] for p in points) / len(points),
-            )
-    return out

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.app import access, links, queries
-from workbench.app.views.common import select_model
+from workbench.app.views.common import pick_row, select_model
 from workbench.core import Node
 
 WINDOW = 10  # tokens shown either side of the activating one
@@ -33,15 +33,8 @@ def render() -> None:
     if saes.empty:
         st.info("No SAEs for this model yet: `workbench run sae --model ... --hook ...`.")
         return
-    ids = saes["sae_id"].tolist()
-    sae_id = links.selectbox(
-        "SAE",
-        ids,
-        format_func=lambda i: saes.set_index("sae_id").loc[i, "label"],
-        key="features_sae",
-        param="sae",
-    )
-    sae = saes[saes["sae_id"] == sae_id].iloc[0]
+    sae = pick_row(saes, "sae_id", "SAE", key="features_sae", param="sae")
+    sae_id = str(sae["sae_id"])
     _quality(sae)
     _search(sae_id, int(sae["d_sae"]))
     feature = int(

@@ -5,8 +5,8 @@ import numpy as np
 import plotly.express as px
 import streamlit as st
 
-from workbench.app import links, queries
-from workbench.app.views.common import diverging_heatmap, select_model
+from workbench.app import queries
+from workbench.app.views.common import diverging_heatmap, pick_run, select_model
 
 
 def render() -> None:
@@ -19,21 +19,7 @@ def render() -> None:
     if runs.empty:
         st.info("No head attribution runs for this model yet.")
         return
-    c1, c2 = st.columns(2)
-    method = links.selectbox(
-        "Method", sorted(runs["method"].unique()), key="heads_method", param="method", where=c1
-    )
-    runs = runs[runs["method"] == method]
-    task = links.selectbox(
-        "Task", sorted(runs["task_id"].unique()), key="heads_task", param="task", where=c2
-    )
-    runs = runs[runs["task_id"] == task]
-    steps = sorted(runs["step"].unique().tolist())
-    step = links.select_slider(
-        "Checkpoint (training step)", steps, value=steps[-1], key="heads_step", param="step"
-    )
-    run = runs[runs["step"] == step].iloc[0]
-    links.show("run", run["run_id"])
+    run = pick_run(runs, "heads", slider=True)
     scores = queries.head_scores(str(run["run_id"]))
     if scores.empty:
         st.info("This run stored no head scores.")
@@ -53,7 +39,7 @@ def render() -> None:
     st.dataframe(scores.sort_values("score", ascending=False).head(10), hide_index=True)
 
     st.subheader("Across checkpoints")
-    history = queries.head_score_history(model_id, method, task)
+    history = queries.head_score_history(model_id, str(run["method"]), str(run["task_id"]))
     st.plotly_chart(
         px.line(history, x="step", y="score", color="node_id", markers=True), key="heads_history"
     )

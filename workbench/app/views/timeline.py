@@ -8,7 +8,7 @@ import plotly.express as px
 import streamlit as st
 
 from workbench.app import links, queries
-from workbench.app.views.circuit import COLOURS, circuit_figure
+from workbench.app.figures import COLOURS, circuit_figure
 from workbench.app.views.common import diverging_heatmap, select_model
 
 # circuit_diff's statuses in the circuit view's comparison colours

@@ -1,7 +1,7 @@
-"""`workbench run prompt`: compute one prompt's views (`workbench.prompt_views`) at each chosen
+"""`workbench run prompt`: compute one prompt's views (`workbench.prompt.views`) at each chosen
 checkpoint without holding the database, then store them in one short transaction. Cached by
-prompt_id (checkpoint, tokens, tau): a prompt already stored is not computed again unless
-`force`.
+prompt_id (checkpoint, tokens, tau), not by run key: a prompt already stored is not computed
+again unless `force`.
 
 A prompt longer than the model's context (`n_ctx` in its config) is BadInput before the model
 runs; attention flow taking longer than `flow_seconds` (`--flow-seconds`, 300 by default, 0 for
@@ -11,18 +11,18 @@ import logging
 
 from tqdm.auto import tqdm
 
-from workbench import records
 from workbench.errors import BadInput
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.models.sources import select_checkpoints
-from workbench.prompt_views import (
+from workbench.prompt.views import (
     DEFAULT_FLOW_SECONDS,
     DEFAULT_TAU,
     lens_ids,
     prompt_id,
     prompt_views,
-    rows,
+    view_rows,
 )
+from workbench.rows import checkpoint_rows, model_graph_nodes, model_rows
 from workbench.store import Store
 from workbench.tasks import load_task
 
@@ -79,7 +79,7 @@ def run_prompt(
                     continue
         views = prompt_views(loaded.model, ids, tau, flow_seconds=flow_seconds or None)
         named = lens_ids(views)
-        table = rows(
+        table = view_rows(
             views,
             pid=pid,
             checkpoint_id=checkpoint_id,
@@ -90,9 +90,9 @@ def run_prompt(
         )
         cfg = loaded.model.cfg
         registry = {
-            "models": records.model_rows(loaded.info),
-            "checkpoints": records.checkpoint_rows(loaded.checkpoint),
-            "nodes": records.model_graph_nodes(
+            "models": model_rows(loaded.info),
+            "checkpoints": checkpoint_rows(loaded.checkpoint),
+            "nodes": model_graph_nodes(
                 loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
             ),
         }

@@ -3,8 +3,8 @@ patched positions one at a time (e.g. the residual stream by layer and position)
 
 import streamlit as st
 
-from workbench.app import links, queries
-from workbench.app.views.common import diverging_heatmap, select_model
+from workbench.app import queries
+from workbench.app.views.common import diverging_heatmap, narrow, pick_step, select_model
 
 
 def render() -> None:
@@ -17,34 +17,14 @@ def render() -> None:
         st.info("No patching runs for this model yet (`workbench run patching`).")
         return
     c1, c2, c3 = st.columns(3)
-    component = links.selectbox(
-        "Component",
-        sorted(runs["component"].unique()),
-        key="patch_comp",
-        param="component",
-        where=c1,
+    runs = narrow(runs, "Component", "component", key="patch_comp", param="component", where=c1)
+    runs = narrow(runs, "Method", "method", key="patch_method", param="method", where=c2)
+    variant = runs["positions"] + " / " + runs["ablation"]
+    runs = narrow(
+        runs, "Positions / ablation", variant, key="patch_variant", param="variant", where=c3
     )
-    runs = runs[runs["component"] == component]
-    method = links.selectbox(
-        "Method", sorted(runs["method"].unique()), key="patch_method", param="method", where=c2
-    )
-    runs = runs[runs["method"] == method]
-    variant = links.selectbox(
-        "Positions / ablation",
-        sorted((runs["positions"] + " / " + runs["ablation"]).unique()),
-        key="patch_variant",
-        param="variant",
-        where=c3,
-    )
-    runs = runs[(runs["positions"] + " / " + runs["ablation"]) == variant]
-    task = links.selectbox("Task", sorted(runs["task_id"].unique()), key="patch_task", param="task")
-    runs = runs[runs["task_id"] == task]
-    steps = sorted(runs["step"].unique().tolist())
-    step = links.select_slider(
-        "Checkpoint (training step)", steps, value=steps[-1], key="patch_step", param="step"
-    )
-    run_id = runs[runs["step"] == step].iloc[0]["run_id"]
-    links.show("run", run_id)
+    runs = narrow(runs, "Task", "task_id", key="patch_task", param="task")
+    run_id = pick_step(runs, "patch_step", slider=True)["run_id"]
     scores = queries.patching_scores(str(run_id))
     grid = scores.pivot_table(index="node_id", columns="position", values="score", sort=False)
     grid.columns = ["all" if c == -1 else str(c) for c in grid.columns]

@@ -1,8 +1,8 @@
 """Rerun the `numerics` tests (outcomes that depend on a training run or on float reduction
 order) as other machines would compute them, and measure how far their quantities move.
 
-    python -m tests.portable            # make test-portable: other kernels, one thread
-    python -m tests.portable --spread   # make spread: seeds x kernels, the range of each quantity
+    python -m tools.portable            # make test-portable: other kernels, one thread
+    python -m tools.portable --spread   # make spread: seeds x kernels, the range of each quantity
 
 `ATEN_CPU_CAPABILITY` picks PyTorch's CPU kernels (`default`: no SIMD beyond the baseline,
 `avx2`, `avx512`; on an AVX-512 machine `avx2` computes what an AVX2 machine computes), so the

@@ -1,4 +1,5 @@
-"""One prompt, looked at closely: what `workbench run prompt` computes and stores.
+"""One prompt's views at one checkpoint: what `workbench run prompt` (`workbench.prompt.run`)
+computes and stores.
 
 For a token sequence and a checkpoint:
 - **attention**: every head's attention pattern;
@@ -54,6 +55,9 @@ ROUTES_CHUNK_ELEMENTS = 2**22  # the routes' per-source terms held at once (16 M
 
 @dataclass
 class PromptViews:
+    """Every view of one prompt at one checkpoint, as `prompt_views` computes them; `view_rows`
+    makes the store's rows of them."""
+
     token_ids: list[int]
     predicted_id: int
     attention: torch.Tensor  # [layer, head, query, key], on the CPU
@@ -289,6 +293,8 @@ def lens_ids(views: PromptViews) -> list[int]:
 
 
 def prompt_id(checkpoint_id: str, token_ids: list[int], tau: float) -> str:
+    """What a prompt's views are stored under: `p-` and the first 12 hex digits of the sha256 of
+    (checkpoint, token ids, tau)."""
     import hashlib
     import json
 
@@ -296,7 +302,7 @@ def prompt_id(checkpoint_id: str, token_ids: list[int], tau: float) -> str:
     return "p-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def rows(
+def view_rows(
     views: PromptViews,
     *,
     pid: str,

@@ -1,6 +1,6 @@
 """`requirements.lock`: the exact version of every package `make demo` and `make test` install.
 
-    python -m tests.lockfile write VENV   # make lock: pin what a fresh resolve of VENV installed
+    python -m tools.lockfile write VENV   # make lock: pin what a fresh resolve of VENV installed
 
 `pyproject.toml` keeps compatible ranges for people who `pip install` the package; the lock pins
 one tested set of versions, used by the Makefile as pip constraints (`pip install -c`). torch is
@@ -87,7 +87,7 @@ def write(venv: Path, out: Path = LOCK) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "write":
-        print("usage: python -m tests.lockfile write VENV", file=sys.stderr)
+        print("usage: python -m tools.lockfile write VENV", file=sys.stderr)
         return 2
     write(Path(argv[1]))
     print(f"wrote {LOCK.relative_to(ROOT)}")

@@ -1,7 +1,7 @@
 """Demo regression: run `workbench demo` with the code of another git revision and with this
 tree, on the same zoo checkpoints, and compare every stored number.
 
-    python -m tests.regression BASE_REV [--tolerance 1e-6]     (make regress BASE=<rev>)
+    python -m tools.regression BASE_REV [--tolerance 1e-6]     (make regress BASE=<rev>)
 
 Runs are matched by run key, so the check also proves that run keys did not change: a run
 present in one database and not the other is a difference. Compared: each run's parameters and

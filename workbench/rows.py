@@ -1,18 +1,80 @@
-"""Arrow rows for the store, built from loaded models, tasks and method results.
+"""The rows the store writes, as plain values: a run's `runs` row (`RunRow`), and Arrow rows
+for the other tables, built from loaded models, tasks and method results (`RunResult`).
 
 The bridge between compute and store: it knows both vocabularies but imports neither torch
-model code nor duckdb.
+model code nor duckdb, so a worker that computes away from the store builds its rows too.
+`workbench.store` inserts them.
 """
 
 import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
 
+from workbench import __version__
 from workbench.core import PORTS, Node
-from workbench.models.base import CheckpointInfo, ModelInfo
+from workbench.models.base import CheckpointInfo, LoadedModel, ModelInfo
 from workbench.results import CircuitResult, RunResult
 from workbench.tasks.spec import Task
+
+
+@dataclass
+class RunRow:
+    """One row of the `runs` table: a run's identity, params and outcome. The executor makes it
+    before the run computes (`workbench.compute.run_row_for`) and sets `error` if the method
+    raises; the store sets the metrics from the `RunResult`, `status` (`failed` for a failed
+    run) and `finished_at` as it writes the run. The run's other rows travel beside it as Arrow
+    tables."""
+
+    run_key: str
+    pipeline: str
+    method: str
+    checkpoint_id: str
+    task_id: str
+    params: dict[str, Any]
+    started_at: datetime
+    status: str = "done"
+    error: str | None = None
+    metric_clean: float | None = None
+    metric_corrupt: float | None = None
+    finished_at: datetime | None = None
+    run_id: str = field(default_factory=lambda: "r" + uuid.uuid4().hex[:12])
+
+
+def run_rows(run: RunRow) -> pa.Table:
+    """The `runs` row of a run, with the workbench version that made it."""
+    row = {
+        "run_id": run.run_id,
+        "run_key": run.run_key,
+        "pipeline": run.pipeline,
+        "method": run.method,
+        "checkpoint_id": run.checkpoint_id,
+        "task_id": run.task_id,
+        "params": json.dumps(run.params, sort_keys=True),
+        "status": run.status,
+        "error": run.error,
+        "metric_clean": run.metric_clean,
+        "metric_corrupt": run.metric_corrupt,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "code_version": __version__,
+    }
+    return pa.Table.from_pylist([row])
+
+
+def loaded_rows(loaded: LoadedModel) -> dict[str, pa.Table]:
+    """The rows a loaded checkpoint brings, by table: its `models`, `checkpoints` and `nodes`."""
+    cfg = loaded.model.cfg
+    return {
+        "models": model_rows(loaded.info),
+        "checkpoints": checkpoint_rows(loaded.checkpoint),
+        "nodes": model_graph_nodes(
+            loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
+        ),
+    }
 
 
 def model_rows(info: ModelInfo) -> pa.Table:

@@ -3,7 +3,7 @@
 the docstrings of the standard library's modules. One paragraph a line, the `.txt` form
 `--corpus` reads. Paragraphs that are mostly code, tables or markup are left out.
 
-    python -m tests.real.corpus OUT.txt
+    python -m tools.corpus OUT.txt
 """
 
 import ast

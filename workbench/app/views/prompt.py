@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.app import access, data, links, queries
-from workbench.app.views.common import diverging_heatmap, select_model
+from workbench.app.views.common import diverging_heatmap, pick_row, select_model
 from workbench.errors import BadInput
 
 ROUTE_COLOURS = {"attention": "#1f77b4", "residual": "#999999", "mlp": "#2ca02c"}
@@ -37,12 +37,8 @@ def render() -> None:
         st.info(f"No prompt analysed for this model yet: {above}run "
                 "`workbench run prompt --model ... --text ...`.")  # fmt: skip
         return
-    ids = stored["prompt_id"].tolist()
-    labels = dict(zip(ids, stored["label"], strict=True))
-    pid = links.selectbox(
-        "Prompt", ids, format_func=lambda i: str(labels[i]), key="prompt_pick", param="prompt"
-    )
-    row = stored[stored["prompt_id"] == pid].iloc[0]
+    row = pick_row(stored, "prompt_id", "Prompt", key="prompt_pick", param="prompt")
+    pid = str(row["prompt_id"])
     tokens = [f"{i}:{t}" for i, t in enumerate(row["tokens"])]
     st.caption(
         f"prompt `{pid}` at step {row['step']} · {len(tokens)} tokens · predicted next token: "
