@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
 import duckdb
@@ -31,10 +32,49 @@ COMPARED = [
 ]
 
 
+def tree_metadata(tree: Path, into: Path) -> Path:
+    """A distribution record of `tree` (its name, version and `workbench.methods` entry points,
+    read from its own pyproject.toml) in `into`: first on the path, it stands for the installed
+    one, whose entry points name this tree's modules, not the other revision's."""
+    project = tomllib.loads((tree / "pyproject.toml").read_text())["project"]
+    info = into / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    groups = project.get("entry-points", {})
+    lines = [
+        f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in eps.items())
+        for group, eps in groups.items()
+    ]
+    (info / "entry_points.txt").write_text("\n".join(lines))
+    return into
+
+
+# Run a tree's code and only its code: without the editable install's import hook (which would
+# serve modules this tree lacks from the checkout) and with this project's first distribution
+# record on the path (the tree's own, from `tree_metadata`) standing for it in entry points.
+TREE_ONLY = """import importlib.metadata as md, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+_all = md.distributions
+def _first_of_project(**kw):
+    seen = False
+    for d in _all(**kw):
+        if (d.metadata["Name"] or "").lower() == "circuit-workbench":
+            if seen:
+                continue
+            seen = True
+        yield d
+md.distributions = _first_of_project
+"""
+
+
 def run_demo(tree: Path, db: Path, zoo: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    meta = tree_metadata(tree, db.parent / f"{db.stem}-meta")
+    path = os.pathsep.join([str(meta), str(tree)])
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env["WORKBENCH_LOG"] = "WARNING"
-    code = "import sys; from workbench.cli import cli; sys.exit(cli(sys.argv[1:]))"
+    code = TREE_ONLY + "from workbench.cli import cli; sys.exit(cli(sys.argv[1:]))"
     argv = ["demo", "--no-app", "--db", str(db), "--zoo-dir", str(zoo)]
     subprocess.run([sys.executable, "-c", code, *argv], cwd=tree, env=env, check=True)
 
