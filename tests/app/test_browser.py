@@ -1,5 +1,7 @@
 """End to end in a real browser: `streamlit run app/main.py` served on localhost, driven by
-headless Chromium (Debian's chromium + chromium-driver) through Selenium."""
+headless Chromium (Debian's chromium + chromium-driver) through Selenium. With
+`WORKBENCH_SCREENSHOTS=<dir>` the tests also save the app's pictures there (`make screenshots`
+writes docs/images); then a test that cannot take its picture fails instead of skipping."""
 
 import os
 import shutil
@@ -15,16 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.app import screenshots
+from tests.app.screenshots import shoot
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 APP = Path(__file__).resolve().parents[2] / "app" / "main.py"
+INSTALLED = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+MISSING = "Debian chromium and chromium-driver are not installed (make browser)"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(
-        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-        reason="Debian chromium and chromium-driver are not installed (make browser)",
-    ),
+    pytest.mark.skipif(not INSTALLED and screenshots.directory() is None, reason=MISSING),
 ]
 
 
@@ -42,7 +46,9 @@ def server(heads_db):
 
 @contextmanager
 def streamlit_server(db) -> Iterator[str]:
-    """`streamlit run app/main.py` on a free port, reading `db`; yields its URL."""
+    """`streamlit run app/main.py` on a free port, reading `db`; yields its URL. The server
+    runs in the database's directory and names it by its file name (what the sidebar shows),
+    with the toolbar of a deployed app (no developer buttons)."""
     port = _free_port()
     cmd = [
         sys.executable,
@@ -58,10 +64,14 @@ def streamlit_server(db) -> Iterator[str]:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",
     ]
+    db = Path(db).resolve()
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, "WORKBENCH_DB": str(db)},
+        cwd=db.parent,
+        env={**os.environ, "WORKBENCH_DB": db.name},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -96,6 +106,8 @@ def browser():
 @contextmanager
 def chromium_driver() -> Iterator:
     """Headless Chromium driven through Selenium."""
+    if not INSTALLED:
+        pytest.fail(f"{MISSING}, so ${screenshots.VARIABLE} gets no pictures")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -121,11 +133,16 @@ def chromium_driver() -> Iterator:
         driver.quit()
 
 
-def _wait_for_text(driver, text: str, timeout: float = 60) -> None:
+def _wait_for_text(driver, text: str, timeout: float = 120) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text)
+
+
+def _widget(label: str) -> str:
+    """XPath of the page element holding the widget labelled `label`."""
+    return f"//*[@data-testid='stElementContainer'][.//label[normalize-space()='{label}']]"
 
 
 def click_view(driver, view: str, timeout: float = 60) -> None:
@@ -160,6 +177,8 @@ def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
     browser.get(server)
     _wait_for_text(browser, "Circuit Workbench")
     _wait_for_text(browser, "Checkpoints")  # the overview's tables arrived
+    _wait_for_text(browser, "Runs")
+    shoot(browser, "app-overview.png")
     for view, expected in (
         ("Heads", "Attention heads"),
         ("Circuit", "Prune by"),
@@ -170,6 +189,7 @@ def test_app_pages_render_in_a_real_browser(server, browser, tmp_path):
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     _wait_for_text(browser, "node_id")  # the SQL page ran its example query
     browser.save_screenshot(str(tmp_path / "sql.png"))
+    shoot(browser, "app-sql.png", focus=_widget("Example queries"))
 
 
 def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
@@ -198,6 +218,7 @@ def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
     ActionChains(browser).move_to_element(points[target]).pause(0.5).click().perform()
     WebDriverWait(browser, 60).until(lambda d: node_value(d) == labels[target])
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    shoot(browser, "app-circuit.png", focus=_widget("Node (or click one in the graph)"))
 
 
 def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
@@ -369,7 +390,7 @@ def test_the_prompt_page_in_a_real_browser(induction_dir, browser, tmp_path):
 
     from workbench.cli import cli
 
-    db = tmp_path / "w.duckdb"
+    db = tmp_path / "workbench.duckdb"
     argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "1"]
     assert cli([*argv, "--db", str(db)]) == 0
     con = duckdb.connect(str(db), read_only=True)
@@ -381,7 +402,41 @@ def test_the_prompt_page_in_a_real_browser(induction_dir, browser, tmp_path):
         WebDriverWait(browser, 60).until(lambda d: _plot_traces(d))
         for tab in ("Logit lens", "Rollout and flow", "Routes"):
             browser.find_element(By.XPATH, f"//*[@role='tab'][contains(., '{tab}')]").click()
+            if tab == "Logit lens":  # each layer's prediction at each position: its picture
+                _wait_for_text(browser, "read off each layer's residual")
+                shoot(browser, "app-prompt.png", focus=_widget("Prompt"))
             time.sleep(0.5)
         _wait_for_text(browser, "information-flow routes")
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
         browser.save_screenshot(str(tmp_path / "prompt.png"))
+
+
+def test_the_features_page_in_a_real_browser(sae_run, browser, tmp_path):
+    """A feature's link opens its dashboard: statistics, activation histogram, top activating
+    contexts with the activating token marked, logit effects and its attribution (the feature
+    that the session's sae_attr run scores highest; on a copy of the database)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.conftest import query
+
+    (top,) = query(
+        sae_run.db,
+        """SELECT n.sae_id, n.feature FROM node_scores s JOIN runs r USING (run_id)
+           JOIN nodes n USING (node_id) WHERE r.method = 'sae_attr' AND n.kind = 'feature'
+           ORDER BY abs(s.score) DESC, n.node_id LIMIT 1""",
+    )
+    sae, feature = top["sae_id"], top["feature"]
+    db = tmp_path / "workbench.duckdb"
+    shutil.copy(sae_run.db, db)
+    with streamlit_server(db) as server:
+        browser.get(f"{server}/?view=features&sae={sae}&feature={feature}")
+        _wait_for_text(browser, f"Feature {feature}")
+        _wait_for_text(browser, "Top activating contexts")
+        _wait_for_text(browser, "Attribution to the task metric")
+        WebDriverWait(browser, 60).until(lambda d: "bar" in _plot_traces(d))  # the histogram
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert "Traceback" not in body and "not scored by any sae_attr run" not in body
+        assert browser.find_elements(By.CSS_SELECTOR, "mark b")  # the activating tokens
+        heading = f"//*[@data-testid='stHeading'][contains(., 'Feature {feature} ')]"
+        shoot(browser, "app-features.png", focus=heading)
