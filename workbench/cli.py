@@ -595,22 +595,6 @@ def _start_app(
     return _serve(cmd, env, stop_timeout=stop_timeout)
 
 
-def _is_loopback(address: str) -> bool:
-    """127.0.0.0/8, ::1 or localhost (app/auth.py decides the same way inside the app)."""
-    import ipaddress
-
-    host = address.strip().strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
-
-
 def _announce_app(address: str, port: int, env: dict[str, str]) -> None:
     """Say where the app is; served beyond loopback without a token, make one (into `env`)
     and print the one link that carries it."""
@@ -622,7 +606,9 @@ def _announce_app(address: str, port: int, env: dict[str, str]) -> None:
     else:
         host = f"[{address}]" if ":" in address else address
     url = f"http://{host}:{port}/"
-    if _is_loopback(address) and not env.get(APP_TOKEN_ENV):
+    from workbench.net import is_loopback
+
+    if is_loopback(address) and not env.get(APP_TOKEN_ENV):
         typer.echo(f"starting the app on {url} (Ctrl-C to stop)")
     elif env.get(APP_TOKEN_ENV):
         typer.echo(f"starting the app on {url} (Ctrl-C to stop); it asks for ${APP_TOKEN_ENV}")

@@ -21,29 +21,16 @@ loopback (Streamlit sets its `global.appTest` option while it runs a test script
 """
 
 import hmac
-import ipaddress
 import os
 
 import streamlit as st
 from streamlit import config
 
+from workbench.net import is_loopback
+
 TOKEN_ENV = "WORKBENCH_APP_TOKEN"
 PARAM = "token"
 PASSED = "_auth_token_passed"  # session state: this session gave the right token
-
-
-def is_loopback(address: str) -> bool:
-    """Whether `address` (an IP address or host name) is this machine only."""
-    host = address.strip().strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped.is_loopback
-    return ip.is_loopback
 
 
 def served_beyond_loopback(address: str | None, *, app_test: bool = False) -> bool:
