@@ -21,10 +21,16 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, repeat_rows
-from workbench.attribution.edges import EdgeGraph, graph_hooks_enabled, source_outputs
+from workbench.attribution.edges import (
+    EdgeGraph,
+    graph_hooks_enabled,
+    model_graph,
+    source_outputs,
+)
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Edge, Hook, Node
 from workbench.graph import split_port
+from workbench.results import CircuitResult
 
 logger = logging.getLogger(__name__)
 
@@ -267,3 +273,48 @@ def smallest_faithful(curve: list[tuple[int, int, float]], target: float = 0.8) 
         if value >= target:
             return size
     return curve[-1][0]
+
+
+def smallest_faithful_circuit(
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    graph: EdgeGraph,
+    edges: list[Edge],
+    *,
+    target: float,
+    method: str,
+) -> tuple[list[tuple[int, int, float]], CircuitResult]:
+    """The faithfulness curve of `edges` ranked by |score|, and the circuit a scoring method
+    stores from it: the smallest top-n (on input->logits paths) whose faithfulness reaches
+    `target`, else the largest."""
+    curve = faithfulness_curve(model, batches, graph, edges)
+    size = smallest_faithful(curve, target)
+    circuit = select(edges, f"top:{size}")
+    faith = next(f for n, _, f in curve if n == size)
+    name = f"{method}: smallest top-n with faithfulness >= {target}"
+    return curve, CircuitResult(name, circuit.rule, circuit.edges, len(circuit.nodes), faith)
+
+
+@dataclass
+class AcdcRun:
+    """What `run_acdc` found: the metric on the clean and corrupt prompts, every tried edge with
+    the drop its removal caused, and the kept circuit."""
+
+    metric_clean: float
+    metric_corrupt: float
+    tried: list[Edge]
+    circuit: CircuitResult
+
+
+def run_acdc(model: HookedTransformer, batches: list[PromptBatch], threshold: float) -> AcdcRun:
+    """ACDC (`acdc`) over the model's whole edge graph."""
+    ablator = EdgeAblator(model, batches, model_graph(model))
+    tried, kept, faith = acdc(ablator, threshold=threshold)
+    circuit = CircuitResult(
+        f"acdc: greedy pruning, threshold {threshold}",
+        f"acdc:{threshold}",
+        kept,
+        len(Circuit("acdc", kept).nodes),
+        faith,
+    )
+    return AcdcRun(ablator.m_clean, ablator.m_corrupt, tried, circuit)

@@ -11,7 +11,7 @@ from typing import Any
 
 from workbench.attribution.ig import IgParams, check_ig_params
 from workbench.registry import Method, RunInputs, option
-from workbench.results import CircuitResult, RunResult
+from workbench.results import RunResult
 
 GRAPH = "input+heads(qkv)+mlps+logits"
 
@@ -58,14 +58,19 @@ def _acdc_key(params: AcdcParams) -> dict[str, Any]:
 
 
 def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResult:
-    from workbench import circuits
+    from workbench.circuits import smallest_faithful_circuit
+    from workbench.tasks import known_circuit_metrics
 
     edge_list = result.edges()
-    curve = circuits.faithfulness_curve(inputs.model, inputs.batches, result.graph, edge_list)
-    size = circuits.smallest_faithful(curve, params.faithful_target)
-    circuit = circuits.select(edge_list, f"top:{size}")
-    faith = next(f for n, _, f in curve if n == size)
-    metrics = known_circuit_metrics(inputs, edge_list)
+    curve, circuit = smallest_faithful_circuit(
+        inputs.model,
+        inputs.batches,
+        result.graph,
+        edge_list,
+        target=params.faithful_target,
+        method=method,
+    )
+    metrics = known_circuit_metrics(inputs.task, inputs.loaded, edge_list)
     if method == "eap_ig":
         metrics["ig_completeness"] = result.completeness
     return RunResult(
@@ -74,13 +79,7 @@ def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResu
         edges=edge_list,
         curve=curve,
         metrics=metrics,
-        circuit=CircuitResult(
-            f"{method}: smallest top-n with faithfulness >= {params.faithful_target}",
-            circuit.rule,
-            circuit.edges,
-            len(circuit.nodes),
-            faith,
-        ),
+        circuit=circuit,
     )
 
 
@@ -108,40 +107,17 @@ def exact_edge(inputs: RunInputs, params: ExactEdgeParams) -> RunResult:
 
 
 def acdc(inputs: RunInputs, params: AcdcParams) -> RunResult:
-    from workbench import circuits
-    from workbench.attribution import edges
+    from workbench.circuits import run_acdc
+    from workbench.tasks import known_circuit_metrics
 
-    model = inputs.model
-    ablator = circuits.EdgeAblator(model, inputs.batches, edges.model_graph(model))
-    tried, kept, faith = circuits.acdc(ablator, threshold=params.acdc_threshold)
+    found = run_acdc(inputs.model, inputs.batches, params.acdc_threshold)
     return RunResult(
-        ablator.m_clean,
-        ablator.m_corrupt,
-        edges=tried,
-        metrics=known_circuit_metrics(inputs, tried),
-        circuit=CircuitResult(
-            f"acdc: greedy pruning, threshold {params.acdc_threshold}",
-            f"acdc:{params.acdc_threshold}",
-            kept,
-            len(circuits.Circuit("acdc", kept).nodes),
-            faith,
-        ),
+        found.metric_clean,
+        found.metric_corrupt,
+        edges=found.tried,
+        metrics=known_circuit_metrics(inputs.task, inputs.loaded, found.tried),
+        circuit=found.circuit,
     )
-
-
-def known_circuit_metrics(
-    inputs: RunInputs, edge_list: list[tuple[str, str, float]]
-) -> dict[str, float]:
-    """ROC AUC of |edge score| against the task's known circuit, where it has one."""
-    from workbench.tasks import known_circuit
-
-    known = known_circuit(inputs.task, inputs.loaded)
-    if known is None:
-        return {}
-    from workbench.zoo.ground_truth import roc_auc
-
-    auc = roc_auc(edge_list, known)
-    return {} if auc is None else {"roc_auc_known_circuit": auc}
 
 
 METHODS = (

@@ -74,6 +74,20 @@ def known_circuit(task: Task, model: LoadedModel) -> set[tuple[str, str]] | None
     return provider(model) if provider else None
 
 
+def known_circuit_metrics(
+    task: Task, model: LoadedModel, edges: list[tuple[str, str, float]]
+) -> dict[str, float]:
+    """`roc_auc_known_circuit`: the ROC AUC of |edge score| against the circuit known to solve
+    `task` in `model`, where the task knows one (`known_circuit`); no metric otherwise."""
+    known = known_circuit(task, model)
+    if known is None:
+        return {}
+    from workbench.zoo.ground_truth import roc_auc
+
+    auc = roc_auc(edges, known)
+    return {} if auc is None else {"roc_auc_known_circuit": auc}
+
+
 def training_corpus(task: Task, model: LoadedModel, *, n_tokens: int, seed: int) -> Any:
     """(windows, loss mask) of the sequences `model` was trained on for `task`, where the task
     knows them (a built-in task on its zoo model); None otherwise."""
@@ -85,4 +99,11 @@ def training_corpus(task: Task, model: LoadedModel, *, n_tokens: int, seed: int)
     return provider(model, n_tokens, torch.Generator().manual_seed(seed)) if provider else None
 
 
-__all__ = ["PromptPair", "Task", "known_circuit", "load_task", "training_corpus"]
+__all__ = [
+    "PromptPair",
+    "Task",
+    "known_circuit",
+    "known_circuit_metrics",
+    "load_task",
+    "training_corpus",
+]
