@@ -39,6 +39,8 @@ from workbench.cli import app, cli
 from workbench.store.query import run_readonly_query
 
 ROOT = Path(__file__).resolve().parent.parent
+# `workbench run` commands of their own, not pipelines (keyed by prompt, not by run key)
+RUN_COMMANDS = ("prompt", "graph")
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NEEDS = {"smollm2", "ray", "gpu"}
 SHELL = {"sh", "bash", "shell"}
@@ -243,7 +245,7 @@ def test_docs_commands_exist(capsys):
     assert {"run", "sql", "demo", "app", "migrate", "export", "zoo", "model", "watch"} <= {
         c for c, _ in commands
     }
-    runnable = {*registry.pipelines(), "all", "prompt"}
+    runnable = {*registry.pipelines(), "all", *RUN_COMMANDS}
     for command, sub in sorted(commands, key=lambda c: (c[0], c[1] or "")):
         if command == "run" and sub and sub.startswith("my_"):
             continue  # a plugin's pipeline, named as an example
@@ -385,8 +387,9 @@ def test_the_command_line_page_lists_every_option():
     missing = []
     for path, options in sorted(_cli_commands().items()):
         listed = set(rows.get(path, set()))
-        if path[:1] == ("run",) and path != ("run", "prompt"):
-            runs = [r for r in rows if r[:1] == ("run",) and r != ("run", "prompt")]
+        own = {("run", c) for c in RUN_COMMANDS}
+        if path[:1] == ("run",) and path not in own:
+            runs = [r for r in rows if r[:1] == ("run",) and r not in own]
             mine = runs if path == ("run", "all") else [("run",), path]
             listed = set().union(*(rows.get(r, set()) for r in mine))
         missing += [f"workbench {' '.join(path)} {o}" for o in sorted(options - listed)]

@@ -143,6 +143,11 @@ CONTRACTS = [
             "workbench.models",
             "workbench.tasks",
             "workbench.prompt.views",
+            "workbench.transcoders.sets",
+            "workbench.transcoders.graph",
+            "workbench.transcoders.train",
+            "workbench.transcoders.plan",
+            "workbench.transcoders.compute",
         ),
         UI_AND_DB,
         False,
@@ -249,22 +254,33 @@ def test_the_import_graph_counts_imports_as_its_docstring_says():
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-@pytest.mark.parametrize(
-    ("module", "forbidden"),
-    [
-        ("workbench.core", ["torch", "duckdb", "streamlit", "pyarrow"]),
-        ("workbench.store", MODEL_CODE + ["streamlit"]),
-        ("workbench.rows", MODEL_CODE + UI_AND_DB),
-        ("workbench.registry", MODEL_CODE + UI_AND_DB),
-        ("workbench.attribution.edges", UI_AND_DB),
-        ("workbench.sae.attribution", UI_AND_DB),
-        ("workbench.app.views.circuit", MODEL_CODE),
-    ],
-)
-def test_module_does_not_load(module, forbidden):
-    code = f"import sys, {module}; print(','.join(m for m in {forbidden!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"{module} loads {out.stdout.strip()}"
+LOADS_NOTHING_OF = [
+    ("workbench.core", ["torch", "duckdb", "streamlit", "pyarrow"]),
+    ("workbench.store", MODEL_CODE + ["streamlit"]),
+    ("workbench.rows", MODEL_CODE + UI_AND_DB),
+    ("workbench.registry", MODEL_CODE + UI_AND_DB),
+    ("workbench.attribution.edges", UI_AND_DB),
+    ("workbench.sae.attribution", UI_AND_DB),
+    ("workbench.transcoders.graph", UI_AND_DB),
+    ("workbench.app.views.circuit", MODEL_CODE),
+]
+
+
+def test_modules_do_not_load_what_they_must_not():
+    """Each module imported alone, in a fresh interpreter of its own (all started at once),
+    loads none of its forbidden packages."""
+    procs = []
+    for module, forbidden in LOADS_NOTHING_OF:
+        code = f"import sys, {module}; print([m for m in {forbidden!r} if m in sys.modules])"
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        procs.append((module, subprocess.Popen([sys.executable, "-c", code], **pipes)))
+    loads = {}
+    for module, proc in procs:
+        out, err = proc.communicate()
+        assert proc.returncode == 0, f"import {module} failed: {err.strip()[-500:]}"
+        if out.strip() != "[]":
+            loads[module] = out.strip()
+    assert not loads, f"modules load what they must not: {loads}"
 
 
 def test_the_app_writes_only_saved_subgraphs():

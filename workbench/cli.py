@@ -273,7 +273,8 @@ def _register_run_commands() -> None:
 
     known = pipelines()
     for p in known.values():
-        lines = [f"The {p.name} pipeline. Methods (default: {', '.join(p.default_methods)}):"]
+        defaults = ", ".join(p.default_methods) or "all; left out of `run all`"
+        lines = [f"The {p.name} pipeline. Methods (default: {defaults}):"]
         lines += [f"{m.name}: {m.summary}." for m in p.methods]
         run_app.command(p.name, help="\n\n".join(lines))(_run_command(p.name, [p], lines[0]))
     every = list(known.values())
@@ -326,6 +327,72 @@ def run_prompt_command(
         flow_seconds=flow_seconds,
     ):
         typer.echo(f"{status:<8} prompt {pid}")
+    return 0
+
+
+@run_app.command("graph")
+def run_graph_command(
+    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
+    transcoders: Annotated[
+        str,
+        typer.Option(
+            help="A stored transcoder set (tc-..., from `workbench run transcoders`) or a set "
+            "directory (SAELens or circuit-tracer format)."
+        ),
+    ],
+    text: Annotated[str | None, typer.Option(help="The prompt, as text.")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="A task (built-in name or JSONL) to take a prompt from.")
+    ] = None,
+    index: Annotated[int, typer.Option(help="Which of the task's prompts (from 0).")] = 0,
+    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
+    max_n_logits: Annotated[int, typer.Option(help="At most this many logit nodes.")] = 10,
+    desired_logit_prob: Annotated[
+        float, typer.Option(help="Logit nodes until their probabilities reach this.")
+    ] = 0.95,
+    max_feature_nodes: Annotated[
+        int, typer.Option(help="At most this many feature nodes, by influence (0: all).")
+    ] = 4096,
+    node_threshold: Annotated[
+        float, typer.Option(help="Pruning keeps nodes up to this share of influence.")
+    ] = 0.8,
+    edge_threshold: Annotated[
+        float, typer.Option(help="Pruning keeps edges up to this share of influence.")
+    ] = 0.98,
+    batch_size: Annotated[
+        int, typer.Option(help="Backward passes at once (memory: this many prompt copies).")
+    ] = 32,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    db: DbOption = None,
+    force: Annotated[bool, typer.Option(help="Compute again even if stored.")] = False,
+) -> int:
+    """The attribution graph of one prompt through a transcoder set (Ameisen et al. 2025), at
+    each chosen checkpoint: nodes, pruned edges and scores (tables graphs, graph_*)."""
+    from workbench.transcoders.run import GraphParams, run_graph
+
+    params = GraphParams(
+        max_n_logits=max_n_logits,
+        desired_logit_prob=desired_logit_prob,
+        max_feature_nodes=max_feature_nodes or None,
+        node_threshold=node_threshold,
+        edge_threshold=edge_threshold,
+        batch_size=batch_size,
+    )
+    for gid, status in run_graph(
+        model,
+        transcoders,
+        text=text,
+        task=task,
+        index=index,
+        checkpoint=checkpoint,
+        params=params,
+        device=device,
+        dtype=dtype,
+        db=db,
+        force=force,
+    ):
+        typer.echo(f"{status:<8} graph {gid}")
     return 0
 
 

@@ -169,7 +169,9 @@ def plan_jobs(
         raise BadInput("--max-batch and --batch-tokens must be at least 1")
     if options.metric is not None and options.metric not in METRICS:
         raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
-    chosen = [p.method(m) for m in (methods or p.default_methods)]
+    # a pipeline without default methods (one that only `workbench run all` leaves out) runs
+    # all of them when it is named alone
+    chosen = [p.method(m) for m in (methods or p.default_methods or p.method_names)]
     params = params or {}
     check_applies(pipeline, chosen, params)
     for m in chosen:
@@ -207,6 +209,8 @@ def plan_all(
             continue
         mine = {k: v for k, v in params.items() if k in p.options()}
         chosen = own or list(p.default_methods)
+        if not chosen:
+            continue  # no default methods: only when named (transcoders)
         try:
             for m in chosen:
                 p.method(m).check(p.method(m).make_params(mine))

@@ -24,7 +24,7 @@ import pytest
 
 from workbench.rows import RunRow
 from workbench.store import SCHEMA_VERSION, Store
-from workbench.store.schema import MIGRATIONS, RUN_TABLES
+from workbench.store.schema import MIGRATIONS, V9_RUN_TABLES
 from workbench.store.session import StoreSession
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -415,7 +415,7 @@ def _owned(db: Path) -> dict[str, dict[str, int]]:
     try:
         out = {
             table: dict(con.execute(f"SELECT run_id, count(*) FROM {table} GROUP BY 1").fetchall())
-            for table in (*RUN_TABLES, "circuits")
+            for table in (*V9_RUN_TABLES, "circuits")
         }
         out["circuit_edges"] = dict(
             con.execute(

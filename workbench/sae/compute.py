@@ -31,6 +31,7 @@ from workbench.core import Hook, Node
 from workbench.models.base import LoadedModel
 from workbench.results import CircuitResult, RunResult
 from workbench.sae import attribution, features
+from workbench.sae.corpus import Corpus
 from workbench.sae.plan import AttrRun, FeaturesRun
 from workbench.sae.saes import LoadedSae, load_sae
 
@@ -81,17 +82,7 @@ def compute_features(loaded: LoadedModel, run: FeaturesRun, *, batch_size: int) 
     stats = features.scan(loaded, sae, corpus, top_k=run.top_k_examples, batch_size=batch_size)
     quality = features.quality(loaded, sae, corpus, stats)
     effects = features.logit_effects(loaded, sae)
-    density = stats.density
     dead = (stats.counts == 0).tolist()
-    dense = (density > features.DENSE_DENSITY).tolist()
-    n_bins = len(features.HISTOGRAM_EDGES) - 1
-    histograms = stats.histogram.reshape(sae.d_sae, n_bins).tolist()
-    logits = None
-    if effects is not None:
-        logits = [
-            ([_logit(loaded, t, v) for t, v in top], [_logit(loaded, t, v) for t, v in bottom])
-            for top, bottom in effects
-        ]
     sae_row = {
         "sae_id": sae_id,
         "checkpoint_id": loaded.checkpoint.checkpoint_id,
@@ -113,28 +104,9 @@ def compute_features(loaded: LoadedModel, run: FeaturesRun, *, batch_size: int) 
         "dead_fraction": sum(dead) / len(dead),
         "histogram_edges": features.HISTOGRAM_EDGES,
     }
-    examples = stats.examples()
-    windows = [corpus.windows[e[2]].tolist() for e in examples]
-    tables = {
-        "saes": rows.sae_rows(sae_row),
-        "features": rows.feature_rows(
-            sae_id,
-            density.tolist(),
-            stats.maxima.tolist(),
-            stats.mean_when_active.tolist(),
-            dead,
-            dense,
-            histograms,
-            logits,
-        ),
-        "feature_examples": rows.feature_example_rows(
-            sae_id,
-            [(e[0], e[1], e[3], e[4]) for e in examples],
-            windows,
-            [loaded.token_strs(w) for w in windows],
-            corpus.name,
-        ),
-    }
+    tables = {"saes": rows.sae_rows(sae_row)} | feature_tables(
+        loaded, sae_id, stats, corpus, effects
+    )
     metrics = {"l0": quality.l0, "explained_variance": quality.explained_variance}
     if quality.ce_loss_recovered is not None:
         metrics["ce_loss_recovered"] = quality.ce_loss_recovered
@@ -153,6 +125,45 @@ def compute_features(loaded: LoadedModel, run: FeaturesRun, *, batch_size: int) 
         nodes=feature_nodes(loaded, sae, sae_id),
         files=files,
     )
+
+
+def feature_tables(
+    loaded: LoadedModel,
+    sae_id: str,
+    stats: features.FeatureStats,
+    corpus: Corpus,
+    effects: list[tuple[list[tuple[int, float]], list[tuple[int, float]]]] | None,
+) -> dict[str, pa.Table]:
+    """The `features` and `feature_examples` rows of one dictionary's statistics."""
+    density = stats.density
+    n_bins = len(features.HISTOGRAM_EDGES) - 1
+    logits = None
+    if effects is not None:
+        logits = [
+            ([_logit(loaded, t, v) for t, v in top], [_logit(loaded, t, v) for t, v in bottom])
+            for top, bottom in effects
+        ]
+    examples = stats.examples()
+    windows = [corpus.windows[e[2]].tolist() for e in examples]
+    return {
+        "features": rows.feature_rows(
+            sae_id,
+            density.tolist(),
+            stats.maxima.tolist(),
+            stats.mean_when_active.tolist(),
+            (stats.counts == 0).tolist(),
+            (density > features.DENSE_DENSITY).tolist(),
+            stats.histogram.reshape(stats.d_sae, n_bins).tolist(),
+            logits,
+        ),
+        "feature_examples": rows.feature_example_rows(
+            sae_id,
+            [(e[0], e[1], e[3], e[4]) for e in examples],
+            windows,
+            [loaded.token_strs(w) for w in windows],
+            corpus.name,
+        ),
+    }
 
 
 def _logit(loaded: LoadedModel, token: int, value: float) -> dict[str, Any]:

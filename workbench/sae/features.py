@@ -299,6 +299,16 @@ def logit_effects(
     directions = residual_directions(loaded, sae)
     if directions is None:
         return None
+    return direction_logit_effects(loaded, directions, n, chunk)
+
+
+def direction_logit_effects(
+    loaded: LoadedModel,
+    directions: Float[torch.Tensor, "n d_model"],
+    n: int = N_LOGITS,
+    chunk: int = 1024,
+) -> list[tuple[list[tuple[int, float]], list[tuple[int, float]]]]:
+    """`logit_effects` of residual-stream write directions (one per feature)."""
     directions = frozen_final_norm(loaded.model, directions)  # per unit: no run's scale
     w_u = loaded.model.W_U.detach()
     out = []

@@ -16,11 +16,13 @@ readers, at a time), retrying with backoff; `lock_wait` bounds the wait (`math.i
 and a wait that names its purpose is logged at INFO every `LOCK_LOG_SECONDS`.
 """
 
+import json
 import logging
 import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,7 +36,13 @@ from workbench.core import utc_now
 from workbench.errors import BadInput
 from workbench.results import RunResult
 from workbench.rows import RunRow, result_rows, run_rows
-from workbench.store.schema import MIGRATIONS, PROMPT_TABLES, RUN_TABLES, SCHEMA_VERSION
+from workbench.store.schema import (
+    GRAPH_TABLES,
+    MIGRATIONS,
+    PROMPT_TABLES,
+    RUN_TABLES,
+    SCHEMA_VERSION,
+)
 
 if TYPE_CHECKING:
     from workbench.subgraphs import Subgraph
@@ -405,6 +413,57 @@ class Store:
                 if rows.get(table):
                     self._insert(con, table, pa.Table.from_pylist(rows[table]))
         return pid
+
+    def transcoder_set(self, set_id: str) -> dict[str, Any] | None:
+        """The stored transcoder set `set_id` (its `transcoder_sets` row), or None."""
+        cur = self.con.execute("SELECT * FROM transcoder_sets WHERE set_id = ?", [set_id])
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def has_graph(self, graph_id: str) -> bool:
+        return bool(self._scalar("SELECT count(*) FROM graphs WHERE graph_id = ?", [graph_id]))
+
+    def save_graph(
+        self,
+        head: dict[str, Any],
+        nodes: pa.Table,
+        edges: pa.Table,
+        adjacency: pa.Table,
+        registry: dict[str, pa.Table],
+    ) -> str:
+        """Store one attribution graph (`workbench.transcoders.run`) in one transaction,
+        replacing the same graph_id: its `graphs` row, nodes and kept edges, and its full
+        adjacency as `<db directory>/graphs/<graph_id>.parquet` (written beside it first, moved
+        into place just before the transaction commits, removed if it does not)."""
+        import pyarrow.parquet as pq
+
+        gid = str(head["graph_id"])
+        final = self.path.parent / "graphs" / f"{gid}.parquet"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+        pq.write_table(adjacency, staged)
+        files = {str(staged): str(final)}
+        head = head | {"adjacency_path": str(final), "created_at": utc_now()}
+        head["params"] = json.dumps(head["params"], sort_keys=True)
+        moved: list[tuple[Path, Path | None]] = []
+        try:
+            with self.transaction() as con:
+                for table, data in registry.items():
+                    self._insert(con, table, data, ignore_existing=True)
+                for table in ("graphs", *GRAPH_TABLES):
+                    con.execute(f"DELETE FROM {table} WHERE graph_id = ?", [gid])
+                self._insert(con, "graphs", pa.Table.from_pylist([head]))
+                for table, data in (("graph_nodes", nodes), ("graph_edges", edges)):
+                    if data.num_rows:
+                        self._insert(con, table, data)
+                _move_into_place(files, moved)
+        except BaseException:
+            _undo_moves(files, moved)
+            raise
+        for _, aside in moved:
+            if aside is not None:
+                _remove(aside)
+        return gid
 
     def save_subgraph(self, subgraph: "Subgraph") -> str:
         """Store a curated subgraph in one transaction, replacing one of the same name at the

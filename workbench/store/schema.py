@@ -184,8 +184,9 @@ SCHEMA_V8 = [
         dst_pos INTEGER, kind VARCHAR, importance DOUBLE)""",
 ]
 
-# Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs).
-RUN_TABLES = (
+# Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs):
+# those of schema v9, and `transcoder_sets` (v10).
+V9_RUN_TABLES = (
     "node_scores",
     "edges",
     "faithfulness_curves",
@@ -194,15 +195,17 @@ RUN_TABLES = (
     "features",
     "feature_examples",
 )
+RUN_TABLES = (*V9_RUN_TABLES, "transcoder_sets")
 
 
-def _delete_rows_of(runs: str) -> list[str]:
-    """Statements deleting every row of the runs whose ids `runs` (a query) selects."""
+def _delete_rows_of(runs: str, tables: tuple[str, ...] = RUN_TABLES) -> list[str]:
+    """Statements deleting every row of the runs whose ids `runs` (a query) selects, from the
+    run tables `tables` (those of the schema version the statements run in)."""
     circuits = f"SELECT circuit_id FROM circuits WHERE run_id IN ({runs})"
     return [
         f"DELETE FROM circuit_edges WHERE circuit_id IN ({circuits})",
         f"DELETE FROM circuits WHERE run_id IN ({runs})",
-        *(f"DELETE FROM {table} WHERE run_id IN ({runs})" for table in RUN_TABLES),
+        *(f"DELETE FROM {table} WHERE run_id IN ({runs})" for table in tables),
         f"DELETE FROM runs WHERE run_id IN ({runs})",
     ]
 
@@ -246,11 +249,54 @@ SCHEMA_V9 = [
                OR run_id IN (SELECT c.run_id FROM circuits c JOIN subgraphs s
                                ON s.source = 'circuit:' || c.circuit_id))""",
     "DELETE FROM v9_duplicates WHERE run_id IN (SELECT run_id FROM runs WHERE status <> 'done')",
-    *_delete_rows_of("SELECT run_id FROM v9_duplicates"),
+    *_delete_rows_of("SELECT run_id FROM v9_duplicates", V9_RUN_TABLES),
     "DROP TABLE v9_duplicates",
     f"""CREATE VIEW run_queue_live AS
         SELECT * FROM run_queue
         WHERE coalesce(heartbeat_at, started_at, queued_at) >= {_LIVE_SINCE}""",
+]
+
+# v10: transcoder sets and the attribution graphs of single prompts.
+# - a transcoder set is stored by the run that trained or loaded it (`transcoder_sets`, one row,
+#   with the replacement model's cross-entropy); each layer's transcoder is a row of `saes`
+#   (sae_id `<set_id>-L<layer>`, `hook` its input, `hook_out` its output, `set_id` its set), so
+#   its features, their statistics and examples are `features` / `feature_examples` rows like
+#   an SAE's;
+# - a graph (`graphs`, keyed by graph_id: a hash of the checkpoint, the set, the prompt's
+#   tokens and the parameters) has every node (`graph_nodes`, with its influence and whether
+#   pruning keeps it) and the edges pruning keeps (`graph_edges`, by node index); the full
+#   adjacency is a Parquet file (`graphs.adjacency_path`) of (src, dst, weight);
+# - the view `graph_component_edges` reduces kept edges over positions to the model graph's
+#   nodes (input, m<layer>, logits), so a graph compares with head and edge circuits.
+SCHEMA_V10 = [
+    "ALTER TABLE saes ADD COLUMN hook_out VARCHAR",
+    "ALTER TABLE saes ADD COLUMN set_id VARCHAR",
+    """CREATE TABLE transcoder_sets (
+        set_id VARCHAR PRIMARY KEY, run_id VARCHAR, checkpoint_id VARCHAR, source VARCHAR,
+        path VARCHAR, architecture VARCHAR, n_layers INTEGER, d_transcoder INTEGER,
+        hook_in VARCHAR, hook_out VARCHAR, corpus VARCHAR, n_tokens BIGINT, l0 DOUBLE,
+        explained_variance DOUBLE, ce_loss_clean DOUBLE, ce_loss_replaced DOUBLE,
+        ce_loss_zero DOUBLE, ce_loss_recovered DOUBLE)""",
+    """CREATE TABLE graphs (
+        graph_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, set_id VARCHAR, set_path VARCHAR,
+        text VARCHAR, token_ids INTEGER[], tokens VARCHAR[], params JSON,
+        n_active_features INTEGER, n_features INTEGER, n_nodes INTEGER, n_edges BIGINT,
+        n_nodes_kept INTEGER, n_edges_kept INTEGER, replacement_score DOUBLE,
+        completeness_score DOUBLE, adjacency_path VARCHAR, seconds DOUBLE,
+        created_at TIMESTAMP)""",
+    """CREATE TABLE graph_nodes (
+        graph_id VARCHAR, node INTEGER, node_id VARCHAR, kind VARCHAR, layer INTEGER,
+        position INTEGER, feature INTEGER, sae_id VARCHAR, component VARCHAR, token_id INTEGER,
+        token VARCHAR, activation DOUBLE, probability DOUBLE, influence DOUBLE,
+        cumulative_influence DOUBLE, kept BOOLEAN)""",
+    """CREATE TABLE graph_edges (graph_id VARCHAR, src INTEGER, dst INTEGER, weight DOUBLE)""",
+    """CREATE VIEW graph_component_edges AS
+        SELECT e.graph_id, s.component AS src, d.component AS dst,
+               sum(e.weight) AS weight, sum(abs(e.weight)) AS abs_weight, count(*) AS n_edges
+        FROM graph_edges e
+        JOIN graph_nodes s ON s.graph_id = e.graph_id AND s.node = e.src
+        JOIN graph_nodes d ON d.graph_id = e.graph_id AND d.node = e.dst
+        GROUP BY ALL""",
 ]
 
 MIGRATIONS: dict[int, list[str]] = {
@@ -263,6 +309,7 @@ MIGRATIONS: dict[int, list[str]] = {
     7: SCHEMA_V7,
     8: SCHEMA_V8,
     9: SCHEMA_V9,
+    10: SCHEMA_V10,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -274,3 +321,6 @@ PROMPT_TABLES = (
     "prompt_flow",
     "prompt_routes",
 )
+
+# The tables of a graph besides `graphs` itself, keyed by graph_id.
+GRAPH_TABLES = ("graph_nodes", "graph_edges")

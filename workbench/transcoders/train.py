@@ -48,7 +48,7 @@ class TranscoderTraining:
     expansion: int = 4
     d_transcoder: int | None = None
     skip: bool = True
-    l1_coefficient: float = 3e-3
+    l1_coefficient: float = 0.2
     training_tokens: int = 400_000
     batch_size_tokens: int = 1024
     lr: float = 1e-3
@@ -156,7 +156,7 @@ def train_transcoders(
         loss.backward()
         optimiser.step()
         if step % 50 == 0:
-            progress.set_postfix(loss=f"{float(loss) / n_layers:.4f}")
+            progress.set_postfix(loss=f"{float(loss.detach()) / n_layers:.4f}")
     transcoders = []
     for layer, trained in enumerate(params):
         sx, sy = x_scale[layer], y_scale[layer]

@@ -1,0 +1,167 @@
+"""`workbench run transcoders` and `workbench run graph` end to end on the IOI zoo model: what
+they store, that a stored graph is its computation's graph, re-runs, and bad input (exit 2, one
+sentence, nothing stored)."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import SEED
+from tests.sae.conftest import query
+from workbench.cli import cli
+
+
+@dataclass(frozen=True)
+class Stored:
+    db: Path
+    set_id: str
+    graph_id: str
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory, ioi_dir) -> Stored:
+    db = tmp_path_factory.mktemp("tc") / "w.duckdb"
+    argv = ["run", "transcoders", "--model", str(ioi_dir), "--task", "ioi", "--db", str(db)]
+    argv += ["--training-tokens", "60000", "--corpus-tokens", "12000", "--seed", str(SEED)]
+    assert cli(argv) == 0
+    (set_row,) = query(db, "SELECT * FROM transcoder_sets")
+    argv = ["run", "graph", "--model", str(ioi_dir), "--transcoders", set_row["set_id"]]
+    argv += ["--task", "ioi", "--index", "0", "--db", str(db)]
+    assert cli(argv) == 0
+    (graph,) = query(db, "SELECT graph_id FROM graphs")
+    return Stored(db, set_row["set_id"], graph["graph_id"])
+
+
+def test_a_set_is_stored_with_its_quality_and_features(stored, ioi_dir):
+    from sae_lens import SAE
+
+    (row,) = query(stored.db, "SELECT * FROM transcoder_sets")
+    assert row["n_layers"] == 2 and row["d_transcoder"] == 4 * 64
+    assert row["architecture"] == "skip_transcoder"
+    assert row["ce_loss_clean"] <= row["ce_loss_replaced"] <= row["ce_loss_zero"]
+    layers = query(
+        stored.db, "SELECT * FROM saes WHERE set_id = ? ORDER BY sae_id", [row["set_id"]]
+    )
+    assert [r["sae_id"] for r in layers] == [f"{row['set_id']}-L0", f"{row['set_id']}-L1"]
+    for layer, r in enumerate(layers):
+        assert r["hook"] == f"blocks.{layer}.ln2.hook_normalized"
+        assert r["hook_out"] == f"blocks.{layer}.hook_mlp_out"
+        assert 0 < r["l0"] < r["d_sae"] and 0 <= r["dead_fraction"] < 1
+        sae = SAE.load_from_disk(str(Path(row["path"]) / f"layer_{layer}"))
+        assert sae.cfg.architecture() == "skip_transcoder"
+    n = query(stored.db, "SELECT count(*) AS n FROM features WHERE sae_id LIKE 'tc-%'")[0]["n"]
+    assert n == 2 * row["d_transcoder"]
+    examples = query(
+        stored.db, "SELECT count(*) AS n FROM feature_examples WHERE sae_id LIKE 'tc-%'"
+    )
+    assert examples[0]["n"] > 0
+    nodes = query(stored.db, "SELECT count(*) AS n FROM nodes WHERE sae_id LIKE 'tc-%'")
+    assert nodes[0]["n"] == 2 * (row["d_transcoder"] + 1)
+
+
+def test_the_stored_graph_is_the_graph_of_the_prompt(stored, ioi_dir):
+    """Recomputed from the stored set and prompt, the graph has the stored nodes, and the
+    stored edges and full adjacency are its entries."""
+    from workbench.models import load_checkpoint, resolve_checkpoints
+    from workbench.transcoders.graph import attribute, prune
+    from workbench.transcoders.sets import load_transcoder_set
+
+    (g,) = query(stored.db, "SELECT * FROM graphs")
+    params = json.loads(g["params"])
+    loaded = load_checkpoint(resolve_checkpoints(str(ioi_dir))[-1])
+    (set_row,) = query(stored.db, "SELECT path FROM transcoder_sets")
+    tset = load_transcoder_set(set_row["path"])
+    graph = attribute(loaded.model, torch.tensor(g["token_ids"]), tset,
+                      zero_first_position=params["zero_first_position"],
+                      max_feature_nodes=params["max_feature_nodes"])  # fmt: skip
+    pruned = prune(graph, params["node_threshold"], params["edge_threshold"])
+    nodes = query(stored.db, "SELECT * FROM graph_nodes WHERE graph_id = ? ORDER BY node",
+                  [g["graph_id"]])  # fmt: skip
+    assert len(nodes) == graph.n_nodes == g["n_nodes"]
+    assert [n["kept"] for n in nodes] == pruned.node_mask.tolist()
+    kinds = [n["kind"] for n in nodes]
+    assert kinds.count("token") == len(g["token_ids"]) and "logit" in kinds
+    assert sum(1 for n in nodes if n["kind"] == "feature" and n["position"] == 0) == 0
+    logits = [n for n in nodes if n["kind"] == "logit"]
+    assert logits[0]["node_id"] == f"3_{logits[0]['token_id']}_{len(g['token_ids']) - 1}"
+    assert all(n["sae_id"].startswith(stored.set_id) for n in nodes if n["kind"] == "feature")
+    edges = query(stored.db, "SELECT * FROM graph_edges WHERE graph_id = ?", [g["graph_id"]])
+    assert len(edges) == int(pruned.edge_mask.sum()) == g["n_edges_kept"] > 0
+    for e in edges[:50]:
+        assert e["weight"] == pytest.approx(float(graph.adjacency[e["dst"], e["src"]]), abs=1e-5)
+    full = pq.read_table(g["adjacency_path"]).to_pylist()
+    assert len(full) == int((graph.adjacency != 0).sum())
+    assert 0 < g["replacement_score"] <= 1 and 0 < g["completeness_score"] <= 1
+    by_component = query(
+        stored.db,
+        "SELECT src, dst FROM graph_component_edges WHERE graph_id = ?",
+        [g["graph_id"]],
+    )
+    assert {(r["src"], r["dst"]) for r in by_component} <= {
+        (a, b) for a in ("input", "m0", "m1") for b in ("m0", "m1", "logits")
+    }
+
+
+def test_a_graph_stored_is_not_computed_again_and_force_replaces_it(stored, ioi_dir, capsys):
+    argv = ["run", "graph", "--model", str(ioi_dir), "--transcoders", stored.set_id]
+    argv += ["--task", "ioi", "--index", "0", "--db", str(stored.db)]
+    capsys.readouterr()
+    assert cli(argv) == 0
+    assert f"cached   graph {stored.graph_id}" in capsys.readouterr().out
+    before = query(stored.db, "SELECT count(*) AS n FROM graph_nodes")[0]["n"]
+    assert cli([*argv, "--force"]) == 0
+    assert query(stored.db, "SELECT count(*) AS n FROM graph_nodes")[0]["n"] == before
+    assert len(query(stored.db, "SELECT * FROM graphs")) == 1
+
+
+def _tables(db):
+    names = ("graphs", "graph_nodes", "graph_edges", "transcoder_sets", "saes", "runs")
+    return {t: query(db, f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in names}
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--text", "   "], "--text: empty"),
+        (["--text", "a " * 300], "more than the model's context"),
+        (["--task", "ioi", "--index", "100000"], "--index 100000: task ioi has"),
+        (["--text", "x", "--transcoders", "tc-0000000000"], "no such set"),
+        (["--text", "x", "--node-threshold", "0"], "--node-threshold 0.0: must be in (0, 1]"),
+    ],
+)
+def test_bad_graph_input_is_one_sentence_and_stores_nothing(stored, ioi_dir, capsys, extra,
+                                                            says):  # fmt: skip
+    before = _tables(stored.db)
+    argv = ["run", "graph", "--model", str(ioi_dir), "--db", str(stored.db)]
+    if "--transcoders" not in extra:
+        argv += ["--transcoders", stored.set_id]
+    capsys.readouterr()
+    assert cli(argv + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+    assert _tables(stored.db) == before
+
+
+def test_a_set_for_another_model_is_refused(stored, norm_dirs, tmp_path, capsys):
+    from tests.transcoders.test_sets import make_set
+    from workbench.transcoders.sets import save_saelens
+
+    save_saelens(make_set(d=16), tmp_path / "small")  # d_model 16; the model's is 32
+    before = _tables(stored.db)
+    argv = ["run", "graph", "--model", str(norm_dirs["LN"]), "--transcoders",
+            str(tmp_path / "small"), "--text", "x", "--db", str(stored.db)]  # fmt: skip
+    capsys.readouterr()
+    assert cli(argv) == 2
+    assert "16-dimensional inputs, the model's d_model is 32" in capsys.readouterr().err
+    assert _tables(stored.db) == before
+
+
+def test_transcoders_on_an_attention_only_model_is_one_sentence(induction_dir, tmp_path, capsys):
+    argv = ["run", "transcoders", "--model", str(induction_dir), "--task", "induction"]
+    argv += ["--db", str(tmp_path / "w.duckdb"), "--checkpoint", "latest"]
+    assert cli(argv) == 2
+    assert "attention-only" in capsys.readouterr().err
