@@ -396,6 +396,41 @@ def run_graph_command(
     return 0
 
 
+@app.command("intervene")
+def intervene(
+    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
+    transcoders: Annotated[
+        str, typer.Option(help="A stored transcoder set (tc-...) or a set directory.")
+    ],
+    text: Annotated[str, typer.Option(help="The prompt, as text.")],
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            help="LAYER:POSITION:FEATURE=VALUE: set a feature (repeatable; 0 removes it, a "
+            "negative position counts from the end).",
+        ),
+    ],
+    checkpoint: Annotated[str, typer.Option(help="latest or a step number.")] = "latest",
+    top: Annotated[int, typer.Option(help="Tokens shown: the top of either distribution.")] = 10,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    db: DbOption = None,
+) -> int:
+    """Set transcoder features in the model with its transcoders spliced in, and show how the
+    next-token distribution moves (nothing is stored)."""
+    from workbench.transcoders.run import run_intervention
+
+    rows = run_intervention(
+        model, transcoders, text, set_, checkpoint=checkpoint, top=top, device=device,
+        dtype=dtype, db=db,
+    )  # fmt: skip
+    typer.echo(f"{'token':<20} {'before':>9} {'after':>9}")
+    for r in rows:
+        typer.echo(f"{r['token']!r:<20} {r['before']:>9.4f} {r['after']:>9.4f}")
+    return 0
+
+
 @app.command("sql")
 def sql(
     query: Annotated[str, typer.Argument(help="A SQL query over the store (read-only).")],

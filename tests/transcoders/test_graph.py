@@ -226,3 +226,36 @@ def test_pruning_keeps_tokens_and_logits_and_scores_lie_in_the_unit_interval(nor
     assert everything.node_mask.sum() >= pruned.node_mask.sum()
     replacement, completeness = graph_scores(graph)
     assert 0 <= replacement <= 1 and 0 <= completeness <= 1
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMSPre"])
+def test_interventions_with_the_transcoders_spliced_in(norm_dirs, norm):
+    """Spliced in with the prompt's error terms, the transcoders give the model's own logits;
+    setting a feature of the last layer moves the logits exactly as adding its decoder change to
+    the last residual stream does."""
+    from workbench.transcoders.graph import Intervention, spliced_logits
+
+    model = load_model(norm_dirs[norm], torch.float64)
+    tset = random_set(model)
+    tokens = torch.tensor([0, 5, 17, 3, 44, 9])
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens[None])
+    assert torch.allclose(spliced_logits(model, tokens, tset), clean[0], atol=1e-10)
+    last = model.cfg.n_layers - 1
+    acts = tset[last].encode(cache[tset.input_hook(last)][0])
+    active = (acts[1:] > 0).nonzero()
+    pos, feature = int(active[0, 0]) + 1, int(active[0, 1])
+    for value in (0.0, 2.5 * float(acts[pos, feature])):
+        moved = spliced_logits(model, tokens, tset, [Intervention(last, pos, feature, value)])
+        delta = (value - float(acts[pos, feature])) * tset[last].W_dec[feature]
+
+        def add(act, hook, delta=delta):
+            act[0, pos] += delta
+            return act
+
+        with torch.no_grad():
+            expected = model.run_with_hooks(
+                tokens[None], fwd_hooks=[(f"blocks.{last}.hook_resid_post", add)]
+            )[0]
+        assert torch.allclose(moved, expected, atol=1e-10)
+        assert not torch.allclose(moved, clean[0], atol=1e-6)

@@ -165,3 +165,36 @@ def test_transcoders_on_an_attention_only_model_is_one_sentence(induction_dir, t
     argv += ["--db", str(tmp_path / "w.duckdb"), "--checkpoint", "latest"]
     assert cli(argv) == 2
     assert "attention-only" in capsys.readouterr().err
+
+
+def test_intervene_moves_the_prediction_and_names_bad_input(stored, ioi_dir, capsys):
+    (g,) = query(stored.db, "SELECT text, token_ids FROM graphs")
+    feats = query(
+        stored.db,
+        "SELECT layer, position, feature, activation FROM graph_nodes WHERE kind = 'feature' "
+        "AND kept ORDER BY influence DESC LIMIT 1",
+    )
+    (top,) = feats
+    where = f"{top['layer']}:{top['position']}:{top['feature']}"
+    argv = ["intervene", "--model", str(ioi_dir), "--transcoders", stored.set_id,
+            "--text", g["text"], "--db", str(stored.db)]  # fmt: skip
+    capsys.readouterr()
+    assert cli([*argv, "--set", f"{where}=0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["token", "before", "after"]
+    rows = [line.rsplit(maxsplit=2) for line in lines[1:]]
+    before = [float(r[1]) for r in rows]
+    after = [float(r[2]) for r in rows]
+    assert before != after and abs(sum(after) - 1) <= 1 and max(before) > 0
+    # with the features as they are, the spliced model is the model
+    from workbench.models import load_checkpoint, resolve_checkpoints
+
+    loaded = load_checkpoint(resolve_checkpoints(str(ioi_dir))[-1])
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(torch.tensor([loaded.encode(g["text"])]))[0, -1], -1)
+    assert max(before) == pytest.approx(float(probs.max()), abs=1e-4)
+    for bad, says in (("1:2", "expected LAYER:POSITION:FEATURE=VALUE"),
+                      ("0:0:99999=1", "layer 0 has features 0 to 255"),
+                      ("0:500:1=1", "outside the prompt's")):  # fmt: skip
+        assert cli([*argv, "--set", bad]) == 2
+        assert says in capsys.readouterr().err

@@ -42,6 +42,7 @@ that do not come from errors.
 """
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -503,3 +504,65 @@ def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
     out = node_influence + w
     completeness = float((non_error * out).sum() / out.sum())
     return replacement, completeness
+
+
+# -- interventions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """Set feature `feature` of layer `layer`'s transcoder at `position` to `value` (0 removes
+    it; a multiple of its activation scales it)."""
+
+    layer: int
+    position: int
+    feature: int
+    value: float
+
+
+def spliced_logits(
+    model: Any,
+    tokens: Int[torch.Tensor, " n_pos"],
+    tset: TranscoderSet,
+    interventions: Sequence[Intervention] = (),
+) -> Float[torch.Tensor, "n_pos d_vocab"]:
+    """The model's logits with every MLP replaced by its transcoder plus the error term of the
+    unmodified prompt (so that with no intervention they are the model's own), and the given
+    features set to their values. Nothing else is frozen: attention and later features respond
+    to the change, as in circuit-tracer's feature interventions."""
+    n_layers = model.cfg.n_layers
+    tset = tset.to(tokens.device, model.W_U.dtype)
+    names = [tset.input_hook(i) for i in range(n_layers)]
+    names += [tset.output_hook(i) for i in range(n_layers)]
+    by_layer: dict[int, list[Intervention]] = {}
+    for iv in interventions:
+        if not 0 <= iv.layer < n_layers:
+            raise ValueError(f"layer {iv.layer}: the model has {n_layers}")
+        by_layer.setdefault(iv.layer, []).append(iv)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None], names_filter=names)
+        errors = [
+            cache[tset.output_hook(i)] - tset[i](cache[tset.input_hook(i)]) for i in range(n_layers)
+        ]
+        inputs: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int):
+            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                inputs[layer] = act
+                return act
+
+            return fn
+
+        def replace(layer: int):
+            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                tc, x = tset[layer], inputs[layer]
+                f = tc.encode(x)
+                for iv in by_layer.get(layer, []):
+                    f[:, iv.position, iv.feature] = iv.value
+                return tc.decode(f) + tc.skip(x) + errors[layer]
+
+            return fn
+
+        hooks = [(tset.input_hook(i), keep(i)) for i in range(n_layers)]
+        hooks += [(tset.output_hook(i), replace(i)) for i in range(n_layers)]
+        return model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]

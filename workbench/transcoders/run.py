@@ -29,7 +29,13 @@ from workbench.rows import checkpoint_rows, model_graph_nodes, model_rows
 from workbench.store import Store
 from workbench.store.db import default_db_path
 from workbench.tasks import load_task
-from workbench.transcoders.graph import AttributionGraph, attribute, graph_scores, prune
+from workbench.transcoders.graph import (
+    AttributionGraph,
+    Intervention,
+    attribute,
+    graph_scores,
+    prune,
+)
 from workbench.transcoders.plan import layer_sae_id, set_files
 from workbench.transcoders.sets import load_transcoder_set
 
@@ -273,3 +279,72 @@ def adjacency_table(graph: AttributionGraph) -> pa.Table:
             "weight": pa.array(graph.adjacency[nonzero[:, 0], nonzero[:, 1]].tolist()),
         }
     )
+
+
+def parse_intervention(spec: str, n_pos: int) -> Intervention:
+    """`LAYER:POSITION:FEATURE=VALUE` (a negative position counts from the end)."""
+    try:
+        where, value = spec.split("=")
+        layer, pos, feature = (int(x) for x in where.split(":"))
+        number = float(value)
+    except ValueError as err:
+        raise BadInput(f"--set {spec}: expected LAYER:POSITION:FEATURE=VALUE") from err
+    if not -n_pos <= pos < n_pos:
+        raise BadInput(f"--set {spec}: position {pos} is outside the prompt's {n_pos} tokens")
+    return Intervention(layer, pos % n_pos, feature, number)
+
+
+def run_intervention(
+    model: str,
+    transcoders: str,
+    text: str,
+    sets: list[str],
+    *,
+    checkpoint: str = "latest",
+    top: int = 10,
+    device: str = "cpu",
+    dtype: str = "float32",
+    db: str | None = None,
+) -> list[dict[str, Any]]:
+    """The next-token distribution at the prompt's last position with the transcoders spliced
+    in, before and after setting the features `sets`: the `top` tokens of either, with their
+    probabilities before and after (one checkpoint)."""
+    from workbench.transcoders.graph import spliced_logits
+
+    if not sets:
+        raise BadInput("give at least one --set LAYER:POSITION:FEATURE=VALUE")
+    if not text.strip():
+        raise BadInput("--text: empty")
+    _, set_dir = _resolve_set(transcoders, db)
+    tset = load_transcoder_set(set_dir)
+    refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
+    if len(refs) != 1:
+        raise BadInput(f"--checkpoint {checkpoint}: choose one checkpoint (latest or a step)")
+    loaded = load_checkpoint(refs[0], device=device, dtype=dtype)
+    tset.check_fits(loaded.model, str(set_dir))
+    ids = loaded.encode(text)
+    if len(ids) > loaded.model.cfg.n_ctx:
+        raise BadInput(
+            f"the prompt is {len(ids)} tokens long, more than the model's context of "
+            f"{loaded.model.cfg.n_ctx} tokens (n_ctx in its config): shorten it"
+        )
+    chosen = [parse_intervention(s, len(ids)) for s in sets]
+    for iv, spec in zip(chosen, sets, strict=True):
+        if not 0 <= iv.layer < len(tset):
+            raise BadInput(f"--set {spec}: the set has layers 0 to {len(tset) - 1}")
+        if not 0 <= iv.feature < tset[iv.layer].d_transcoder:
+            raise BadInput(
+                f"--set {spec}: layer {iv.layer} has features 0 to "
+                f"{tset[iv.layer].d_transcoder - 1}"
+            )
+    tokens = torch.tensor(ids, device=loaded.model.W_U.device)
+    before = torch.softmax(spliced_logits(loaded.model, tokens, tset)[-1].double(), -1)
+    after = torch.softmax(spliced_logits(loaded.model, tokens, tset, chosen)[-1].double(), -1)
+    k = min(top, len(before))
+    shown = dict.fromkeys(before.topk(k).indices.tolist() + after.topk(k).indices.tolist())
+    order = sorted(shown, key=lambda t: -float(after[t]))
+    names = loaded.token_strs(order)
+    return [
+        {"token": name, "id": t, "before": float(before[t]), "after": float(after[t])}
+        for t, name in zip(order, names, strict=True)
+    ]
