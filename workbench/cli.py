@@ -38,6 +38,8 @@ model_app = typer.Typer(help="Bring models into a form the workbench loads.", no
 app.add_typer(zoo_app, name="zoo")
 app.add_typer(model_app, name="model")
 app.add_typer(export_app, name="export")
+import_app = typer.Typer(help="Import results made elsewhere.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 DEFAULT_ZOO = Path("data") / "zoo"
 
@@ -574,6 +576,32 @@ def export_subgraph_command(
     from workbench.export import export_subgraph
 
     typer.echo(export_subgraph(subgraph_id, format.value, db=db), nl=False)
+
+
+@export_app.command("graph")
+def export_graph_command(
+    graph_id: Annotated[str, typer.Argument(help="A graphs.graph_id.")],
+    db: DbOption = None,
+) -> None:
+    """Print a stored attribution graph (its kept nodes and edges) as Neuronpedia's graph JSON,
+    the layout circuit-tracer writes."""
+    from workbench.transcoders.neuronpedia import export_graph
+
+    typer.echo(export_graph(graph_id, db=db), nl=False)
+
+
+@import_app.command("graph")
+def import_graph_command(
+    path: Annotated[Path, typer.Argument(help="A Neuronpedia graph JSON file.")],
+    checkpoint_id: Annotated[
+        str | None, typer.Option(help="The stored checkpoint the graph was made on, if any.")
+    ] = None,
+    db: DbOption = None,
+) -> None:
+    """Store a Neuronpedia graph JSON file (as circuit-tracer writes it) as a graph."""
+    from workbench.transcoders.neuronpedia import import_graph
+
+    typer.echo(f"stored   graph {import_graph(path, db, checkpoint_id=checkpoint_id)}")
 
 
 APP_TOKEN_ENV = "WORKBENCH_APP_TOKEN"

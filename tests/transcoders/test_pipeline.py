@@ -198,3 +198,79 @@ def test_intervene_moves_the_prediction_and_names_bad_input(stored, ioi_dir, cap
                       ("0:500:1=1", "outside the prompt's")):  # fmt: skip
         assert cli([*argv, "--set", bad]) == 2
         assert says in capsys.readouterr().err
+
+
+def _kept(db, graph_id):
+    nodes = query(
+        db,
+        "SELECT node, node_id, kind, layer, position, feature, token_id, activation, "
+        "probability, cumulative_influence FROM graph_nodes WHERE graph_id = ? AND kept",
+        [graph_id],
+    )
+    ids = {n.pop("node"): n["node_id"] for n in nodes}
+    edges = query(db, "SELECT src, dst, weight FROM graph_edges WHERE graph_id = ?", [graph_id])
+    linked = {ids[e[k]] for e in edges for k in ("src", "dst")}
+    nodes = [n for n in nodes if n["node_id"] in linked or n["kind"] in ("token", "logit")]
+    return (
+        sorted(nodes, key=lambda n: n["node_id"]),
+        sorted((ids[e["src"]], ids[e["dst"]], e["weight"]) for e in edges),
+    )
+
+
+def test_neuronpedia_json_round_trip(stored, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli(["export", "graph", stored.graph_id, "--db", str(stored.db)]) == 0
+    text = capsys.readouterr().out
+    document = json.loads(text)
+    assert set(document) == {"metadata", "qParams", "nodes", "links"}
+    by_type = {n["feature_type"] for n in document["nodes"]}
+    assert by_type <= {"cross layer transcoder", "mlp reconstruction error", "embedding", "logit"}
+    assert {"embedding", "logit"} <= by_type
+    logit = next(n for n in document["nodes"] if n["feature_type"] == "logit")
+    assert logit["is_target_logit"] and logit["layer"] == "3"
+    assert logit["clerp"].startswith("Output ")
+    feature = next(n for n in document["nodes"] if n["feature_type"] == "cross layer transcoder")
+    layer, feat, pos = (int(x) for x in feature["node_id"].split("_"))
+    assert feature["feature"] == (layer + feat) * (layer + feat + 1) // 2 + feat
+    assert feature["jsNodeId"] == f"{layer}_{feat}-0" and feature["ctx_idx"] == pos
+    path = tmp_path / "graph.json"
+    path.write_text(text)
+    assert cli(["import", "graph", str(path), "--db", str(stored.db)]) == 0
+    imported = capsys.readouterr().out.split()[-1]
+    assert imported != stored.graph_id
+    (nodes_in, edges_in), (nodes_out, edges_out) = (
+        _kept(stored.db, g) for g in (imported, stored.graph_id)
+    )
+    assert [n for n in nodes_in if n not in nodes_out] == []
+    assert nodes_in == nodes_out and edges_in == edges_out
+    assert cli(["export", "graph", imported, "--db", str(stored.db)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["nodes"] == document["nodes"] and again["links"] == document["links"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("{", "not valid JSON"),
+        ('{"metadata": {}, "nodes": []}', "field 'links' is missing"),
+        (
+            '{"metadata": {}, "nodes": [{"node_id": "0_1_1", "feature_type": "x", "ctx_idx": 1, '
+            '"layer": "0"}], "links": []}',
+            "feature_type 'x' is not one of",
+        ),
+        (
+            '{"metadata": {}, "nodes": [], "links": [{"source": "a", "target": "b", "weight": 1}]}',
+            "links[0]: field 'source' names no node",
+        ),
+    ],
+)
+def test_a_bad_graph_file_is_one_sentence_and_stores_nothing(stored, tmp_path, capsys, content,
+                                                             says):  # fmt: skip
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    before = _tables(stored.db)
+    capsys.readouterr()
+    assert cli(["import", "graph", str(path), "--db", str(stored.db)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1
+    assert _tables(stored.db) == before

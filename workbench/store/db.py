@@ -428,22 +428,26 @@ class Store:
         head: dict[str, Any],
         nodes: pa.Table,
         edges: pa.Table,
-        adjacency: pa.Table,
+        adjacency: pa.Table | None,
         registry: dict[str, pa.Table],
     ) -> str:
         """Store one attribution graph (`workbench.transcoders.run`) in one transaction,
         replacing the same graph_id: its `graphs` row, nodes and kept edges, and its full
-        adjacency as `<db directory>/graphs/<graph_id>.parquet` (written beside it first, moved
-        into place just before the transaction commits, removed if it does not)."""
+        adjacency, where given, as `<db directory>/graphs/<graph_id>.parquet` (written beside it
+        first, moved into place just before the transaction commits, removed if it does not)."""
         import pyarrow.parquet as pq
 
         gid = str(head["graph_id"])
-        final = self.path.parent / "graphs" / f"{gid}.parquet"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staged = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
-        pq.write_table(adjacency, staged)
-        files = {str(staged): str(final)}
-        head = head | {"adjacency_path": str(final), "created_at": utc_now()}
+        files: dict[str, str] = {}
+        final = None
+        if adjacency is not None:  # an imported graph has none
+            final = self.path.parent / "graphs" / f"{gid}.parquet"
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+            pq.write_table(adjacency, staged)
+            files[str(staged)] = str(final)
+        path = None if final is None else str(final)
+        head = head | {"adjacency_path": path, "created_at": utc_now()}
         head["params"] = json.dumps(head["params"], sort_keys=True)
         moved: list[tuple[Path, Path | None]] = []
         try:

@@ -262,7 +262,8 @@ def node_rows(
                 "activation": r["activation"],
                 "probability": r["probability"],
                 "influence": float(pruned.influence[i]),
-                "cumulative_influence": float(pruned.cumulative[i]),
+                # logits are where influence is measured from: none of their own
+                "cumulative_influence": None if kind == "logit" else float(pruned.cumulative[i]),
                 "kept": bool(pruned.node_mask[i]),
             }
         )
