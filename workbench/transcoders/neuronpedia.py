@@ -7,7 +7,8 @@ circuit-tracer's convention (`{layer}_{feature}_{pos}`, `{layer}_-1_{pos}` for a
 transcoder` (circuit-tracer's name for per-layer transcoder features too), `mlp reconstruction
 error`, `embedding` or `logit`, `influence` the node's cumulative influence share, and each link
 `{source, target, weight}`; nodes in no link are left out but for embeddings and logits, as
-circuit-tracer does. Import (`import_graph`) stores such a file as a graph of its own (graph_id
+circuit-tracer does. circuit-tracer 0.5 writes an error node's id as `0_{layer}_{pos}` instead;
+import reads both. Import (`import_graph`) stores such a file as a graph of its own (graph_id
 `g-` + 16 hex of the file's sha256), with the nodes and links it has (all kept) and no full
 adjacency.
 """
@@ -237,6 +238,13 @@ def _node_from_json(raw: Any, where: str, meta: dict[str, Any]) -> dict[str, Any
     token = None
     if kind == "feature":
         feature = middle
+    elif kind == "error":
+        # `{layer}_-1_{pos}` (current circuit-tracer), or `0_{layer}_{pos}` (0.5): the layer
+        # field says which layer either way
+        try:
+            layer = int(raw["layer"])
+        except (TypeError, ValueError) as err:
+            raise BadInput(f"{where}: field 'layer' {raw['layer']!r} is not a layer") from err
     elif kind == "token":
         token_id = middle
         prompt_tokens = meta.get("prompt_tokens") or []
