@@ -48,6 +48,18 @@ DbOption = Annotated[
     typer.Option("--db", help="DuckDB file (default: $WORKBENCH_DB or data/workbench.duckdb)."),
 ]
 
+# the options of the commands that take one prompt (run prompt, run graph, intervene)
+ModelOption = Annotated[str, typer.Option(help="A model directory, run directory or TL name.")]
+TextOption = Annotated[str | None, typer.Option(help="The prompt, as text.")]
+TaskOption = Annotated[
+    str | None, typer.Option(help="A task (built-in name or JSONL) to take a prompt from.")
+]
+IndexOption = Annotated[int, typer.Option(help="Which of the task's prompts (from 0).")]
+CheckpointOption = Annotated[str, typer.Option(help="all, latest or a step number.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+ForceOption = Annotated[bool, typer.Option(help="Compute again even if stored.")]
+
 
 class GraphFormat(StrEnum):
     graphml = "graphml"
@@ -72,7 +84,7 @@ def zoo_train(
         int, typer.Option(help="Random seed (training is deterministic given it).")
     ] = 0,
     device: Annotated[str, typer.Option(help="cpu (default), auto, cuda, cuda:N or mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: DtypeOption = "float32",
 ) -> None:
     """Train a zoo model, saving checkpoints along the way."""
     from workbench.zoo import TrainConfig, train_zoo_model
@@ -292,20 +304,18 @@ _register_run_commands()
 
 @run_app.command("prompt")
 def run_prompt_command(
-    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
-    text: Annotated[str | None, typer.Option(help="The prompt, as text.")] = None,
-    task: Annotated[
-        str | None, typer.Option(help="A task (built-in name or JSONL) to take a prompt from.")
-    ] = None,
-    index: Annotated[int, typer.Option(help="Which of the task's prompts (from 0).")] = 0,
-    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
+    model: ModelOption,
+    text: TextOption = None,
+    task: TaskOption = None,
+    index: IndexOption = 0,
+    checkpoint: CheckpointOption = "latest",
     tau: Annotated[
         float, typer.Option(help="Information-flow routes keep edges of this importance or more.")
     ] = 0.04,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     db: DbOption = None,
-    force: Annotated[bool, typer.Option(help="Compute again even if stored.")] = False,
+    force: ForceOption = False,
     flow_seconds: Annotated[
         float,
         typer.Option(help="Stop with an error if attention flow takes longer (0: no limit)."),
@@ -334,7 +344,7 @@ def run_prompt_command(
 
 @run_app.command("graph")
 def run_graph_command(
-    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
+    model: ModelOption,
     transcoders: Annotated[
         str,
         typer.Option(
@@ -342,12 +352,10 @@ def run_graph_command(
             "directory (SAELens or circuit-tracer format)."
         ),
     ],
-    text: Annotated[str | None, typer.Option(help="The prompt, as text.")] = None,
-    task: Annotated[
-        str | None, typer.Option(help="A task (built-in name or JSONL) to take a prompt from.")
-    ] = None,
-    index: Annotated[int, typer.Option(help="Which of the task's prompts (from 0).")] = 0,
-    checkpoint: Annotated[str, typer.Option(help="all, latest or a step number.")] = "latest",
+    text: TextOption = None,
+    task: TaskOption = None,
+    index: IndexOption = 0,
+    checkpoint: CheckpointOption = "latest",
     max_n_logits: Annotated[int, typer.Option(help="At most this many logit nodes.")] = 10,
     desired_logit_prob: Annotated[
         float, typer.Option(help="Logit nodes until their probabilities reach this.")
@@ -364,10 +372,10 @@ def run_graph_command(
     batch_size: Annotated[
         int, typer.Option(help="Backward passes at once (memory: this many prompt copies).")
     ] = 32,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     db: DbOption = None,
-    force: Annotated[bool, typer.Option(help="Compute again even if stored.")] = False,
+    force: ForceOption = False,
 ) -> int:
     """The attribution graph of one prompt through a transcoder set (Ameisen et al. 2025), at
     each chosen checkpoint: nodes, pruned edges and scores (tables graphs, graph_*)."""
@@ -400,7 +408,7 @@ def run_graph_command(
 
 @app.command("intervene")
 def intervene(
-    model: Annotated[str, typer.Option(help="A model directory, run directory or TL name.")],
+    model: ModelOption,
     transcoders: Annotated[
         str, typer.Option(help="A stored transcoder set (tc-...) or a set directory.")
     ],
@@ -415,8 +423,8 @@ def intervene(
     ],
     checkpoint: Annotated[str, typer.Option(help="latest or a step number.")] = "latest",
     top: Annotated[int, typer.Option(help="Tokens shown: the top of either distribution.")] = 10,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
     db: DbOption = None,
 ) -> int:
     """Set transcoder features in the model with its transcoders spliced in, and show how the

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from workbench.errors import BadInput
 from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.models.base import LoadedModel
 from workbench.models.sources import select_checkpoints
 from workbench.prompt.views import (
     DEFAULT_FLOW_SECONDS,
@@ -22,7 +23,7 @@ from workbench.prompt.views import (
     prompt_views,
     view_rows,
 )
-from workbench.rows import checkpoint_rows, model_graph_nodes, model_rows
+from workbench.rows import loaded_rows
 from workbench.store import Store
 from workbench.tasks import load_task
 
@@ -56,19 +57,9 @@ def run_prompt(
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="prompt checkpoints", disable=len(refs) < 2):
         loaded = load_checkpoint(ref, device=device, dtype=dtype)
-        if text is not None:
-            if not text.strip():
-                raise BadInput("--text: empty")
-            ids, shown = loaded.encode(text), text
-        else:
-            pairs = load_task(str(task), loaded).pairs
-            if index >= len(pairs):
-                raise BadInput(f"--index {index}: task {task} has {len(pairs)} prompts")
-            ids = list(pairs[index].clean_tokens)
-            shown = pairs[index].clean_text or " ".join(loaded.token_strs(ids))
+        ids, shown = prompt_ids(loaded, text=text, task=task, index=index)
         if len(ids) < 2:
             raise BadInput(f"the prompt is {len(ids)} token long: it needs at least 2")
-        _check_length(ids, loaded.model.cfg.n_ctx, text=text, task=task, index=index)
         checkpoint_id = loaded.checkpoint.checkpoint_id
         pid = prompt_id(checkpoint_id, ids, tau)
         if not force:
@@ -88,19 +79,32 @@ def run_prompt(
             names=dict(zip(named, loaded.token_strs(named), strict=True)),
             tau=tau,
         )
-        cfg = loaded.model.cfg
-        registry = {
-            "models": model_rows(loaded.info),
-            "checkpoints": checkpoint_rows(loaded.checkpoint),
-            "nodes": model_graph_nodes(
-                loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
-            ),
-        }
+        registry = loaded_rows(loaded)
         with Store(db) as store:
             store.save_prompt_views(table, registry)
         logger.info("prompt %s at %s: stored", pid, checkpoint_id)
         done.append((pid, "done"))
     return done
+
+
+def prompt_ids(
+    loaded: LoadedModel, *, text: str | None, task: str | None, index: int
+) -> tuple[list[int], str]:
+    """The token ids of the prompt given as `--text`, or as prompt `index` of `--task`, and its
+    text; BadInput when it is empty, the task has no such prompt, or it is longer than the
+    model's context."""
+    if text is not None:
+        if not text.strip():
+            raise BadInput("--text: empty")
+        ids, shown = loaded.encode(text), text
+    else:
+        pairs = load_task(str(task), loaded).pairs
+        if index >= len(pairs):
+            raise BadInput(f"--index {index}: task {task} has {len(pairs)} prompts")
+        ids = list(pairs[index].clean_tokens)
+        shown = pairs[index].clean_text or " ".join(loaded.token_strs(ids))
+    _check_length(ids, loaded.model.cfg.n_ctx, text=text, task=task, index=index)
+    return ids, shown
 
 
 def _check_length(

@@ -544,25 +544,13 @@ def spliced_logits(
         errors = [
             cache[tset.output_hook(i)] - tset[i](cache[tset.input_hook(i)]) for i in range(n_layers)
         ]
-        inputs: dict[int, torch.Tensor] = {}
 
-        def keep(layer: int):
-            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                inputs[layer] = act
-                return act
+        def output(layer: int, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            tc = tset[layer]
+            f = tc.encode(x)
+            for iv in by_layer.get(layer, []):
+                f[:, iv.position, iv.feature] = iv.value
+            return tc.decode(f) + tc.skip(x) + errors[layer]
 
-            return fn
-
-        def replace(layer: int):
-            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-                tc, x = tset[layer], inputs[layer]
-                f = tc.encode(x)
-                for iv in by_layer.get(layer, []):
-                    f[:, iv.position, iv.feature] = iv.value
-                return tc.decode(f) + tc.skip(x) + errors[layer]
-
-            return fn
-
-        hooks = [(tset.input_hook(i), keep(i)) for i in range(n_layers)]
-        hooks += [(tset.output_hook(i), replace(i)) for i in range(n_layers)]
+        hooks = tset.splice_hooks(output)
         return model.run_with_hooks(tokens[None], fwd_hooks=hooks)[0]

@@ -25,10 +25,10 @@ from workbench.errors import BadInput
 from workbench.hashing import sha256_files, sha256_json
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.models.sources import select_checkpoints
-from workbench.rows import checkpoint_rows, model_graph_nodes, model_rows
+from workbench.prompt.run import prompt_ids
+from workbench.rows import loaded_rows
 from workbench.store import Store
 from workbench.store.db import default_db_path
-from workbench.tasks import load_task
 from workbench.transcoders.graph import (
     AttributionGraph,
     Intervention,
@@ -108,22 +108,7 @@ def run_graph(
     for ref in tqdm(refs, desc="graph checkpoints", disable=len(refs) < 2):
         loaded = load_checkpoint(ref, device=device, dtype=dtype)
         tset.check_fits(loaded.model, str(set_dir))
-        if text is not None:
-            if not text.strip():
-                raise BadInput("--text: empty")
-            ids, shown = loaded.encode(text), text
-        else:
-            pairs = load_task(str(task), loaded).pairs
-            if index >= len(pairs):
-                raise BadInput(f"--index {index}: task {task} has {len(pairs)} prompts")
-            ids = list(pairs[index].clean_tokens)
-            shown = pairs[index].clean_text or " ".join(loaded.token_strs(ids))
-        n_ctx = loaded.model.cfg.n_ctx
-        if len(ids) > n_ctx:
-            raise BadInput(
-                f"the prompt is {len(ids)} tokens long, more than the model's context of "
-                f"{n_ctx} tokens (n_ctx in its config): shorten it"
-            )
+        ids, shown = prompt_ids(loaded, text=text, task=task, index=index)
         checkpoint_id = loaded.checkpoint.checkpoint_id
         graph_id = (
             "g-"
@@ -190,14 +175,7 @@ def run_graph(
                 "weight": pa.array(graph.adjacency[edges[:, 0], edges[:, 1]].tolist()),
             }
         )
-        cfg = loaded.model.cfg
-        registry = {
-            "models": model_rows(loaded.info),
-            "checkpoints": checkpoint_rows(loaded.checkpoint),
-            "nodes": model_graph_nodes(
-                loaded.info.model_id, cfg.n_layers, cfg.n_heads, not cfg.attn_only
-            ),
-        }
+        registry = loaded_rows(loaded)
         with Store(db) as store:
             store.save_graph(head, nodes, edge_rows, adjacency_table(graph), registry)
         logger.info(
@@ -314,8 +292,6 @@ def run_intervention(
 
     if not sets:
         raise BadInput("give at least one --set LAYER:POSITION:FEATURE=VALUE")
-    if not text.strip():
-        raise BadInput("--text: empty")
     _, set_dir = _resolve_set(transcoders, db)
     tset = load_transcoder_set(set_dir)
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
@@ -323,12 +299,7 @@ def run_intervention(
         raise BadInput(f"--checkpoint {checkpoint}: choose one checkpoint (latest or a step)")
     loaded = load_checkpoint(refs[0], device=device, dtype=dtype)
     tset.check_fits(loaded.model, str(set_dir))
-    ids = loaded.encode(text)
-    if len(ids) > loaded.model.cfg.n_ctx:
-        raise BadInput(
-            f"the prompt is {len(ids)} tokens long, more than the model's context of "
-            f"{loaded.model.cfg.n_ctx} tokens (n_ctx in its config): shorten it"
-        )
+    ids, _ = prompt_ids(loaded, text=text, task=None, index=0)
     chosen = [parse_intervention(s, len(ids)) for s in sets]
     for iv, spec in zip(chosen, sets, strict=True):
         if not 0 <= iv.layer < len(tset):

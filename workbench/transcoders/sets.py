@@ -27,6 +27,7 @@ Formats read (`load_transcoder_set`) and written:
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,29 @@ class TranscoderSet:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         return replace(self, transcoders=[t.to(device, dtype) for t in self.transcoders])
+
+    def splice_hooks(
+        self, output: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> list[tuple[str, Any]]:
+        """Forward hooks that replace each layer's MLP output by `output(layer, the MLP's input,
+        the MLP's output)`, for `model.run_with_hooks`."""
+        inputs: dict[int, torch.Tensor] = {}
+
+        def keep(layer: int) -> Any:
+            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                inputs[layer] = act
+                return act
+
+            return fn
+
+        def replace(layer: int) -> Any:
+            def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+                return output(layer, inputs[layer], act)
+
+            return fn
+
+        hooks = [(self.input_hook(i), keep(i)) for i in range(len(self))]
+        return hooks + [(self.output_hook(i), replace(i)) for i in range(len(self))]
 
     def check_fits(self, model: Any, where: str) -> None:
         """One sentence if the set cannot stand in for `model`'s MLPs: a transcoder for every

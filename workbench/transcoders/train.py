@@ -264,27 +264,12 @@ def measure(
                 layers[layer].update(ys[layer][keep], y_hat[keep], f[keep])
     windows = corpus.windows[:ce_windows].to(device)
     mask = None if corpus.loss_mask is None else corpus.loss_mask[:ce_windows].to(device)
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep_input(layer: int):
-        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            inputs[layer] = act
-            return act
-
-        return fn
-
-    def replace(layer: int):
-        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            return tset[layer](inputs[layer].float()).to(act.dtype)
-
-        return fn
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
 
     n_layers = model.cfg.n_layers
-    replaced = [(tset.input_hook(i), keep_input(i)) for i in range(n_layers)]
-    replaced += [(tset.output_hook(i), replace(i)) for i in range(n_layers)]
+    replaced = tset.splice_hooks(lambda layer, x, act: tset[layer](x.float()).to(act.dtype))
     zeroed = [(tset.output_hook(i), zero) for i in range(n_layers)]
     losses = []
     with torch.no_grad():
