@@ -116,6 +116,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_watch
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ray --checkpoints 11
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_explorer
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_graph
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache docs/_build

@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 ZOO_STEPS = 1000
 ZOO_SAVE_EVERY = 100
 SEED = int(os.environ.get("WORKBENCH_TEST_SEED", "0"))
-TRAINED_FIXTURES = {"zoo_root", "ioi_dir", "sae_run"}
+TRAINED_FIXTURES = {"zoo_root", "ioi_dir", "sae_run", "graph_store"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -82,6 +82,34 @@ def ioi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zoo-ioi")
     train_zoo_model(TrainConfig(task="ioi", out=str(root), steps=600, save_every=100, seed=SEED))
     return root / "ioi"
+
+
+@dataclass(frozen=True)
+class GraphStore:
+    db: Path
+    set_id: str
+    graph_id: str
+
+
+@pytest.fixture(scope="session")
+def graph_store(tmp_path_factory: pytest.TempPathFactory, ioi_dir: Path) -> GraphStore:
+    """Transcoders trained on the IOI zoo model (`workbench run transcoders`) and the
+    attribution graph of the IOI task's first prompt (`workbench run graph`), stored."""
+    from workbench.cli import cli
+    from workbench.store import Store
+
+    db = tmp_path_factory.mktemp("tc") / "w.duckdb"
+    argv = ["run", "transcoders", "--model", str(ioi_dir), "--task", "ioi", "--db", str(db)]
+    argv += ["--training-tokens", "60000", "--corpus-tokens", "12000", "--seed", str(SEED)]
+    assert cli(argv) == 0
+    with Store(db, read_only=True) as store:
+        (set_id,) = store.query("SELECT set_id FROM transcoder_sets")["set_id"].to_pylist()
+    argv = ["run", "graph", "--model", str(ioi_dir), "--transcoders", set_id]
+    argv += ["--task", "ioi", "--index", "0", "--db", str(db)]
+    assert cli(argv) == 0
+    with Store(db, read_only=True) as store:
+        (graph_id,) = store.query("SELECT graph_id FROM graphs")["graph_id"].to_pylist()
+    return GraphStore(db, set_id, graph_id)
 
 
 @pytest.fixture(scope="session")

@@ -408,11 +408,6 @@ def run_graph_command(
 
 @app.command("intervene")
 def intervene(
-    model: ModelOption,
-    transcoders: Annotated[
-        str, typer.Option(help="A stored transcoder set (tc-...) or a set directory.")
-    ],
-    text: Annotated[str, typer.Option(help="The prompt, as text.")],
     set_: Annotated[
         list[str],
         typer.Option(
@@ -421,23 +416,51 @@ def intervene(
             "negative position counts from the end).",
         ),
     ],
+    graph: Annotated[
+        str | None,
+        typer.Option(help="A stored graph (g-...): its model, checkpoint, transcoders and prompt."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A model directory, run directory or TL name.")
+    ] = None,
+    transcoders: Annotated[
+        str | None, typer.Option(help="A stored transcoder set (tc-...) or a set directory.")
+    ] = None,
+    text: TextOption = None,
     checkpoint: Annotated[str, typer.Option(help="latest or a step number.")] = "latest",
     top: Annotated[int, typer.Option(help="Tokens shown: the top of either distribution.")] = 10,
+    format: Annotated[
+        OutputFormat, typer.Option("--format", help="table, csv or json.")
+    ] = OutputFormat.table,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     db: DbOption = None,
 ) -> int:
     """Set transcoder features in the model with its transcoders spliced in, and show how the
-    next-token distribution moves (nothing is stored)."""
+    next-token distribution moves (nothing is stored): on a stored graph's prompt (--graph), or
+    on --model, --transcoders and --text."""
+    import csv
+    import io
+    import json
+
     from workbench.transcoders.run import run_intervention
 
     rows = run_intervention(
         model, transcoders, text, set_, checkpoint=checkpoint, top=top, device=device,
-        dtype=dtype, db=db,
+        dtype=dtype, db=db, graph=graph,
     )  # fmt: skip
-    typer.echo(f"{'token':<20} {'before':>9} {'after':>9}")
-    for r in rows:
-        typer.echo(f"{r['token']!r:<20} {r['before']:>9.4f} {r['after']:>9.4f}")
+    if format == OutputFormat.json:
+        typer.echo(json.dumps(rows))
+    elif format == OutputFormat.csv:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["token", "id", "before", "after"])
+        writer.writeheader()
+        writer.writerows(rows)
+        typer.echo(out.getvalue(), nl=False)
+    else:
+        typer.echo(f"{'token':<20} {'before':>9} {'after':>9}")
+        for r in rows:
+            typer.echo(f"{r['token']!r:<20} {r['before']:>9.4f} {r['after']:>9.4f}")
     return 0
 
 
@@ -824,10 +847,12 @@ def demo(
     address: AddressOption = LOOPBACK,
 ) -> int:
     """The embedded default end to end: zoo, every pipeline on every checkpoint, SAEs on the
-    final checkpoints, then the app."""
+    final checkpoints, each task's first prompt (its prompt views and, on the model with MLPs,
+    transcoders and its attribution graph), then the app."""
+    from workbench.demo import prompt_extras
     from workbench.jobs import RunOptions, demo_jobs
     from workbench.runner import run_jobs
-    from workbench.zoo import TrainConfig, train_zoo_model
+    from workbench.zoo import ZOO_TASKS, TrainConfig, train_zoo_model
 
     started = time.perf_counter()
     status = 0
@@ -843,6 +868,11 @@ def demo(
         failed = [o for o in outcomes if o.status == "failed"]
         typer.echo(f"{task}: {done} runs stored, {skipped} already stored, {len(failed)} failed")
         status = 1 if failed else status
+        has_mlps = not ZOO_TASKS[task].model_config.get("attn_only", False)
+        extras = prompt_extras(str(run_dir), task, db, has_mlps=has_mlps)
+        for line in extras:
+            typer.echo(f"{task}: {line}")
+        status = 1 if any(line.startswith("failed") for line in extras) else status
     typer.echo(f"demo pipelines finished in {time.perf_counter() - started:.1f} s")
     if no_app:
         return status

@@ -111,6 +111,7 @@ def chromium_driver() -> Iterator:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    profile = tempfile.TemporaryDirectory(prefix="chromium-")  # removed when the driver quits
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
@@ -123,7 +124,7 @@ def chromium_driver() -> Iterator:
         "--no-first-run",
         "--disable-quic",
         "--window-size=1400,1000",
-        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+        f"--user-data-dir={profile.name}",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -131,6 +132,7 @@ def chromium_driver() -> Iterator:
         yield driver
     finally:
         driver.quit()
+        profile.cleanup()
 
 
 def _wait_for_text(driver, text: str, timeout: float = 120) -> None:
@@ -219,6 +221,40 @@ def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
     WebDriverWait(browser, 60).until(lambda d: node_value(d) == labels[target])
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     shoot(browser, "app-circuit.png", focus=_widget("Node (or click one in the graph)"))
+
+
+def test_the_graph_page_draws_and_a_click_inspects_a_node(graph_store, browser):
+    """An attribution graph in Chromium: its nodes drawn as SVG points, one clicked becomes
+    the node inspected (its strongest inputs and outputs listed)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def node_value(driver) -> str:
+        css = "input[aria-label='Node (or click one in the graph)']"
+        return driver.find_element(By.CSS_SELECTOR, css).get_attribute("value")
+
+    with streamlit_server(graph_store.db) as url:
+        browser.get(f"{url}/?view=graph")
+        _wait_for_text(browser, "Attribution graph")
+        _wait_for_text(browser, "Strongest inputs")
+        traces = "g.scatterlayer g.trace"
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, traces))
+        nodes = browser.find_elements(By.CSS_SELECTOR, traces)[-1]  # the node markers, last
+        points = nodes.find_elements(By.CSS_SELECTOR, "path.point")
+        assert len(points) > 10
+        chosen = node_value(browser)
+        for point in reversed(points):  # a node other than the one shown, top of the graph
+            browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", point)
+            ActionChains(browser).move_to_element(point).pause(0.5).click().perform()
+            try:
+                WebDriverWait(browser, 30).until(lambda d: node_value(d) != chosen)
+                break
+            except Exception:  # (a point under another: try the next)
+                continue
+        assert node_value(browser) != chosen
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+        shoot(browser, "app-graph.png", focus=_widget("Node (or click one in the graph)"))
 
 
 def test_timeline_page_in_a_real_browser(server, browser, tmp_path):

@@ -275,6 +275,53 @@ SAE_DB_CASES: dict[str, Case] = {
 }
 
 
+# queries of the attribution graph store (transcoders and one graph on the IOI zoo model)
+GRAPH_DB_CASES: dict[str, Case] = {
+    "graphs": (
+        lambda i: queries.graphs(i["model"]),
+        [
+            "graph_id",
+            "checkpoint_id",
+            "step",
+            "set_id",
+            "text",
+            "tokens",
+            "params",
+            "replacement_score",
+            "completeness_score",
+            "adjacency_path",
+            "label",
+        ],
+        True,
+    ),  # fmt: skip
+    "graph_nodes": (
+        lambda i: queries.graph_nodes(i["graph"]),
+        [
+            "node",
+            "node_id",
+            "kind",
+            "layer",
+            "position",
+            "feature",
+            "sae_id",
+            "token",
+            "activation",
+            "probability",
+            "influence",
+            "cumulative_influence",
+            "kept",
+        ],
+        True,
+    ),  # fmt: skip
+    "graph_edges": (lambda i: queries.graph_edges(i["graph"]), ["src", "dst", "weight"], True),
+    "subgraphs_by_id": (
+        lambda i: queries.subgraphs_by_id("sg-none"),
+        ["subgraph_id", "name", "checkpoint_id", "source"],
+        False,
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def heads_ids(heads_db: Path) -> dict:
     """Real arguments from the heads database: a model, runs of each kind, a circuit."""
@@ -348,7 +395,7 @@ def sae_ids(sae_run) -> dict:
 
 
 def test_every_public_query_is_covered():
-    assert _public() == set(HEADS_DB_CASES) | set(SAE_DB_CASES)
+    assert _public() == set(HEADS_DB_CASES) | set(SAE_DB_CASES) | set(GRAPH_DB_CASES)
     assert all(inspect.getdoc(getattr(queries, n)) for n in _public())
 
 
@@ -375,6 +422,18 @@ def test_query_on_sae_db(name, sae_ids, monkeypatch):
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == expected
     assert not (non_empty and frame.empty), f"{name} returned no rows"
+
+
+@pytest.mark.parametrize("name", sorted(GRAPH_DB_CASES))
+def test_query_on_graph_db(name, graph_store, monkeypatch):
+    _use(graph_store.db, monkeypatch)
+    model = _one(graph_store.db, "SELECT model_id FROM models")[0]
+    call, columns, non_empty = GRAPH_DB_CASES[name]
+    frame = call({"model": model, "graph": graph_store.graph_id})
+    assert isinstance(frame, pd.DataFrame)
+    assert set(columns) <= set(frame.columns)
+    if non_empty:
+        assert not frame.empty
 
 
 def test_query_results_follow_their_arguments(heads_db, heads_ids, monkeypatch):

@@ -8,10 +8,12 @@ real model whose attention patterns and normalisation scales are overwritten by 
 clean values and whose MLP outputs are the clean ones, less the skip term at the clean input,
 plus the skip term at the current input (and any perturbation)."""
 
+import numpy as np
 import pytest
 import torch
 
 from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.transcoders import pruning
 from workbench.transcoders.graph import attribute, graph_scores, prune
 from workbench.transcoders.sets import Transcoder, TranscoderSet
 
@@ -219,9 +221,9 @@ def test_pruning_keeps_tokens_and_logits_and_scores_lie_in_the_unit_interval(nor
     pruned = prune(graph, node_threshold=0.5, edge_threshold=0.9)
     off = graph.offsets()
     assert pruned.node_mask[off["token"] :].all()
-    kept_edges = pruned.edge_mask.nonzero()
+    kept_edges = np.argwhere(pruned.edge_mask)
     assert pruned.node_mask[kept_edges[:, 0]].all() and pruned.node_mask[kept_edges[:, 1]].all()
-    assert (graph.adjacency[pruned.edge_mask] != 0).all()
+    assert (graph.adjacency.numpy()[pruned.edge_mask] != 0).all()
     everything = prune(graph, node_threshold=1.0, edge_threshold=1.0)
     assert everything.node_mask.sum() >= pruned.node_mask.sum()
     replacement, completeness = graph_scores(graph)
@@ -259,3 +261,29 @@ def test_interventions_with_the_transcoders_spliced_in(norm_dirs, norm):
             )[0]
         assert torch.allclose(moved, expected, atol=1e-10)
         assert not torch.allclose(moved, clean[0], atol=1e-6)
+
+
+def test_influence_pruning_and_scores_on_a_graph_worked_by_hand():
+    """Features f0, f1, an error e0, a token t0 and a logit l0 (probability 1): l0 <- f0 (3),
+    l0 <- e0 (1), f0 <- f1 (2), f0 <- t0 (-2), f1 <- t0 (1), e0 <- t0 (1). By hand: influence
+    f0 3/4, f1 3/8, e0 1/4, t0 1; replacement 1 / (1 + 1/4); completeness 3.125 / 3.375. At
+    node threshold 0.5 the nodes kept are t0 (share 1/2.375) and f0 (1.75/2.375), with l0; f1
+    and e0 go, and the edges left are l0 <- f0 and f0 <- t0."""
+    f0, f1, e0, t0, l0 = range(5)
+    a = np.zeros((5, 5))
+    a[l0, f0], a[l0, e0], a[f0, f1], a[f0, t0], a[f1, t0], a[e0, t0] = 3, 1, 2, -2, 1, 1
+    w = np.array([0, 0, 0, 0, 1.0])
+    off = pruning.Offsets.of_kinds(["feature", "feature", "error", "token", "logit"])
+    assert off == pruning.Offsets(error=2, token=3, logit=4)
+    assert pruning.influence(pruning.normalise(a), w).tolist() == [0.75, 0.375, 0.25, 1.0, 0.0]
+    replacement, completeness = pruning.scores(a, w, off)
+    assert replacement == pytest.approx(0.8, abs=1e-15)
+    assert completeness == pytest.approx(3.125 / 3.375, abs=1e-15)
+    kept = pruning.prune(a, w, off, node_threshold=0.5, edge_threshold=0.9)
+    assert kept.node_mask.tolist() == [True, False, False, True, True]
+    assert np.argwhere(kept.edge_mask).tolist() == [[f0, t0], [l0, f0]]
+    total = 2.375
+    expected = [1.75 / total, 2.125 / total, 1.0, 1 / total, 0.0]
+    assert kept.cumulative.tolist() == pytest.approx(expected, abs=1e-15)
+    everything = pruning.prune(a, w, off, node_threshold=1.0, edge_threshold=1.0)
+    assert everything.node_mask.all() and (everything.edge_mask == (a != 0)).all()

@@ -3,37 +3,19 @@ they store, that a stored graph is its computation's graph, re-runs, and bad inp
 sentence, nothing stored)."""
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import SEED
 from tests.sae.conftest import query
 from workbench.cli import cli
 
 
-@dataclass(frozen=True)
-class Stored:
-    db: Path
-    set_id: str
-    graph_id: str
-
-
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory, ioi_dir) -> Stored:
-    db = tmp_path_factory.mktemp("tc") / "w.duckdb"
-    argv = ["run", "transcoders", "--model", str(ioi_dir), "--task", "ioi", "--db", str(db)]
-    argv += ["--training-tokens", "60000", "--corpus-tokens", "12000", "--seed", str(SEED)]
-    assert cli(argv) == 0
-    (set_row,) = query(db, "SELECT * FROM transcoder_sets")
-    argv = ["run", "graph", "--model", str(ioi_dir), "--transcoders", set_row["set_id"]]
-    argv += ["--task", "ioi", "--index", "0", "--db", str(db)]
-    assert cli(argv) == 0
-    (graph,) = query(db, "SELECT graph_id FROM graphs")
-    return Stored(db, set_row["set_id"], graph["graph_id"])
+def stored(graph_store):
+    return graph_store
 
 
 def test_a_set_is_stored_with_its_quality_and_features(stored, ioi_dir):
@@ -197,6 +179,32 @@ def test_intervene_moves_the_prediction_and_names_bad_input(stored, ioi_dir, cap
                       ("0:0:99999=1", "layer 0 has features 0 to 255"),
                       ("0:500:1=1", "outside the prompt's")):  # fmt: skip
         assert cli([*argv, "--set", bad]) == 2
+        assert says in capsys.readouterr().err
+
+
+def test_intervene_on_a_stored_graph_takes_its_model_set_and_prompt(stored, ioi_dir, capsys):
+    """`--graph G` is the same intervention as naming G's model, set and prompt; JSON out."""
+    (g,) = query(stored.db, "SELECT text FROM graphs")
+    (top,) = query(
+        stored.db,
+        "SELECT layer, position, feature FROM graph_nodes WHERE kind = 'feature' AND kept "
+        "ORDER BY influence DESC LIMIT 1",
+    )
+    change = ["--set", f"{top['layer']}:{top['position']}:{top['feature']}=0"]
+    db = ["--db", str(stored.db), "--format", "json"]
+    capsys.readouterr()
+    assert cli(["intervene", "--graph", stored.graph_id, *change, *db]) == 0
+    by_graph = json.loads(capsys.readouterr().out)
+    named = ["--model", str(ioi_dir), "--transcoders", stored.set_id, "--text", g["text"]]
+    assert cli(["intervene", *named, *change, *db]) == 0
+    assert json.loads(capsys.readouterr().out) == by_graph
+    assert {"token", "id", "before", "after"} == set(by_graph[0])
+    for argv, says in (
+        (["--graph", stored.graph_id, "--model", str(ioi_dir)], "leave out --model"),
+        (["--graph", "g-0000000000000000"], "no such graph"),
+        (["--model", str(ioi_dir)], "give --graph G, or all of"),
+    ):
+        assert cli(["intervene", *argv, *change, *db]) == 2
         assert says in capsys.readouterr().err
 
 

@@ -3,6 +3,7 @@ their hook's depth), edges coloured by sign or by comparison and as wide as thei
 supernodes at their members' mean position. The Circuit and Timeline pages draw with them."""
 
 from math import nan
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -62,18 +63,7 @@ def circuit_figure(
         middles[1].append((y0 + y1) / 2)
         middles[2].append(f"{src} → {dst}{f' <{ports}>' if ports else ''}: {attrs['score']:.3f}")
     fig = go.Figure()
-    for (lit, colour, width), (xs, ys) in sorted(batches.items(), key=lambda b: b[0]):
-        fig.add_trace(
-            lines(
-                x=np.array(xs),
-                y=np.array(ys),
-                mode="lines",
-                line={"width": width, "color": colour},
-                opacity=1.0 if lit else 0.15,
-                hoverinfo="skip",  # lines end on the nodes: clicks there must reach the nodes
-                showlegend=False,
-            )
-        )
+    _add_lines(fig, batches, lines)
     if len(middles[0]) <= HOVERED:  # each edge's score, on hover over its midpoint
         fig.add_trace(
             lines(
@@ -117,6 +107,23 @@ def circuit_figure(
     return fig
 
 
+def _add_lines(fig: go.Figure, batches: dict, lines: type = go.Scatter) -> None:
+    """One trace of line segments per (lit, colour, width): the segments' x and y with a gap
+    (NaN) after each."""
+    for (lit, colour, width), (xs, ys) in sorted(batches.items(), key=lambda b: b[0]):
+        fig.add_trace(
+            lines(
+                x=np.array(xs),
+                y=np.array(ys),
+                mode="lines",
+                line={"width": width, "color": colour},
+                opacity=1.0 if lit else 0.15,
+                hoverinfo="skip",  # lines end on the nodes: clicks there must reach the nodes
+                showlegend=False,
+            )
+        )
+
+
 def sae_depths(n_layers: int) -> dict[str, float]:
     """Each stored SAE's depth in a model of `n_layers` (its hook's): where its features go."""
     saes = queries.sae_hooks()
@@ -149,3 +156,97 @@ def _short(node_id: str) -> str:
     if node is None or not node.is_sae_node:
         return node_id
     return "#err" if node.feature is None else f"#{node.feature}"
+
+
+# -- attribution graphs (the Graph page) ---------------------------------------------------------
+
+SIGN_COLOURS = ("#1f77b4", "#d62728")  # positive, negative edges
+KIND_MARKERS = {
+    "feature": ("circle", "#444444"),
+    "error": ("square", "#aaaaaa"),
+    "token": ("triangle-up", "#2ca02c"),
+    "logit": ("hexagon", "#9467bd"),
+    "supernode": ("star", "#ff7f0e"),
+}
+
+
+def attribution_figure(
+    nodes: Any,
+    edges: list[Edge],
+    tokens: list[str],
+    *,
+    highlight: str | None = None,
+    pinned: set[str] | None = None,
+    groups: dict[str, list[str]] | None = None,
+) -> go.Figure:
+    """An attribution graph: `nodes` (rows with node_id, kind, x, y, influence and a `label`)
+    at their places, positions along x (ticks: the prompt's `tokens`), layers along y
+    (embeddings below, logits on top); node size by influence; `edges` (src, dst, weight)
+    blue when positive and red when negative, as wide as their |weight|. `highlight`: a node
+    whose edges stay in full colour while the rest fade; `pinned` nodes are outlined; `groups`:
+    supernodes (`group:<label>`) drawn at their members' mean place, the members' edges
+    summed into them (`edges` already collapsed)."""
+    where = {str(r.node_id): (float(r.x), float(r.y)) for r in nodes.itertuples()}
+    where |= supernode_positions(where, groups or {})
+    biggest = max((abs(w) for *_, w in edges), default=1.0) or 1.0
+    near: set[str] = set()
+    if highlight is not None:
+        near = {highlight} | {s for s, d, _ in edges if d == highlight}
+        near |= {d for s, d, _ in edges if s == highlight}
+    batches: dict[tuple[bool, str, float], tuple[list, list]] = {}
+    for src, dst, weight in edges:
+        if src not in where or dst not in where:
+            continue
+        (x0, y0), (x1, y1) = where[src], where[dst]
+        lit = not near or highlight in (src, dst)
+        colour = SIGN_COLOURS[0] if weight >= 0 else SIGN_COLOURS[1]
+        xs, ys = batches.setdefault((lit, colour, _width(weight, biggest)), ([], []))
+        xs += [x0, x1, nan]
+        ys += [y0, y1, nan]
+    fig = go.Figure()
+    _add_lines(fig, batches)
+    grouped = {m for ms in (groups or {}).values() for m in ms}
+    rows = [r for r in nodes.itertuples() if str(r.node_id) not in grouped]
+    largest = max((float(r.influence) for r in rows if r.influence == r.influence), default=1.0)
+    ids = [str(r.node_id) for r in rows] + [GROUP_PREFIX + g for g in (groups or {})]
+    kinds = [str(r.kind) for r in rows] + ["supernode"] * len(groups or {})
+    sizes = [8 + 22 * (max(float(r.influence), 0.0) / (largest or 1.0)) ** 0.5
+             if r.influence == r.influence else 10.0 for r in rows]  # fmt: skip
+    sizes += [26.0] * len(groups or {})
+    labels = [str(r.label) for r in rows] + [f"{g} ({len(m)})" for g, m in (groups or {}).items()]
+    fig.add_trace(
+        go.Scatter(
+            x=[where[n][0] if n in where else nan for n in ids],
+            y=[where[n][1] if n in where else nan for n in ids],
+            mode="markers",
+            hovertext=labels,
+            customdata=ids,
+            hoverinfo="text",
+            marker={
+                "size": [s * 1.3 if n == highlight else s for s, n in zip(sizes, ids, strict=True)],
+                "symbol": [KIND_MARKERS[k][0] for k in kinds],
+                "color": [
+                    "#ff7f0e" if n == highlight else KIND_MARKERS[k][1]
+                    for n, k in zip(ids, kinds, strict=True)
+                ],
+                "opacity": [1.0 if not near or n in near else 0.35 for n in ids],
+                "line": {
+                    "width": [3 if n in (pinned or ()) else 0 for n in ids],
+                    "color": "#ff7f0e",
+                },
+            },
+            showlegend=False,
+        )
+    )
+    top = int(nodes["y"].max()) if len(nodes) else 1
+    fig.update_layout(
+        xaxis={"title": "position", "tickvals": list(range(len(tokens))), "ticktext": tokens},
+        yaxis={
+            "title": "layer",
+            "tickvals": list(range(-1, top + 1)),
+            "ticktext": ["emb", *map(str, range(top)), "logit"],
+        },
+        height=max(520, 40 * (top + 2)),
+        margin={"l": 40, "r": 20, "t": 20, "b": 60},
+    )
+    return fig

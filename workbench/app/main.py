@@ -1,9 +1,10 @@
 """Circuit Workbench app: `streamlit run app/main.py` (or `workbench app`).
 
-It reads the DuckDB store that the pipelines write. It writes in two places only: the Circuit
-page's Curate panel saves a curated subgraph (`Store.save_subgraph`), and the Prompt page's
-Analyse starts `workbench run prompt`, which stores a prompt's views, in a process of its own; a
-read-only server does neither. Nothing renders before app/auth.py lets the session in (this
+It reads the DuckDB store that the pipelines write. It writes in one place only: the Curate
+panel of the Circuit and Graph pages saves a curated subgraph (`Store.save_subgraph`). It starts
+processes in two: the Prompt page's Analyse runs `workbench run prompt`, which stores a prompt's
+views, and the Graph page's intervention runs `workbench intervene`, which stores nothing. A
+read-only server does none of these. Nothing renders before app/auth.py lets the session in (this
 machine only, unless a token or an identity provider guards the server).
 """
 
@@ -13,6 +14,7 @@ from workbench.app import access, auth, data, links
 from workbench.app.views import (
     circuit,
     features,
+    graph,
     heads,
     overview,
     patching,
@@ -28,6 +30,7 @@ VIEWS = {
     "Circuit": circuit.render,
     "Timeline": timeline.render,
     "Prompt": prompt.render,
+    "Graph": graph.render,
     "Features": features.render,
     "SQL": sql_console.render,
 }

@@ -462,6 +462,14 @@ def subgraphs(model_id: str) -> pd.DataFrame:
     )
 
 
+def subgraphs_by_id(subgraph_id: str) -> pd.DataFrame:
+    """One saved subgraph's row (empty if there is none)."""
+    return data.query(
+        "SELECT subgraph_id, name, checkpoint_id, source FROM subgraphs WHERE subgraph_id = ?",
+        (subgraph_id,),
+    )
+
+
 def subgraph_nodes(subgraph_id: str) -> pd.DataFrame:
     """A subgraph's nodes with their group (supernode) label and note."""
     return data.query(
@@ -488,6 +496,42 @@ def circuits_at(checkpoint_id: str) -> pd.DataFrame:
            FROM circuits c JOIN runs r USING (run_id) WHERE r.checkpoint_id = ?
            ORDER BY r.method, c.n_edges""",
         (checkpoint_id,),
+    )
+
+
+# -- attribution graphs ----------------------------------------------------------------------
+
+
+def graphs(model_id: str) -> pd.DataFrame:
+    """A model's stored attribution graphs, newest first, with a display label (graphs
+    imported without a checkpoint belong to no model and are not listed)."""
+    return data.query(
+        """SELECT g.graph_id, g.checkpoint_id, c.step, g.set_id, g.set_path, g.text, g.tokens,
+                  g.params, g.n_nodes, g.n_edges, g.n_nodes_kept, g.n_edges_kept,
+                  g.replacement_score, g.completeness_score, g.adjacency_path, g.seconds,
+                  'step ' || c.step || ' · ' || g.text || ' · ' || g.graph_id AS label
+           FROM graphs g JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ? ORDER BY g.created_at DESC, g.graph_id""",
+        (model_id,),
+    )
+
+
+def graph_nodes(graph_id: str) -> pd.DataFrame:
+    """Every node of a stored graph, in adjacency order, kept or not."""
+    return data.query(
+        """SELECT node, node_id, kind, layer, position, feature, sae_id, token_id, token,
+                  activation, probability, influence, cumulative_influence, kept
+           FROM graph_nodes WHERE graph_id = ? ORDER BY node""",
+        (graph_id,),
+    )
+
+
+def graph_edges(graph_id: str) -> pd.DataFrame:
+    """The edges a stored graph's pruning kept (node indices), strongest |weight| first."""
+    return data.query(
+        "SELECT src, dst, weight FROM graph_edges WHERE graph_id = ? "
+        "ORDER BY abs(weight) DESC, dst, src",
+        (graph_id,),
     )
 
 

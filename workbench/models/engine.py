@@ -73,6 +73,30 @@ PROCESSING = {
 }
 
 
+MLP_NORMS = "workbench_mlp_norms"  # the model attribute holding them (see remember_mlp_norms)
+
+
+def remember_mlp_norms(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """Keep each layer's `ln2` weight and bias (None for RMSNorm) from the state dict before
+    `fold_ln` folds them into the MLP's input weights: what a transcoder that reads the MLP's
+    input after the norm (circuit-tracer's `mlp.hook_in`) needs to be folded the same way
+    (`mlp_norms`). Nothing is kept for a model without `ln2` weights."""
+    norms = []
+    for layer in range(model.cfg.n_layers):
+        weight = state_dict.get(f"blocks.{layer}.ln2.w")
+        if weight is None:
+            return
+        bias = state_dict.get(f"blocks.{layer}.ln2.b")
+        norms.append((weight.detach().clone(), None if bias is None else bias.detach().clone()))
+    setattr(model, MLP_NORMS, norms)
+
+
+def mlp_norms(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
+    """Each layer's `ln2` (weight, bias) as loaded, before folding; None when the model was
+    loaded without them being kept (a TransformerLens name, or a model without `ln2`)."""
+    return getattr(model, MLP_NORMS, None)
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -135,6 +159,7 @@ def build_from_state_dict(
     except Exception as err:  # TransformerLens validates with asserts and ValueErrors
         raise BadInput(f"{config_file}: not a valid model configuration ({_reason(err)})") from err
     _check_weights(model, state_dict, weights_file)
+    remember_mlp_norms(model, state_dict)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     model.eval()
     _check_runs(model, config_file)
@@ -269,6 +294,7 @@ def from_hf_directory(path: Path) -> HookedTransformer:
         raise BadInput(f"{config_file}: TransformerLens cannot convert it ({err})") from err
     del hf_model
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    remember_mlp_norms(model, state_dict)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     model.eval()
     return model

@@ -31,14 +31,8 @@ nodes, each readout equals the sum of its incoming edges plus the readout with e
 removed: what no node carries (positional embeddings, the attention and transcoder biases and
 everything they feed, and position 0's MLP outputs when it is not a node).
 
-**Pruning and scores** (`prune`, `graph_scores`): with `Â` the adjacency with rows
-normalised to |weights| summing to 1 and `w` the logit probabilities, a node's influence is
-`(w Â + w Â² + …)` at that node; nodes are kept in order of influence until their cumulative
-share reaches `node_threshold` (tokens and logits always), edges likewise by
-`Â[t, s] · (influence[t] + w[t])` up to `edge_threshold`, and nodes left without an edge to a
-kept node are dropped. The replacement score is the share of token influence in token plus
-error influence; the completeness score is the influence-weighted share of the nodes' inputs
-that do not come from errors.
+**Pruning and scores** (`prune`, `graph_scores`) are those of
+`workbench.transcoders.pruning`, on the adjacency and the logit probabilities.
 """
 
 import logging
@@ -46,10 +40,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from workbench.transcoders import pruning
+from workbench.transcoders.pruning import Offsets, Pruned
 from workbench.transcoders.sets import TranscoderSet
 
 logger = logging.getLogger(__name__)
@@ -413,97 +410,28 @@ def _assemble(
     return adjacency
 
 
-# -- influence, pruning and scores ---------------------------------------------------------------
+# -- influence, pruning and scores (workbench.transcoders.pruning, on NumPy arrays) -------------
 
 
-def normalise(adjacency: torch.Tensor) -> torch.Tensor:
-    """|A| with each row scaled to sum to 1 (rows of zeros stay zero)."""
-    a = adjacency.abs()
-    return a / a.sum(dim=1, keepdim=True).clamp(min=1e-10)
+def _arrays(graph: AttributionGraph) -> tuple[np.ndarray, np.ndarray, Offsets]:
+    off = graph.offsets()
+    return (
+        graph.adjacency.double().numpy(),
+        graph.logit_weights().double().numpy(),
+        Offsets(off["error"], off["token"], off["logit"]),
+    )
 
 
-def influence(normalised: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`w Â + w Â² + …`: each node's total influence on the weighted targets (a DAG, so the
-    series ends)."""
-    total = torch.zeros_like(weights)
-    current = weights @ normalised
-    for _ in range(10_000):
-        if not current.any():
-            return total
-        total = total + current
-        current = current @ normalised
-    raise ValueError("the adjacency matrix has a cycle")
-
-
-def _threshold(scores: torch.Tensor, share: float) -> float:
-    """The smallest score among the largest ones that together hold `share` of the total."""
-    ordered = torch.sort(scores.flatten(), descending=True).values
-    if ordered.sum() <= 0:
-        return float("inf")
-    cumulative = torch.cumsum(ordered, 0) / ordered.sum()
-    return float(ordered[min(int(torch.searchsorted(cumulative, share)), len(ordered) - 1)])
-
-
-@dataclass
-class Pruned:
-    """Which nodes and edges a pruning keeps, and each node's cumulative influence share (the
-    share of all influence held by the nodes at least as influential: smaller is more)."""
-
-    node_mask: torch.Tensor
-    edge_mask: torch.Tensor
-    influence: torch.Tensor
-    cumulative: torch.Tensor
-
-
-def prune(graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98):
-    a = graph.adjacency.double()
-    w = graph.logit_weights().double()
-    offsets = graph.offsets()
-    n_logits = len(graph.logit_tokens)
-    node_influence = influence(normalise(a), w)
-    node_mask = node_influence >= _threshold(node_influence, node_threshold)
-    node_mask[offsets["token"] :] = True
-    kept = a * node_mask[:, None] * node_mask[None, :]
-    kept_normalised = normalise(kept)
-    edge_scores = kept_normalised * (influence(kept_normalised, w) + w)[:, None]
-    edge_mask = edge_scores >= _threshold(edge_scores, edge_threshold)
-    edge_mask &= kept != 0
-    is_feature = torch.zeros_like(node_mask)
-    is_feature[: offsets["error"]] = True
-    may_go = torch.zeros_like(node_mask)
-    may_go[: offsets["token"]] = True
-    while True:
-        has_out = edge_mask.any(dim=0)
-        has_in = edge_mask.any(dim=1)
-        drop = node_mask & may_go & (~has_out | (is_feature & ~has_in))
-        if not drop.any():
-            break
-        node_mask &= ~drop
-        edge_mask &= node_mask[:, None] & node_mask[None, :]
-    order = torch.argsort(node_influence, descending=True, stable=True)
-    cumulative = torch.zeros_like(node_influence)
-    total = node_influence.sum()
-    if total > 0:
-        cumulative[order] = torch.cumsum(node_influence[order], 0) / total
-    cumulative[len(cumulative) - n_logits :] = 0
-    return Pruned(node_mask, edge_mask, node_influence, cumulative)
+def prune(
+    graph: AttributionGraph, node_threshold: float = 0.8, edge_threshold: float = 0.98
+) -> Pruned:
+    """The nodes and edges kept at these thresholds (see `workbench.transcoders.pruning`)."""
+    return pruning.prune(*_arrays(graph), node_threshold, edge_threshold)
 
 
 def graph_scores(graph: AttributionGraph) -> tuple[float, float]:
     """(replacement score, completeness score) of the unpruned graph."""
-    a = graph.adjacency.double()
-    w = graph.logit_weights().double()
-    off = graph.offsets()
-    normalised = normalise(a)
-    node_influence = influence(normalised, w)
-    token_inf = node_influence[off["token"] : off["logit"]].sum()
-    error_inf = node_influence[off["error"] : off["token"]].sum()
-    replacement = float(token_inf / (token_inf + error_inf)) if token_inf + error_inf > 0 else 1.0
-    non_error = 1 - normalised[:, off["error"] : off["token"]].sum(dim=1)
-    non_error[a.abs().sum(dim=1) == 0] = 1
-    out = node_influence + w
-    completeness = float((non_error * out).sum() / out.sum())
-    return replacement, completeness
+    return pruning.scores(*_arrays(graph))
 
 
 # -- interventions ------------------------------------------------------------------------------

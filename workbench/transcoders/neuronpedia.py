@@ -8,7 +8,7 @@ transcoder` (circuit-tracer's name for per-layer transcoder features too), `mlp 
 error`, `embedding` or `logit`, `influence` the node's cumulative influence share, and each link
 `{source, target, weight}`; nodes in no link are left out but for embeddings and logits, as
 circuit-tracer does. circuit-tracer 0.5 writes an error node's id as `0_{layer}_{pos}` instead;
-import reads both. Import (`import_graph`) stores such a file as a graph of its own (graph_id
+import reads both and stores `{layer}_-1_{pos}`. Import (`import_graph`) stores such a file as a graph of its own (graph_id
 `g-` + 16 hex of the file's sha256), with the nodes and links it has (all kept) and no full
 adjacency.
 """
@@ -160,9 +160,9 @@ def import_graph(path: Path, db: str | None = None, *, checkpoint_id: str | None
     logit_layers = set()
     for i, raw in enumerate(document["nodes"]):
         node = _node_from_json(raw, f"{path}: nodes[{i}]", meta)
-        if node["node_id"] in index:
-            raise BadInput(f"{path}: nodes[{i}]: node_id {node['node_id']!r} appears twice")
-        index[node["node_id"]] = i
+        if raw["node_id"] in index:  # (the links name nodes by the file's ids)
+            raise BadInput(f"{path}: nodes[{i}]: node_id {raw['node_id']!r} appears twice")
+        index[raw["node_id"]] = i
         if node["kind"] == "logit":
             logit_layers.add(node["layer"])
         nodes.append(node | {"graph_id": graph_id, "node": i})
@@ -261,7 +261,8 @@ def _node_from_json(raw: Any, where: str, meta: dict[str, Any]) -> dict[str, Any
         component = Node.input().id if kind == "token" else Node.logits().id
     influence = raw.get("influence")
     return {
-        "node_id": str(raw["node_id"]),
+        # an error's id in the workbench's convention, whichever the file used
+        "node_id": f"{layer}_-1_{pos}" if kind == "error" else str(raw["node_id"]),
         "kind": kind,
         "layer": layer,
         "position": pos,

@@ -85,8 +85,7 @@ def plan_set(
     source: dict[str, Any]
     if load is not None:
         path = Path(load).expanduser()
-        checked = load_transcoder_set(path)
-        checked.check_fits(model, str(path))
+        checked = load_transcoder_set(path).fitted_to(model, str(path))
         source = {"load": str(path.resolve()), "sha256": sha256_files(set_files(path))}
     else:
         training.check()

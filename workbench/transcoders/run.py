@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
@@ -107,7 +108,7 @@ def run_graph(
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="graph checkpoints", disable=len(refs) < 2):
         loaded = load_checkpoint(ref, device=device, dtype=dtype)
-        tset.check_fits(loaded.model, str(set_dir))
+        fitted = tset.fitted_to(loaded.model, str(set_dir))
         ids, shown = prompt_ids(loaded, text=text, task=task, index=index)
         checkpoint_id = loaded.checkpoint.checkpoint_id
         graph_id = (
@@ -135,7 +136,7 @@ def run_graph(
         graph = attribute(
             loaded.model,
             tokens,
-            tset,
+            fitted,
             zero_first_position=zero_first,
             max_n_logits=params.max_n_logits,
             desired_logit_prob=params.desired_logit_prob,
@@ -166,13 +167,13 @@ def run_graph(
             "seconds": seconds,
         }
         nodes = node_rows(graph, pruned, graph_id, set_id, strs, loaded.token_strs)
-        edges = pruned.edge_mask.nonzero()
+        edges = np.argwhere(pruned.edge_mask)
         edge_rows = pa.table(
             {
                 "graph_id": pa.array([graph_id] * len(edges), pa.string()),
                 "src": pa.array(edges[:, 1].tolist(), pa.int32()),
                 "dst": pa.array(edges[:, 0].tolist(), pa.int32()),
-                "weight": pa.array(graph.adjacency[edges[:, 0], edges[:, 1]].tolist()),
+                "weight": pa.array(graph.adjacency.numpy()[edges[:, 0], edges[:, 1]].tolist()),
             }
         )
         registry = loaded_rows(loaded)
@@ -273,10 +274,37 @@ def parse_intervention(spec: str, n_pos: int) -> Intervention:
     return Intervention(layer, pos % n_pos, feature, number)
 
 
+def graph_prompt(graph_id: str, db: str | None) -> dict[str, Any]:
+    """What a stored graph was made of: its model's source, checkpoint step, transcoder set (its
+    id, or its directory) and token ids."""
+    with Store(db, read_only=True) as store:
+        rows = store.query(
+            """SELECT g.set_id, g.set_path, g.token_ids, c.step, m.source FROM graphs g
+               LEFT JOIN checkpoints c USING (checkpoint_id) LEFT JOIN models m USING (model_id)
+               WHERE g.graph_id = ?""",
+            [graph_id],
+        ).to_pylist()
+        where = store.path
+    if not rows:
+        raise BadInput(f"--graph {graph_id}: no such graph in {where}")
+    row = rows[0]
+    if row["source"] is None or not (row["set_id"] or row["set_path"]):
+        raise BadInput(
+            f"--graph {graph_id}: imported without its model or transcoders; give --model, "
+            "--transcoders and --text instead"
+        )
+    return {
+        "model": row["source"],
+        "checkpoint": str(row["step"]),
+        "transcoders": row["set_id"] or row["set_path"],
+        "token_ids": list(row["token_ids"]),
+    }
+
+
 def run_intervention(
-    model: str,
-    transcoders: str,
-    text: str,
+    model: str | None,
+    transcoders: str | None,
+    text: str | None,
     sets: list[str],
     *,
     checkpoint: str = "latest",
@@ -284,22 +312,37 @@ def run_intervention(
     device: str = "cpu",
     dtype: str = "float32",
     db: str | None = None,
+    graph: str | None = None,
 ) -> list[dict[str, Any]]:
     """The next-token distribution at the prompt's last position with the transcoders spliced
     in, before and after setting the features `sets`: the `top` tokens of either, with their
-    probabilities before and after (one checkpoint)."""
+    probabilities before and after (one checkpoint). With `graph`, the model, checkpoint,
+    transcoders and prompt are the stored graph's."""
     from workbench.transcoders.graph import spliced_logits
 
     if not sets:
         raise BadInput("give at least one --set LAYER:POSITION:FEATURE=VALUE")
+    ids: list[int] | None = None
+    if graph is not None:
+        if model or transcoders or text:
+            raise BadInput(
+                "--graph takes the model, transcoders and prompt from the stored graph: leave "
+                "out --model, --transcoders and --text"
+            )
+        made = graph_prompt(graph, db)
+        model, transcoders, checkpoint = made["model"], made["transcoders"], made["checkpoint"]
+        ids = made["token_ids"]
+    elif not (model and transcoders and text is not None):
+        raise BadInput("give --graph G, or all of --model, --transcoders and --text")
     _, set_dir = _resolve_set(transcoders, db)
     tset = load_transcoder_set(set_dir)
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     if len(refs) != 1:
         raise BadInput(f"--checkpoint {checkpoint}: choose one checkpoint (latest or a step)")
     loaded = load_checkpoint(refs[0], device=device, dtype=dtype)
-    tset.check_fits(loaded.model, str(set_dir))
-    ids, _ = prompt_ids(loaded, text=text, task=None, index=0)
+    tset = tset.fitted_to(loaded.model, str(set_dir))
+    if ids is None:
+        ids, _ = prompt_ids(loaded, text=text, task=None, index=0)
     chosen = [parse_intervention(s, len(ids)) for s in sets]
     for iv, spec in zip(chosen, sets, strict=True):
         if not 0 <= iv.layer < len(tset):

@@ -20,9 +20,14 @@ Formats read (`load_transcoder_set`) and written:
   with `W_enc` [d_transcoder, d_in], `W_dec` [d_transcoder, d_out], `b_enc`, `b_dec` and
   optionally `W_skip` and `activation_function.threshold`. Its hooks name a block's hook
   without the `blocks.{i}.` prefix; circuit-tracer's own `mlp.hook_in` / `mlp.hook_out` (hooks
-  it adds around each MLP) are read as `ln2.hook_normalized` / `hook_mlp_out`, the same
-  activations in a model whose LayerNorm weights are folded into the MLP (as the workbench
-  loads models: `workbench.models.engine.PROCESSING`).
+  it adds around each MLP) are read as `ln2.hook_normalized` / `hook_mlp_out`. circuit-tracer
+  runs its models with their norms unfolded, so its sets read the MLP's input after the norm's
+  weight and bias (`norm_applied`); the workbench loads models with them folded into the MLP
+  (`workbench.models.engine.PROCESSING`), and `TranscoderSet.fitted_to` folds them into the
+  set instead. A set written here from one that reads the folded input (every set trained
+  here) carries `input_normalisation: folded` in its `config.yaml`, so that it reads back the
+  same; circuit-tracer itself ignores that key, so such a set is exact there only for a model
+  whose MLP norm weights are 1 and biases 0.
 """
 
 import json
@@ -137,6 +142,10 @@ class TranscoderSet:
     hook_in: str = DEFAULT_HOOK_IN
     hook_out: str = DEFAULT_HOOK_OUT
     source: str = "trained"
+    # the transcoders read the MLP's input after its norm's weight and bias, as a model loaded
+    # without folding sees it (circuit-tracer's `mlp.hook_in`); the workbench's models have
+    # them folded into the MLP, so `fitted_to` folds them into the encoders and skips instead
+    norm_applied: bool = False
 
     def __len__(self) -> int:
         return len(self.transcoders)
@@ -184,6 +193,32 @@ class TranscoderSet:
         hooks = [(self.input_hook(i), keep(i)) for i in range(len(self))]
         return hooks + [(self.output_hook(i), replace(i)) for i in range(len(self))]
 
+    def fitted_to(self, model: Any, where: str) -> "TranscoderSet":
+        """The set checked against `model` (`check_fits`) and made to read what `model`'s
+        hooks carry: for a set whose inputs are after the norm's weight w and bias b
+        (`norm_applied`), x = w * n + b of the normalised n at `hook_in`, so W_enc becomes
+        w[:, None] * W_enc, b_enc gains b @ W_enc, W_skip becomes W_skip * w[None, :] and
+        b_dec gains W_skip @ b: the same features and outputs, from n."""
+        from workbench.models.engine import mlp_norms
+
+        self.check_fits(model, where)
+        if not self.norm_applied:
+            return self
+        norms = mlp_norms(model)
+        if norms is None or len(norms) != len(self):
+            raise BadInput(
+                f"{where}: the set reads the MLP input after its norm's weights (circuit-tracer's "
+                "mlp.hook_in), and this model was loaded without them being kept: load it from "
+                "its directory"
+            )
+        return replace(
+            self,
+            transcoders=[
+                _fold_norm(tc, w, b) for tc, (w, b) in zip(self.transcoders, norms, strict=True)
+            ],
+            norm_applied=False,
+        )
+
     def check_fits(self, model: Any, where: str) -> None:
         """One sentence if the set cannot stand in for `model`'s MLPs: a transcoder for every
         layer, hooks the model has, and the sizes of its activations there."""
@@ -205,6 +240,25 @@ class TranscoderSet:
                         f"{where}: layer {layer}'s transcoder has {size}-dimensional {name}s, "
                         f"the model's d_model is {cfg.d_model}"
                     )
+
+
+def _fold_norm(tc: Transcoder, w: torch.Tensor, b: torch.Tensor | None) -> Transcoder:
+    """`tc` reading w * n + b, as a transcoder reading n (see `TranscoderSet.fitted_to`)."""
+    w = w.to(tc.W_enc.device, torch.float64)
+    b = None if b is None else b.to(tc.W_enc.device, torch.float64)
+    dtype = tc.W_enc.dtype
+    W_enc, b_enc = tc.W_enc.double(), tc.b_enc.double()
+    out = {"W_enc": (w[:, None] * W_enc).to(dtype), "b_enc": b_enc}
+    b_dec = tc.b_dec.double()
+    if b is not None:
+        out["b_enc"] = b_enc + b @ W_enc
+    if tc.W_skip is not None:
+        W_skip = tc.W_skip.double()
+        out["W_skip"] = (W_skip * w[None, :]).to(dtype)
+        if b is not None:
+            b_dec = b_dec + W_skip @ b
+    out["b_enc"] = out["b_enc"].to(dtype)
+    return replace(tc, **out, b_dec=b_dec.to(dtype))
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -316,7 +370,10 @@ def _load_circuit_tracer(path: Path) -> TranscoderSet:
             tensors["threshold"] = threshold
         act = "jumprelu" if threshold is not None else activation
         transcoders.append(_transcoder(file, tensors, activation=act, k=k))
-    return TranscoderSet(transcoders, hooks[0], hooks[1], str(path.resolve()))
+    # circuit-tracer runs models unfolded: its sets read the MLP input after the norm's weight
+    # and bias; a set written here from a set that reads the folded input says so
+    applied = config.get("input_normalisation", "applied") != "folded"
+    return TranscoderSet(transcoders, hooks[0], hooks[1], str(path.resolve()), applied)
 
 
 def _circuit_tracer_files(path: Path, config: dict[str, Any], config_file: Path) -> list[Path]:
@@ -395,8 +452,16 @@ def _block(hook: Any) -> tuple[int, str] | None:
 
 def save_saelens(tset: TranscoderSet, out: Path, model_name: str | None = None) -> None:
     """Write `tset` in SAELens's format: `out/layer_{i}/` per layer, through SAELens's own
-    classes, so that `SAE.load_from_disk` reads each folder back."""
+    classes, so that `SAE.load_from_disk` reads each folder back. SAELens's hooks are those of
+    a model with its norms folded: a set that reads the input after the norm's weights
+    (`norm_applied`) is fitted to its model first."""
     import sae_lens
+
+    if tset.norm_applied:
+        raise BadInput(
+            f"{tset.source}: the set reads the MLP input after its norm's weights; fit it to "
+            "its model (TranscoderSet.fitted_to) before writing it in SAELens's format"
+        )
 
     classes = {
         "transcoder": (sae_lens.Transcoder, sae_lens.TranscoderConfig),
@@ -438,6 +503,8 @@ def save_circuit_tracer(tset: TranscoderSet, out: Path) -> None:
         "feature_input_hook": tset.hook_in,
         "feature_output_hook": tset.hook_out,
     }
+    if not tset.norm_applied:  # (read back as it is; see TranscoderSet.norm_applied)
+        config["input_normalisation"] = "folded"
     first = tset.transcoders[0]
     if first.activation == "topk":
         config.update(activation="topk", k=first.k)

@@ -6,14 +6,19 @@ features it writes most, a feature to its dashboard."""
 
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.app import access, links, queries
 from workbench.app.circuit_data import Shown, triples
 from workbench.app.figures import COLOURS, Edge, circuit_figure
 from workbench.app.views import curate, features
-from workbench.app.views.common import pick_row, pick_run, select_model
+from workbench.app.views.common import (
+    clickable_chart,
+    clicked_node,
+    pick_row,
+    pick_run,
+    select_model,
+)
 from workbench.core import PORTS, Node
 from workbench.graph import input_to_logits, split_port, without_layers
 
@@ -100,7 +105,7 @@ def _explore(shown: Shown, model_id: str, n_layers: int, n_heads: int) -> None:
         edges = without_layers(edges, set(hidden))
     nodes = sorted({split_port(n)[0] for s, d, _ in edges for n in (s, d)})
     heads = [Node.head_of(lyr, h).id for lyr in range(n_layers) for h in range(n_heads)]
-    clicked = _clicked("circuit_graph")
+    clicked = clicked_node("circuit_graph")
     choices = list(dict.fromkeys(nodes + heads))
     if clicked in choices:
         st.session_state["circuit_node"] = clicked
@@ -123,7 +128,7 @@ def _explore(shown: Shown, model_id: str, n_layers: int, n_heads: int) -> None:
             pinned=curate.pinned(),
             groups=shown.groups,
         )
-        _clickable(fig, "circuit_graph")
+        clickable_chart(fig, "circuit_graph")
         dropped = len(shown.edges) - len(edges)
         st.caption(
             f"{len(edges):,} edges drawn"
@@ -281,26 +286,6 @@ def _node_inspector(node: str, checkpoint_id: str) -> None:
     )
     st.dataframe(incident, hide_index=True)
     _feature_links(node, checkpoint_id)
-
-
-def _clicked(key: str) -> str | None:
-    """The node last clicked in the chart `key` (its selection, kept by Streamlit in the
-    session state), once per new click; read before the page draws anything from it."""
-    event = st.session_state.get(key)
-    points = (event or {}).get("selection", {}).get("points", [])
-    chosen = [p["customdata"] for p in points if p.get("customdata")]
-    node = chosen[0] if chosen else None
-    if isinstance(node, list):
-        node = node[0]
-    if node and node != st.session_state.get(f"{key}_last_click"):  # a new click, once
-        st.session_state[f"{key}_last_click"] = node
-        return str(node)
-    return None
-
-
-def _clickable(fig: go.Figure, key: str) -> None:
-    """Draw a circuit whose nodes can be clicked (see `_clicked`)."""
-    st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
 
 
 def _with_ports(node_id: str) -> list[str]:

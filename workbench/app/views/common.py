@@ -82,3 +82,23 @@ def diverging_heatmap(grid: Any, bound: float, labels: dict[str, str], **style: 
         labels=labels,
         **style,
     )
+
+
+def clicked_node(key: str) -> str | None:
+    """The node last clicked in the chart `key` (its selection, kept by Streamlit in the
+    session state), once per new click; read before the page draws anything from it."""
+    event = st.session_state.get(key)
+    points = (event or {}).get("selection", {}).get("points", [])
+    chosen = [p["customdata"] for p in points if p.get("customdata")]
+    node = chosen[0] if chosen else None
+    if isinstance(node, list):
+        node = node[0]
+    if node and node != st.session_state.get(f"{key}_last_click"):  # a new click, once
+        st.session_state[f"{key}_last_click"] = node
+        return str(node)
+    return None
+
+
+def clickable_chart(fig: Any, key: str) -> None:
+    """Draw a circuit whose nodes can be clicked (see `clicked_node`)."""
+    st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")

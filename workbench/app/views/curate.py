@@ -20,6 +20,7 @@ from workbench.subgraphs import GROUP_PREFIX, Subgraph, SubgraphEdge, SubgraphNo
 PINS, GROUPS, NOTES = "curate_pins", "curate_groups", "curate_notes"
 SAVE_WAIT_SECONDS = 10.0  # a writer holding the database: wait this long, then say so
 COMPARE = {"shared": "#444444", "subgraph": "#1f77b4", "circuit": "#ff7f0e"}
+GRAPH_SOURCE = "graph:"  # the source of a subgraph saved from an attribution graph
 
 
 def pinned() -> set[str]:
@@ -53,17 +54,27 @@ def _groups(pins: list[str]) -> None:
     current = {k: [m for m in v if m in pins] for k, v in groups().items()}
     st.session_state[GROUPS] = {k: v for k, v in current.items() if v}
     c1, c2, c3 = st.columns([2, 3, 1])
-    label = c1.text_input("Group label", key="curate_group_label")
-    members = c2.multiselect("Group these pinned nodes", pins, key="curate_group_members")
-    if c3.button("Group", key="curate_group"):
-        if not label.strip() or not members:
-            st.warning("A group needs a label and at least one pinned node.")
-        else:
-            taken = {m for k, v in st.session_state[GROUPS].items() if k != label for m in v}
-            st.session_state[GROUPS][label.strip()] = [m for m in members if m not in taken]
+    c1.text_input("Group label", key="curate_group_label")
+    c2.multiselect("Group these pinned nodes", pins, key="curate_group_members")
+    c3.button("Group", key="curate_group", on_click=_group)
+    if st.session_state.pop("curate_group_incomplete", False):
+        st.warning("A group needs a label and at least one pinned node.")
     for name, nodes in st.session_state[GROUPS].items():
         listed = ", ".join(access.literal(n) for n in nodes)
         st.markdown(f"- group {access.literal(name)}: {listed}")
+
+
+def _group() -> None:
+    """The Group button (a callback, so that the graph drawn next shows the group)."""
+    label = str(st.session_state.get("curate_group_label", "")).strip()
+    members = list(st.session_state.get("curate_group_members", []))
+    if not label or not members:
+        st.session_state["curate_group_incomplete"] = True
+        return
+    current = dict(st.session_state.get(GROUPS, {}))
+    taken = {m for k, v in current.items() if k != label for m in v}
+    current[label] = [m for m in members if m not in taken]
+    st.session_state[GROUPS] = current
 
 
 def _notes(pins: list[str], kept: list[Edge]) -> None:
@@ -121,6 +132,35 @@ def _save(
     )
 
 
+def restore(sid: str, name: str, nodes: pd.DataFrame, edge_rows: pd.DataFrame) -> None:
+    """Curate a saved subgraph again: its nodes pinned, its groups, notes and name."""
+    st.session_state["curate_loaded"] = sid
+    st.session_state[PINS] = nodes["node_id"].tolist()
+    st.session_state[GROUPS] = {
+        str(label): g["node_id"].tolist()
+        for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
+    }
+    notes = {str(r.node_id): str(r.note) for r in nodes.dropna(subset=["note"]).itertuples()}
+    notes |= {
+        _edge_item(str(r.src), str(r.dst)): str(r.note)
+        for r in edge_rows.dropna(subset=["note"]).itertuples()
+    }
+    st.session_state[NOTES] = notes
+    st.session_state["curate_name"] = name
+
+
+def open_on_graph_page(sid: str, graph_id: str, model_id: str) -> None:
+    """Switch to the Graph page with the graph a subgraph was saved from, the subgraph's
+    nodes pinned and grouped (a button callback, run before the rerun)."""
+    stored = queries.subgraphs_by_id(sid)
+    if not stored.empty:
+        restore(sid, str(stored["name"].iloc[0]), queries.subgraph_nodes(sid),
+                queries.subgraph_edges(sid))  # fmt: skip
+    st.session_state["view"] = "Graph"
+    st.session_state["graph_model"] = model_id
+    st.session_state["graph_pick"] = graph_id
+
+
 def saved(model_id: str) -> Shown | None:
     """The 'Saved subgraph' source of the Circuit page: returns what the explorer draws."""
     stored = queries.subgraphs(model_id)
@@ -135,17 +175,18 @@ def saved(model_id: str) -> Shown | None:
         str(label): g["node_id"].tolist()
         for label, g in nodes.dropna(subset=["group_label"]).groupby("group_label")
     }
+    if str(row["source"]).startswith(GRAPH_SOURCE):  # nodes of an attribution graph
+        gid = str(row["source"]).removeprefix(GRAPH_SOURCE)
+        st.info(f"Subgraph `{sid}` was saved from the attribution graph `{gid}`.")
+        st.button(
+            "Open it on the Graph page",
+            on_click=open_on_graph_page,
+            args=(sid, gid, model_id),
+            key="curate_to_graph",
+        )
+        return None
     if st.session_state.get("curate_loaded") != sid:  # opening it: its pins, groups and notes
-        st.session_state["curate_loaded"] = sid
-        st.session_state[PINS] = nodes["node_id"].tolist()
-        st.session_state[GROUPS] = {k: list(v) for k, v in subgraph_groups.items()}
-        notes = {str(r.node_id): str(r.note) for r in nodes.dropna(subset=["note"]).itertuples()}
-        notes |= {
-            _edge_item(str(r.src), str(r.dst)): str(r.note)
-            for r in edge_rows.dropna(subset=["note"]).itertuples()
-        }
-        st.session_state[NOTES] = notes
-        st.session_state["curate_name"] = str(row["name"])
+        restore(sid, str(row["name"]), nodes, edge_rows)
     edges = triples(edge_rows)
     c1, c2 = st.columns([1, 2])
     folded = links.checkbox(

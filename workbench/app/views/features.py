@@ -108,6 +108,25 @@ def _dashboard(sae: pd.Series, feature: int) -> None:
         _attribution(sae_id, feature)
 
 
+def card(sae_id: str, feature: int) -> None:
+    """A feature's dashboard in short, for another page: its statistics, top activating
+    contexts and logit effects."""
+    row = queries.feature_stats(sae_id, feature)
+    if row.empty:
+        st.caption(f"feature {feature} of {access.literal(sae_id)} has no statistics")
+        return
+    f = row.iloc[0]
+    cols = st.columns(3)
+    cols[0].metric("density", f"{f['density']:.4f}")
+    cols[1].metric("max activation", f"{f['max_activation']:.3f}")
+    cols[2].metric("mean when active", f"{f['mean_activation']:.3f}")
+    left, right = st.columns([3, 2])
+    with left:
+        _examples(sae_id, feature)
+    with right:
+        _logits(f)
+
+
 def _histogram(counts: object, edges: object) -> None:
     counts_list = [int(c) for c in list(counts)]  # type: ignore[call-overload]
     edges_list = [float(e) for e in list(edges)]  # type: ignore[call-overload]
