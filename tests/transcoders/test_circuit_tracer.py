@@ -21,6 +21,8 @@ from workbench.transcoders import pruning
 from workbench.transcoders.graph import attribute
 from workbench.transcoders.sets import load_transcoder_set
 
+pytestmark = pytest.mark.numerics  # float32 sums compared across machines' kernels
+
 DATA = Path(__file__).parent / "data" / "circuit_tracer"
 # variant: (model directory, transcoder set, raw graph, graph JSON)
 VARIANTS = {

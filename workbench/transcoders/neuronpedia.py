@@ -8,9 +8,9 @@ transcoder` (circuit-tracer's name for per-layer transcoder features too), `mlp 
 error`, `embedding` or `logit`, `influence` the node's cumulative influence share, and each link
 `{source, target, weight}`; nodes in no link are left out but for embeddings and logits, as
 circuit-tracer does. circuit-tracer 0.5 writes an error node's id as `0_{layer}_{pos}` instead;
-import reads both and stores `{layer}_-1_{pos}`. Import (`import_graph`) stores such a file as a graph of its own (graph_id
-`g-` + 16 hex of the file's sha256), with the nodes and links it has (all kept) and no full
-adjacency.
+import reads both and stores `{layer}_-1_{pos}`. Import (`import_graph`) stores such a file as
+a graph of its own (graph_id `g-` + 16 hex of the file's sha256), with the nodes and links it
+has (all kept) and no full adjacency.
 """
 
 import hashlib

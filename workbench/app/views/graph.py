@@ -129,9 +129,9 @@ def _labelled(nodes: pd.DataFrame, tokens: list[str]) -> pd.DataFrame:
             labels.append(f"embedding {at}")
         else:
             labels.append(f"logit {str(r.token)!r} · p {r.probability:.3f}")
-    out["label"] = [
-        f"{label} · influence {inf:.3g}" if pd.notna(inf) else label
-        for label, inf in zip(labels, out["influence"], strict=True)
+    out["label"] = [  # (a logit is where influence is measured from: none of its own)
+        f"{label} · influence {inf:.3g}" if pd.notna(inf) and kind != "logit" else label
+        for label, inf, kind in zip(labels, out["influence"], out["kind"], strict=True)
     ]
     return out
 
