@@ -87,7 +87,7 @@ def render() -> None:
         groups=groups,
     )
     clickable_chart(fig, "graph_view")
-    st.caption(_caption(shown, len(nodes), graph))
+    st.caption(_caption(shown, len(nodes)))
     if node:
         _inspect(graph, nodes, shown.nodes, node)
     _saved_here(model_id, gid)
@@ -150,7 +150,7 @@ def _most_influential(nodes: pd.DataFrame) -> int:
     return int(nodes.index.get_loc(best))
 
 
-def _caption(shown: graph_data.Pruning, n_nodes: int, graph: pd.Series) -> str:
+def _caption(shown: graph_data.Pruning, n_nodes: int) -> str:
     how = {
         "stored": "as stored",
         "pruned again": "pruned again from the full adjacency",
