@@ -44,6 +44,7 @@ from workbench.store.query import BATCH_ROWS, RESULT_FILE, SPILL_DIR, open_reado
 logger = logging.getLogger(__name__)
 
 GONE_STATUS = 3  # the exit status when the caller went away
+REMOVE_ATTEMPTS = 100
 
 
 def main() -> int:
@@ -68,8 +69,21 @@ def _exit_when_caller_goes(private: str) -> None:
     interpreter aborts when it cannot take that lock at exit."""
     while os.read(sys.stdin.fileno(), 1 << 12):
         pass
-    shutil.rmtree(private, ignore_errors=True)
+    _remove(private)
     os._exit(GONE_STATUS)
+
+
+def _remove(private: str) -> None:
+    """Remove the private directory while the main thread may still be creating files in it
+    (the caller can be gone before the query has even opened the database): again until the
+    directory itself is gone, after which nothing can be created in it (nothing in the worker
+    creates it again)."""
+    for _ in range(REMOVE_ATTEMPTS):
+        shutil.rmtree(private, ignore_errors=True)
+        if not os.path.lexists(private):
+            return
+        time.sleep(0.01)
+    logger.warning("could not remove the SQL worker's directory %s", private)
 
 
 def _say(message: str | dict[str, Any]) -> None:
