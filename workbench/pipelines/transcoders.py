@@ -37,6 +37,9 @@ class TranscodersParams:
     batch_size_tokens: int = option(1024, "Tokens per training step.")
     lr: float = option(1e-3, "Learning rate.")
     seed: int = option(0, "Training seed.")
+    held_out: float = option(
+        0.1, "Share of the corpus's windows (its last) never trained on; quality is measured there."
+    )
     transcoder_dir: str | None = option(
         None, "Where trained sets go (default: <db dir>/transcoders)."
     )
@@ -53,6 +56,7 @@ class TranscodersParams:
             batch_size_tokens=self.batch_size_tokens,
             lr=self.lr,
             seed=self.seed,
+            held_out=self.held_out,
         )
 
 

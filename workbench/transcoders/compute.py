@@ -41,7 +41,15 @@ def compute_set(loaded: LoadedModel, run: SetRun, *, batch_size: int) -> RunResu
         files[staging] = str(run.final_dir)
     else:
         tset = run.checked
-    quality = measure(loaded, tset, run.corpus, top_k=run.top_k_examples, batch_size=batch_size)
+    held_out_from = 0 if run.training is None else run.training.training_windows(run.corpus)
+    quality = measure(
+        loaded,
+        tset,
+        run.corpus,
+        top_k=run.top_k_examples,
+        batch_size=batch_size,
+        quality_from=held_out_from,
+    )
     checkpoint_id = loaded.checkpoint.checkpoint_id
     tables: dict[str, list[pa.Table]] = {"saes": [], "features": [], "feature_examples": []}
     nodes = []

@@ -93,6 +93,8 @@ def plan_set(
     the_corpus = load_corpus(
         corpus, loaded, task, n_tokens=corpus_tokens, context_size=context_size
     )
+    if load is None:
+        training.training_windows(the_corpus)  # enough windows to hold some out
     key = {
         "set": source,
         "corpus": the_corpus.name,

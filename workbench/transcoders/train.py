@@ -13,13 +13,15 @@ batch (so λ does not depend on the model's scale; the scales are folded into th
 afterwards, so the saved transcoder reads and writes the model's own activations). λ rises
 linearly over the first 5 % of steps. Positions holding the BOS token are left out: the
 attribution graph has no features there. Training is deterministic given the seed on one
-machine's kernels.
+machine's kernels. The corpus's last windows (`held_out`, a tenth by default) are never trained
+on.
 
-The set's quality (`measure`): per layer L0, the fraction of features that never fire, the
-explained variance of the MLP output, and the feature statistics and top examples of
-`workbench.sae.features`; for the set, the next-token cross-entropy with every MLP replaced
-by its transcoder at once (the replacement model), between zero-ablating every MLP (0) and the
-model itself (1).
+The set's quality (`measure`): per layer L0 and the explained variance of the MLP output on the
+held-out windows (every window for a set that was loaded, not trained), the fraction of
+features that never fire and the feature statistics and top examples of
+`workbench.sae.features` over every window; for the set, the next-token cross-entropy on the
+held-out windows with every MLP replaced by its transcoder at once (the replacement model),
+between zero-ablating every MLP (0) and the model itself (1).
 """
 
 import logging
@@ -53,6 +55,7 @@ class TranscoderTraining:
     batch_size_tokens: int = 1024
     lr: float = 1e-3
     seed: int = 0
+    held_out: float = 0.1
 
     def check(self) -> None:
         for name in ("expansion", "training_tokens", "batch_size_tokens"):
@@ -62,6 +65,20 @@ class TranscoderTraining:
             raise BadInput(f"--d-transcoder {self.d_transcoder}: must be >= 1")
         if self.lr <= 0 or self.l1_coefficient < 0:
             raise BadInput("--lr must be > 0 and --l1-coefficient >= 0")
+        if not 0 <= self.held_out < 1:
+            raise BadInput(f"--held-out {self.held_out}: must be at least 0 and below 1")
+
+    def training_windows(self, corpus: Corpus) -> int:
+        """How many of the corpus's windows (its first) are trained on; the rest are held out,
+        and the set's quality is measured on them."""
+        n = len(corpus.windows)
+        held = math.ceil(n * self.held_out)
+        if n - held < 1 or (self.held_out > 0 and held < 1):
+            raise BadInput(
+                f"corpus {corpus.name}: {n} window(s) of {corpus.context_size} tokens, too few "
+                f"to hold out {self.held_out:g} of them: give more --corpus-tokens"
+            )
+        return n - held
 
 
 def hooks_for(model: Any) -> tuple[str, str]:
@@ -110,7 +127,7 @@ def train_transcoders(
     ctx = corpus.context_size
     per_step = max(1, cfg.batch_size_tokens // ctx)
     n_steps = max(1, math.ceil(cfg.training_tokens / (per_step * ctx)))
-    order = torch.randperm(len(corpus.windows), generator=g)
+    order = torch.randperm(cfg.training_windows(corpus), generator=g)
 
     def windows_for(step: int) -> torch.Tensor:
         idx = torch.arange(step * per_step, (step + 1) * per_step) % len(order)
@@ -176,7 +193,8 @@ def train_transcoders(
 
 @dataclass
 class LayerQuality:
-    """Totals over the corpus's tokens but BOS, for one layer's transcoder."""
+    """Totals over the tokens but BOS, for one layer's transcoder: the quality over the held-out
+    windows (`update`), which features fire over all of them (`saw`)."""
 
     n_tokens: int = 0
     active: float = 0.0
@@ -193,7 +211,10 @@ class LayerQuality:
         self.sq_norm += float(y.pow(2).sum())
         total = y.sum(0)
         self.sum_y = total if self.sum_y is None else self.sum_y + total
-        fired = (f > 0).any(0)
+
+    def saw(self, f: torch.Tensor) -> None:
+        """Features' activations on tokens the dead fraction counts."""
+        fired = (f > 0).any(0).cpu()
         self.fired = fired if self.fired is None else self.fired | fired
 
     @property
@@ -243,9 +264,11 @@ def measure(
     top_k: int = 10,
     batch_size: int = 32,
     ce_windows: int = 64,
+    quality_from: int = 0,
 ) -> SetQuality:
-    """One pass over `corpus` for the per-layer statistics, and the cross-entropies on its
-    first `ce_windows` windows."""
+    """One pass over `corpus`: the features' statistics and examples over every window, the
+    per-layer quality over the windows from index `quality_from` on (the held-out ones of a
+    trained set), and the cross-entropies on the first `ce_windows` of those."""
     model = loaded.model
     device = model_device(model)
     tset = tset.to(device, torch.float32)
@@ -261,9 +284,16 @@ def measure(
                 f = tc.encode(xs[layer]) * keep[..., None]
                 y_hat = tc.decode(f) + tc.skip(xs[layer])
                 stats[layer].update(first, ys[layer], f, y_hat)
-                layers[layer].update(ys[layer][keep], y_hat[keep], f[keep])
-    windows = corpus.windows[:ce_windows].to(device)
-    mask = None if corpus.loss_mask is None else corpus.loss_mask[:ce_windows].to(device)
+                layers[layer].saw(f[keep])
+                part = slice(max(0, quality_from - first), None)
+                counted = keep[part]
+                if counted.any():
+                    layers[layer].update(
+                        ys[layer][part][counted], y_hat[part][counted], f[part][counted]
+                    )
+    held = slice(quality_from, quality_from + ce_windows)
+    windows = corpus.windows[held].to(device)
+    mask = None if corpus.loss_mask is None else corpus.loss_mask[held].to(device)
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
