@@ -372,6 +372,12 @@ def run_graph_command(
     batch_size: Annotated[
         int, typer.Option(help="Backward passes at once (memory: this many prompt copies).")
     ] = 32,
+    update_interval: Annotated[
+        int,
+        typer.Option(
+            help="With a feature cap: batches between re-rankings of the features by influence."
+        ),
+    ] = 4,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     db: DbOption = None,
@@ -388,6 +394,7 @@ def run_graph_command(
         node_threshold=node_threshold,
         edge_threshold=edge_threshold,
         batch_size=batch_size,
+        update_interval=update_interval,
     )
     for gid, status in run_graph(
         model,

@@ -3,6 +3,7 @@ they store, that a stored graph is its computation's graph, re-runs, and bad inp
 sentence, nothing stored)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -100,6 +101,23 @@ def test_a_graph_stored_is_not_computed_again_and_force_replaces_it(stored, ioi_
     assert len(query(stored.db, "SELECT * FROM graphs")) == 1
 
 
+def test_the_update_interval_is_in_the_graph_id_except_at_its_default(stored, ioi_dir, tmp_path,
+                                                                       capsys):  # fmt: skip
+    db = tmp_path / "w.duckdb"
+    shutil.copy(stored.db, db)
+    argv = ["run", "graph", "--model", str(ioi_dir), "--transcoders", stored.set_id]
+    argv += ["--task", "ioi", "--index", "0", "--db", str(db)]
+    capsys.readouterr()
+    assert cli([*argv, "--update-interval", "4"]) == 0  # the default: the graph stored before
+    assert f"cached   graph {stored.graph_id}" in capsys.readouterr().out
+    assert cli([*argv, "--update-interval", "1", "--max-feature-nodes", "8"]) == 0
+    (new,) = query(db, "SELECT * FROM graphs WHERE graph_id <> ?", [stored.graph_id])
+    assert json.loads(new["params"])["update_interval"] == 1
+    features = query(db, "SELECT count(*) AS n FROM graph_nodes WHERE graph_id = ? AND "
+                     "kind = 'feature'", [new["graph_id"]])  # fmt: skip
+    assert 0 < features[0]["n"] <= 8
+
+
 def _tables(db):
     names = ("graphs", "graph_nodes", "graph_edges", "transcoder_sets", "saes", "runs")
     return {t: query(db, f"SELECT count(*) AS n FROM {t}")[0]["n"] for t in names}
@@ -113,6 +131,7 @@ def _tables(db):
         (["--task", "ioi", "--index", "100000"], "--index 100000: task ioi has"),
         (["--text", "x", "--transcoders", "tc-0000000000"], "no such set"),
         (["--text", "x", "--node-threshold", "0"], "--node-threshold 0.0: must be in (0, 1]"),
+        (["--text", "x", "--update-interval", "0"], "--update-interval 0: must be >= 1"),
     ],
 )
 def test_bad_graph_input_is_one_sentence_and_stores_nothing(stored, ioi_dir, capsys, extra,

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GraphParams:
-    """How a graph is built and pruned (all of it in the graph_id)."""
+    """How a graph is built and pruned (all of it in the graph_id: `key`)."""
 
     max_n_logits: int = 10
     desired_logit_prob: float = 0.95
@@ -53,6 +53,16 @@ class GraphParams:
     node_threshold: float = 0.8
     edge_threshold: float = 0.98
     batch_size: int = 32
+    update_interval: int = 4
+
+    def key(self) -> dict[str, Any]:
+        """The parameters as the graph_id hashes them. `update_interval`, added later, is left
+        out at its default, which every graph stored before it was built with, so their ids
+        stay."""
+        key = dict(self.__dict__)
+        if self.update_interval == GraphParams.update_interval:
+            del key["update_interval"]
+        return key
 
     def check(self) -> None:
         if self.max_n_logits < 1:
@@ -67,6 +77,8 @@ class GraphParams:
                 raise BadInput(f"--{name.replace('_', '-')} {value}: must be in (0, 1]")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size {self.batch_size}: must be >= 1")
+        if self.update_interval < 1:
+            raise BadInput(f"--update-interval {self.update_interval}: must be >= 1")
 
 
 def _resolve_set(spec: str, db: str | None) -> tuple[str | None, Path]:
@@ -118,7 +130,7 @@ def run_graph(
                     "checkpoint": loaded.checkpoint.sha256,
                     "set": set_key,
                     "tokens": ids,
-                    "params": params.__dict__,
+                    "params": params.key(),
                     "dtype": dtype,
                 }  # fmt: skip
             )[:16]
@@ -142,6 +154,7 @@ def run_graph(
             desired_logit_prob=params.desired_logit_prob,
             max_feature_nodes=params.max_feature_nodes,
             batch_size=params.batch_size,
+            update_interval=params.update_interval,
         )
         pruned = prune(graph, params.node_threshold, params.edge_threshold)
         replacement, completeness = graph_scores(graph)
