@@ -15,12 +15,12 @@ Everything is made locally from fixed seeds, on the CPU in float32 with one thre
 downloaded); a second run writes identical files. OUTDIR receives:
 
 * `model/`: a tiny random Llama (`LlamaForCausalLM`: 2 layers, d_model 64, 4 query heads sharing
-  2 key/value heads, d_mlp 128, a 48-token word-level vocabulary, RMSNorm weights 1) saved with
-  `save_pretrained`, with its tokenizer (`tokenizer.json`; the tokenizer adds `<bos>` itself);
+  2 key/value heads, d_mlp 128, a 48-token word-level vocabulary, RMSNorm weights 1): its
+  `config.json` and tokenizer (`tokenizer.json`; the tokenizer adds `<bos>` itself);
 * `model_norm_weights/`: the same model with random RMSNorm weights;
 * `transcoders/`, `transcoders_skip/` (for `model/`) and `transcoders_norm_weights/` (for
-  `model_norm_weights/`): per-layer transcoder sets in circuit-tracer's local format
-  (`config.yaml` and `layer_{i}.safetensors`: `W_enc` [d_transcoder, d_model], `W_dec`
+  `model_norm_weights/`): per-layer transcoder sets in circuit-tracer's local format, their
+  `config.yaml` (layers `layer_{i}.safetensors`: `W_enc` [d_transcoder, d_model], `W_dec`
   [d_transcoder, d_model], `b_enc`, `b_dec`), 32 features per layer, reading `mlp.hook_in` and
   writing `mlp.hook_out` (circuit-tracer's hooks around each MLP). ReLU, except
   `transcoders_skip/`: JumpReLU (`activation_function.threshold`) with a skip connection
@@ -32,10 +32,10 @@ downloaded); a second run writes identical files. OUTDIR receives:
   masks and its scores;
 * `README.md`: the parameters and versions used, and the files' sizes and hashes.
 
-The transcoders are random encoders whose biases give each feature a set firing rate on random
-token sequences, with decoders (and skip weights) fitted by least squares to the MLP outputs on
-those sequences, so several features fire at every position and the error nodes are smaller
-than the MLP outputs.
+Every weight (`model.safetensors`, `layer_{i}.safetensors`) comes from
+`tests/transcoders/circuit_tracer_weights.py`: seeded NumPy generators, the same bytes on every
+machine. They are written here for circuit-tracer and then removed: the tests write them again
+beside copies of the kept files.
 """
 
 import hashlib
@@ -54,6 +54,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
+from tests.transcoders import circuit_tracer_weights as weights  # noqa: E402
+
 SEED = 0
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 WORDS = (
@@ -62,10 +65,6 @@ WORDS = (
     "food water happy sad ."
 ).split()
 N_LAYERS, D_MODEL, N_HEADS, N_KV_HEADS, D_MLP, N_CTX = 2, 64, 4, 2, 128, 64
-INIT_RANGE = 0.125  # standard deviation of the random weights (1 / sqrt(d_model))
-UNEMBED_SCALE = 2.0  # makes the next-token distribution peaked enough for a few logit nodes
-D_TRANSCODER = 32
-CALIBRATION = (64, 16)  # random sequences (number, length) the transcoders are fitted on
 PROMPT = "the cat sat on the"
 PRUNING = {"node_threshold": 0.8, "edge_threshold": 0.98}
 NORM_NOISE = 0.3  # model_norm_weights/: RMSNorm weights 1 + NORM_NOISE * N(0, 1)
@@ -92,11 +91,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "raw": "raw_graph_skip.npz",
         "slug": "tiny-llama-plt-skip",
         # fewer feature nodes than active features: features are visited in order of their
-        # influence on the logits, re-ranked every update_interval batches. 24 is below the
+        # influence on the logits, re-ranked every update_interval batches. 16 is below the
         # number of features of non-zero influence (layer-1 features before the last position
         # have none), so no tie between zero influences decides which features are nodes.
         "attribute": {"max_n_logits": 10, "desired_logit_prob": 0.95, "batch_size": 8,
-                      "max_feature_nodes": 24, "update_interval": 2},
+                      "max_feature_nodes": 16, "update_interval": 2},
     },
     "norm_weights": {
         "model": "model_norm_weights",
@@ -145,11 +144,10 @@ def make_tokenizer(out: Path):
 
 
 def make_model(out: Path, vocab_size: int, norm_noise: float):
-    """A random Llama saved to `out` with `save_pretrained`; returns it (float32, eval). With
-    `norm_noise`, its RMSNorm weights are `1 + norm_noise * N(0, 1)` instead of ones."""
+    """A random Llama in `out`: its `config.json` from transformers, its weights from
+    `circuit_tracer_weights` (seeded NumPy); returns it loaded (float32, eval)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(SEED)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=D_MODEL,
@@ -158,7 +156,7 @@ def make_model(out: Path, vocab_size: int, norm_noise: float):
         num_attention_heads=N_HEADS,
         num_key_value_heads=N_KV_HEADS,
         max_position_embeddings=N_CTX,
-        initializer_range=INIT_RANGE,
+        initializer_range=weights.INIT_RANGE,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         tie_word_embeddings=False,
@@ -166,91 +164,19 @@ def make_model(out: Path, vocab_size: int, norm_noise: float):
         bos_token_id=SPECIALS.index("<bos>"),
         eos_token_id=SPECIALS.index("<eos>"),
     )
-    model = LlamaForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(UNEMBED_SCALE)
-        if norm_noise:
-            g = torch.Generator().manual_seed(SEED + 100)
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.copy_(1 + norm_noise * torch.randn(param.shape, generator=g))
-    model.save_pretrained(str(out), safe_serialization=True)
-    return model
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(str(out))
+    weights.write_model_weights(out, seed=SEED, norm_noise=norm_noise)
+    return LlamaForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
 
 
-def mlp_activations(
-    hf_model, tokens: torch.Tensor
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, each MLP's input (the output of `post_attention_layernorm`, what
-    circuit-tracer's `mlp.hook_in` sees) and output, flattened over batch and positions."""
-    ins: dict[int, torch.Tensor] = {}
-    outs: dict[int, torch.Tensor] = {}
-    handles = []
-    for layer, block in enumerate(hf_model.model.layers):
-
-        def hook(module, args, output, layer=layer):
-            ins[layer] = args[0].detach().reshape(-1, D_MODEL)
-            outs[layer] = output.detach().reshape(-1, D_MODEL)
-
-        handles.append(block.mlp.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            hf_model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return [ins[i] for i in range(N_LAYERS)], [outs[i] for i in range(N_LAYERS)]
-
-
-def make_transcoders(hf_model, out: Path, *, jumprelu: bool, skip: bool, seed: int) -> None:
+def make_transcoders(out: Path, *, jumprelu: bool, skip: bool, seed: int) -> None:
     """A transcoder per layer in circuit-tracer's local format (see the module docstring)."""
     import yaml
-    from safetensors.torch import save_file
 
-    g = torch.Generator().manual_seed(seed)
-    n_seq, length = CALIBRATION
-    vocab = hf_model.config.vocab_size
-    calib = torch.randint(len(SPECIALS), vocab, (n_seq, length), generator=g)
-    calib[:, 0] = SPECIALS.index("<bos>")
-    xs, ys = mlp_activations(hf_model, calib)
-    out.mkdir(parents=True, exist_ok=True)
-    for layer in range(N_LAYERS):
-        x, y = xs[layer].double(), ys[layer].double()
-        W_enc = torch.randn(D_TRANSCODER, D_MODEL, generator=g, dtype=torch.float64)
-        W_enc /= W_enc.norm(dim=1, keepdim=True) * x.norm(dim=1).mean() / D_MODEL**0.5
-        pre = x @ W_enc.T
-        rate = 0.1 + 0.2 * torch.rand(D_TRANSCODER, generator=g, dtype=torch.float64)
-        cut = torch.stack(
-            [torch.quantile(pre[:, f], 1 - float(rate[f])) for f in range(D_TRANSCODER)]
-        )
-        if jumprelu:
-            threshold = 0.05 + 0.25 * torch.rand(D_TRANSCODER, generator=g, dtype=torch.float64)
-            b_enc = threshold - cut  # fires where pre + b_enc > threshold
-            acts = (pre + b_enc) * ((pre + b_enc) > threshold)
-        else:
-            threshold = None
-            b_enc = -cut
-            acts = torch.relu(pre + b_enc)
-        regressors = [acts, torch.ones(len(x), 1, dtype=torch.float64)]
-        if skip:
-            regressors.append(x)
-        design = torch.cat(regressors, dim=1)
-        ridge = 1e-3 * torch.eye(design.shape[1], dtype=torch.float64)
-        coef = torch.linalg.solve(design.T @ design + ridge, design.T @ y)
-        tensors = {
-            "W_enc": W_enc,
-            "W_dec": coef[:D_TRANSCODER],
-            "b_enc": b_enc,
-            "b_dec": coef[D_TRANSCODER],
-        }
-        if skip:
-            tensors["W_skip"] = coef[D_TRANSCODER + 1 :].T  # skip = x @ W_skip.T
-        if threshold is not None:
-            tensors["activation_function.threshold"] = threshold
-        save_file(
-            {k: v.float().contiguous() for k, v in tensors.items()},
-            str(out / f"layer_{layer}.safetensors"),
-        )
+    weights.write_transcoders(
+        out, d_model=D_MODEL, n_layers=N_LAYERS, seed=seed, jumprelu=jumprelu, skip=skip
+    )
     config = {
         "model_kind": "transcoder_set",
         "feature_input_hook": FEATURE_INPUT_HOOK,
@@ -347,12 +273,13 @@ def main(outdir: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # as loaded from the directory
         models[name] = (model_dir, tokenizer, make_model(model_dir, len(tokenizer), norm_noise))
     summary: dict[str, dict] = {}
+    assert weights.MODELS == MODELS and SEED == 0
     for i, (name, v) in enumerate(VARIANTS.items()):
         model_dir, tokenizer, hf_model = models[v["model"]]
+        made = {"seed": SEED + 1 + i, "jumprelu": v["jumprelu"], "skip": v["skip"]}
+        assert weights.SETS[v["transcoders"]] == made, "the tests would write other weights"
         tc_dir = outdir / v["transcoders"]
-        make_transcoders(
-            hf_model, tc_dir, jumprelu=v["jumprelu"], skip=v["skip"], seed=SEED + 1 + i
-        )
+        make_transcoders(tc_dir, jumprelu=v["jumprelu"], skip=v["skip"], seed=SEED + 1 + i)
         transcoders, _ = load_transcoder_from_hub(
             str(tc_dir.resolve()),
             device=torch.device("cpu"),
@@ -405,6 +332,8 @@ def main(outdir: Path) -> None:
         "python": sys.version.split()[0],
     }
     assert versions["circuit-tracer"] == "0.5.0", circuit_tracer.__file__
+    for weight_file in outdir.rglob("*.safetensors"):  # the tests make the weights again
+        weight_file.unlink()
     write_readme(outdir, summary, versions)
     print(json.dumps({"versions": versions, "variants": summary}))
 
@@ -458,13 +387,16 @@ local directory) and computed the graphs (`circuit_tracer.attribute`,
 
 ## Models (`model/`, `model_norm_weights/`)
 
-Each is a `LlamaForCausalLM` saved with `save_pretrained`: {N_LAYERS} layers, hidden size
-{D_MODEL}, {N_HEADS} query heads sharing {N_KV_HEADS} key/value heads, intermediate size {D_MLP},
-vocabulary {len(SPECIALS) + len(WORDS)}, context {N_CTX}, no biases, untied unembedding. Random
-weights: `torch.manual_seed({SEED})`, `initializer_range` {INIT_RANGE}, then `lm_head` multiplied
-by {UNEMBED_SCALE}. In `model/` every RMSNorm weight is 1 (its initial value); in
-`model_norm_weights/` the same weights except that every RMSNorm weight is
-`1 + {NORM_NOISE} * N(0, 1)` (generator seed {SEED + 100}). The tokenizer is word-level over
+Each is a `LlamaForCausalLM` (its `config.json` from transformers' `LlamaConfig`): {N_LAYERS}
+layers, hidden size {D_MODEL}, {N_HEADS} query heads sharing {N_KV_HEADS} key/value heads,
+intermediate size {D_MLP},
+vocabulary {len(SPECIALS) + len(WORDS)}, context {N_CTX}, no biases, untied unembedding. Its
+weights are not kept here: `tests/transcoders/circuit_tracer_weights.py` makes them from seeded
+NumPy generators (seed {SEED}; N(0, {weights.INIT_RANGE}²), `lm_head` times
+{weights.UNEMBED_SCALE}), the same bytes on every machine, and the tests write them beside
+copies of these directories. In `model/` every RMSNorm weight is 1; in `model_norm_weights/`
+the same weights except that every RMSNorm weight is `1 + {NORM_NOISE} * N(0, 1)` (generator
+seed {SEED + 100}). The tokenizer is word-level over
 whitespace-split words, with `<pad>` 0, `<bos>` 1, `<eos>` 2, `<unk>` 3; it adds `<bos>` in front
 when `add_special_tokens` is on.
 
@@ -477,21 +409,20 @@ match the transformers model's (largest difference below 1e-4, checked when writ
 
 These are in circuit-tracer's local format. `config.yaml` has `model_kind: transcoder_set`,
 `feature_input_hook: {FEATURE_INPUT_HOOK}`, `feature_output_hook: {FEATURE_OUTPUT_HOOK}` and
-`scan`. Each `layer_{{i}}.safetensors` has:
+`scan`. Each `layer_{{i}}.safetensors` (made like the models' weights, seeds {SEED + 1} to
+{SEED + 3}, not kept here) has:
 
-- `W_enc` [{D_TRANSCODER}, {D_MODEL}] (pre = x @ W_enc.T + b_enc);
-- `W_dec` [{D_TRANSCODER}, {D_MODEL}];
-- `b_enc` [{D_TRANSCODER}] and `b_dec` [{D_MODEL}].
+- `W_enc` [{weights.D_TRANSCODER}, {D_MODEL}] (pre = x @ W_enc.T + b_enc);
+- `W_dec` [{weights.D_TRANSCODER}, {D_MODEL}];
+- `b_enc` [{weights.D_TRANSCODER}] and `b_dec` [{D_MODEL}].
 
 `transcoders_skip/` also has `W_skip` [{D_MODEL}, {D_MODEL}] (skip = x @ W_skip.T) and
-`activation_function.threshold` [{D_TRANSCODER}] (JumpReLU: pre * (pre > threshold)).
+`activation_function.threshold` [{weights.D_TRANSCODER}] (JumpReLU: pre * (pre > threshold)).
 
 `mlp.hook_in` and `mlp.hook_out` are the hooks circuit-tracer adds around each MLP. `mlp.hook_in`
 is the MLP's input: the output of `ln2`, with the RMSNorm weight applied. `mlp.hook_out` is the
-MLP's output. The encoders are random unit rows scaled to the inputs. Each feature's bias sets
-its firing rate (10-30 %) on {CALIBRATION[0]} random sequences of {CALIBRATION[1]} tokens
-through its model. The decoders, `b_dec` and `W_skip` are least-squares fits of the MLP outputs
-on those sequences.
+MLP's output. The encoders are random unit rows, each feature's bias gives it a firing rate of
+10-30 % if its pre-activation were N(0, 1), and the decoders, `b_dec` and `W_skip` are random.
 
 ## Graphs
 
@@ -516,10 +447,10 @@ writes a `graph-metadata.json`, which is not kept.
 - `active_features` int64 [n_active, 3]: (layer, position, feature), lexicographic.
   `activation_values` float32 [n_active]. `selected_features` int64: the indices into
   `active_features` of the feature nodes, ascending. Columns of active features that are not
-  selected are dropped from the adjacency. In the `skip` variant, 24 of the active features
+  selected are dropped from the adjacency. In the `skip` variant, 16 of the active features
   are nodes. Each round, circuit-tracer ranks the unvisited features by their influence on the
   logits through the rows computed so far, and takes the top `update_interval * batch_size`
-  of them. The 24th and 25th influences differ by more than 1 % in every round.
+  of them; the tests check that the workbench picks the same ones.
 - `input_tokens`, `input_token_strs`, `input_string`.
 - `logit_token_ids`, `logit_token_strs`, `logit_probabilities`: softmax of the last position's
   logits, not renormalised.

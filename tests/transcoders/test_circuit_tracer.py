@@ -8,12 +8,14 @@ and logits, the same adjacency to float32 precision, the same pruning and scores
 import the JSON as circuit-tracer wrote it."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from tests.transcoders import circuit_tracer_weights
 from workbench.cli import cli
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.store import Store
@@ -35,8 +37,20 @@ VARIANTS = {
         "graph_norm_weights.json",
     ),
 }
-# float32 sums in another order: the largest difference seen was 1.4e-6 (|weights| up to 2.8)
+# float32 sums in another order. Activations, probabilities and scores: within ATOL. The
+# adjacency: within REL times its largest |weight|; the largest seen was 8.1e-7 times it
+# (1.2e-5 where |weights| reach 22.6), under the avx2 and default kernels alike.
 ATOL = 1e-5
+REL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The kept files with the weights written beside them (the same bytes on every machine)."""
+    root = tmp_path_factory.mktemp("circuit_tracer") / "data"
+    shutil.copytree(DATA, root)
+    circuit_tracer_weights.write_all(root)
+    return root
 
 
 def _theirs(variant: str) -> dict:
@@ -46,11 +60,11 @@ def _theirs(variant: str) -> dict:
     return out
 
 
-def _ours(variant: str):
+def _ours(variant: str, inputs: Path):
     model_dir, set_dir, _, _ = VARIANTS[variant]
     theirs = _theirs(variant)
-    loaded = load_checkpoint(resolve_checkpoints(str(DATA / model_dir))[-1])
-    tset = load_transcoder_set(DATA / set_dir).fitted_to(loaded.model, set_dir)
+    loaded = load_checkpoint(resolve_checkpoints(str(inputs / model_dir))[-1])
+    tset = load_transcoder_set(inputs / set_dir).fitted_to(loaded.model, set_dir)
     ids = loaded.encode(theirs["params"]["prompt"])
     assert ids == theirs["input_tokens"].tolist()
     p = theirs["params"]
@@ -69,8 +83,8 @@ def _ours(variant: str):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_the_graph_is_circuit_tracers_graph(variant):
-    graph, theirs = _ours(variant)
+def test_the_graph_is_circuit_tracers_graph(variant, inputs):
+    graph, theirs = _ours(variant, inputs)
     assert graph.active.tolist() == theirs["active_features"].tolist()
     assert graph.activations.numpy() == pytest.approx(theirs["activation_values"], abs=ATOL)
     assert graph.selected.tolist() == theirs["selected_features"].tolist()
@@ -82,7 +96,8 @@ def test_the_graph_is_circuit_tracers_graph(variant):
     assert [off["feature"], off["error"], off["token"], off["logit"]] == theirs["offsets"].tolist()
     ours = graph.adjacency.double().numpy()
     assert ours.shape == theirs["adjacency_matrix"].shape
-    assert np.abs(ours - theirs["adjacency_matrix"]).max() <= ATOL
+    scale = np.abs(theirs["adjacency_matrix"]).max()
+    assert np.abs(ours - theirs["adjacency_matrix"]).max() <= REL * scale
     kept = pruning.prune(
         ours,
         graph.logit_weights().double().numpy(),
@@ -104,12 +119,12 @@ def test_the_graph_is_circuit_tracers_graph(variant):
     assert completeness == pytest.approx(float(theirs["completeness_score"]), abs=ATOL)
 
 
-def test_a_set_that_reads_the_normed_input_is_folded_into_the_model():
+def test_a_set_that_reads_the_normed_input_is_folded_into_the_model(inputs):
     """Unfitted, the norm-weights set reads the wrong activations: its active features differ
     from circuit-tracer's (the fitting is what makes the test above pass)."""
     model_dir, set_dir, _, _ = VARIANTS["norm_weights"]
-    loaded = load_checkpoint(resolve_checkpoints(str(DATA / model_dir))[-1])
-    tset = load_transcoder_set(DATA / set_dir)
+    loaded = load_checkpoint(resolve_checkpoints(str(inputs / model_dir))[-1])
+    tset = load_transcoder_set(inputs / set_dir)
     assert tset.norm_applied
     theirs = _theirs("norm_weights")
     graph = attribute(loaded.model, torch.tensor(theirs["input_tokens"].tolist()), tset,
@@ -141,13 +156,13 @@ def test_circuit_tracers_json_imports_as_it_was_written(variant, tmp_path):
     assert stored == pytest.approx(expected, abs=1e-6)
 
 
-def test_a_graph_made_here_exports_as_circuit_tracer_wrote_it(tmp_path, capsys):
+def test_a_graph_made_here_exports_as_circuit_tracer_wrote_it(inputs, tmp_path, capsys):
     """`workbench run graph` on the model and set, exported: circuit-tracer's nodes and links
     (its error ids `0_{layer}_{pos}` are the workbench's `{layer}_-1_{pos}`)."""
     db = tmp_path / "w.duckdb"
     theirs = json.loads((DATA / "graph.json").read_text())
-    argv = ["run", "graph", "--model", str(DATA / "model"), "--transcoders",
-            str(DATA / "transcoders"), "--text", "the cat sat on the", "--db", str(db),
+    argv = ["run", "graph", "--model", str(inputs / "model"), "--transcoders",
+            str(inputs / "transcoders"), "--text", "the cat sat on the", "--db", str(db),
             "--batch-size", "16"]  # fmt: skip
     assert cli(argv) == 0
     (gid,) = (line.split()[-1] for line in capsys.readouterr().out.splitlines() if "graph" in line)
