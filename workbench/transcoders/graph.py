@@ -319,23 +319,31 @@ def attribute(
                 for chunk in logit_vecs.split(frozen.batch)
             ]
         )
-        feature_rows = torch.zeros((n_active, logit_rows.shape[1]), dtype=logit_rows.dtype)
+        # a row for each feature visited (at most `cap`), in the order visited
+        feature_rows = torch.zeros((cap, logit_rows.shape[1]), dtype=logit_rows.dtype)
         feature_rows = feature_rows.to(device)
+        order = torch.full((cap,), -1, dtype=torch.long, device=device)  # row -> feature
         visited = torch.zeros(n_active, dtype=torch.bool, device=device)
+        n_done = 0
         progress = tqdm(total=cap, desc="attribution graph", unit="feature")
-        while int(visited.sum()) < cap:
+        while n_done < cap:
             if cap == n_active:  # every feature gets its row: in index order
                 todo = (~visited).nonzero(as_tuple=True)[0]
             else:
-                todo = _next_features(prompt, logit_rows, logit_probs, feature_rows, visited)
-            todo = todo[: min(update_interval * frozen.batch, cap - int(visited.sum()))]
+                todo = _next_features(
+                    prompt, logit_rows, logit_probs, feature_rows[:n_done], order[:n_done]
+                )
+            todo = todo[: min(update_interval * frozen.batch, cap - n_done)]
             for chunk in todo.split(frozen.batch):
                 targets = [
                     (int(prompt.active[i, 0]), int(prompt.active[i, 1]), prompt.encoders[i])
                     for i in chunk.tolist()
                 ]
-                feature_rows[chunk] = frozen.rows(prompt, targets)
+                rows = slice(n_done, n_done + len(chunk))
+                feature_rows[rows] = frozen.rows(prompt, targets)
+                order[rows] = chunk
                 visited[chunk] = True
+                n_done += len(chunk)
                 progress.update(len(chunk))
         progress.close()
         del frozen
@@ -343,7 +351,9 @@ def attribute(
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
     selected = visited.nonzero(as_tuple=True)[0]
-    adjacency = _assemble(feature_rows, logit_rows, selected, n_active)
+    slot = torch.empty(n_active, dtype=torch.long, device=device)
+    slot[order] = torch.arange(cap, device=device)
+    adjacency = _assemble(feature_rows[slot[selected]], logit_rows, selected, n_active)
     return AttributionGraph(
         tokens=tokens.tolist(),
         n_layers=n_layers,
@@ -367,18 +377,19 @@ def _next_features(
     logit_rows: torch.Tensor,
     logit_probs: torch.Tensor,
     feature_rows: torch.Tensor,
-    visited: torch.Tensor,
+    order: torch.Tensor,
 ) -> torch.Tensor:
-    """Unvisited features, most influential first, by the rows computed so far."""
+    """Unvisited features, most influential first, by the rows computed so far
+    (`feature_rows[i]` is feature `order[i]`'s)."""
     n_active = len(prompt.active)
-    rows = torch.cat([logit_rows, feature_rows[visited]])
-    row_node = torch.cat(
-        [torch.full((len(logit_rows),), -1, device=rows.device), visited.nonzero()[:, 0]]
-    )
-    normalised = rows.abs() / rows.abs().sum(dim=1, keepdim=True).clamp(min=1e-10)
-    weights = torch.zeros(len(rows), dtype=rows.dtype, device=rows.device)
-    weights[: len(logit_rows)] = logit_probs.to(rows.dtype)
-    total = torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device)
+    normalised = torch.cat([logit_rows, feature_rows]).abs_()  # one copy of the rows, in place
+    normalised /= normalised.sum(dim=1, keepdim=True).clamp(min=1e-10)
+    row_node = torch.cat([torch.full((len(logit_rows),), -1, device=normalised.device), order])
+    visited = torch.zeros(n_active, dtype=torch.bool, device=normalised.device)
+    visited[order] = True
+    weights = torch.zeros(len(normalised), dtype=normalised.dtype, device=normalised.device)
+    weights[: len(logit_rows)] = logit_probs.to(normalised.dtype)
+    total = torch.zeros(normalised.shape[1], dtype=normalised.dtype, device=normalised.device)
     for _ in range(1000):
         spread = weights @ normalised
         total += spread
@@ -389,15 +400,16 @@ def _next_features(
             break
     influence = total[:n_active].clone()
     influence[visited] = -1
-    order = torch.argsort(influence, descending=True, stable=True)
-    return order[: int((~visited).sum())]
+    ranked = torch.argsort(influence, descending=True, stable=True)
+    return ranked[: int((~visited).sum())]
 
 
 def _assemble(
     feature_rows: torch.Tensor, logit_rows: torch.Tensor, selected: torch.Tensor, n_active: int
 ) -> torch.Tensor:
-    """The square adjacency [features | errors | tokens | logits] from the rows computed over
-    [every active feature | errors | tokens]."""
+    """The square adjacency [features | errors | tokens | logits] from the selected features'
+    rows (in `selected` order) and the logits' rows, computed over [every active feature |
+    errors | tokens]."""
     keep_cols = torch.cat(
         [selected, torch.arange(n_active, feature_rows.shape[1], device=selected.device)]
     )
@@ -405,7 +417,7 @@ def _assemble(
     n_logits = len(logit_rows)
     n = n_sel + n_other + n_logits
     adjacency = torch.zeros((n, n), dtype=feature_rows.dtype, device=feature_rows.device)
-    adjacency[:n_sel, : n_sel + n_other] = feature_rows[selected][:, keep_cols]
+    adjacency[:n_sel, : n_sel + n_other] = feature_rows[:, keep_cols]
     adjacency[n_sel + n_other :, : n_sel + n_other] = logit_rows[:, keep_cols]
     return adjacency
 
