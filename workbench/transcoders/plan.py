@@ -102,6 +102,9 @@ def plan_set(
         "context_size": the_corpus.context_size,
         "top_k_examples": top_k_examples,
         "dtype": dtype_name(loaded),
+        # trained and measured on every window's tokens but its first and BOS (sets stored
+        # before this key counted a window's first token too)
+        "counted": "not first, not BOS",
     }
     full = run_key(PIPELINE, METHOD, loaded.checkpoint.sha256, task.sha256, key)
     return SetRun(
