@@ -323,12 +323,11 @@ def attribute(
         feature_rows = torch.zeros((cap, logit_rows.shape[1]), dtype=logit_rows.dtype)
         feature_rows = feature_rows.to(device)
         order = torch.full((cap,), -1, dtype=torch.long, device=device)  # row -> feature
-        visited = torch.zeros(n_active, dtype=torch.bool, device=device)
         n_done = 0
         progress = tqdm(total=cap, desc="attribution graph", unit="feature")
         while n_done < cap:
             if cap == n_active:  # every feature gets its row: in index order
-                todo = (~visited).nonzero(as_tuple=True)[0]
+                todo = torch.arange(n_done, n_active, device=device)
             else:
                 todo = _next_features(
                     prompt, logit_rows, logit_probs, feature_rows[:n_done], order[:n_done]
@@ -342,7 +341,6 @@ def attribute(
                 rows = slice(n_done, n_done + len(chunk))
                 feature_rows[rows] = frozen.rows(prompt, targets)
                 order[rows] = chunk
-                visited[chunk] = True
                 n_done += len(chunk)
                 progress.update(len(chunk))
         progress.close()
@@ -350,10 +348,8 @@ def attribute(
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
-    selected = visited.nonzero(as_tuple=True)[0]
-    slot = torch.empty(n_active, dtype=torch.long, device=device)
-    slot[order] = torch.arange(cap, device=device)
-    adjacency = _assemble(feature_rows[slot[selected]], logit_rows, selected, n_active)
+    selected, rows_of = order.sort()  # the features visited, in index order, and their rows
+    adjacency = _assemble(feature_rows[rows_of], logit_rows, selected, n_active)
     return AttributionGraph(
         tokens=tokens.tolist(),
         n_layers=n_layers,
