@@ -576,16 +576,24 @@ def watch(
 
 @app.command("migrate")
 def migrate(db: DbOption = None) -> None:
-    """Upgrade a database to this workbench's schema (readers never do it themselves)."""
+    """Upgrade a database to this workbench's schema (readers never do it themselves), and
+    rewrite stored token strings as token texts where a checkpoint's tokenizer loads."""
     from workbench.store import SCHEMA_VERSION, Store, default_db_path
+    from workbench.token_text import decode_pending
 
     path = default_db_path(db)
     if not path.exists():
         raise BadInput(f"{path}: no database here")
     with Store(path) as store:
         old = store.migrated_from
+        left = decode_pending(store)
     done = f"migrated from v{old} to" if old is not None else "already at"
     typer.echo(f"{path}: {done} schema v{SCHEMA_VERSION}")
+    if left:
+        typer.echo(
+            f"{len(left)} checkpoint(s) keep their tokenizer's pieces as token strings until "
+            f"their tokenizer can be loaded: {', '.join(left)}"
+        )
 
 
 FormatOption = Annotated[GraphFormat, typer.Option("--format", help="graphml or json.")]

@@ -29,6 +29,7 @@ from workbench.jobs import Job, RunOutcome, Stopped
 from workbench.models.base import CheckpointRef
 from workbench.registry import Method, PlanContext, Planned, RunInputs
 from workbench.store.session import StoreSession
+from workbench.token_text import decode_pending_of
 
 
 def run_local(
@@ -53,6 +54,7 @@ def run_local(
     names = sorted({j.pipeline for _, group in groups for j in group})
     every = [j for _, group in groups for j in group]
     with StoreSession(db, hold=hold, lock_wait=lock_wait) as session:
+        decode_pending_of(session)
         session.enqueue([queue_row(j) for j in every])
         ctx = PlanContext(store=session, db=db)
         try:

@@ -51,6 +51,7 @@ from workbench.jobs import Job, RunOutcome, Stopped
 from workbench.models.base import LoadedModel
 from workbench.store import default_db_path
 from workbench.store.session import HEARTBEAT_SECONDS, StoreSession
+from workbench.token_text import decode_pending_of
 
 logger = logging.getLogger(__name__)
 
@@ -298,6 +299,7 @@ def run_jobs_ray(
     in_flight: dict[Any, Job] = {}
     outcomes: list[RunOutcome] = []
     with StoreSession(db_path, lock_wait=lock_wait) as session:
+        decode_pending_of(session)
         session.enqueue([queue_row(j) for j in jobs])
         beat = time.monotonic()
         try:

@@ -228,7 +228,7 @@ def test_the_prompt_views_of_a_real_model(smollm2, tmp_path, monkeypatch):
         (routes,) = con.execute("SELECT count(*) FROM prompt_routes").fetchone()
     finally:
         con.close()
-    assert predicted.replace("Ġ", " ").strip() == "Paris"
+    assert predicted == " Paris"
     expected = np.eye(n)
     for layer in range(30):
         a_hat = 0.5 * attention[layer].mean(0) + 0.5 * np.eye(n)

@@ -50,6 +50,14 @@ class CheckpointInfo:
     train_loss: float | None = None  # the training loss logged at this checkpoint, if any
 
 
+def token_texts(tokenizer: "PreTrainedTokenizerBase", ids: list[int]) -> list[str]:
+    """The text of each token as the tokenizer decodes it alone (" Paris", where the tokenizer's
+    own piece is "ĠParis"): what TransformerLens's `to_str_tokens` and circuit-tracer show. A
+    byte-level token that is part of a character decodes to U+FFFD."""
+    decoded = tokenizer.batch_decode([[int(i)] for i in ids], clean_up_tokenization_spaces=False)
+    return [str(t) for t in decoded]
+
+
 @dataclass
 class LoadedModel:
     """A HookedTransformer plus the tokenizer and provenance the store needs."""
@@ -82,9 +90,10 @@ class LoadedModel:
         return ids
 
     def token_strs(self, ids: list[int]) -> list[str]:
+        """Each token's text (`token_texts`); a model without a tokenizer gives the ids."""
         if self.tokenizer is None:
             return [str(i) for i in ids]
-        return [str(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+        return token_texts(self.tokenizer, ids)
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -344,6 +344,22 @@ def known_tl_name(name: str) -> str | None:
         return None
 
 
+def tl_tokenizer(name: str) -> Any:
+    """The tokenizer of a TransformerLens named model, from the local Hugging Face cache only
+    (never the network); `BadInput` if it is not there."""
+    official = known_tl_name(name)
+    if official is None:
+        raise BadInput(f"unknown model {name!r}: not a directory and not a TransformerLens name")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(official, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise BadInput(
+            f"model {name!r}: its tokenizer is not in the local Hugging Face cache"
+        ) from err
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
 

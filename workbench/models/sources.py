@@ -204,6 +204,20 @@ def train_loss(path: Path, step: int) -> float | None:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
+def load_tokenizer(location: str):  # type: ignore[no-untyped-def]
+    """The tokenizer alone of a stored checkpoint (`checkpoints.path`: its directory, or a
+    TransformerLens model name, looked up in the local Hugging Face cache only); None for a
+    directory without one. `BadInput` says why it cannot be had."""
+    path = Path(location)
+    if path.is_dir():
+        return _local_tokenizer(path)
+    if path.is_absolute() or path.exists():
+        raise BadInput(f"{location}: the checkpoint's directory is gone")
+    from workbench.models import engine
+
+    return engine.tl_tokenizer(location)
+
+
 def _local_tokenizer(path: Path):  # type: ignore[no-untyped-def]
     """The directory's Hugging Face tokenizer, or None; a broken one is a `BadInput` naming
     its file."""

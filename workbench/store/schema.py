@@ -299,6 +299,23 @@ SCHEMA_V10 = [
         GROUP BY ALL""",
 ]
 
+# v11: stored token strings are each token's text as its tokenizer decodes it alone (" Paris"),
+# no longer the tokenizer's piece ("ĠParis"). SQL cannot decode, so the migration lists the
+# checkpoints whose rows hold token strings in `token_text_pending`; the next pipeline run or
+# `workbench migrate` rewrites each one's strings from the token ids stored beside them, with
+# the checkpoint's own tokenizer, and removes its row (`workbench.token_text`). A checkpoint
+# whose tokenizer cannot be loaded stays listed, its strings unchanged.
+SCHEMA_V11 = [
+    "CREATE TABLE token_text_pending (checkpoint_id VARCHAR PRIMARY KEY)",
+    """INSERT INTO token_text_pending
+        SELECT DISTINCT checkpoint_id FROM (
+            SELECT checkpoint_id FROM prompt_views
+            UNION ALL SELECT checkpoint_id FROM graphs
+            UNION ALL SELECT checkpoint_id FROM saes WHERE sae_id IN (
+                SELECT sae_id FROM features UNION SELECT sae_id FROM feature_examples))
+        WHERE checkpoint_id IS NOT NULL""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -310,6 +327,7 @@ MIGRATIONS: dict[int, list[str]] = {
     8: SCHEMA_V8,
     9: SCHEMA_V9,
     10: SCHEMA_V10,
+    11: SCHEMA_V11,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -11,6 +11,9 @@ circuit-tracer does. circuit-tracer 0.5 writes an error node's id as `0_{layer}_
 import reads both and stores `{layer}_-1_{pos}`. Import (`import_graph`) stores such a file as
 a graph of its own (graph_id `g-` + 16 hex of the file's sha256), with the nodes and links it
 has (all kept) and no full adjacency.
+
+Token strings: the file shows each token's text with a newline, tab and carriage return as
+`⏎`, `→` and `↵` (circuit-tracer's `process_token`); import turns them back.
 """
 
 import hashlib
@@ -33,6 +36,21 @@ FEATURE_TYPES = {
 }
 KINDS = {v: k for k, v in FEATURE_TYPES.items()}
 Q_PARAMS = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
+
+
+SHOWN = {"\n": "⏎", "\t": "→", "\r": "↵"}
+
+
+def _shown(token: str) -> str:
+    for char, mark in SHOWN.items():
+        token = token.replace(char, mark)
+    return token
+
+
+def _unshown(token: str) -> str:
+    for char, mark in SHOWN.items():
+        token = token.replace(mark, char)
+    return token
 
 
 def cantor(a: int, b: int) -> int:
@@ -78,7 +96,7 @@ def export_graph(graph_id: str, db: str | None = None) -> str:
             "slug": graph_id,
             "scan": head["set_id"] or head["set_path"] or "",
             "transcoder_list": [],
-            "prompt_tokens": list(head["tokens"] or []),
+            "prompt_tokens": [_shown(t) for t in head["tokens"] or []],
             "prompt": head["text"],
             "node_threshold": params.get("node_threshold"),
             "schema_version": 1,
@@ -133,7 +151,7 @@ def _node_json(n: dict[str, Any], *, is_target: bool) -> dict[str, Any]:
             jsNodeId=f"L_{n['token_id']}-{pos}",
             token_prob=p,
             is_target_logit=is_target,
-            clerp=f'Output "{n["token"]}" (p={p:.3f})',
+            clerp=f'Output "{_shown(n["token"] or "")}" (p={p:.3f})',
             influence=None,
         )
     return out
@@ -186,7 +204,7 @@ def import_graph(path: Path, db: str | None = None, *, checkpoint_id: str | None
         "set_path": str(meta.get("scan") or ""),
         "text": str(meta.get("prompt") or ""),
         "token_ids": [tokens[p] for p in sorted(tokens)],
-        "tokens": [str(t) for t in meta.get("prompt_tokens") or []],
+        "tokens": [_unshown(str(t)) for t in meta.get("prompt_tokens") or []],
         "params": {
             "imported_from": path.name,
             "slug": meta.get("slug"),
@@ -248,13 +266,13 @@ def _node_from_json(raw: Any, where: str, meta: dict[str, Any]) -> dict[str, Any
     elif kind == "token":
         token_id = middle
         prompt_tokens = meta.get("prompt_tokens") or []
-        token = str(prompt_tokens[pos]) if 0 <= pos < len(prompt_tokens) else None
+        token = _unshown(str(prompt_tokens[pos])) if 0 <= pos < len(prompt_tokens) else None
     elif kind == "logit":
         token_id = middle
         assert layer is not None
         layer -= 1
         said = re.match(r'^Output "(.*)" \(p=', str(raw.get("clerp") or ""), re.S)
-        token = said.group(1) if said else None
+        token = _unshown(said.group(1)) if said else None
     if kind in ("feature", "error"):
         component = Node.mlp(layer).id if layer is not None else None
     else:
