@@ -6,6 +6,8 @@ prompts, so results equal those of one batch holding every prompt. Each batch ca
 task's metric (`workbench.attribution.metrics`) and what the metric compares against.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -90,3 +92,17 @@ def make_batches(
 def model_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are: every tensor a method makes for it goes there."""
     return next(model.parameters()).device
+
+
+@contextmanager
+def frozen_weights(model: torch.nn.Module) -> Iterator[None]:
+    """The model's parameters without gradients while inside (restored after): a backward pass
+    then computes the activations' gradients only, the same values, and no weight's."""
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), requires, strict=True):
+            p.requires_grad_(r)

@@ -49,7 +49,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from workbench.attribution.batches import PromptBatch, model_device, repeat_rows
+from workbench.attribution.batches import PromptBatch, frozen_weights, model_device, repeat_rows
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Hook, Node
@@ -200,7 +200,9 @@ def run_with_grads(
     embed_override: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Forward (optionally replacing the input embeddings), keep activations `keep`, and
-    backward `scale` x the metric sum for the gradients at `grad_of`."""
+    backward `scale` x the metric sum for the gradients at `grad_of`. The weights take no
+    gradient: the backward starts from the input embeddings (a leaf), so it computes the
+    activations' gradients alone; without `grad_of` the forward pass records nothing for one."""
     acts: dict[str, torch.Tensor] = {}
 
     def save(act: torch.Tensor, hook: object) -> None:
@@ -214,15 +216,20 @@ def run_with_grads(
         assert embed_override is not None
         return embed_override.clone().requires_grad_(True)
 
+    def leaf(act: torch.Tensor, hook: object) -> torch.Tensor:
+        return act.detach().requires_grad_(True)
+
     hooks: list = []
     if embed_override is not None:
         hooks.append((Node.input().out_hook(), override))
+    elif grad_of:
+        hooks.append((Node.input().out_hook(), leaf))
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    grad_mode = torch.enable_grad() if grad_of else torch.no_grad()
+    with frozen_weights(model), grad_mode, model.hooks(fwd_hooks=hooks):
         diffs = batch.metric(model(tokens), batch.target)
         if grad_of:
             (diffs.sum() * scale).backward()
-    model.zero_grad(set_to_none=True)
     for name in grad_of:
         live = acts.pop(name + ".live")
         acts[name + ".grad"] = (
@@ -272,8 +279,10 @@ def edge_attribution(
                 )
                 dst_grad = destination_grads(model, graph, _grads(corrupt))
             m_clean, m_corrupt = m_clean + mc, m_corrupt + mr
-            delta = source_outputs(model, graph, clean) - source_outputs(model, graph, corrupt)
-            total += torch.einsum("sbpd,tbpd->st", delta, dst_grad)
+            with torch.no_grad():  # (W_O takes gradients: no graph may hold these batches)
+                delta = source_outputs(model, graph, clean) - source_outputs(model, graph, corrupt)
+                total += torch.einsum("sbpd,tbpd->st", delta, dst_grad)
+            del clean, corrupt, delta, dst_grad
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     scores = ((total.detach() / gap) * graph.valid.to(device)).float().cpu()

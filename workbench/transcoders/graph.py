@@ -45,6 +45,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from workbench.attribution.batches import frozen_weights
 from workbench.transcoders import pruning
 from workbench.transcoders.pruning import Offsets, Pruned
 from workbench.transcoders.sets import TranscoderSet
@@ -302,10 +303,7 @@ def attribute(
     device = tokens.device
     tset = tset.to(device, dtype)
     n_layers, n_pos = model.cfg.n_layers, len(tokens)
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with frozen_weights(model):
         prompt = _clean_pass(model, tokens, tset, zero_first_position)
         logit_ids, logit_probs = salient_logits(prompt.logits, max_n_logits, desired_logit_prob)
         W_U = model.W_U
@@ -345,9 +343,6 @@ def attribute(
                 progress.update(len(chunk))
         progress.close()
         del frozen
-    finally:
-        for p, r in zip(model.parameters(), requires, strict=True):
-            p.requires_grad_(r)
     selected, rows_of = order.sort()  # the features visited, in index order, and their rows
     adjacency = _assemble(feature_rows[rows_of], logit_rows, selected, n_active)
     return AttributionGraph(
