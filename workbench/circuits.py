@@ -25,8 +25,10 @@ from workbench.attribution.edges import (
     EdgeGraph,
     graph_hooks_enabled,
     model_graph,
+    source_hooks,
     source_outputs,
 )
+from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Edge, Hook, Node
 from workbench.graph import split_port
@@ -83,10 +85,11 @@ class EdgeAblator:
         self.n = sum(b.size for b in batches)
         m_clean = m_corrupt = 0.0
         self.corrupt_out: list[torch.Tensor] = []
+        keep = source_hooks(model, graph)  # (not the whole cache: only what sources write)
         with torch.no_grad(), graph_hooks_enabled(model, graph):
             for batch in batches:
                 clean_logits = model(batch.clean)
-                corr_logits, corrupt = model.run_with_cache(batch.corrupt)
+                corr_logits, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep)
                 m_clean += float(batch.metric(clean_logits, batch.target).sum())
                 m_corrupt += float(batch.metric(corr_logits, batch.target).sum())
                 self.corrupt_out.append(source_outputs(model, graph, dict(corrupt.items())))
@@ -146,7 +149,8 @@ def _run_with_removed_edges(
     in which each destination's input moves by `sum over removed sources of
     (src_corrupt - src_current)`. Sources are recorded in graph order as the pass reaches
     them; `diffs` holds `src_corrupt - src_current` for those seen so far (a destination only
-    reads sources upstream of it, which the pass has already recorded)."""
+    reads sources upstream of it, which the pass has already recorded). Returns the last
+    position's logits ([m * batch, 1, d_vocab]), all a metric reads."""
     cfg = model.cfg
     copies = removed.shape[0]
     n_src, b = corrupt_out.shape[0], batch.size
@@ -208,7 +212,10 @@ def _run_with_removed_edges(
         if mlp.id in graph.sources:
             hooks.append((mlp.out_hook(), record_at(order[mlp.id])))
     hooks.append((Node.logits().in_hook(cfg.n_layers), move_single(Node.logits())))
-    return model.run_with_hooks(repeat_rows(batch.clean, copies), fwd_hooks=hooks)
+    resid = model.run_with_hooks(
+        repeat_rows(batch.clean, copies), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
+    )
+    return last_position_logits(model, resid)
 
 
 def size_grid(n_edges: int, points: int = 12) -> list[int]:

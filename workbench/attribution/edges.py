@@ -125,7 +125,7 @@ def graph_hooks_enabled(model: HookedTransformer, graph: EdgeGraph) -> Iterator[
             model.set_use_hook_mlp_in(mlp_in)
 
 
-def _source_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
+def source_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
     hooks = [Node.input().out_hook()]
     for layer in range(model.cfg.n_layers):
         hooks.append(Hook.z(layer))
@@ -251,7 +251,7 @@ def edge_attribution(
     alphas = ig_alphas(ig_steps, ig_rule)
     graph = graph or model_graph(model)
     n = sum(b.size for b in batches)
-    src_hooks, dst_hooks = _source_hooks(model, graph), _destination_hooks(model, graph)
+    src_hooks, dst_hooks = source_hooks(model, graph), _destination_hooks(model, graph)
     device = model_device(model)
     total = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     m_clean = m_corrupt = 0.0
@@ -309,7 +309,7 @@ def exact_edge_patching(
     device = model_device(model)
     sums = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     m_clean = m_corrupt = 0.0
-    src_hooks = _source_hooks(model, graph)
+    src_hooks = source_hooks(model, graph)
     passes = sum(
         math.ceil(int(valid[:, t].sum()) / max(1, max_rows // b.size))
         for b in batches

@@ -38,6 +38,20 @@ def final_norm(
     return resid if ln_final is None else ln_final(resid)
 
 
+def last_position_logits(
+    model: "HookedTransformer", resid: Float[torch.Tensor, "batch pos d_model"]
+) -> Float[torch.Tensor, "batch 1 d_vocab"]:
+    """The last position's logits from the final residual stream, computed as the model's
+    forward pass computes every position's (final norm, unembedding, soft cap): what a metric
+    reads, without a vocabulary-wide product at every other position."""
+    from transformer_lens.utilities.activation_functions import apply_softcap
+
+    last = resid[:, -1:, :]
+    if model.cfg.normalization_type is not None:
+        last = model.ln_final(last)
+    return apply_softcap(model.unembed(last), model.cfg.output_logits_soft_cap)
+
+
 def frozen_final_norm(
     model: "HookedTransformer", out: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
