@@ -175,15 +175,25 @@ def open_time(driver, url: str, ready, timeout: float = 120) -> float:  # type: 
     raise TimeoutError(f"{url} was not ready within {timeout} s")
 
 
-def page_times() -> list[str]:
+def graph_drawn(n_edges: int):  # type: ignore[no-untyped-def]
+    """Whether the Graph page has drawn a graph of `n_edges` kept edges: every edge it draws
+    (the strongest `MAX_DRAWN`) in the figure, and its caption."""
     from benchmarks.bench_explorer import SEGMENTS  # (the edge segments a figure draws)
+    from workbench.app.views.graph import MAX_DRAWN
+
+    drawn = min(n_edges, MAX_DRAWN)
+
+    def ready(d) -> bool:  # type: ignore[no-untyped-def]
+        return d.execute_script(SEGMENTS) >= drawn and d.execute_script(HAS_TEXT, "nodes and")
+
+    return ready
+
+
+def page_times() -> list[str]:
     from tests.app.test_browser import chromium_driver, streamlit_server
 
     gid, n_nodes, n_edges = stored_graph()
-    drawn = min(n_edges, 10_000)
-
-    def graph_ready(d) -> bool:  # type: ignore[no-untyped-def]
-        return d.execute_script(SEGMENTS) >= drawn and d.execute_script(HAS_TEXT, "nodes and")
+    graph_ready = graph_drawn(n_edges)
 
     def overview_ready(d) -> bool:  # type: ignore[no-untyped-def]
         return bool(d.execute_script(HAS_TEXT, "Checkpoints"))

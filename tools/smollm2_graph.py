@@ -111,14 +111,11 @@ def picture(db: Path, graph_id: str, out: Path, *, drawn: int) -> tuple[float, f
     `benchmarks/bench_graph.py` times the page)."""
     from selenium.webdriver.common.by import By
 
-    from benchmarks.bench_explorer import SEGMENTS
-    from benchmarks.bench_graph import open_time
+    from benchmarks.bench_graph import graph_drawn, open_time
     from tests.app import screenshots
     from tests.app.test_browser import chromium_driver, streamlit_server
 
-    def ready(d) -> bool:  # type: ignore[no-untyped-def]
-        return bool(d.execute_script(SEGMENTS) >= min(drawn, 10_000))
-
+    ready = graph_drawn(drawn)
     with streamlit_server(db) as server, chromium_driver() as driver:
         url = f"{server}/?view=graph&graph={graph_id}"
         cold = open_time(driver, url, ready)

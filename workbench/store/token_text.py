@@ -26,38 +26,33 @@ _GRAPHS = (
 )
 _SAES = "SELECT sae_id FROM saes WHERE checkpoint_id = $c"
 _LOGIT = '[{"id": "INTEGER"}]'
+LOGIT_COLUMNS = ("top_logits", "bottom_logits")  # of `features`
 
-
-def _logit_ids(column: str) -> str:
-    return (
-        f"SELECT unnest(list_transform(from_json({column}, '{_LOGIT}'), lambda e: e.id)) "
-        f"FROM features WHERE sae_id IN ({_SAES})"
-    )
-
-
-_IDS = f"""SELECT DISTINCT id FROM (
-    SELECT unnest(token_ids) AS id FROM prompt_views WHERE checkpoint_id = $c
-    UNION ALL SELECT predicted_id FROM prompt_views WHERE checkpoint_id = $c
-    UNION ALL SELECT token_id FROM prompt_logit_lens WHERE prompt_id IN ({_PROMPTS})
-    UNION ALL SELECT unnest(token_ids) FROM graphs WHERE graph_id IN ({_GRAPHS})
-    UNION ALL SELECT token_id FROM graph_nodes WHERE graph_id IN ({_GRAPHS})
-    UNION ALL SELECT unnest(token_ids) FROM feature_examples WHERE sae_id IN ({_SAES})
-    UNION ALL {_logit_ids("top_logits")}
-    UNION ALL {_logit_ids("bottom_logits")}
-) WHERE id IS NOT NULL ORDER BY id"""
-
-# (table, its rows of the checkpoint, id column, string column): list columns and scalar ones;
-# feature examples one SAE at a time (a SmolLM2 set's hold 88 million strings)
+# (table, its rows of the checkpoint, id column, string column): list columns, then scalar
+# ones. Feature examples are rewritten one SAE at a time (a SmolLM2 set's hold 88 million).
 _LISTS = [
     ("prompt_views", "checkpoint_id = $c", "token_ids", "tokens"),
     ("graphs", f"graph_id IN ({_GRAPHS})", "token_ids", "tokens"),
-    ("feature_examples", "sae_id = $sae", "token_ids", "tokens"),
+    ("feature_examples", f"sae_id IN ({_SAES})", "token_ids", "tokens"),
 ]
 _SCALARS = [
     ("prompt_views", "checkpoint_id = $c", "predicted_id", "predicted"),
     ("prompt_logit_lens", f"prompt_id IN ({_PROMPTS})", "token_id", "token"),
     ("graph_nodes", f"graph_id IN ({_GRAPHS}) AND kind IN ('token', 'logit')", "token_id", "token"),
 ]
+_IDS = (
+    "SELECT DISTINCT id FROM ("
+    + " UNION ALL ".join(
+        [f"SELECT unnest({ids}) AS id FROM {t} WHERE {where}" for t, where, ids, _ in _LISTS]
+        + [f"SELECT {ids} FROM {t} WHERE {where}" for t, where, ids, _ in _SCALARS]
+        + [
+            f"SELECT unnest(list_transform(from_json({c}, '{_LOGIT}'), lambda e: e.id)) "
+            f"FROM features WHERE sae_id IN ({_SAES})"
+            for c in LOGIT_COLUMNS
+        ]
+    )
+    + ") WHERE id IS NOT NULL ORDER BY id"
+)
 
 
 def pending(store: Store) -> list[tuple[str, str | None]]:
@@ -92,8 +87,9 @@ def _rewrite_all(con: Any, params: dict[str, str], texts: dict[int, str]) -> Non
     lookup = pa.array(dense, pa.string())
     saes = [str(r[0]) for r in con.execute(_SAES, params).fetchall()]
     for table, where, ids, strings in _LISTS:
-        for part in [{"sae": sae} for sae in saes] if "$sae" in where else [params]:
-            sql = f"SELECT rowid AS rid, {ids} FROM {table} WHERE {where}"
+        parts = [("sae_id = $sae", {"sae": sae}) for sae in saes]
+        for part_where, part in parts if table == "feature_examples" else [(where, params)]:
+            sql = f"SELECT rowid AS rid, {ids} FROM {table} WHERE {part_where}"
             rows = _rows(con, sql, part)
             if rows.num_rows:
                 lists = rows.column(ids).combine_chunks()
@@ -108,7 +104,7 @@ def _rewrite_all(con: Any, params: dict[str, str], texts: dict[int, str]) -> Non
         if rows.num_rows:
             index = rows.column(ids).to_numpy().astype(np.int64)
             _update(con, table, rows.column("rid"), strings, lookup.take(index))
-    for column in ("top_logits", "bottom_logits"):
+    for column in LOGIT_COLUMNS:
         sql = (
             f"SELECT rowid AS rid, {column} AS logits FROM features "
             f"WHERE sae_id IN ({_SAES}) AND {column} IS NOT NULL"

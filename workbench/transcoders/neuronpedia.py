@@ -38,19 +38,17 @@ KINDS = {v: k for k, v in FEATURE_TYPES.items()}
 Q_PARAMS = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}
 
 
-SHOWN = {"\n": "⏎", "\t": "→", "\r": "↵"}
+# how circuit-tracer's files show a newline, tab and carriage return in token strings, and back
+SHOWN = str.maketrans({"\n": "⏎", "\t": "→", "\r": "↵"})
+UNSHOWN = str.maketrans({"⏎": "\n", "→": "\t", "↵": "\r"})
 
 
 def _shown(token: str) -> str:
-    for char, mark in SHOWN.items():
-        token = token.replace(char, mark)
-    return token
+    return token.translate(SHOWN)
 
 
 def _unshown(token: str) -> str:
-    for char, mark in SHOWN.items():
-        token = token.replace(mark, char)
-    return token
+    return token.translate(UNSHOWN)
 
 
 def cantor(a: int, b: int) -> int:
