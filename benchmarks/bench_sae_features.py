@@ -4,7 +4,8 @@ activations, measured in one run.
 * baseline: `SAE.encode` of SAELens over the cached activations, batch by batch, keeping
   nothing (the least any extraction must do);
 * workbench: what `workbench run sae` does per batch of activations
-  (`workbench.sae.features`): the same SAELens encoder, the reconstruction (sparse: L0 rows of
+  (`workbench.sae.features`): the encoder's active features (read from its pre-activations as
+  SAELens selects them, without a dense result), the reconstruction (sparse: L0 rows of
   `W_dec` per token) and every running statistic (density, sums, maxima, the activation
   histogram, the top-k windows per feature, the reconstruction error);
 * for scale, SAELens's own `encode` + dense `decode` (the reconstruction SAELens computes).
@@ -64,7 +65,7 @@ def compare(
     architecture: str, d_in: int, d_sae: int, n_windows: int, ctx: int, batch: int
 ) -> list[str]:
     """One row; `batch` windows per call, as `workbench run sae` batches them."""
-    from workbench.sae.features import FeatureStats, reconstruct
+    from workbench.sae.features import FeatureStats, encode_active, reconstruct_active
 
     sae = make_sae(architecture, d_in, d_sae)
     torch.manual_seed(1)
@@ -85,8 +86,9 @@ def compare(
     def workbench() -> None:
         stats = FeatureStats(d_sae, top_k=10)
         for first, x in batches:
-            f = sae.sae.encode(x)
-            stats.update(first, x, f, reconstruct(sae, f))
+            active = encode_active(sae, x)
+            x_hat = reconstruct_active(sae, active, x.shape[0] * x.shape[1]).view(x.shape)
+            stats.update_sparse(first, x, active, x_hat)
 
     n_tokens = n_windows * ctx
     base = throughput(encoder_only, n_tokens)

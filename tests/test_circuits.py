@@ -43,9 +43,55 @@ def test_selection_keeps_only_paths_from_input_to_logits():
 def test_full_graph_is_faithful_and_empty_circuit_is_not(gpt2):
     model, batches = gpt2
     graph = edges.model_graph(model)
+    ablator = circuits.EdgeAblator(model, batches, graph)
+    valid = graph.valid.float()
     everything = graph.edges(torch.ones(len(graph.sources), len(graph.destinations)))
-    assert circuits.faithfulness(model, batches, graph, everything) == pytest.approx(1.0, abs=1e-4)
-    assert circuits.faithfulness(model, batches, graph, []) == pytest.approx(0.0, abs=1e-4)
+    assert circuits.faithfulness(model, batches, graph, everything) == 1.0  # by definition
+    assert circuits.faithfulness(model, batches, graph, []) == 0.0
+    # ... which the ablated passes the curve skips would give: the clean and the corrupt run
+    nothing_removed, all_removed = torch.zeros_like(valid), valid
+    totals = ablator._metric_totals(torch.stack([nothing_removed, all_removed]), 64, None)
+    assert float(totals[0]) / ablator.n == pytest.approx(ablator.m_clean, abs=1e-5)
+    assert float(totals[1]) / ablator.n == pytest.approx(ablator.m_corrupt, abs=1e-5)
+
+
+def test_keeping_one_input_edge_is_that_edge_patched_into_the_corrupt_run(gpt2):
+    """Every other edge removed: each destination but one reads the corrupt residual stream
+    (the ablation's `total` of every upstream source's move), and the kept edge's destination
+    reads it moved by the clean embeddings' difference: exact patching of that edge."""
+    model, batches = gpt2
+    batch = batches[0]
+    graph = edges.model_graph(model)
+    with torch.no_grad():
+        m_clean, m_corr = (
+            float(logit_diff(model(tokens), batch.answer, batch.wrong).mean())
+            for tokens in (batch.clean, batch.corrupt)
+        )
+    delta = _source_delta(model, batch, "input")
+    for dst in ("a1.h3<q>", "m1", "logits"):
+        faith = circuits.faithfulness(model, batches, graph, [("input", dst, 1.0)])
+        moved = _moved_metric(model, batch, dst, delta)
+        assert faith == pytest.approx((moved - m_corr) / (m_clean - m_corr), abs=1e-4)
+
+
+def test_the_curve_reuses_the_attributions_corrupt_runs_and_any_pass_size(gpt2):
+    model, batches = gpt2
+    graph = edges.model_graph(model)
+    scored = edges.edge_attribution(model, batches)
+    fresh = circuits.corrupt_runs(model, batches, graph)
+    assert scored.runs is not None
+    assert scored.runs.m_clean == pytest.approx(fresh.m_clean, abs=1e-6)
+    assert scored.runs.m_corrupt == pytest.approx(fresh.m_corrupt, abs=1e-6)
+    for mine, theirs in zip(scored.runs.sources, fresh.sources, strict=True):
+        assert mine.keys() == theirs.keys()
+        for name in mine:
+            torch.testing.assert_close(mine[name], theirs[name], atol=1e-6, rtol=1e-6)
+    edge_list = scored.edges()
+    reused = circuits.faithfulness_curve(model, batches, graph, edge_list, runs=scored.runs)
+    one_copy = circuits.faithfulness_curve(model, batches, graph, edge_list, max_tokens=1)
+    assert [(n, k) for n, k, _ in reused] == [(n, k) for n, k, _ in one_copy]
+    for (_, _, a), (_, _, b) in zip(reused, one_copy, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
 
 
 @pytest.mark.parametrize(("src", "dst"), [("m0", "a1.h1<v>"), ("a0.h2", "m0"), ("input", "logits")])
@@ -76,3 +122,81 @@ def test_acdc_prunes_greedily_and_its_circuit_is_as_faithful_as_reported(gpt2):
     assert len(kept) < graph.n_edges
     recomputed = circuits.faithfulness(model, batches, graph, kept)
     assert recomputed == pytest.approx(final, abs=1e-4)
+
+
+def _reference_faithfulness(model, batch, graph, kept):
+    """The ablation written out plainly, independently of `EdgeAblator`: a clean pass with
+    split q/k/v inputs in which every destination's input moves by `src_corrupt -
+    src_current` of each removed upstream source, every source's output recomputed from its
+    own activations as the pass reaches it."""
+    from workbench.core import Hook, Node
+
+    cfg = model.cfg
+    removed = graph.valid.float() * (1 - kept)
+    index = {s: i for i, s in enumerate(graph.sources)}
+
+    def outputs(cache, name):
+        node = Node.parse(name)
+        if node.kind == "input":
+            return cache[Hook.resid_pre(0)]
+        if node.kind == "mlp":
+            return cache[Hook.mlp_out(node.layer)]
+        return cache[Hook.z(node.layer)][:, :, node.head] @ model.W_O[node.layer, node.head]
+
+    with torch.no_grad(), edges.graph_hooks_enabled(model, graph):
+        _, corrupt = model.run_with_cache(batch.corrupt)
+        current = {}
+
+        def save(act, hook):
+            current[hook.name] = act
+
+        def move(dst, head):
+            t = graph.destinations.index(dst)
+
+            def hook_fn(act, hook):
+                shift = sum(
+                    outputs(corrupt, s) - outputs(current, s)
+                    for s in graph.sources
+                    if removed[index[s], t] > 0
+                )
+                if isinstance(shift, int):
+                    return act
+                act = act.clone()
+                if head is None:
+                    act += shift
+                else:
+                    act[:, :, head] += shift
+                return act
+
+            return hook_fn
+
+        hooks = [(Hook.resid_pre(0), save)]
+        for layer in range(cfg.n_layers):
+            hooks += [(Hook.z(layer), save), (Hook.mlp_out(layer), save)]
+        for dst in graph.destinations:
+            node = Node.parse(dst)
+            hooks.append((node.in_hook(cfg.n_layers), move(dst, node.head)))
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=hooks)
+        m = float(logit_diff(logits, batch.answer, batch.wrong).mean())
+        m_clean = float(logit_diff(model(batch.clean), batch.answer, batch.wrong).mean())
+        m_corr = float(logit_diff(model(batch.corrupt), batch.answer, batch.wrong).mean())
+    return (m - m_corr) / (m_clean - m_corr)
+
+
+@pytest.mark.parametrize("share_kept", [0.02, 0.3, 0.7, 0.98])
+def test_ablation_of_random_edge_sets_matches_the_plain_intervention(gpt2, share_kept):
+    """Sparse and dense kept sets exercise every way a pass moves a destination: heads that
+    keep every input, heads that keep none (the corrupt run's q/k/v), heads that keep some
+    (their projection recomputed), and shifts taken as the removed sources or as the total
+    less the kept ones; two masks share each forward pass."""
+    model, batches = gpt2
+    graph = edges.model_graph(model)
+    generator = torch.Generator().manual_seed(int(share_kept * 100))
+    masks = [
+        (torch.rand(graph.valid.shape, generator=generator) < share_kept).float() for _ in range(3)
+    ]
+    ablator = circuits.EdgeAblator(model, batches[:1], graph)
+    ours = ablator.faithfulness_of_many(masks, max_rows=2 * batches[0].size)
+    for mask, value in zip(masks, ours, strict=True):
+        reference = _reference_faithfulness(model, batches[0], graph, mask)
+        assert value == pytest.approx(reference, abs=1e-4)

@@ -19,14 +19,17 @@ import networkx as nx
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from workbench import profiling
 from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.attribution.edges import (
+    CorruptRuns,
     EdgeGraph,
+    ablation_hooks,
+    covers_residual_stream,
     graph_hooks_enabled,
     model_graph,
-    source_hooks,
-    source_outputs,
 )
 from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.patching import metric_gap
@@ -75,32 +78,35 @@ def on_input_to_logits_paths(edges: list[Edge]) -> list[Edge]:
 
 class EdgeAblator:
     """The metric with any set of graph edges ablated, caching what every evaluation shares
-    (the clean and corrupt metrics and every source's corrupt output): one forward pass per
-    evaluation."""
+    (the clean and corrupt metrics and what every source writes on the corrupt prompts, taken
+    from `runs` when an attribution made them): one forward pass per evaluation."""
 
-    def __init__(self, model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph):
+    def __init__(
+        self,
+        model: HookedTransformer,
+        batches: list[PromptBatch],
+        graph: EdgeGraph,
+        runs: CorruptRuns | None = None,
+    ):
         self.model, self.batches, self.graph = model, batches, graph
         self.index_src = {s: i for i, s in enumerate(graph.sources)}
         self.index_dst = {d: i for i, d in enumerate(graph.destinations)}
         self.n = sum(b.size for b in batches)
-        m_clean = m_corrupt = 0.0
-        self.corrupt_out: list[torch.Tensor] = []
-        keep = source_hooks(model, graph)  # (not the whole cache: only what sources write)
-        with torch.no_grad(), graph_hooks_enabled(model, graph):
-            for batch in batches:
-                clean_logits = model(batch.clean)
-                corr_logits, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep)
-                m_clean += float(batch.metric(clean_logits, batch.target).sum())
-                m_corrupt += float(batch.metric(corr_logits, batch.target).sum())
-                self.corrupt_out.append(source_outputs(model, graph, dict(corrupt.items())))
-        self.m_clean, self.m_corrupt = m_clean / self.n, m_corrupt / self.n
+        if runs is None:
+            with profiling.stage("ablation: clean and corrupt runs"):
+                runs = corrupt_runs(model, batches, graph)
+        self.runs = runs
+        self.m_clean, self.m_corrupt = self.runs.m_clean, self.runs.m_corrupt
         self.gap = metric_gap(self.m_clean, self.m_corrupt)
+        self.complete = covers_residual_stream(model, graph)
 
     def mask(self, edges: list[Edge] | list[tuple[str, str]]) -> torch.Tensor:
         """[n_src, n_dst] with 1 at the given edges."""
         out = torch.zeros(len(self.graph.sources), len(self.graph.destinations), device="cpu")
-        for edge in edges:
-            out[self.index_src[edge[0]], self.index_dst[edge[1]]] = 1.0
+        if edges:
+            src = torch.tensor([self.index_src[e[0]] for e in edges], device="cpu")
+            dst = torch.tensor([self.index_dst[e[1]] for e in edges], device="cpu")
+            out[src, dst] = 1.0
         return out
 
     def faithfulness_of_kept(self, kept: torch.Tensor) -> float:
@@ -108,26 +114,81 @@ class EdgeAblator:
         return self.faithfulness_of_many([kept])[0]
 
     @torch.no_grad()
-    def faithfulness_of_many(self, kept: list[torch.Tensor], *, max_rows: int = 64) -> list[float]:
+    def faithfulness_of_many(
+        self, kept: list[torch.Tensor], *, max_rows: int = 64, max_tokens: int | None = None
+    ) -> list[float]:
         """`faithfulness_of_kept` of several edge masks, as many per forward pass as fit in
-        `max_rows` prompt rows (each mask runs on its own copy of the batch)."""
+        `max_rows` prompt rows and `max_tokens` tokens (each mask runs on its own copy of the
+        batch). Two masks need no pass: keeping every edge is the clean run (1 by definition)
+        and keeping none the corrupt run (0); a mask given twice runs once."""
         valid = self.graph.valid.float()
-        removed = torch.stack([valid * (1 - k.cpu()) for k in kept])  # [m, n_src, n_dst]
-        removed = removed.to(self.corrupt_out[0])  # the activations' device and dtype
-        totals = torch.zeros(len(kept), dtype=torch.float64, device=removed.device)
-        with graph_hooks_enabled(self.model, self.graph):
-            for batch, corrupt_out in zip(self.batches, self.corrupt_out, strict=True):
-                per_pass = max(1, max_rows // batch.size)
-                for first in range(0, len(kept), per_pass):
+        values: list[float | None] = [None] * len(kept)
+        unique: dict[bytes, int] = {}  # removed mask -> its row in `removed`
+        rows: list[torch.Tensor] = []
+        where: list[tuple[int, int]] = []  # (mask, its row)
+        for i, k in enumerate(kept):
+            removed_i = valid * (1 - k.cpu())
+            n_removed = int(removed_i.count_nonzero())
+            if n_removed == 0:
+                values[i] = 1.0
+            elif n_removed == self.graph.n_edges and self.complete:
+                values[i] = 0.0
+            else:
+                key = removed_i.bool().numpy().tobytes()
+                if key not in unique:
+                    unique[key] = len(rows)
+                    rows.append(removed_i)
+                where.append((i, unique[key]))
+        if rows:
+            totals = self._metric_totals(torch.stack(rows), max_rows, max_tokens)
+            for i, row in where:
+                values[i] = (float(totals[row]) / self.n - self.m_corrupt) / self.gap
+        return [float(v) for v in values if v is not None]
+
+    @torch.no_grad()
+    def _metric_totals(
+        self, removed: torch.Tensor, max_rows: int, max_tokens: int | None
+    ) -> torch.Tensor:
+        """The metric summed over prompts with the edges of each `removed[m]` ablated."""
+        first_acts = next(iter(self.runs.sources[0].values()))
+        removed = removed.to(first_acts)  # the activations' device and dtype
+        totals = torch.zeros(removed.shape[0], dtype=torch.float64, device=removed.device)
+        with graph_hooks_enabled(self.model, self.graph, split_qkv=False):
+            for batch, corrupt in zip(self.batches, self.runs.sources, strict=True):
+                pos = batch.clean.shape[1]
+                rows = max_rows if max_tokens is None else min(max_rows, max_tokens // pos)
+                per_pass = max(1, rows // batch.size)
+                for first in range(0, removed.shape[0], per_pass):
                     chunk = removed[first : first + per_pass]
-                    logits = _run_with_removed_edges(
-                        self.model, batch, self.graph, chunk, corrupt_out
-                    )
+                    logits = _run_with_removed_edges(self.model, batch, self.graph, chunk, corrupt)
                     copies = chunk.shape[0]
                     metric = batch.metric(logits, batch.target.repeat(copies))
                     metric = metric.view(copies, batch.size)
                     totals[first : first + copies] += metric.sum(1).double()
-        return [(float(t) / self.n - self.m_corrupt) / self.gap for t in totals]
+        return totals
+
+
+def corrupt_runs(
+    model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph
+) -> CorruptRuns:
+    """The clean and corrupt forward passes an ablation needs (`CorruptRuns`)."""
+    keep = ablation_hooks(model, graph)  # (not the whole cache: only what ablation reads)
+    m_clean = m_corrupt = 0.0
+    sources = []
+    last = {"stop_at_layer": model.cfg.n_layers}
+    with torch.no_grad(), graph_hooks_enabled(model, graph, split_qkv=False):
+        for batch in batches:
+            clean_resid = model(batch.clean, **last)
+            corr_resid, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep, **last)
+            m_clean += float(
+                batch.metric(last_position_logits(model, clean_resid), batch.target).sum()
+            )
+            m_corrupt += float(
+                batch.metric(last_position_logits(model, corr_resid), batch.target).sum()
+            )
+            sources.append(dict(corrupt.items()))
+    n = sum(b.size for b in batches)
+    return CorruptRuns(sources, m_clean / n, m_corrupt / n)
 
 
 def faithfulness(
@@ -143,68 +204,138 @@ def _run_with_removed_edges(
     batch: PromptBatch,
     graph: EdgeGraph,
     removed: torch.Tensor,
-    corrupt_out: torch.Tensor,
+    corrupt: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
     in which each destination's input moves by `sum over removed sources of
-    (src_corrupt - src_current)`. Sources are recorded in graph order as the pass reaches
-    them; `diffs` holds `src_corrupt - src_current` for those seen so far (a destination only
-    reads sources upstream of it, which the pass has already recorded). Returns the last
-    position's logits ([m * batch, 1, d_vocab]), all a metric reads."""
-    cfg = model.cfg
-    copies = removed.shape[0]
-    n_src, b = corrupt_out.shape[0], batch.size
-    diffs = corrupt_out.new_zeros(n_src, copies * b, *corrupt_out.shape[2:])
-    order = {name: i for i, name in enumerate(graph.sources)}
-    seen = [0]  # how many sources (a prefix of graph.sources) have been recorded
+    (src_corrupt - src_current)`. Returns the last position's logits ([m * batch, 1,
+    d_vocab]), all a metric reads.
 
-    def record(index: int, out: torch.Tensor) -> None:
-        diffs[index] = repeat_rows(corrupt_out[index], copies) - out
-        seen[0] = max(seen[0], index + 1)
+    Sources are recorded in graph order as the pass reaches them: `diffs` holds
+    `src_corrupt - src_current` for those seen so far and `total` their sum (a destination only
+    reads sources upstream of it, a prefix of graph order which the pass has already recorded).
+    A destination that removes every upstream source reads the corrupt run's residual stream,
+    one that removes none reads the pass's own; a shift that keeps fewer sources than it removes
+    is `total` less the kept ones. The model runs unsplit: a head's query, key or value is
+    replaced after its projection (`hook_q`, `hook_k`, `hook_v`) by the corrupt run's where it
+    removes every input edge, and recomputed from its own moved input only where it removes
+    some (`_moved_projection`); MLPs and the final residual stream are moved in place."""
+    cfg = model.cfg
+    copies, b = removed.shape[0], batch.size
+    shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
+    width = b * math.prod(shape)  # one copy of one source's output, flattened
+    n_src = len(graph.sources)
+    # copy-major, so that a copy's upstream sources are one contiguous [k, width] matrix
+    diffs = torch.empty(copies, n_src, width, dtype=removed.dtype, device=removed.device)
+    total = torch.zeros(copies, width, dtype=removed.dtype, device=removed.device)
+    order = {name: i for i, name in enumerate(graph.sources)}
+    dst_index = {d: i for i, d in enumerate(graph.destinations)}
+    upstream = graph.valid.sum(0).tolist()  # per destination: its upstream sources, a prefix
+    complete = covers_residual_stream(model, graph)
+    seen = [0]  # how many sources (a prefix of graph.sources) have been recorded
+    layer_input: dict[int, torch.Tensor] = {}
+    pos_embed: torch.Tensor | None = None  # a shortformer's, added to query and key inputs
+
+    def recorded(first: int, count: int) -> None:
+        total.add_(diffs[:, first : first + count].sum(1))
+        seen[0] = first + count
 
     def record_at(index: int) -> object:
         def record_hook(act: torch.Tensor, hook: object) -> None:
-            record(index, act)
+            name = hook.name  # type: ignore[attr-defined]
+            source = corrupt[name].reshape(1, width)
+            torch.sub(source, act.reshape(copies, width), out=diffs[:, index])
+            recorded(index, 1)
 
         return record_hook
 
     def record_heads(layer: int) -> object:
         first = order[Node.head_of(layer, 0).id]
+        w_o = model.blocks[layer].attn.W_O  # [head, d_head, d_model]
+        n_heads = cfg.n_heads
 
         def record_hook(z: torch.Tensor, hook: object) -> None:
-            outs = torch.einsum("bphe,hed->hbpd", z, model.W_O[layer])
-            corrupt_heads = corrupt_out[first : first + cfg.n_heads].repeat(1, copies, 1, 1)
-            diffs[first : first + cfg.n_heads] = corrupt_heads - outs  # copy-major, as the batch
-            seen[0] = max(seen[0], first + cfg.n_heads)
+            dz = corrupt[Hook.z(layer)][None] - z.reshape(copies, b, *z.shape[1:])
+            for m in range(copies):  # each head's (z_corrupt - z) @ W_O
+                dz_m = dz[m].permute(2, 0, 1, 3).reshape(n_heads, -1, z.shape[-1])
+                out = diffs[m, first : first + n_heads].view(n_heads, -1, shape[-1])
+                torch.bmm(dz_m, w_o, out=out)
+            recorded(first, n_heads)
 
         return record_hook
 
-    def shift_for(dst_indices: list[int]) -> torch.Tensor:
-        k = seen[0]
-        upstream = diffs[:k].view(k, copies, b, *diffs.shape[2:])  # [s, m, b, p, d]
-        shift = torch.einsum("smbpd,mst->tmbpd", upstream, removed[:, :k][:, :, dst_indices])
-        return shift.reshape(len(dst_indices), copies * b, *diffs.shape[2:])
+    def remember_input(layer: int) -> object:
+        def hook_fn(act: torch.Tensor, hook: object) -> None:
+            layer_input[layer] = act
 
-    dst_index = {d: i for i, d in enumerate(graph.destinations)}
+        return hook_fn
 
-    def move_qkv(layer: int, port: str) -> object:
-        idx = [dst_index[Node.head_of(layer, h, port).id] for h in range(cfg.n_heads)]
+    def remember_position(act: torch.Tensor, hook: object) -> None:
+        nonlocal pos_embed
+        pos_embed = act
+
+    def shifts(m: int, mask: torch.Tensor, k: int) -> torch.Tensor:
+        """[t, width]: `sum over s of mask[s, t] * diffs[m, s]` over the first `k` sources
+        (`mask`: [k, t]), from whichever of the removed or kept sources are fewer."""
+        by_removed = mask.amax(dim=1).nonzero().flatten()
+        by_kept = (1 - mask).amax(dim=1).nonzero().flatten()
+        if seen[0] == k and len(by_kept) < len(by_removed):  # total less the kept sources
+            everything = total[m][None]
+            if len(by_kept) == 0:
+                return everything.expand(mask.shape[1], -1)
+            return everything - _weighted(diffs[m, :k], 1 - mask, by_kept)
+        return _weighted(diffs[m, :k], mask, by_removed)
+
+    def move_projection(layer: int, port: str) -> object:
+        cols = [dst_index[Node.head_of(layer, h, port).id] for h in range(cfg.n_heads)]
+        k = upstream[cols[0]]
+        mask = removed[:, :k][:, :, cols]  # [m, s, head]
+        n_removed = (mask > 0).sum(1)  # [m, head] (counted exactly in any dtype)
+        # reading the corrupt run's q/k/v is exact only where the graph's sources are every
+        # writer to the residual stream; otherwise such a head is recomputed like the others
+        drop_all = (n_removed == k) & complete
+        keep_all = n_removed == 0
+        mixed = ~(drop_all | keep_all)
 
         def move(act: torch.Tensor, hook: object) -> torch.Tensor:
-            return act + shift_for(idx).permute(1, 2, 0, 3)
+            if bool(keep_all.all()):
+                return act
+            assert seen[0] >= k, "a destination read a source the pass has not recorded"
+            out = act.reshape(copies, b, *act.shape[1:]).clone()  # [m, b, pos, head, d_head]
+            m_idx, h_idx = drop_all.nonzero(as_tuple=True)
+            if len(m_idx):
+                corrupt_qkv = corrupt[Hook.qkv(layer, port)]  # [b, pos, head, d_head]
+                out[m_idx, :, :, h_idx] = corrupt_qkv[:, :, h_idx].permute(2, 0, 1, 3)
+            for m in range(copies):
+                heads = mixed[m].nonzero().flatten()
+                if len(heads) == 0:
+                    continue
+                own = layer_input[layer].reshape(copies, width)[m]
+                moved = (own[None] + shifts(m, mask[m][:, heads], k)).view(-1, b, *shape)
+                position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
+                out[m, :, :, heads] = _moved_projection(model, layer, port, moved, heads, position)
+            return out.view(act.shape)
 
         return move
 
     def move_single(node: Node) -> object:
+        col = dst_index[node.id]
+        k = upstream[col]
+
         def move(act: torch.Tensor, hook: object) -> torch.Tensor:
-            return act + shift_for([dst_index[node.id]])[0]
+            assert seen[0] >= k, "a destination read a source the pass has not recorded"
+            shift = torch.cat([shifts(m, removed[m, :k, col : col + 1], k) for m in range(copies)])
+            return act + shift.view(act.shape)
 
         return move
 
     inputs = Node.input()
     hooks: list = [(inputs.out_hook(), record_at(order[inputs.id]))]
+    if cfg.positional_embedding_type == "shortformer":
+        hooks.append(("hook_pos_embed", remember_position))
     for layer in range(cfg.n_layers):
-        hooks += [(Hook.qkv_input(layer, p), move_qkv(layer, p)) for p in QKV]
+        hooks.append((Hook.resid_pre(layer), remember_input(layer)))
+        hooks += [(Hook.qkv(layer, p), move_projection(layer, p)) for p in QKV]
         hooks.append((Hook.z(layer), record_heads(layer)))
         mlp = Node.mlp(layer)
         if mlp.id in graph.destinations:
@@ -218,6 +349,39 @@ def _run_with_removed_edges(
     return last_position_logits(model, resid)
 
 
+def _moved_projection(
+    model: HookedTransformer,
+    layer: int,
+    port: str,
+    moved: torch.Tensor,
+    heads: torch.Tensor,
+    position: torch.Tensor | None,
+) -> torch.Tensor:
+    """[b, pos, head', d_head]: the query, key or value of the listed `heads` of `layer`, each
+    from its own input `moved[i]` ([head', b, pos, d_model]): the block's input normalisation
+    (none in a post-norm block), the positional embedding of a shortformer model (`position`)
+    and the head's projection, as the model computes them."""
+    attn = model.blocks[layer].attn
+    weight = getattr(attn, f"W_{port.upper()}")[heads]  # [head', d_model, d_head]
+    bias = getattr(attn, f"b_{port.upper()}")[heads]  # [head', d_head]
+    if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
+        moved = model.blocks[layer].ln1(moved)
+    if position is not None and port != "v":  # shortformer: added to the query and key inputs
+        moved = moved + position
+    return torch.einsum("nbpd,nde->bpne", moved, weight) + bias
+
+
+def _weighted(diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """`sum over s of mask[s, t] * diffs[s]` ([t, width]) where only the listed `sources` have
+    weight: a product over the whole contiguous prefix `diffs` ([k, width]) unless the listed
+    ones are few enough that gathering them costs less."""
+    if len(sources) == 0:
+        return diffs.new_zeros(mask.shape[1], diffs.shape[1])
+    if 4 * len(sources) >= len(diffs):
+        return mask.T @ diffs
+    return mask.index_select(0, sources).T @ diffs.index_select(0, sources)
+
+
 def size_grid(n_edges: int, points: int = 12) -> list[int]:
     """Circuit sizes for a faithfulness curve: 1 .. n_edges, roughly geometric."""
     sizes = {max(1, round(math.exp(i * math.log(n_edges) / (points - 1)))) for i in range(points)}
@@ -225,14 +389,25 @@ def size_grid(n_edges: int, points: int = 12) -> list[int]:
 
 
 def faithfulness_curve(
-    model: HookedTransformer, batches: list[PromptBatch], graph: EdgeGraph, edges: list[Edge]
+    model: HookedTransformer,
+    batches: list[PromptBatch],
+    graph: EdgeGraph,
+    edges: list[Edge],
+    *,
+    runs: CorruptRuns | None = None,
+    max_tokens: int | None = None,
 ) -> list[tuple[int, int, float]]:
-    """(requested top-n, edges kept on input->logits paths, faithfulness) along a size grid."""
-    ablator = EdgeAblator(model, batches, graph)
+    """(requested top-n, edges kept on input->logits paths, faithfulness) along a size grid;
+    `runs` are the corrupt runs an attribution already made (made here otherwise), and
+    `max_tokens` bounds the tokens of one forward pass (`--batch-tokens`)."""
+    ablator = EdgeAblator(model, batches, graph, runs)
     sizes = size_grid(len(edges))
-    ranked = sorted(edges, key=lambda e: -abs(e[2]))
-    kept = [on_input_to_logits_paths(ranked[:size]) for size in sizes]
-    values = ablator.faithfulness_of_many([ablator.mask(k) for k in kept])
+    with profiling.stage("curve: circuits"):
+        ranked = sorted(edges, key=lambda e: -abs(e[2]))
+        kept = [on_input_to_logits_paths(ranked[:size]) for size in sizes]
+        masks = [ablator.mask(k) for k in kept]
+    with profiling.stage("curve: ablated passes"):
+        values = ablator.faithfulness_of_many(masks, max_tokens=max_tokens)
     return [(size, len(k), v) for size, k, v in zip(sizes, kept, values, strict=True)]
 
 
@@ -244,13 +419,7 @@ def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Ed
     the drop its removal caused when tried, the kept edges, the final faithfulness)."""
     graph = ablator.graph
     kept = graph.valid.float().clone()
-    started = time.perf_counter()
-    current = ablator.faithfulness_of_kept(kept)
-    one_pass = time.perf_counter() - started
-    logger.info(
-        "acdc: %d edges to try, one forward pass each: about %.0f s (progress and ETA follow)",
-        graph.n_edges, graph.n_edges * one_pass,
-    )  # fmt: skip
+    current = ablator.faithfulness_of_kept(kept)  # the full graph: 1
     progress = tqdm(total=graph.n_edges, desc="acdc", unit="edge")
     order = sorted(
         range(len(graph.destinations)), key=lambda t: -graph.destination_layer[t]
@@ -262,7 +431,13 @@ def acdc(ablator: EdgeAblator, *, threshold: float) -> tuple[list[Edge], list[Ed
                 continue
             progress.update(1)
             kept[s, t] = 0.0
+            started = time.perf_counter()
             value = ablator.faithfulness_of_kept(kept)
+            if not tried:
+                logger.info(
+                    "acdc: %d edges to try, one forward pass each: about %.0f s (progress and "
+                    "ETA follow)", graph.n_edges, graph.n_edges * (time.perf_counter() - started),
+                )  # fmt: skip
             drop = current - value
             tried.append((graph.sources[s], graph.destinations[t], drop))
             if drop < threshold:
@@ -290,13 +465,16 @@ def smallest_faithful_circuit(
     *,
     target: float,
     method: str,
+    runs: CorruptRuns | None = None,
+    max_tokens: int | None = None,
 ) -> tuple[list[tuple[int, int, float]], CircuitResult]:
-    """The faithfulness curve of `edges` ranked by |score|, and the circuit a scoring method
-    stores from it: the smallest top-n (on input->logits paths) whose faithfulness reaches
-    `target`, else the largest."""
-    curve = faithfulness_curve(model, batches, graph, edges)
+    """The faithfulness curve of `edges` ranked by |score| (`faithfulness_curve`), and the
+    circuit a scoring method stores from it: the smallest top-n (on input->logits paths) whose
+    faithfulness reaches `target`, else the largest."""
+    curve = faithfulness_curve(model, batches, graph, edges, runs=runs, max_tokens=max_tokens)
     size = smallest_faithful(curve, target)
-    circuit = select(edges, f"top:{size}")
+    with profiling.stage("circuit"):
+        circuit = select(edges, f"top:{size}")
     faith = next(f for n, _, f in curve if n == size)
     name = f"{method}: smallest top-n with faithfulness >= {target}"
     return curve, CircuitResult(name, circuit.rule, circuit.edges, len(circuit.nodes), faith)

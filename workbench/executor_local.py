@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from workbench import registry
+from workbench import profiling, registry
 from workbench.compute import (
     compute_run,
     queue_row,
@@ -83,18 +83,20 @@ def _run_checkpoint(
     from workbench.models import load_checkpoint
     from workbench.tasks import load_task
 
-    loaded = load_checkpoint(ref, device=device, dtype=dtype)
+    with profiling.stage("load checkpoint"):
+        loaded = load_checkpoint(ref, device=device, dtype=dtype)
     prepared: dict[tuple[Any, ...], tuple[RunInputs, dict[str, Any]]] = {}
     outcomes: list[RunOutcome] = []
     # a bar per checkpoint when attached to a terminal (tqdm's disable=None)
     for job in tqdm(jobs, desc=ref.checkpoint_id, unit="job", leave=False, disable=None):
         where = (job.task, job.n_prompts, job.max_batch, job.batch_tokens, job.metric)
         if where not in prepared:
-            task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
-            prepared[where] = (
-                RunInputs(loaded, task, max_batch=job.max_batch, batch_tokens=job.batch_tokens),
-                registry_rows(loaded, task),
-            )
+            with profiling.stage("task"):
+                task = load_task(job.task, loaded, n_prompts=job.n_prompts, metric=job.metric)
+                prepared[where] = (
+                    RunInputs(loaded, task, max_batch=job.max_batch, batch_tokens=job.batch_tokens),
+                    registry_rows(loaded, task),
+                )
         inputs, rows = prepared[where]
         method = registry.method(job.pipeline, job.method)
         params = method.make_params(job.params)
@@ -119,5 +121,7 @@ def _run_one(
     existing = store.start(job.job_id, run.run_id, run.run_key, force)
     if existing:
         return skipped(run, existing)
-    result = compute_run(method, planned, inputs, run)  # (the session keeps the heartbeat)
-    return store_run(store, run, rows, result, force)
+    with profiling.stage(f"{method.name}"):
+        result = compute_run(method, planned, inputs, run)  # (the session keeps the heartbeat)
+    with profiling.stage("store"):
+        return store_run(store, run, rows, result, force)

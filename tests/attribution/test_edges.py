@@ -152,3 +152,23 @@ def test_graph_respects_parallel_attention_and_mlp(tiny_hf_dirs, induction_final
     zoo_graph = edges.model_graph(induction_final.model)
     assert not any(s.startswith("m") for s in zoo_graph.sources)  # attention-only
     assert zoo_graph.n_edges == 12 * 1 + 12 * (1 + 4) + (1 + 8)  # q/k/v of layers 0 and 1, logits
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"])
+def test_normalisation_gradient_in_closed_form_is_autograds(kind):
+    """EAP carries each head's q/k/v gradient back through the block's input normalisation in
+    closed form, for every head at once; autograd through the module itself, one copy of the
+    input per head, must give the same."""
+    from transformer_lens import HookedTransformerConfig, components
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, act_fn="relu")
+    norm = getattr(components, kind)(cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in norm.parameters():
+            param.normal_(1.0, 0.3)
+    x = torch.randn(3, 5, 16) * 4 + 1
+    grad = torch.randn(3, 5, 6, 16)
+    copies = x[:, :, None, :].expand(-1, -1, 6, -1).clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(norm(copies), copies, grad)
+    torch.testing.assert_close(edges.norm_input_grad(norm, x, grad), expected, atol=1e-5, rtol=1e-5)

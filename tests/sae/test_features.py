@@ -179,3 +179,28 @@ def test_sparse_reconstruction_equals_sae_lens_decode(sae_run, model, corpus):
             _, cache = model.model.run_with_cache(corpus.windows[:16], names_filter=[hook])
             f = sae.sae.encode(cache[hook])
             assert torch.allclose(features.reconstruct(sae, f), sae.sae.decode(f), atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_active_features_are_sae_lens_encode_without_its_dense_result(architecture):
+    """The extraction reads active features straight from the pre-activations; they and every
+    statistic built from them equal SAELens's dense `encode` followed by a scan for non-zeros."""
+    from benchmarks.bench_sae_features import make_sae
+
+    sae = make_sae(architecture, 32, 512)
+    torch.manual_seed(3)
+    x = torch.randn(4, 12, 32)
+    with torch.no_grad():
+        f = sae.sae.encode(x).reshape(-1, 512)
+        active = features.encode_active(sae, x)
+        rows, cols = f.nonzero(as_tuple=True)
+        assert 0 < len(rows) < f.numel() / 4  # sparse, and something fires
+        assert torch.equal(active.rows, rows) and torch.equal(active.cols, cols)
+        assert torch.equal(active.values, f[rows, cols])
+        x_hat = features.reconstruct_active(sae, active, 48).view(x.shape)
+        dense, sparse = features.FeatureStats(512, 5), features.FeatureStats(512, 5)
+        dense.update(0, x, f.view(4, 12, 512), features.reconstruct(sae, f.view(4, 12, 512)))
+        sparse.update_sparse(0, x, active, x_hat)
+    for name in ("counts", "sums", "maxima", "histogram", "top_values", "top_windows"):
+        assert torch.equal(getattr(dense, name), getattr(sparse, name)), name
+    assert dense.sq_error == sparse.sq_error

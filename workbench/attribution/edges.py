@@ -48,9 +48,11 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from workbench.attribution.batches import PromptBatch, frozen_weights, model_device, repeat_rows
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
+from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Hook, Node
 
@@ -71,12 +73,13 @@ class EdgeGraph:
         return src < dst
 
     def edges(self, scores: torch.Tensor) -> list[tuple[str, str, float]]:
-        valid = self.valid
+        """Every valid edge with its score, sources in graph order, then destinations."""
+        src, dst = self.valid.nonzero(as_tuple=True)
+        values = scores.detach().cpu()[src, dst].tolist()
+        sources, destinations = self.sources, self.destinations
         return [
-            (src, dst, float(scores[s, t]))
-            for s, src in enumerate(self.sources)
-            for t, dst in enumerate(self.destinations)
-            if valid[s, t]
+            (sources[s], destinations[t], v)
+            for s, t, v in zip(src.tolist(), dst.tolist(), values, strict=True)
         ]
 
     @property
@@ -109,18 +112,31 @@ def model_graph(model: HookedTransformer, *, include_mlps: bool = True) -> EdgeG
     return EdgeGraph(sources, source_layer, destinations, destination_layer)
 
 
+def covers_residual_stream(model: HookedTransformer, graph: EdgeGraph) -> bool:
+    """Whether `graph`'s sources are everything that writes to the residual stream (less
+    constant biases), so that moving a destination's input by every upstream source's
+    corrupt-minus-clean difference gives the corrupt run's input exactly."""
+    return set(model_graph(model).sources) <= set(graph.sources)
+
+
 @contextmanager
-def graph_hooks_enabled(model: HookedTransformer, graph: EdgeGraph) -> Iterator[None]:
-    """Split q/k/v inputs per head and expose MLP inputs, restoring the model afterwards."""
+def graph_hooks_enabled(
+    model: HookedTransformer, graph: EdgeGraph, *, split_qkv: bool = True
+) -> Iterator[None]:
+    """Expose MLP inputs and (with `split_qkv`) split q/k/v inputs per head, restoring the
+    model afterwards. A pass that moves one head's input apart from the others' needs the split;
+    a gradient at each head's input does not (`qkv_input_grads`)."""
     split, mlp_in = bool(model.cfg.use_split_qkv_input), bool(model.cfg.use_hook_mlp_in)
     has_mlp_dst = any(Node.parse(d).kind == "mlp" for d in graph.destinations)
-    model.set_use_split_qkv_input(True)
+    if split_qkv:
+        model.set_use_split_qkv_input(True)
     if has_mlp_dst:
         model.set_use_hook_mlp_in(True)
     try:
         yield
     finally:
-        model.set_use_split_qkv_input(split)
+        if split_qkv:
+            model.set_use_split_qkv_input(split)
         if has_mlp_dst:
             model.set_use_hook_mlp_in(mlp_in)
 
@@ -134,15 +150,30 @@ def source_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
     return hooks
 
 
+def ablation_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
+    """What an edge ablation reads from the corrupt run (`CorruptRuns`): what every source
+    writes, and each head's query, key and value (a head whose every input edge is removed
+    reads them)."""
+    qkv = [Hook.qkv(layer, p) for layer in range(model.cfg.n_layers) for p in QKV]
+    return source_hooks(model, graph) + qkv
+
+
 def _destination_hooks(model: HookedTransformer, graph: EdgeGraph) -> list[str]:
+    """Where the gradients of every destination's input are read: each head's q, k and v
+    (`qkv_input_grads` carries them back through the projection and the normalisation), each
+    MLP's input, the final residual stream."""
     hooks = []
     n_layers = model.cfg.n_layers
     for layer in range(n_layers):
-        hooks += [Hook.qkv_input(layer, p) for p in QKV]
+        hooks += [Hook.qkv(layer, p) for p in QKV]
         if Node.mlp(layer).id in graph.destinations:
             hooks.append(Node.mlp(layer).in_hook(n_layers))
     hooks.append(Node.logits().in_hook(n_layers))
     return hooks
+
+
+def _layer_inputs(model: HookedTransformer) -> list[str]:
+    return [Hook.resid_pre(layer) for layer in range(model.cfg.n_layers)]
 
 
 def source_outputs(
@@ -152,24 +183,104 @@ def source_outputs(
     outs = [acts[Node.input().out_hook()][None]]
     for layer in range(model.cfg.n_layers):
         z = acts[Hook.z(layer)]
-        outs.append(torch.einsum("bphe,hed->hbpd", z, model.W_O[layer]))
+        outs.append(torch.einsum("bphe,hed->hbpd", z, model.blocks[layer].attn.W_O))
         if Node.mlp(layer).id in graph.sources:
             outs.append(acts[Node.mlp(layer).out_hook()][None])
     return torch.cat(outs)
 
 
-def destination_grads(
-    model: HookedTransformer, graph: EdgeGraph, grads: dict[str, torch.Tensor]
-) -> Float[torch.Tensor, "n_dst batch pos d_model"]:
-    """Gradients at every destination's input, in `graph.destinations` order."""
-    outs = []
+def destination_grad_groups(
+    model: HookedTransformer, graph: EdgeGraph, acts: dict[str, torch.Tensor]
+) -> Iterator[tuple[list[int], Float[torch.Tensor, "t batch pos d_model"]]]:
+    """Gradients at every destination's input, a layer's q/k/v inputs (or an MLP's input, or
+    the final residual stream) at a time: (their indices in `graph.destinations`, the
+    gradients). `acts` holds each layer's input and the `.grad` of `_destination_hooks`."""
     n_layers = model.cfg.n_layers
+    index = {d: i for i, d in enumerate(graph.destinations)}
     for layer in range(n_layers):
-        outs += [grads[Hook.qkv_input(layer, p)].permute(2, 0, 1, 3) for p in QKV]
-        if Node.mlp(layer).id in graph.destinations:
-            outs.append(grads[Node.mlp(layer).in_hook(n_layers)][None])
-    outs.append(grads[Node.logits().in_hook(n_layers)][None])
-    return torch.cat(outs)
+        grads = qkv_input_grads(
+            model, layer, acts[Hook.resid_pre(layer)],
+            [acts[Hook.qkv(layer, p) + ".grad"] for p in QKV],
+        )  # fmt: skip
+        cols = [index[Node.head_of(layer, h, p).id] for p in QKV for h in range(model.cfg.n_heads)]
+        yield cols, grads
+        mlp = Node.mlp(layer)
+        if mlp.id in graph.destinations:
+            yield [index[mlp.id]], acts[mlp.in_hook(n_layers) + ".grad"][None]
+    yield [index[Node.logits().id]], acts[Node.logits().in_hook(n_layers) + ".grad"][None]
+
+
+def qkv_input_grads(
+    model: HookedTransformer,
+    layer: int,
+    x: Float[torch.Tensor, "batch pos d_model"],
+    grads: list[Float[torch.Tensor, "batch pos head d_head"]],
+) -> Float[torch.Tensor, "qkv_head batch pos d_model"]:
+    """The gradient at each head's query, key and value input (what TransformerLens's split
+    `hook_{q,k,v}_input` would hold) from the gradients at `hook_q`, `hook_k`, `hook_v`: back
+    through each head's projection (`W_Q[h]`, `W_K[h]`, `W_V[h]`) and through the block's input
+    normalisation at the layer's input `x`, which every head reads unmoved in an unpatched run.
+    The normalisation's vector-Jacobian product is taken for every head at once; no per-head copy
+    of the input is ever held for a backward pass. Rows: q of heads 0..H-1, then k, then v."""
+    attn = model.blocks[layer].attn
+    weights = [attn.W_Q, attn.W_K, attn.W_V]  # [head, d_model, d_head] (k and v per query head)
+    projected = torch.cat(
+        [
+            torch.einsum("bphe,hde->bphd", g, w.detach())
+            for g, w in zip(grads, weights, strict=True)
+        ],
+        dim=2,
+    )  # [batch, pos, 3 * head, d_model]
+    if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
+        projected = norm_input_grad(model.blocks[layer].ln1, x, projected)
+    return projected.permute(2, 0, 1, 3)
+
+
+def norm_input_grad(
+    norm: torch.nn.Module,
+    x: Float[torch.Tensor, "batch pos d_model"],
+    grad: Float[torch.Tensor, "batch pos n d_model"],
+) -> Float[torch.Tensor, "batch pos n d_model"]:
+    """`grad` (n cotangents per position, at the output of `norm` applied to `x`) carried back to
+    `norm`'s input. TransformerLens's LayerNorm and RMSNorm (folded or not) in closed form:
+    with `x_hat = c / s`, `c` the (centred) input and `s = sqrt(mean(c^2) + eps)`, the input's
+    gradient is `(g - x_hat mean(g x_hat) [- mean(g)]) / s` for `g = grad * w`. Any other
+    normalisation by autograd on a copy of `x` per cotangent."""
+    kind = type(norm).__name__
+    if kind in ("Identity",):
+        return grad
+    if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
+        expanded = x.detach()[:, :, None, :].expand_as(grad).clone().requires_grad_(True)
+        with torch.enable_grad():
+            (out,) = torch.autograd.grad(norm(expanded), expanded, grad)
+        return out
+    centred = kind.startswith("LayerNorm")
+    dtype = torch.promote_types(grad.dtype, torch.float32)  # as the norm computes: >= float32
+    g = grad.to(dtype)
+    if hasattr(norm, "w"):
+        g = g * norm.w.detach().to(dtype)
+    c = x.detach().to(dtype)[:, :, None, :]
+    if centred:
+        c = c - c.mean(-1, keepdim=True)
+    scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+    x_hat = c / scale
+    out = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
+    if centred:
+        out = out - g.mean(-1, keepdim=True)
+    return (out / scale).to(grad.dtype)
+
+
+@dataclass
+class CorruptRuns:
+    """What an edge ablation (`workbench.circuits.EdgeAblator`) reuses from the runs an
+    attribution already made: per batch, the corrupt prompts' activations at `ablation_hooks`
+    (what every source writes: the embeddings, each layer's `hook_z` and MLP output, a head's
+    output being its `z @ W_O`; and each head's q, k, v), and the metric's means on the clean
+    and corrupt prompts."""
+
+    sources: list[dict[str, torch.Tensor]]
+    m_clean: float
+    m_corrupt: float
 
 
 @dataclass
@@ -179,6 +290,7 @@ class EdgeScores:
     scores: Float[torch.Tensor, "n_src n_dst"]
     metric_clean: float
     metric_corrupt: float
+    runs: CorruptRuns | None = None  # the corrupt runs' source activations, for the curve
 
     def edges(self) -> list[tuple[str, str, float]]:
         return self.graph.edges(self.scores)
@@ -202,7 +314,8 @@ def run_with_grads(
     """Forward (optionally replacing the input embeddings), keep activations `keep`, and
     backward `scale` x the metric sum for the gradients at `grad_of`. The weights take no
     gradient: the backward starts from the input embeddings (a leaf), so it computes the
-    activations' gradients alone; without `grad_of` the forward pass records nothing for one."""
+    activations' gradients alone; without `grad_of` the forward pass records nothing for one.
+    Only the last position is unembedded: every metric reads it alone."""
     acts: dict[str, torch.Tensor] = {}
 
     def save(act: torch.Tensor, hook: object) -> None:
@@ -227,7 +340,8 @@ def run_with_grads(
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
     grad_mode = torch.enable_grad() if grad_of else torch.no_grad()
     with frozen_weights(model), grad_mode, model.hooks(fwd_hooks=hooks):
-        diffs = batch.metric(model(tokens), batch.target)
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+        diffs = batch.metric(last_position_logits(model, resid), batch.target)
         if grad_of:
             (diffs.sum() * scale).backward()
     for name in grad_of:
@@ -245,52 +359,84 @@ def edge_attribution(
     graph: EdgeGraph | None = None,
     ig_steps: int = 0,
     ig_rule: str = DEFAULT_IG_RULE,
+    keep_runs: bool = True,
 ) -> EdgeScores:
     """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1, points chosen by `ig_rule`) scores
-    for every edge of `graph`."""
+    for every edge of `graph`, with (`keep_runs`) what the corrupt runs leave for an ablation
+    (`EdgeScores.runs`). The runs are the model's own (no per-head copies of q/k/v inputs):
+    each head's input gradient comes from its q/k/v gradient (`qkv_input_grads`), and the
+    products with the sources' differences are taken a destination layer at a time."""
     alphas = ig_alphas(ig_steps, ig_rule)
     graph = graph or model_graph(model)
     n = sum(b.size for b in batches)
     src_hooks, dst_hooks = source_hooks(model, graph), _destination_hooks(model, graph)
     device = model_device(model)
     total = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
+    upstream = graph.valid.sum(0).tolist()  # per destination: its sources, a prefix of them
     m_clean = m_corrupt = 0.0
     method = "eap_ig" if ig_steps else "eap"
-    with graph_hooks_enabled(model, graph):
+    kept_sources: list[dict[str, torch.Tensor]] = []
+    for_ablation = ablation_hooks(model, graph)
+    keep = for_ablation + _layer_inputs(model)
+    with graph_hooks_enabled(model, graph, split_qkv=False):
         for batch in tqdm(batches, desc=method, leave=False):
             clean, mc = run_with_grads(model, batch.clean, batch, src_hooks, [], scale=1.0)
             if ig_steps:
-                corrupt, mr = run_with_grads(model, batch.corrupt, batch, src_hooks, [], scale=1.0)
-                start = corrupt[Node.input().out_hook()]
-                delta_in = clean[Node.input().out_hook()] - start
-                grad_sum: torch.Tensor | None = None
-                for alpha in alphas:
-                    acts, _ = run_with_grads(
-                        model, batch.corrupt, batch, [], dst_hooks,
-                        scale=1 / (n * len(alphas)), embed_override=start + alpha * delta_in,
-                    )  # fmt: skip
-                    grads = destination_grads(model, graph, _grads(acts))
-                    grad_sum = grads if grad_sum is None else grad_sum + grads
-                assert grad_sum is not None
-                dst_grad = grad_sum
+                corrupt, mr = run_with_grads(
+                    model, batch.corrupt, batch, for_ablation, [], scale=1.0
+                )
             else:
                 corrupt, mr = run_with_grads(
-                    model, batch.corrupt, batch, src_hooks, dst_hooks, scale=1 / n
+                    model, batch.corrupt, batch, keep, dst_hooks, scale=1 / n
                 )
-                dst_grad = destination_grads(model, graph, _grads(corrupt))
             m_clean, m_corrupt = m_clean + mc, m_corrupt + mr
-            with torch.no_grad():  # (W_O takes gradients: no graph may hold these batches)
+            with torch.no_grad():
                 delta = source_outputs(model, graph, clean) - source_outputs(model, graph, corrupt)
-                total += torch.einsum("sbpd,tbpd->st", delta, dst_grad)
-            del clean, corrupt, delta, dst_grad
+                groups = (
+                    _integrated_grads(model, graph, batch, dst_hooks, clean, corrupt, alphas, n)
+                    if ig_steps
+                    else destination_grad_groups(model, graph, corrupt)  # a layer at a time
+                )
+                for cols, grads in groups:
+                    k = upstream[cols[0]]
+                    total[:k, cols] += torch.einsum("sbpd,tbpd->st", delta[:k], grads)
+            if keep_runs:
+                kept_sources.append({name: corrupt[name] for name in for_ablation})
+            del clean, corrupt, delta, groups
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     scores = ((total.detach() / gap) * graph.valid.to(device)).float().cpu()
-    return EdgeScores(method, graph, scores, m_clean, m_corrupt)
+    runs = CorruptRuns(kept_sources, m_clean, m_corrupt) if keep_runs else None
+    return EdgeScores(method, graph, scores, m_clean, m_corrupt, runs)
 
 
-def _grads(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removesuffix(".grad"): v for k, v in acts.items() if k.endswith(".grad")}
+def _integrated_grads(
+    model: HookedTransformer,
+    graph: EdgeGraph,
+    batch: PromptBatch,
+    dst_hooks: list[str],
+    clean: dict[str, torch.Tensor],
+    corrupt: dict[str, torch.Tensor],
+    alphas: list[float],
+    n: int,
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Every destination's input gradient averaged over the interpolated runs of EAP-IG."""
+    start = corrupt[Node.input().out_hook()]
+    delta_in = clean[Node.input().out_hook()] - start
+    sums: list[tuple[list[int], torch.Tensor]] = []
+    for alpha in alphas:
+        acts, _ = run_with_grads(
+            model, batch.corrupt, batch, _layer_inputs(model), dst_hooks,
+            scale=1 / (n * len(alphas)), embed_override=start + alpha * delta_in,
+        )  # fmt: skip
+        step = list(destination_grad_groups(model, graph, acts))
+        if not sums:
+            sums = step
+        else:
+            for (_, total), (_, grads) in zip(sums, step, strict=True):
+                total += grads
+        del acts, step
+    return sums
 
 
 @torch.no_grad()

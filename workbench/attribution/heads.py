@@ -146,7 +146,7 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
     (later heads' q/k/v, MLPs, the final residual), so its attribution-patching score is the
     sum of its outgoing EAP edge scores over the full graph. The stored edges are those among
     `input`, heads and `logits`."""
-    result = edge_attribution(model, batches)
+    result = edge_attribution(model, batches, keep_runs=False)
     cfg = model.cfg
     rows = [
         result.graph.sources.index(Node.head_of(layer, head).id)

@@ -154,7 +154,8 @@ def build_from_state_dict(
     config_file, weights_file = where / "config.json", where / "model.safetensors"
     _check_config_fields(cfg_kwargs, config_file)
     try:
-        cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu"})
+        # no random initialisation: every weight comes from the state dict (_check_weights)
+        cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu", "init_weights": False})
         model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     except Exception as err:  # TransformerLens validates with asserts and ValueErrors
         raise BadInput(f"{config_file}: not a valid model configuration ({_reason(err)})") from err
@@ -327,6 +328,9 @@ def _tl_config(path: Path) -> HookedTransformerConfig:
         cfg = tl_loading.get_pretrained_model_config(staged, fold_ln=True, device="cpu")
     cfg.model_name = path.name
     cfg.tokenizer_name = None  # the workbench loads the directory's tokenizer itself
+    # no random initialisation: every weight comes from the converted checkpoint (a weight
+    # matrix it lacks is TransformerLens's error), and memory is not touched until it is loaded
+    cfg.init_weights = False
     if cfg.n_key_value_heads is not None:
         # grouped-query attention: every query head gets its own copy of its group's key and
         # value weights, so `hook_k_input`, `hook_k`, `hook_v` (and the node a{L}.h{H}<k|v>)

@@ -9,6 +9,7 @@ patching, or pruned by ACDC (see `workbench.attribution.edges` and `workbench.ci
 from dataclasses import dataclass
 from typing import Any
 
+from workbench import profiling
 from workbench.attribution.ig import IgParams, check_ig_params
 from workbench.registry import Method, RunInputs, option
 from workbench.results import RunResult
@@ -61,7 +62,8 @@ def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResu
     from workbench.circuits import smallest_faithful_circuit
     from workbench.tasks import known_circuit_metrics
 
-    edge_list = result.edges()
+    with profiling.stage("edge list"):
+        edge_list = result.edges()
     curve, circuit = smallest_faithful_circuit(
         inputs.model,
         inputs.batches,
@@ -69,8 +71,11 @@ def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResu
         edge_list,
         target=params.faithful_target,
         method=method,
+        runs=result.runs,
+        max_tokens=inputs.batch_tokens,
     )
-    metrics = known_circuit_metrics(inputs.task, inputs.loaded, edge_list)
+    with profiling.stage("known circuit"):
+        metrics = known_circuit_metrics(inputs.task, inputs.loaded, edge_list)
     if method == "eap_ig":
         metrics["ig_completeness"] = result.completeness
     return RunResult(
@@ -86,23 +91,26 @@ def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResu
 def eap(inputs: RunInputs, params: EapParams) -> RunResult:
     from workbench.attribution import edges
 
-    result = edges.edge_attribution(inputs.model, inputs.batches, ig_steps=0)
+    with profiling.stage("attribution"):
+        result = edges.edge_attribution(inputs.model, inputs.batches, ig_steps=0)
     return _scored("eap", inputs, result, params)
 
 
 def eap_ig(inputs: RunInputs, params: EapIgParams) -> RunResult:
     from workbench.attribution import edges
 
-    result = edges.edge_attribution(
-        inputs.model, inputs.batches, ig_steps=params.ig_steps, ig_rule=params.ig_rule
-    )
+    with profiling.stage("attribution"):
+        result = edges.edge_attribution(
+            inputs.model, inputs.batches, ig_steps=params.ig_steps, ig_rule=params.ig_rule
+        )
     return _scored("eap_ig", inputs, result, params)
 
 
 def exact_edge(inputs: RunInputs, params: ExactEdgeParams) -> RunResult:
     from workbench.attribution import edges
 
-    result = edges.exact_edge_patching(inputs.model, inputs.batches, max_rows=params.max_rows)
+    with profiling.stage("attribution"):
+        result = edges.exact_edge_patching(inputs.model, inputs.batches, max_rows=params.max_rows)
     return _scored("exact_edge", inputs, result, params)
 
 

@@ -98,14 +98,27 @@ class FeatureStats:
         f: Float[torch.Tensor, "batch pos d_sae"],
         x_hat: Float[torch.Tensor, "batch pos d_in"],
     ) -> None:
-        # on the CPU, like the statistics, whatever device the model runs on
-        x, f, x_hat = (t.detach().float().cpu() for t in (x, f, x_hat))
-        batch, pos, d_sae = f.shape
-        flat = f.reshape(-1, d_sae)
+        """Add a batch of windows given their dense feature activations `f`."""
+        flat = f.detach().reshape(-1, f.shape[-1])
         # every statistic comes from the active entries only: one dense pass finds them
         rows, cols = flat.nonzero(as_tuple=True)
-        values = flat[rows, cols]
-        self.n_tokens += flat.shape[0]
+        self.update_sparse(first_window, x, Active(rows, cols, flat[rows, cols]), x_hat)
+
+    def update_sparse(
+        self,
+        first_window: int,
+        x: Float[torch.Tensor, "batch pos d_in"],
+        active: "Active",
+        x_hat: Float[torch.Tensor, "batch pos d_in"],
+    ) -> None:
+        """Add a batch of windows given their active features only (`encode_active`)."""
+        # on the CPU, like the statistics, whatever device the model runs on
+        x, x_hat = (t.detach().float().cpu() for t in (x, x_hat))
+        rows, cols = active.rows.cpu(), active.cols.cpu()
+        values = active.values.detach().float().cpu()
+        batch, pos = x.shape[0], x.shape[1]
+        d_sae = self.d_sae
+        self.n_tokens += batch * pos
         self.l0_total += rows.numel()
         self.counts += torch.bincount(cols, minlength=d_sae)
         self.sums.index_add_(0, cols, values.double())
@@ -193,32 +206,86 @@ def scan(
             corpus.batches(batch_size), total=n_batches, desc="features", leave=False
         ):
             x = hook_activations(loaded, sae.hook, windows)
-            f = sae.encode(x)
-            stats.update(first, x, f, reconstruct(sae, f))
+            active = encode_active(sae, x)
+            x_hat = reconstruct_active(sae, active, x.shape[0] * x.shape[1]).view(x.shape)
+            stats.update_sparse(first, x, active, x_hat)
     return stats
 
 
 LINEAR_DECODERS = ("standard", "topk", "batchtopk", "jumprelu", "gated")
 
 
+@dataclass(frozen=True)
+class Active:
+    """The active (non-zero) features of a batch of tokens: token row, feature, activation,
+    ordered by row, then feature."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
+def encode_active(sae: LoadedSae, x: Float[torch.Tensor, "... d_in"]) -> Active:
+    """The SAE's active features on `x` (its tokens flattened to rows), the numbers SAELens's
+    `encode` gives. For a standard (ReLU) or TopK SAE they are read straight from the
+    pre-activations (the positive ones, or the top k made non-negative, as SAELens selects
+    them), never building the dense `[tokens, d_sae]` result; other architectures go through
+    SAELens's `encode`."""
+    model_sae = sae.sae
+    flat = x.reshape(-1, x.shape[-1])
+    activation = type(getattr(model_sae, "activation_fn", None)).__name__
+    direct = (
+        sae.architecture in ("standard", "topk")
+        and activation in ("ReLU", "TopK")
+        and not getattr(model_sae.cfg, "rescale_acts_by_decoder_norm", False)
+    )
+    if not direct:
+        f = sae.encode(flat)
+        rows, cols = f.nonzero(as_tuple=True)
+        return Active(rows, cols, f[rows, cols])
+    sae_in = model_sae.process_sae_in(flat.to(sae.dtype))
+    pre = model_sae.hook_sae_acts_pre(sae_in @ model_sae.W_enc + model_sae.b_enc)
+    if activation == "ReLU":
+        rows, cols = (pre > 0).nonzero(as_tuple=True)
+        return Active(rows, cols, pre[rows, cols])
+    values, cols = torch.topk(pre, k=model_sae.activation_fn.k, dim=-1, sorted=False)
+    values = values.relu()
+    rows = torch.arange(len(pre), device=pre.device)[:, None].expand_as(cols)
+    fires = values > 0
+    rows, cols, values = rows[fires], cols[fires], values[fires]
+    order = (rows * pre.shape[1] + cols).argsort()  # by row, then feature, as nonzero gives
+    return Active(rows[order], cols[order], values[order])
+
+
 def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Tensor:
-    """`sae.decode(f)` from the active features only: a sparse matrix product, so decoding
-    costs L0 rows of `W_dec` per token rather than all `d_sae` (SAELens's dense decode is used
-    where the decoder is not the plain `f @ W_dec + b_dec`)."""
+    """`sae.decode(f)` from the active features only (`reconstruct_active`)."""
     cfg = sae.sae.cfg
     if sae.architecture not in LINEAR_DECODERS or cfg.normalize_activations != "none":
         return sae.decode(f)
-    w_dec = sae.sae.W_dec
     flat = f.reshape(-1, f.shape[-1])
     rows, cols = flat.nonzero(as_tuple=True)
-    values = flat[rows, cols]
+    out = reconstruct_active(sae, Active(rows, cols, flat[rows, cols]), len(flat))
+    return out.reshape(*f.shape[:-1], out.shape[-1])
+
+
+def reconstruct_active(sae: LoadedSae, active: Active, n_rows: int) -> torch.Tensor:
+    """`sae.decode` of the features `active` ([n_rows, d_in]): a sparse matrix product, so
+    decoding costs L0 rows of `W_dec` per token rather than all `d_sae` (SAELens's dense decode
+    is used where the decoder is not the plain `f @ W_dec + b_dec`)."""
+    cfg = sae.sae.cfg
+    w_dec = sae.sae.W_dec
+    if sae.architecture not in LINEAR_DECODERS or cfg.normalize_activations != "none":
+        dense = w_dec.new_zeros(n_rows, sae.d_sae)
+        dense[active.rows, active.cols] = active.values
+        return sae.decode(dense)
+    values = active.values
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
-        values = values / w_dec.norm(dim=-1)[cols]
+        values = values / w_dec.norm(dim=-1)[active.cols]
     sparse = torch.sparse_coo_tensor(
-        torch.stack([rows, cols]), values, flat.shape, check_invariants=False, device=f.device
-    )
-    out = torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
-    return out.reshape(*f.shape[:-1], w_dec.shape[1])
+        torch.stack([active.rows, active.cols]), values, (n_rows, sae.d_sae),
+        check_invariants=False, device=w_dec.device,
+    )  # fmt: skip
+    return torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
 
 
 @torch.no_grad()
