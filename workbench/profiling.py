@@ -107,7 +107,8 @@ def stage(name: str) -> Iterator[None]:
         after = rss()
         for recorder, peak, depth in zip(_recorders, peaks, depths, strict=True):
             with recorder.lock:
-                recorder.open.remove(peak)
+                # by identity: two open stages' peaks may be equal lists
+                del recorder.open[next(i for i, p in enumerate(recorder.open) if p is peak)]
                 recorder.stages.append(
                     Stage(name, depth, seconds, before, max(peak[0], after), after)
                 )

@@ -176,17 +176,31 @@ def _layer_inputs(model: HookedTransformer) -> list[str]:
     return [Hook.resid_pre(layer) for layer in range(model.cfg.n_layers)]
 
 
-def source_outputs(
-    model: HookedTransformer, graph: EdgeGraph, acts: dict[str, torch.Tensor]
+def source_differences(
+    model: HookedTransformer,
+    graph: EdgeGraph,
+    acts: dict[str, torch.Tensor],
+    base: dict[str, torch.Tensor],
 ) -> Float[torch.Tensor, "n_src batch pos d_model"]:
-    """Every source's output, in `graph.sources` order, from cached activations."""
-    outs = [acts[Node.input().out_hook()][None]]
+    """What every source writes in `acts` less what it writes in `base` (a head's output being
+    its `z @ W_O`), in `graph.sources` order, computed a layer at a time into one buffer."""
+    x = acts[Node.input().out_hook()]
+    out = x.new_empty(len(graph.sources), *x.shape)
+    out[0] = x - base[Node.input().out_hook()]
+    row = 1
     for layer in range(model.cfg.n_layers):
-        z = acts[Hook.z(layer)]
-        outs.append(torch.einsum("bphe,hed->hbpd", z, model.blocks[layer].attn.W_O))
-        if Node.mlp(layer).id in graph.sources:
-            outs.append(acts[Node.mlp(layer).out_hook()][None])
-    return torch.cat(outs)
+        w_o, z = model.blocks[layer].attn.W_O, Hook.z(layer)
+        heads = torch.einsum("bphe,hed->hbpd", acts[z], w_o)
+        torch.sub(
+            heads, torch.einsum("bphe,hed->hbpd", base[z], w_o), out=out[row : row + len(w_o)]
+        )
+        row += len(w_o)
+        mlp = Node.mlp(layer)
+        if mlp.id in graph.sources:
+            torch.sub(acts[mlp.out_hook()], base[mlp.out_hook()], out=out[row])
+            row += 1
+    assert row == len(graph.sources), "the graph's sources are not the model's"
+    return out
 
 
 def destination_grad_groups(
@@ -391,7 +405,7 @@ def edge_attribution(
                 )
             m_clean, m_corrupt = m_clean + mc, m_corrupt + mr
             with torch.no_grad():
-                delta = source_outputs(model, graph, clean) - source_outputs(model, graph, corrupt)
+                delta = source_differences(model, graph, clean, corrupt)
                 groups = (
                     _integrated_grads(model, graph, batch, dst_hooks, clean, corrupt, alphas, n)
                     if ig_steps
@@ -474,9 +488,7 @@ def exact_edge_patching(
             corr_final, corrupt = model.run_with_cache(batch.corrupt, **stop)
             m_clean += float(batch.metric.final(model, clean_final, batch.target).sum())
             m_corrupt += float(batch.metric.final(model, corr_final, batch.target).sum())
-            delta = source_outputs(model, graph, dict(clean.items())) - source_outputs(
-                model, graph, dict(corrupt.items())
-            )
+            delta = source_differences(model, graph, dict(clean.items()), dict(corrupt.items()))
             for t, dst in enumerate(graph.destinations):
                 srcs = [s for s in range(len(graph.sources)) if valid[s, t]]
                 if dst == Node.logits().id:
