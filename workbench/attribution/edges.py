@@ -443,13 +443,13 @@ def _integrated_grads(
             model, batch.corrupt, batch, _layer_inputs(model), dst_hooks,
             scale=1 / (n * len(alphas)), embed_override=start + alpha * delta_in,
         )  # fmt: skip
-        step = list(destination_grad_groups(model, graph, acts))
+        groups = destination_grad_groups(model, graph, acts)  # one group at a time
         if not sums:
-            sums = step
+            sums = list(groups)
         else:
-            for (_, total), (_, grads) in zip(sums, step, strict=True):
+            for (_, total), (_, grads) in zip(sums, groups, strict=True):
                 total += grads
-        del acts, step
+        del acts, groups
     return sums
 
 
