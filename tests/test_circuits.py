@@ -184,12 +184,17 @@ def _reference_faithfulness(model, batch, graph, kept):
 
 
 @pytest.mark.parametrize("share_kept", [0.02, 0.3, 0.7, 0.98])
-def test_ablation_of_random_edge_sets_matches_the_plain_intervention(gpt2, share_kept):
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
+def test_ablation_of_random_edge_sets_matches_the_plain_intervention(
+    tiny_hf_dirs, kind, share_kept
+):
     """Sparse and dense kept sets exercise every way a pass moves a destination: heads that
     keep every input, heads that keep none (the corrupt run's q/k/v), heads that keep some
     (their projection recomputed), and shifts taken as the removed sources or as the total
-    less the kept ones; two masks share each forward pass."""
-    model, batches = gpt2
+    less the kept ones; two masks share each forward pass. LayerNorm and RMSNorm, sequential
+    and parallel blocks, grouped-query attention (llama)."""
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs[kind]))[0])
+    model, batches = loaded.model, make_batches(load_task("induction", loaded, n_prompts=6))
     graph = edges.model_graph(model)
     generator = torch.Generator().manual_seed(int(share_kept * 100))
     masks = [

@@ -219,7 +219,8 @@ def _run_with_removed_edges(
     is `total` less the kept ones. The model runs unsplit: a head's query, key or value is
     replaced after its projection (`hook_q`, `hook_k`, `hook_v`) by the corrupt run's where it
     removes every input edge, and recomputed from its own moved input only where it removes
-    some (`_moved_projection`); MLPs and the final residual stream are moved in place."""
+    some (`_projection`; a layer's three ports are moved together); MLPs and the final
+    residual stream are moved in place."""
     cfg = model.cfg
     copies, b = removed.shape[0], batch.size
     shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
@@ -286,37 +287,65 @@ def _run_with_removed_edges(
             return everything - _weighted(diffs[m, :k], 1 - mask, by_kept)
         return _weighted(diffs[m, :k], mask, by_removed)
 
-    def move_projection(layer: int, port: str) -> object:
-        cols = [dst_index[Node.head_of(layer, h, port).id] for h in range(cfg.n_heads)]
-        k = upstream[cols[0]]
-        mask = removed[:, :k][:, :, cols]  # [m, s, head]
-        n_removed = (mask > 0).sum(1)  # [m, head] (counted exactly in any dtype)
-        # reading the corrupt run's q/k/v is exact only where the graph's sources are every
-        # writer to the residual stream; otherwise such a head is recomputed like the others
-        drop_all = (n_removed == k) & complete
-        keep_all = n_removed == 0
-        mixed = ~(drop_all | keep_all)
+    def move_projections(layer: int) -> dict[str, object]:
+        """The hooks at the layer's `hook_q`, `hook_k`, `hook_v`. The mixed heads of all three
+        are recomputed together when the first of them runs: one product reads the upstream
+        differences once for every moved input of the layer."""
+        cols = {
+            p: [dst_index[Node.head_of(layer, h, p).id] for h in range(cfg.n_heads)] for p in QKV
+        }
+        k = upstream[cols[QKV[0]][0]]
+        masks = {p: removed[:, :k][:, :, cols[p]] for p in QKV}  # [m, s, head]
+        drop_all, mixed = {}, {}
+        for p in QKV:
+            n_removed = (masks[p] > 0).sum(1)  # [m, head] (counted exactly in any dtype)
+            # reading the corrupt run's q/k/v is exact only where the graph's sources are every
+            # writer to the residual stream; otherwise such a head is recomputed like the others
+            drop_all[p] = (n_removed == k) & complete
+            mixed[p] = ~(drop_all[p] | (n_removed == 0))
+        untouched = {p: not bool((drop_all[p] | mixed[p]).any()) for p in QKV}
+        recomputed: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
-        def move(act: torch.Tensor, hook: object) -> torch.Tensor:
-            if bool(keep_all.all()):
-                return act
+        def recompute() -> None:
             assert seen[0] >= k, "a destination read a source the pass has not recorded"
-            out = act.reshape(copies, b, *act.shape[1:]).clone()  # [m, b, pos, head, d_head]
-            m_idx, h_idx = drop_all.nonzero(as_tuple=True)
-            if len(m_idx):
-                corrupt_qkv = corrupt[Hook.qkv(layer, port)]  # [b, pos, head, d_head]
-                out[m_idx, :, :, h_idx] = corrupt_qkv[:, :, h_idx].permute(2, 0, 1, 3)
+            for p in QKV:
+                recomputed[p] = []
+            own = layer_input[layer].reshape(copies, width)
             for m in range(copies):
-                heads = mixed[m].nonzero().flatten()
-                if len(heads) == 0:
+                parts = [(p, mixed[p][m].nonzero().flatten()) for p in QKV]
+                parts = [(p, heads) for p, heads in parts if len(heads)]
+                if not parts:
                     continue
-                own = layer_input[layer].reshape(copies, width)[m]
-                moved = (own[None] + shifts(m, mask[m][:, heads], k)).view(-1, b, *shape)
+                mask = torch.cat([masks[p][m][:, heads] for p, heads in parts], dim=1)
+                moved = (own[m][None] + shifts(m, mask, k)).view(-1, b, *shape)
+                moved = _input_norm(model, layer, moved)
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
-                out[m, :, :, heads] = _moved_projection(model, layer, port, moved, heads, position)
-            return out.view(act.shape)
+                first = 0
+                for p, heads in parts:
+                    x = moved[first : first + len(heads)]
+                    first += len(heads)
+                    recomputed[p].append(
+                        (m, heads, _projection(model, layer, p, x, heads, position))
+                    )
 
-        return move
+        def move_for(port: str) -> object:
+            def move(act: torch.Tensor, hook: object) -> torch.Tensor:
+                if untouched[port]:
+                    return act
+                if port not in recomputed:
+                    recompute()
+                out = act.reshape(copies, b, *act.shape[1:]).clone()  # [m, b, pos, head, d_head]
+                m_idx, h_idx = drop_all[port].nonzero(as_tuple=True)
+                if len(m_idx):
+                    corrupt_qkv = corrupt[Hook.qkv(layer, port)]  # [b, pos, head, d_head]
+                    out[m_idx, :, :, h_idx] = corrupt_qkv[:, :, h_idx].permute(2, 0, 1, 3)
+                for m, heads, values in recomputed.pop(port):
+                    out[m, :, :, heads] = values
+                return out.view(act.shape)
+
+            return move
+
+        return {p: move_for(p) for p in QKV}
 
     def move_single(node: Node) -> object:
         col = dst_index[node.id]
@@ -335,7 +364,8 @@ def _run_with_removed_edges(
         hooks.append(("hook_pos_embed", remember_position))
     for layer in range(cfg.n_layers):
         hooks.append((Hook.resid_pre(layer), remember_input(layer)))
-        hooks += [(Hook.qkv(layer, p), move_projection(layer, p)) for p in QKV]
+        moves = move_projections(layer)
+        hooks += [(Hook.qkv(layer, p), moves[p]) for p in QKV]
         hooks.append((Hook.z(layer), record_heads(layer)))
         mlp = Node.mlp(layer)
         if mlp.id in graph.destinations:
@@ -349,26 +379,31 @@ def _run_with_removed_edges(
     return last_position_logits(model, resid)
 
 
-def _moved_projection(
+def _input_norm(model: HookedTransformer, layer: int, moved: torch.Tensor) -> torch.Tensor:
+    """The block's input normalisation of `moved` inputs (none in a post-norm block)."""
+    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return moved
+    return model.blocks[layer].ln1(moved)
+
+
+def _projection(
     model: HookedTransformer,
     layer: int,
     port: str,
-    moved: torch.Tensor,
+    normed: torch.Tensor,
     heads: torch.Tensor,
     position: torch.Tensor | None,
 ) -> torch.Tensor:
     """[b, pos, head', d_head]: the query, key or value of the listed `heads` of `layer`, each
-    from its own input `moved[i]` ([head', b, pos, d_model]): the block's input normalisation
-    (none in a post-norm block), the positional embedding of a shortformer model (`position`)
-    and the head's projection, as the model computes them."""
+    from its own normalised input `normed[i]` ([head', b, pos, d_model]), with the positional
+    embedding of a shortformer model (`position`) added to query and key inputs, as the model
+    computes them."""
     attn = model.blocks[layer].attn
     weight = getattr(attn, f"W_{port.upper()}")[heads]  # [head', d_model, d_head]
     bias = getattr(attn, f"b_{port.upper()}")[heads]  # [head', d_head]
-    if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
-        moved = model.blocks[layer].ln1(moved)
-    if position is not None and port != "v":  # shortformer: added to the query and key inputs
-        moved = moved + position
-    return torch.einsum("nbpd,nde->bpne", moved, weight) + bias
+    if position is not None and port != "v":
+        normed = normed + position
+    return torch.einsum("nbpd,nde->bpne", normed, weight) + bias
 
 
 def _weighted(diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
