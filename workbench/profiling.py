@@ -10,7 +10,7 @@ elsewhere the process's lifetime peak, which is a bound rather than the stage's 
     from workbench import profiling
     with profiling.recording() as stages:
         cli(["run", "edges", "--model", "my-gpt2", "--task", "induction"])
-    print(profiling.table(stages))
+    logger.info("where the run went:\n%s", profiling.table(stages))
 """
 
 import logging
