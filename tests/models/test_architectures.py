@@ -110,3 +110,64 @@ def test_every_method_runs(tmp_path, tiny_hf_dirs, norm_dirs, kind, capsys):
     assert cli(["run", "edges", *common, *methods, "--method", "acdc"]) == 0
     out = capsys.readouterr().out
     assert "failed" not in out and out.count("done") >= 5 + 2 + 4
+
+
+def _tl_processed(cfg, state_dict):
+    """A model loaded by TransformerLens's own `load_and_process_state_dict` (which copies the
+    state dict before folding) with the workbench's processing flags: the reference."""
+    from transformer_lens import HookedTransformer
+
+    model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
+    model.load_and_process_state_dict(
+        {k: v.clone() for k, v in state_dict.items()}, **engine.PROCESSING
+    )
+    return model
+
+
+def _assert_same_weights(ours, theirs, source_keys):
+    """Every weight the checkpoint gave (a weight it lacks, such as Bloom's unused positional
+    embedding, is left uninitialised by both) equal to the bit, and the same modules."""
+    mine, ref = ours.state_dict(), theirs.state_dict()
+    assert mine.keys() == ref.keys()
+    for name, tensor in ref.items():
+        if name in source_keys:
+            assert torch.equal(mine[name], tensor), name
+    assert ours.cfg.normalization_type == theirs.cfg.normalization_type
+    for (name, module), (_, other) in zip(
+        ours.named_modules(), theirs.named_modules(), strict=True
+    ):
+        assert type(module) is type(other), name
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_weights_processed_in_place_equal_transformer_lens(tmp_path, arch):
+    """The workbench folds and centres a Hugging Face checkpoint without TransformerLens's copy
+    of the whole state dict: every weight equals TransformerLens's own processing to the bit,
+    with norm weights and biases made random so that folding them matters."""
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    model = _save(arch, tmp_path / "m")
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for param in model.parameters():
+            param.add_(0.1 * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(str(tmp_path / "m"))
+    ours = engine.from_hf_directory(tmp_path / "m")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    cfg = engine._tl_config(tmp_path / "m")
+    state_dict = tl_loading.get_pretrained_state_dict(str(tmp_path / "m"), cfg, hf_model=hf)
+    _assert_same_weights(ours, _tl_processed(cfg, state_dict), set(state_dict))
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", "None"])
+def test_zoo_weights_processed_in_place_equal_transformer_lens(norm_dirs, norm):
+    from transformer_lens import HookedTransformerConfig
+
+    from workbench.models import zoo_format
+
+    path = norm_dirs[None if norm == "None" else norm]
+    cfg_kwargs = zoo_format.read_json(path / "config.json")
+    state_dict = zoo_format.load_zoo_weights(path)
+    ours = engine.build_from_state_dict(cfg_kwargs, dict(state_dict), source=path)
+    cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu"})
+    _assert_same_weights(ours, _tl_processed(cfg, state_dict), set(state_dict))

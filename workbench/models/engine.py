@@ -91,6 +91,84 @@ def remember_mlp_norms(model: HookedTransformer, state_dict: dict[str, torch.Ten
     setattr(model, MLP_NORMS, norms)
 
 
+def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load `state_dict` into `model` processed by `PROCESSING`: the same steps as TransformerLens's
+    `load_and_process_state_dict` (its own fold, centring and module swap, so the same weights to
+    the bit; tests/models/test_architectures.py compares every tensor), without the copy of the whole
+    state dict it takes before folding. `state_dict` is consumed: each folded tensor replaces its
+    entry, and each entry is dropped once it is copied into the model, so the load holds about
+    one copy of the weights besides the source's own.
+
+    The fold is TransformerLens 3.9's `ProcessWeights.fold_layer_norm` less its first line (the
+    copy), so its per-layer steps are called here by name; a TransformerLens that renames them
+    fails here, and in that test, before any model is loaded with other weights."""
+    from transformer_lens.components import LayerNormPre, RMSNormPre
+    from transformer_lens.weight_processing import ProcessWeights
+
+    cfg = model.cfg
+    assert PROCESSING["fold_ln"] and not PROCESSING["center_unembed"]
+    assert not PROCESSING["fold_value_biases"] and not PROCESSING["refactor_factored_attn_matrices"]
+    state_dict = model.fill_missing_keys(state_dict)
+    # processed in float32 and stored back in each tensor's own dtype, as TransformerLens does
+    dtypes = {k: v.dtype for k, v in state_dict.items() if v.is_floating_point()}
+    for key in dtypes:
+        state_dict[key] = state_dict[key].float()
+    norm = cfg.normalization_type
+    fold = norm in ("LN", "LNPre", "RMS", "RMSPre") and any(
+        k.endswith((".ln1.w", ".ln2.w", "ln_final.w")) for k in state_dict
+    )
+    if fold:
+        # the module swap load_and_process_state_dict makes before processing
+        pre: Any = {"LN": LayerNormPre, "RMS": RMSNormPre}.get(str(norm))
+        if pre is not None:
+            cfg.normalization_type = f"{norm}Pre"
+            model.ln_final = pre(cfg)
+            for block in model.blocks:
+                block.ln1, block.ln2 = pre(cfg), pre(cfg)
+                if cfg.is_layer_norm_activation():
+                    block.mlp.ln = pre(cfg)
+        centred = cfg.normalization_type == "LNPre"  # LayerNorm: fold biases, centre weights
+        gqa = "" if getattr(cfg, "n_key_value_heads", None) is None else "_"
+        for layer in range(cfg.n_layers):
+            state_dict = ProcessWeights._fold_layer(
+                state_dict, cfg, layer, centred, centred, None, gqa
+            )
+        state_dict = ProcessWeights._fold_final_rms_bias(state_dict, cfg, centred, None)
+        state_dict = ProcessWeights._fold_unembed_layer_norm(
+            state_dict, cfg, centred, centred, None
+        )
+    if PROCESSING["center_writing_weights"] and cfg.normalization_type in ("LN", "LNPre"):
+        if not getattr(cfg, "final_rms", False):
+            state_dict = ProcessWeights.center_writing_weights(state_dict, cfg)
+    for key, dtype in dtypes.items():
+        if key in state_dict:
+            state_dict[key] = state_dict[key].to(dtype)
+    _copy_into(model, state_dict)
+    if fold:
+        model.setup()
+
+
+def _copy_into(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """`model.load_state_dict(state_dict, strict=False)` an entry at a time, each entry dropped
+    once copied (one call per entry would walk every module each time): keys the model lacks
+    (the folded norms' weights) are skipped, as are buffers of another shape (an attention
+    mask or rotary table for another context length, which TransformerLens keeps its own of)."""
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    with torch.no_grad():
+        for key in list(state_dict):
+            value = state_dict.pop(key)
+            target = params.get(key)
+            if target is None:
+                target = buffers.get(key)
+                if target is None or target.shape != value.shape:
+                    continue
+            elif target.shape != value.shape:
+                raise ValueError(
+                    f"{key}: shape {list(value.shape)} where the model has {list(target.shape)}"
+                )
+            target.copy_(value)
+
+
 def mlp_norms(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
     """Each layer's `ln2` (weight, bias) as loaded, before folding; None when the model was
     loaded without them being kept (a TransformerLens name, or a model without `ln2`)."""
@@ -161,7 +239,7 @@ def build_from_state_dict(
         raise BadInput(f"{config_file}: not a valid model configuration ({_reason(err)})") from err
     _check_weights(model, state_dict, weights_file)
     remember_mlp_norms(model, state_dict)
-    model.load_and_process_state_dict(state_dict, **PROCESSING)
+    load_processed(model, state_dict)
     model.eval()
     _check_runs(model, config_file)
     return model
@@ -296,7 +374,7 @@ def from_hf_directory(path: Path) -> HookedTransformer:
     del hf_model
     model = HookedTransformer(cfg, tokenizer=None, move_to_device=False)
     remember_mlp_norms(model, state_dict)
-    model.load_and_process_state_dict(state_dict, **PROCESSING)
+    load_processed(model, state_dict)
     model.eval()
     return model
 
