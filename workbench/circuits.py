@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
-from workbench import profiling
+from workbench import memory, profiling
 from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.attribution.edges import (
     CorruptRuns,
@@ -165,6 +165,7 @@ class EdgeAblator:
                     metric = batch.metric(logits, batch.target.repeat(copies))
                     metric = metric.view(copies, batch.size)
                     totals[first : first + copies] += metric.sum(1).double()
+        memory.release()  # the passes' buffers (each pass reuses the one before's)
         return totals
 
 

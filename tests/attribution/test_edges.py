@@ -168,7 +168,11 @@ def test_normalisation_gradient_in_closed_form_is_autograds(kind):
         for param in norm.parameters():
             param.normal_(1.0, 0.3)
     x = torch.randn(3, 5, 16) * 4 + 1
-    grad = torch.randn(3, 5, 6, 16)
-    copies = x[:, :, None, :].expand(-1, -1, 6, -1).clone().requires_grad_(True)
+    grad = torch.randn(6, 3, 5, 16)
+    copies = x[None].expand(6, -1, -1, -1).clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(norm(copies), copies, grad)
     torch.testing.assert_close(edges.norm_input_grad(norm, x, grad), expected, atol=1e-5, rtol=1e-5)
+    overwritten = grad.clone()
+    torch.testing.assert_close(
+        edges.norm_input_grad(norm, x, overwritten, overwrite=True), expected, atol=1e-5, rtol=1e-5
+    )

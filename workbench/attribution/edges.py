@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from workbench import memory
 from workbench.attribution.batches import PromptBatch, frozen_weights, model_device, repeat_rows
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.metrics import last_position_logits
@@ -234,54 +235,61 @@ def qkv_input_grads(
     `hook_{q,k,v}_input` would hold) from the gradients at `hook_q`, `hook_k`, `hook_v`: back
     through each head's projection (`W_Q[h]`, `W_K[h]`, `W_V[h]`) and through the block's input
     normalisation at the layer's input `x`, which every head reads unmoved in an unpatched run.
-    The normalisation's vector-Jacobian product is taken for every head at once; no per-head copy
-    of the input is ever held for a backward pass. Rows: q of heads 0..H-1, then k, then v."""
+    The normalisation's vector-Jacobian product is taken for every head at once, in the one
+    buffer the projections are written to; no per-head copy of the input is ever held for a
+    backward pass. Rows: q of heads 0..H-1, then k, then v."""
     attn = model.blocks[layer].attn
     weights = [attn.W_Q, attn.W_K, attn.W_V]  # [head, d_model, d_head] (k and v per query head)
-    projected = torch.cat(
-        [
-            torch.einsum("bphe,hde->bphd", g, w.detach())
-            for g, w in zip(grads, weights, strict=True)
-        ],
-        dim=2,
-    )  # [batch, pos, 3 * head, d_model]
+    n_heads = model.cfg.n_heads
+    out = x.new_empty(3 * n_heads, *x.shape, dtype=grads[0].dtype)
+    for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+        # [head, batch, pos, d_head] @ [head, 1, d_head, d_model]
+        torch.matmul(
+            g.permute(2, 0, 1, 3), w.detach().transpose(1, 2)[:, None],
+            out=out[i * n_heads : (i + 1) * n_heads],
+        )  # fmt: skip
     if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
-        projected = norm_input_grad(model.blocks[layer].ln1, x, projected)
-    return projected.permute(2, 0, 1, 3)
+        out = norm_input_grad(model.blocks[layer].ln1, x, out, overwrite=True)
+    return out
 
 
 def norm_input_grad(
     norm: torch.nn.Module,
     x: Float[torch.Tensor, "batch pos d_model"],
-    grad: Float[torch.Tensor, "batch pos n d_model"],
-) -> Float[torch.Tensor, "batch pos n d_model"]:
+    grad: Float[torch.Tensor, "n batch pos d_model"],
+    *,
+    overwrite: bool = False,
+) -> Float[torch.Tensor, "n batch pos d_model"]:
     """`grad` (n cotangents per position, at the output of `norm` applied to `x`) carried back to
     `norm`'s input. TransformerLens's LayerNorm and RMSNorm (folded or not) in closed form:
     with `x_hat = c / s`, `c` the (centred) input and `s = sqrt(mean(c^2) + eps)`, the input's
     gradient is `(g - x_hat mean(g x_hat) [- mean(g)]) / s` for `g = grad * w`. Any other
-    normalisation by autograd on a copy of `x` per cotangent."""
+    normalisation by autograd on a copy of `x` per cotangent. With `overwrite`, the result may
+    be written over `grad` (so that at most one more tensor of its size is ever held)."""
     kind = type(norm).__name__
     if kind in ("Identity",):
         return grad
     if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
-        expanded = x.detach()[:, :, None, :].expand_as(grad).clone().requires_grad_(True)
+        expanded = x.detach()[None].expand_as(grad).clone().requires_grad_(True)
         with torch.enable_grad():
             (out,) = torch.autograd.grad(norm(expanded), expanded, grad)
         return out
     centred = kind.startswith("LayerNorm")
     dtype = torch.promote_types(grad.dtype, torch.float32)  # as the norm computes: >= float32
-    g = grad.to(dtype)
+    own = overwrite and grad.dtype == dtype
+    g = grad if own else grad.to(dtype, copy=True)
     if hasattr(norm, "w"):
-        g = g * norm.w.detach().to(dtype)
-    c = x.detach().to(dtype)[:, :, None, :]
+        g.mul_(norm.w.detach().to(dtype))
+    c = x.detach().to(dtype)
     if centred:
         c = c - c.mean(-1, keepdim=True)
     scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
     x_hat = c / scale
-    out = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
-    if centred:
-        out = out - g.mean(-1, keepdim=True)
-    return (out / scale).to(grad.dtype)
+    g_mean = g.mean(-1, keepdim=True) if centred else None
+    g.sub_(x_hat * (g * x_hat).mean(-1, keepdim=True))
+    if g_mean is not None:
+        g.sub_(g_mean)
+    return g.div_(scale).to(grad.dtype)
 
 
 @dataclass
@@ -363,7 +371,11 @@ def run_with_grads(
         acts[name + ".grad"] = (
             live.grad.detach() if live.grad is not None else torch.zeros_like(live)
         )
-    return acts, float(diffs.detach().sum())
+    total = float(diffs.detach().sum())
+    if grad_of:
+        del live, resid, diffs  # the backward's saved activations are free: give them back
+        memory.release()
+    return acts, total
 
 
 def edge_attribution(

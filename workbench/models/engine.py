@@ -92,12 +92,12 @@ def remember_mlp_norms(model: HookedTransformer, state_dict: dict[str, torch.Ten
 
 
 def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load `state_dict` into `model` processed by `PROCESSING`: the same steps as TransformerLens's
-    `load_and_process_state_dict` (its own fold, centring and module swap, so the same weights to
-    the bit; tests/models/test_architectures.py compares every tensor), without the copy of the whole
-    state dict it takes before folding. `state_dict` is consumed: each folded tensor replaces its
-    entry, and each entry is dropped once it is copied into the model, so the load holds about
-    one copy of the weights besides the source's own.
+    """Load `state_dict` into `model` processed by `PROCESSING`: the same steps as
+    TransformerLens's `load_and_process_state_dict` (its own fold, centring and module swap, so
+    the same weights to the bit; tests/models/test_architectures.py compares every tensor),
+    without the copy of the whole state dict it takes before folding. `state_dict` is consumed:
+    each folded tensor replaces its entry, and each entry is dropped once it is copied into the
+    model, so the load holds about one copy of the weights besides the source's own.
 
     The fold is TransformerLens 3.9's `ProcessWeights.fold_layer_norm` less its first line (the
     copy), so its per-layer steps are called here by name; a TransformerLens that renames them
@@ -137,9 +137,9 @@ def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]
         state_dict = ProcessWeights._fold_unembed_layer_norm(
             state_dict, cfg, centred, centred, None
         )
-    if PROCESSING["center_writing_weights"] and cfg.normalization_type in ("LN", "LNPre"):
-        if not getattr(cfg, "final_rms", False):
-            state_dict = ProcessWeights.center_writing_weights(state_dict, cfg)
+    centre = PROCESSING["center_writing_weights"] and cfg.normalization_type in ("LN", "LNPre")
+    if centre and not getattr(cfg, "final_rms", False):
+        state_dict = ProcessWeights.center_writing_weights(state_dict, cfg)
     for key, dtype in dtypes.items():
         if key in state_dict:
             state_dict[key] = state_dict[key].to(dtype)

@@ -12,6 +12,7 @@ import logging
 import re
 from pathlib import Path
 
+from workbench import memory
 from workbench.errors import BadInput
 from workbench.hashing import sha256_files, sha256_json
 from workbench.models import zoo_format
@@ -126,7 +127,14 @@ def load_checkpoint(
     ref: CheckpointRef, *, device: str = "cpu", dtype: str = "float32"
 ) -> LoadedModel:
     """Load one checkpoint as a HookedTransformer with its tokenizer and provenance, on `device`
-    (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) in `dtype` (`float32`, `bfloat16`, `float16`)."""
+    (`auto`, `cpu`, `cuda`, `cuda:N`, `mps`) in `dtype` (`float32`, `bfloat16`, `float16`).
+    Large temporaries of the load are returned to the system as soon as they are freed
+    (`workbench.memory.mapped_large_allocations`)."""
+    with memory.mapped_large_allocations():
+        return _load_checkpoint(ref, device=device, dtype=dtype)
+
+
+def _load_checkpoint(ref: CheckpointRef, *, device: str, dtype: str) -> LoadedModel:
     from workbench.models import engine
 
     target_device, target_dtype = engine.resolve_device(device), engine.resolve_dtype(dtype)

@@ -1,0 +1,66 @@
+"""Freed memory goes back to the system: the C heap's retained pages are the difference between
+what a run holds and what its process is charged for (glibc only; skipped elsewhere). Each case
+runs in a fresh interpreter, whose heap holds no free blocks from other tests."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from workbench import memory
+
+pytestmark = pytest.mark.skipif(memory._glibc() is None, reason="the C library is not glibc")
+
+MB = 1 << 20
+PRELUDE = """
+import json, torch
+from workbench import memory, profiling
+def blocks(n):
+    return [torch.ones(1 << 20) for _ in range(n)]  # 4 MB each, every page written
+"""
+
+
+def _fresh(code: str) -> dict[str, int]:
+    script = PRELUDE + code
+    if "contextlib" in code:
+        script = "import contextlib\n" + script
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=True, capture_output=True, text=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_release_gives_back_freed_heap_pages():
+    found = _fresh("""
+with memory.mapped_large_allocations():
+    pass  # leaves glibc's threshold at 32 MB: blocks of 4 MB come from the heap
+held = blocks(64)
+top = torch.ones(1 << 20)  # allocated after them, so the heap's top stays in use
+del held
+retained = profiling.rss()
+memory.release()
+print(json.dumps({"retained": retained, "released": profiling.rss()}))
+""")
+    assert found["retained"] - found["released"] > 200 * MB, found
+
+
+LOADING = """
+warm = torch.ones(4 << 20)  # 16 MB, mapped; freeing it raises glibc's adaptive threshold to 16 MB
+del warm
+with {context}:
+    held = blocks(64)
+    top = torch.ones(1 << 20)
+    holding = profiling.rss()
+    del held
+    freed = profiling.rss()
+print(json.dumps({{"holding": holding, "freed": freed}}))
+"""
+
+
+def test_large_allocations_are_given_back_on_free_while_loading():
+    mapped = _fresh(LOADING.format(context="memory.mapped_large_allocations()"))
+    assert mapped["holding"] - mapped["freed"] > 200 * MB, mapped
+    # the control: glibc's own adaptive threshold keeps the same blocks once it has risen
+    adaptive = _fresh(LOADING.format(context="contextlib.nullcontext()"))
+    assert adaptive["holding"] - adaptive["freed"] < 50 * MB, adaptive

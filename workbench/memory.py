@@ -1,0 +1,64 @@
+"""Returning freed memory to the operating system, so that a run's resident memory follows what
+it holds rather than the most it ever held.
+
+glibc's allocator keeps freed blocks for reuse: after a large temporary is freed (a forward and
+backward pass's saved activations, a checkpoint's weights before processing) the process keeps
+them resident, and the next phase's allocations, of other sizes, are added on top. Two remedies,
+both no-ops where the C library is not glibc:
+
+- `mapped_large_allocations()`: while loading a model, every allocation of 1 MB or more gets
+  its own mapping, returned to the system as soon as it is freed (outside the load this costs
+  a page fault per page on every reuse, so it ends with the load: glibc's own ceiling for its
+  adaptive threshold, 32 MB, is then fixed);
+- `release()`: `malloc_trim`, giving back every free page, at the end of a phase that freed
+  much (a backward pass, a faithfulness curve's ablated passes); it takes milliseconds, and
+  the pages given back are faulted in again when next used, so it is not called in a loop
+  whose every turn reuses the same blocks.
+
+`benchmarks/bench_stored_run.py` shows the peaks with them; docs/benchmarks.md has the figures.
+"""
+
+import ctypes
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+LOAD_THRESHOLD = 1 << 20
+RUN_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+
+
+@cache
+def _glibc() -> Any:
+    """glibc's C library, or None (musl, macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release() -> None:
+    """Give every free page of the C heap back to the system (glibc's `malloc_trim(0)`)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@contextmanager
+def mapped_large_allocations() -> Iterator[None]:
+    """Allocations of 1 MB or more mapped on their own (freed straight back) for the block."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, LOAD_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(M_MMAP_THRESHOLD, RUN_THRESHOLD)
+            libc.malloc_trim(0)
