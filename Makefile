@@ -115,6 +115,7 @@ lock:
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_stored_run
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_memory
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_head_patching.py
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_edges
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_sae_features

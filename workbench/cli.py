@@ -20,6 +20,7 @@ import typer
 from typer._click.exceptions import UsageError
 from typer.core import TyperGroup
 
+from workbench.core import DEFAULT_BATCH_TOKENS
 from workbench.errors import BadInput
 
 logger = logging.getLogger("workbench")
@@ -164,8 +165,8 @@ COMMON_OPTIONS: list[tuple[str, Any, Any]] = [
         "batch_tokens",
         int | None,
         typer.Option(
-            None,
-            help="And at most this many tokens per batch (memory bound on long prompts).",
+            DEFAULT_BATCH_TOKENS,
+            help="And at most this many tokens per batch: the memory bound (docs: Benchmarks).",
         ),
     ),
     (

@@ -306,6 +306,11 @@ class Metric:
     reference: bool = False
 
 
+# Tokens a batch holds at most unless `--batch-tokens` says otherwise. A run's peak memory is
+# about a fixed part plus c x batch tokens, c measured per method by benchmarks/bench_memory.py
+# (docs/benchmarks.md): this keeps every method on a SmolLM2-135M-size model within 16 GB.
+DEFAULT_BATCH_TOKENS = 2048
+
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from workbench import registry
-from workbench.core import METRICS
+from workbench.core import DEFAULT_BATCH_TOKENS, METRICS
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
 from workbench.models.base import CheckpointRef, LoadedModel
@@ -31,7 +31,7 @@ class RunOptions:
     force: bool = False
     n_prompts: int | None = None
     max_batch: int = 64
-    batch_tokens: int | None = None  # and at most this many tokens a batch
+    batch_tokens: int | None = DEFAULT_BATCH_TOKENS  # and at most this many (None: no bound)
     device: str = "auto"  # auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps
     dtype: str = "float32"  # float32, bfloat16, float16
     metric: str | None = None  # None: the task's own (logit_diff unless its file names one)
