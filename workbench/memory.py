@@ -8,12 +8,13 @@ both no-ops where the C library is not glibc:
 
 - `mapped_large_allocations()`: while loading a model, every allocation of 1 MB or more gets
   its own mapping, returned to the system as soon as it is freed (outside the load this costs
-  a page fault per page on every reuse, so it ends with the load: glibc's own ceiling for its
-  adaptive threshold, 32 MB, is then fixed);
+  a page fault per page on every reuse, so it ends with the load, leaving the thresholds where
+  glibc's adaptive rule takes them: 32 MB for mapping, 64 MB for trimming the heap's top);
 - `release()`: `malloc_trim`, giving back every free page, at the end of a phase that freed
-  much (a backward pass, a faithfulness curve's ablated passes); it takes milliseconds, and
-  the pages given back are faulted in again when next used, so it is not called in a loop
-  whose every turn reuses the same blocks.
+  much (an edge attribution, a faithfulness curve's ablated passes); it takes milliseconds,
+  but the pages given back are faulted in again when next used (about 1 s for a GPT-2-small
+  attribution's buffers, measured), so it is not called in a loop whose every turn reuses the
+  same blocks.
 
 `benchmarks/bench_stored_run.py` shows the peaks with them; docs/benchmarks.md has the figures.
 """
@@ -27,9 +28,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers in glibc's malloc.h
 LOAD_THRESHOLD = 1 << 20
 RUN_THRESHOLD = 32 << 20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+RUN_TRIM = 2 * RUN_THRESHOLD  # what glibc's adaptive rule sets beside it
 
 
 @cache
@@ -60,5 +62,7 @@ def mapped_large_allocations() -> Iterator[None]:
         yield
     finally:
         if libc is not None:
+            # fixing one threshold stops glibc adapting both: set them where it would have
             libc.mallopt(M_MMAP_THRESHOLD, RUN_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, RUN_TRIM)
             libc.malloc_trim(0)

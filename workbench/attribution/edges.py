@@ -241,13 +241,15 @@ def qkv_input_grads(
     attn = model.blocks[layer].attn
     weights = [attn.W_Q, attn.W_K, attn.W_V]  # [head, d_model, d_head] (k and v per query head)
     n_heads = model.cfg.n_heads
-    out = x.new_empty(3 * n_heads, *x.shape, dtype=grads[0].dtype)
+    rows = x.shape[0] * x.shape[1]
+    out = x.new_empty(3 * n_heads, rows, x.shape[-1], dtype=grads[0].dtype)
     for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
-        # [head, batch, pos, d_head] @ [head, 1, d_head, d_model]
-        torch.matmul(
-            g.permute(2, 0, 1, 3), w.detach().transpose(1, 2)[:, None],
+        # [head, batch * pos, d_head] @ [head, d_head, d_model], one batched product
+        torch.bmm(
+            g.reshape(rows, n_heads, -1).transpose(0, 1), w.detach().transpose(1, 2),
             out=out[i * n_heads : (i + 1) * n_heads],
         )  # fmt: skip
+    out = out.view(3 * n_heads, *x.shape)
     if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
         out = norm_input_grad(model.blocks[layer].ln1, x, out, overwrite=True)
     return out
@@ -371,11 +373,7 @@ def run_with_grads(
         acts[name + ".grad"] = (
             live.grad.detach() if live.grad is not None else torch.zeros_like(live)
         )
-    total = float(diffs.detach().sum())
-    if grad_of:
-        del live, resid, diffs  # the backward's saved activations are free: give them back
-        memory.release()
-    return acts, total
+    return acts, float(diffs.detach().sum())
 
 
 def edge_attribution(
@@ -429,6 +427,7 @@ def edge_attribution(
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
             del clean, corrupt, delta, groups
+    memory.release()  # the batches' buffers, before what comes next (the curve)
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     scores = ((total.detach() / gap) * graph.valid.to(device)).float().cpu()
