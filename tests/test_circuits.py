@@ -15,6 +15,37 @@ from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.tasks import load_task
 
 
+def test_path_pruning_equals_graph_reachability_on_random_edge_sets():
+    """Pruning to input -> logits paths keeps exactly the edges whose ends networkx finds both
+    reachable from the input and reaching the logits, in their order, on random edge sets of a
+    4-layer graph (q/k/v ports folded into their head)."""
+    import random
+
+    import networkx as nx
+
+    from workbench.graph import split_port
+
+    rng = random.Random(0)
+    heads = [f"a{layer}.h{h}" for layer in range(4) for h in range(3)]
+    sources = ["input", *heads]
+    dests = [f"{h}<{p}>" for h in heads for p in "qkv"] + ["logits"]
+    nontrivial = 0
+    for trial in range(200):
+        every = [(s, d, rng.uniform(-1, 1)) for s in sources for d in dests]
+        chosen = rng.sample(every, rng.randint(0, 60))
+        graph = nx.DiGraph((s, split_port(d)[0]) for s, d, _ in chosen)
+        if "input" in graph and "logits" in graph:
+            keep = (nx.descendants(graph, "input") | {"input"}) & (
+                nx.ancestors(graph, "logits") | {"logits"}
+            )
+        else:
+            keep = set()
+        expected = [e for e in chosen if e[0] in keep and split_port(e[1])[0] in keep]
+        assert circuits.on_input_to_logits_paths(chosen) == expected, trial
+        nontrivial += 0 < len(expected) < len(chosen)
+    assert nontrivial >= 20  # cases where some edges are kept and some pruned
+
+
 @pytest.fixture(scope="module")
 def gpt2(tiny_hf_dirs):
     loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])

@@ -15,7 +15,6 @@ import math
 import time
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
@@ -64,16 +63,44 @@ def select(edges: list[Edge], rule: str) -> Circuit:
 
 
 def on_input_to_logits_paths(edges: list[Edge]) -> list[Edge]:
-    graph = nx.DiGraph()
-    for src, dst, _ in edges:
-        graph.add_edge(src, split_port(dst)[0])
+    """The edges that lie on some path from the input to the logits (a head's q/k/v ports
+    being the head), in their order."""
+    return _on_paths(edges, _node_pairs(edges))
+
+
+def _node_pairs(edges: list[Edge]) -> list[tuple[str, str]]:
+    """Each edge as (source node, destination node), a port's head for the destination."""
+    head: dict[str, str] = {}  # a few hundred destinations among many edges: each split once
+    for _, dst, _ in edges:
+        if dst not in head:
+            head[dst] = split_port(dst)[0]
+    return [(src, head[dst]) for src, dst, _ in edges]
+
+
+def _on_paths(edges: list[Edge], pairs: list[tuple[str, str]]) -> list[Edge]:
+    """`on_input_to_logits_paths` given each edge's `_node_pairs` (a curve prunes many prefixes
+    of one ranking, and computes them once)."""
+    succ: dict[str, set[str]] = {}
+    pred: dict[str, set[str]] = {}
+    for a, b in pairs:
+        succ.setdefault(a, set()).add(b)
+        pred.setdefault(b, set()).add(a)
     start, end = Node.input().id, Node.logits().id
-    if start not in graph or end not in graph:
+    if start not in succ or end not in pred:
         return []
-    forward = nx.descendants(graph, start) | {start}
-    backward = nx.ancestors(graph, end) | {end}
-    keep = forward & backward
-    return [e for e in edges if e[0] in keep and split_port(e[1])[0] in keep]
+    keep = _reachable(start, succ) & _reachable(end, pred)
+    return [e for e, (a, b) in zip(edges, pairs, strict=True) if a in keep and b in keep]
+
+
+def _reachable(start: str, step: dict[str, set[str]]) -> set[str]:
+    """`start` and every node reachable from it along `step`."""
+    seen, frontier = {start}, [start]
+    while frontier:
+        for nxt in step.get(frontier.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                frontier.append(nxt)
+    return seen
 
 
 class EdgeAblator:
@@ -440,7 +467,8 @@ def faithfulness_curve(
     sizes = size_grid(len(edges))
     with profiling.stage("curve: circuits"):
         ranked = sorted(edges, key=lambda e: -abs(e[2]))
-        kept = [on_input_to_logits_paths(ranked[:size]) for size in sizes]
+        pairs = _node_pairs(ranked)
+        kept = [_on_paths(ranked[:size], pairs[:size]) for size in sizes]
         masks = [ablator.mask(k) for k in kept]
     with profiling.stage("curve: ablated passes"):
         values = ablator.faithfulness_of_many(masks, max_tokens=max_tokens)
