@@ -20,13 +20,10 @@ both no-ops where the C library is not glibc:
 """
 
 import ctypes
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers in glibc's malloc.h
 LOAD_THRESHOLD = 1 << 20
