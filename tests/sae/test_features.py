@@ -204,3 +204,30 @@ def test_active_features_are_sae_lens_encode_without_its_dense_result(architectu
     for name in ("counts", "sums", "maxima", "histogram", "top_values", "top_windows"):
         assert torch.equal(getattr(dense, name), getattr(sparse, name)), name
     assert dense.sq_error == sparse.sq_error
+
+
+def test_next_token_losses_do_not_depend_on_how_the_windows_are_sliced(model, corpus):
+    """Run a window at a time or all at once: the same means, and a hook set that depends on
+    the windows (here: scale the residual by each window's own factor) gets its slice."""
+    windows, mask = corpus.windows[:12], corpus.loss_mask[:12]
+    scale = torch.linspace(0.5, 1.5, len(windows))[:, None, None]
+    hook = "blocks.0.hook_resid_post"
+
+    def scaled(part):
+        return [(hook, lambda act, hook: act * scale[part])]
+
+    sets = [lambda _: [], scaled]
+    whole = features.mean_next_token_losses(model.model, windows, mask, sets, batch_tokens=10**9)
+    one = features.mean_next_token_losses(
+        model.model, windows, mask, sets, batch_tokens=windows.shape[1]
+    )
+    assert one == pytest.approx(whole, abs=1e-6)
+    with torch.no_grad():
+        per_token = model.model.run_with_hooks(
+            windows,
+            return_type="loss",
+            loss_per_token=True,
+            fwd_hooks=[(hook, lambda act, hook: act * scale)],
+        )
+    assert one[1] == pytest.approx(float(per_token[mask].mean()), abs=1e-5)
+    assert one[1] != pytest.approx(one[0], abs=1e-3)

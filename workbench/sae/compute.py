@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from workbench import circuits, rows
+from workbench import circuits, profiling, rows
 from workbench.attribution.batches import PromptBatch
 from workbench.core import Hook, Node
 from workbench.models.base import LoadedModel
@@ -77,11 +77,15 @@ def compute_features(loaded: LoadedModel, run: FeaturesRun, *, batch_size: int) 
     files: dict[str, str] = {}
     sae = run.checked
     if sae is None:
-        sae, staging = train_staged(loaded, run)
+        with profiling.stage("sae: training"):
+            sae, staging = train_staged(loaded, run)
         files[str(staging)] = str(run.final_dir)
-    stats = features.scan(loaded, sae, corpus, top_k=run.top_k_examples, batch_size=batch_size)
-    quality = features.quality(loaded, sae, corpus, stats)
-    effects = features.logit_effects(loaded, sae)
+    with profiling.stage("sae: scan"):
+        stats = features.scan(loaded, sae, corpus, top_k=run.top_k_examples, batch_size=batch_size)
+    with profiling.stage("sae: quality"):
+        quality = features.quality(loaded, sae, corpus, stats)
+    with profiling.stage("sae: logit effects"):
+        effects = features.logit_effects(loaded, sae)
     dead = (stats.counts == 0).tolist()
     sae_row = {
         "sae_id": sae_id,

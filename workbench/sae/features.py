@@ -27,6 +27,7 @@ activation is largest, each with the position of that maximum.
 """
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -288,7 +289,42 @@ def reconstruct_active(sae: LoadedSae, active: Active, n_rows: int) -> torch.Ten
     return torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
 
 
+# Next-token losses run the model this many tokens at a time: the logits ([tokens, vocabulary],
+# float32) and the log-softmax cross-entropy makes of them are the largest buffers, 2 x 0.1 GB
+# for a 49,152-token vocabulary.
+CE_BATCH_TOKENS = 512
+
+HookSet = Callable[[slice], list[tuple[str, Callable[..., Any]]]]
+
+
 @torch.no_grad()
+def mean_next_token_losses(
+    model: Any,
+    windows: Int[torch.Tensor, "batch pos"],
+    mask: Bool[torch.Tensor, "batch prediction"] | None,
+    hook_sets: Sequence[HookSet],
+    *,
+    batch_tokens: int = CE_BATCH_TOKENS,
+) -> list[float]:
+    """Per hook set, the model's mean next-token cross-entropy over `windows` at the positions in
+    `mask` (all if None), with that set's forward hooks; a hook set is called with the slice of
+    windows a pass runs (so hooks that depend on the windows can take their part). The windows
+    run `batch_tokens` tokens at a time, so memory holds one slice's logits rather than all of
+    them; the mean is over every counted position, as one pass over all windows gives."""
+    device = model_device(model)
+    rows = max(1, batch_tokens // windows.shape[1])
+    losses: list[list[torch.Tensor]] = [[] for _ in hook_sets]
+    for start in range(0, len(windows), rows):
+        part = slice(start, start + rows)
+        tokens = windows[part].to(device)
+        counted = None if mask is None else mask[part].to(device)
+        for out, hooks in zip(losses, hook_sets, strict=True):
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks(part))
+            out.append(_next_token_losses(logits, tokens, counted))
+            del logits
+    return [float(torch.cat(out).mean()) for out in losses]
+
+
 def ce_losses(
     loaded: LoadedModel,
     sae: LoadedSae,
@@ -296,9 +332,6 @@ def ce_losses(
     mask: Bool[torch.Tensor, "batch prediction"] | None = None,
 ) -> tuple[float, float, float]:
     """Next-token cross-entropy: unmodified, with the SAE spliced in, with the hook zeroed."""
-    model = loaded.model
-    windows = windows.to(model_device(model))
-    mask = None if mask is None else mask.to(windows.device)
 
     def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
         flat = act.reshape(act.shape[0], act.shape[1], -1)
@@ -307,23 +340,25 @@ def ce_losses(
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
 
-    losses = []
-    for hooks in ([], [(sae.hook, splice)], [(sae.hook, zero)]):
-        logits = model.run_with_hooks(windows, fwd_hooks=hooks)
-        losses.append(float(next_token_loss(logits, windows, mask)))
-    return losses[0], losses[1], losses[2]
+    clean, spliced, zeroed = mean_next_token_losses(
+        loaded.model,
+        windows,
+        mask,
+        [lambda _: [], lambda _: [(sae.hook, splice)], lambda _: [(sae.hook, zero)]],
+    )
+    return clean, spliced, zeroed
 
 
-def next_token_loss(
+def _next_token_losses(
     logits: Float[torch.Tensor, "batch pos vocab"],
     tokens: Int[torch.Tensor, "batch pos"],
-    mask: Bool[torch.Tensor, "batch prediction"] | None = None,
-) -> torch.Tensor:
-    """Mean next-token cross-entropy, over the positions in `mask` (all if None)."""
+    mask: Bool[torch.Tensor, "batch prediction"] | None,
+) -> Float[torch.Tensor, " counted"]:
+    """Next-token cross-entropy at each position in `mask` (all if None), flattened."""
     losses = F.cross_entropy(
         logits[:, :-1].transpose(1, 2).float(), tokens[:, 1:], reduction="none"
     )
-    return losses.mean() if mask is None else losses[mask].mean()
+    return losses.flatten() if mask is None else losses[mask]
 
 
 def quality(

@@ -41,7 +41,7 @@ from workbench.attribution.batches import model_device
 from workbench.errors import BadInput
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
-from workbench.sae.features import FeatureStats, next_token_loss
+from workbench.sae.features import FeatureStats, mean_next_token_losses
 from workbench.transcoders.sets import DEFAULT_HOOK_IN, DEFAULT_HOOK_OUT, Transcoder, TranscoderSet
 
 logger = logging.getLogger(__name__)
@@ -306,24 +306,24 @@ def measure(
                         ys[layer][part][counted], y_hat[part][counted], f[part][counted]
                     )
     held = slice(quality_from, quality_from + ce_windows)
-    windows = corpus.windows[held].to(device)
-    mask = None if corpus.loss_mask is None else corpus.loss_mask[held].to(device)
+    windows = corpus.windows[held]
+    mask = None if corpus.loss_mask is None else corpus.loss_mask[held]
+    counted = _counted(loaded, windows.to(device))[..., None]
 
     def zero(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return torch.zeros_like(act)
 
-    n_layers = model.cfg.n_layers
-    counted = _counted(loaded, windows)[..., None]
+    def replaced(part: slice) -> list[tuple[str, Any]]:
+        keep = counted[part]
 
-    def spliced(layer: int, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        # the uncounted positions keep the MLP's own output, as a graph's position 0 does
-        return torch.where(counted, tset[layer](x.float()).to(act.dtype), act)
+        def spliced(layer: int, x: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            # the uncounted positions keep the MLP's own output, as a graph's position 0 does
+            return torch.where(keep, tset[layer](x.float()).to(act.dtype), act)
 
-    replaced = tset.splice_hooks(spliced)
-    zeroed = [(tset.output_hook(i), zero) for i in range(n_layers)]
-    losses = []
-    with torch.no_grad():
-        for hooks in ([], replaced, zeroed):
-            logits = model.run_with_hooks(windows, fwd_hooks=hooks)
-            losses.append(float(next_token_loss(logits, windows, mask)))
+        return tset.splice_hooks(spliced)
+
+    zeroed = [(tset.output_hook(i), zero) for i in range(model.cfg.n_layers)]
+    losses = mean_next_token_losses(
+        model, windows, mask, [lambda _: [], replaced, lambda _: zeroed]
+    )
     return SetQuality(stats, layers, *losses)
