@@ -124,6 +124,26 @@ def _tl_processed(cfg, state_dict):
     return model
 
 
+def _assert_linear_weights_not_copied(ours, theirs):
+    """The weights TransformerLens multiplies as `F.linear(x, W.T.contiguous())` (the
+    unembedding, a gated MLP's three matrices) are stored so that the call copies nothing, and
+    the unembedding and every MLP give TransformerLens's own outputs to the bit."""
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    weights = [ours.unembed.W_U]
+    for block in ours.blocks:
+        if isinstance(getattr(block, "mlp", None), GatedMLP):
+            weights += [block.mlp.W_in, block.mlp.W_gate, block.mlp.W_out]
+    for w in weights:
+        assert w.T.contiguous().data_ptr() == w.data_ptr()
+    x = torch.randn(2, 3, ours.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(ours.unembed(x), theirs.unembed(x))
+        for mine, ref in zip(ours.blocks, theirs.blocks, strict=True):
+            if hasattr(getattr(mine, "mlp", None), "W_in"):
+                assert torch.equal(mine.mlp(x), ref.mlp(x))
+
+
 def _assert_same_weights(ours, theirs, source_keys):
     """Every weight the checkpoint gave (a weight it lacks, such as Bloom's unused positional
     embedding, is left uninitialised by both) equal to the bit, and the same modules."""
@@ -156,7 +176,9 @@ def test_weights_processed_in_place_equal_transformer_lens(tmp_path, arch):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
     cfg = engine._tl_config(tmp_path / "m")
     state_dict = tl_loading.get_pretrained_state_dict(str(tmp_path / "m"), cfg, hf_model=hf)
-    _assert_same_weights(ours, _tl_processed(cfg, state_dict), set(state_dict))
+    theirs = _tl_processed(cfg, state_dict)
+    _assert_same_weights(ours, theirs, set(state_dict))
+    _assert_linear_weights_not_copied(ours, theirs)
 
 
 @pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", "None"])
@@ -170,4 +192,6 @@ def test_zoo_weights_processed_in_place_equal_transformer_lens(norm_dirs, norm):
     state_dict = zoo_format.load_zoo_weights(path)
     ours = engine.build_from_state_dict(cfg_kwargs, dict(state_dict), source=path)
     cfg = HookedTransformerConfig(**{**cfg_kwargs, "device": "cpu"})
-    _assert_same_weights(ours, _tl_processed(cfg, state_dict), set(state_dict))
+    theirs = _tl_processed(cfg, state_dict)
+    _assert_same_weights(ours, theirs, set(state_dict))
+    _assert_linear_weights_not_copied(ours, theirs)

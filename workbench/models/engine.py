@@ -146,6 +146,31 @@ def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]
     _copy_into(model, state_dict)
     if fold:
         model.setup()
+    _store_transposed(model)
+
+
+# Weights TransformerLens 3.9 multiplies as `F.linear(x, W.T.contiguous())`: stored with `W.T`
+# contiguous, that call copies nothing (it copied the unembedding, 154 MB for GPT-2, and every
+# gated MLP's three matrices on each forward pass, and autograd kept the copies for a backward
+# pass). The values, and the operand F.linear is given, are the same.
+TRANSPOSED = ("unembed.W_U", "mlp.W_in", "mlp.W_gate", "mlp.W_out")
+
+
+def _store_transposed(model: HookedTransformer) -> None:
+    """Lay each of the `TRANSPOSED` parameters out with its transpose contiguous."""
+    from transformer_lens.components.mlps.gated_mlp import GatedMLP
+
+    gated = {
+        f"blocks.{i}.mlp"
+        for i, block in enumerate(model.blocks)
+        if isinstance(getattr(block, "mlp", None), GatedMLP)
+    }
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            owner = name.rsplit(".", 1)[0]
+            listed = name == "unembed.W_U" or (owner in gated and name.endswith(TRANSPOSED[1:]))
+            if listed and param.dim() == 2 and not param.T.is_contiguous():
+                param.data = param.data.T.contiguous().T
 
 
 def _copy_into(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
