@@ -423,7 +423,10 @@ def edge_attribution(
                 )
                 for cols, grads in groups:
                     k = upstream[cols[0]]
-                    total[:k, cols] += torch.einsum("sbpd,tbpd->st", delta[:k], grads)
+                    # sum over batch, position and d_model of delta[s] * grads[t]: one product
+                    # over the flattened buffers (an einsum copied `delta` to reorder it first)
+                    flat = grads.reshape(len(cols), -1)
+                    total[:k, cols] += delta[:k].reshape(k, -1) @ flat.T
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
             del clean, corrupt, delta, groups
