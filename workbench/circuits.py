@@ -184,10 +184,15 @@ class EdgeAblator:
             for batch, corrupt in zip(self.batches, self.runs.sources, strict=True):
                 pos = batch.clean.shape[1]
                 rows = max_rows if max_tokens is None else min(max_rows, max_tokens // pos)
-                per_pass = max(1, rows // batch.size)
+                per_pass = min(max(1, rows // batch.size), removed.shape[0])
+                # what every source writes, per copy: one buffer for all of a batch's passes
+                width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
+                diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
                 for first in range(0, removed.shape[0], per_pass):
                     chunk = removed[first : first + per_pass]
-                    logits = _run_with_removed_edges(self.model, batch, self.graph, chunk, corrupt)
+                    logits = _run_with_removed_edges(
+                        self.model, batch, self.graph, chunk, corrupt, diffs[: len(chunk)]
+                    )
                     copies = chunk.shape[0]
                     metric = batch.metric(logits, batch.target.repeat(copies))
                     metric = metric.view(copies, batch.size)
@@ -233,6 +238,7 @@ def _run_with_removed_edges(
     graph: EdgeGraph,
     removed: torch.Tensor,
     corrupt: dict[str, torch.Tensor],
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
     in which each destination's input moves by `sum over removed sources of
@@ -248,14 +254,20 @@ def _run_with_removed_edges(
     replaced after its projection (`hook_q`, `hook_k`, `hook_v`) by the corrupt run's where it
     removes every input edge, and recomputed from its own moved input only where it removes
     some (`_projection`; a layer's three ports are moved together); MLPs and the final
-    residual stream are moved in place."""
+    residual stream are moved in place. `workspace` ([m, n_src, batch * pos * d_model], its
+    contents ignored), if given, is where `diffs` is written."""
     cfg = model.cfg
     copies, b = removed.shape[0], batch.size
     shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
     width = b * math.prod(shape)  # one copy of one source's output, flattened
     n_src = len(graph.sources)
     # copy-major, so that a copy's upstream sources are one contiguous [k, width] matrix
-    diffs = torch.empty(copies, n_src, width, dtype=removed.dtype, device=removed.device)
+    diffs = (
+        torch.empty(copies, n_src, width, dtype=removed.dtype, device=removed.device)
+        if workspace is None
+        else workspace
+    )
+    assert diffs.shape == (copies, n_src, width)
     total = torch.zeros(copies, width, dtype=removed.dtype, device=removed.device)
     order = {name: i for i, name in enumerate(graph.sources)}
     dst_index = {d: i for i, d in enumerate(graph.destinations)}
