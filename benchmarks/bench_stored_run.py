@@ -37,7 +37,7 @@ from workbench.core import Hook
 PROFILED = """
 import json, sys, time
 from workbench import profiling
-from workbench.cli import cli
+from workbench.cli import cli, finish
 with profiling.recording() as stages:
     code = cli(sys.argv[2:])
 out = {"code": code, "peak": profiling.peak_rss(),
@@ -45,7 +45,7 @@ out = {"code": code, "peak": profiling.peak_rss(),
                   for s in stages]}
 with open(sys.argv[1], "w") as f:
     json.dump(out, f)
-sys.exit(code)
+finish(code)  # as the `workbench` command ends
 """
 
 # The baseline: load the model, make the same batch, best of three forward + backward passes.

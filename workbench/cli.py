@@ -5,6 +5,7 @@ one sentence naming the bad thing, never a traceback.
 """
 
 import dataclasses
+import gc
 import inspect
 import logging
 import os
@@ -13,7 +14,7 @@ import sys
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import click
 import typer
@@ -933,4 +934,13 @@ def _configure_logging() -> None:
 
 
 def main() -> None:
-    sys.exit(cli())
+    finish(cli())
+
+
+def finish(status: int) -> NoReturn:
+    """Exit with `status` without the interpreter's final garbage collections walking every
+    object the command left (with TransformerLens imported they took about 1.4 s of a run's
+    wall time): whatever is left is freed with the process. Files and the store are closed by
+    then, and exit handlers still run."""
+    gc.freeze()
+    sys.exit(status)
