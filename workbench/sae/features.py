@@ -270,9 +270,10 @@ def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Te
 
 
 def reconstruct_active(sae: LoadedSae, active: Active, n_rows: int) -> torch.Tensor:
-    """`sae.decode` of the features `active` ([n_rows, d_in]): a sparse matrix product, so
-    decoding costs L0 rows of `W_dec` per token rather than all `d_sae` (SAELens's dense decode
-    is used where the decoder is not the plain `f @ W_dec + b_dec`)."""
+    """`sae.decode` of the features `active` ([n_rows, d_in]): per token the sum of its active
+    features' `W_dec` rows weighted by their activations, so decoding costs L0 rows of `W_dec`
+    per token rather than all `d_sae` (SAELens's dense decode is used where the decoder is not
+    the plain `f @ W_dec + b_dec`)."""
     cfg = sae.sae.cfg
     w_dec = sae.sae.W_dec
     if sae.architecture not in LINEAR_DECODERS or cfg.normalize_activations != "none":
@@ -282,11 +283,14 @@ def reconstruct_active(sae: LoadedSae, active: Active, n_rows: int) -> torch.Ten
     values = active.values
     if getattr(cfg, "rescale_acts_by_decoder_norm", False):
         values = values / w_dec.norm(dim=-1)[active.cols]
-    sparse = torch.sparse_coo_tensor(
-        torch.stack([active.rows, active.cols]), values, (n_rows, sae.d_sae),
-        check_invariants=False, device=w_dec.device,
-    )  # fmt: skip
-    return torch.sparse.mm(sparse, w_dec) + sae.sae.b_dec
+    # each row's active features are consecutive (`Active` is ordered by row): a weighted sum
+    # of `W_dec` rows per bag, the sum a sparse product takes, a third of its time here
+    starts = torch.zeros(n_rows, dtype=torch.long, device=w_dec.device)
+    starts[1:] = torch.bincount(active.rows, minlength=n_rows)[:-1].cumsum(0)
+    decoded = F.embedding_bag(
+        active.cols, w_dec, starts, mode="sum", per_sample_weights=values.to(w_dec.dtype)
+    )
+    return decoded + sae.sae.b_dec
 
 
 # Next-token losses run the model this many tokens at a time: the logits ([tokens, vocabulary],
