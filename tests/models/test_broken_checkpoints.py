@@ -94,6 +94,12 @@ ZOO_CASES = {
     "weights NaN": _edit_weights(
         lambda w: w | {"embed.W_E": torch.full_like(w["embed.W_E"], float("inf"))}
     ),
+    "weights one NaN": _edit_weights(
+        lambda w: w | {"blocks.0.attn.W_Q": _one_value(w["blocks.0.attn.W_Q"], float("nan"))}
+    ),
+    "weights one -inf": _edit_weights(
+        lambda w: w | {"unembed.W_U": _one_value(w["unembed.W_U"], float("-inf"))}
+    ),
     "weights truncated": _truncate("model.safetensors"),
     "weights random bytes": _write("model.safetensors", os.urandom(20_000)),
     "weights missing": _remove("model.safetensors"),
@@ -104,6 +110,14 @@ ZOO_CASES = {
     "tokenizer not a tokenizer": _write("tokenizer.json", '{"a": 1}'),
     "tokenizer config not JSON": _write("tokenizer_config.json", "{{"),
 }
+
+
+def _one_value(tensor, value):
+    """`tensor` with one entry, away from its ends, set to `value`."""
+    out = tensor.clone()
+    out.view(-1)[out.numel() // 2 + 1] = value
+    return out
+
 
 HF_CASES = {
     "config not JSON": _write("config.json", "{not json"),
@@ -120,6 +134,16 @@ HF_CASES = {
             | {"transformer.wte.weight": torch.full_like(w["transformer.wte.weight"], float("inf"))}
         )
     ),
+    "weights one NaN": _edit_weights(
+        lambda w: (
+            w
+            | {
+                "transformer.h.1.mlp.c_fc.weight": _one_value(
+                    w["transformer.h.1.mlp.c_fc.weight"], float("nan")
+                )
+            }
+        )
+    ),  # fmt: skip
     "trainer state mistyped": _write("trainer_state.json", '{"global_step": "ten"}'),
 }
 

@@ -143,10 +143,9 @@ def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]
     for key, dtype in dtypes.items():
         if key in state_dict:
             state_dict[key] = state_dict[key].to(dtype)
-    _copy_into(model, state_dict)
+    _copy_into(model, state_dict, transposed=_stored_transposed(model))
     if fold:
         model.setup()
-    _store_transposed(model)
 
 
 # Weights TransformerLens 3.9 multiplies as `F.linear(x, W.T.contiguous())`: stored with `W.T`
@@ -156,28 +155,26 @@ def load_processed(model: HookedTransformer, state_dict: dict[str, torch.Tensor]
 TRANSPOSED = ("unembed.W_U", "mlp.W_in", "mlp.W_gate", "mlp.W_out")
 
 
-def _store_transposed(model: HookedTransformer) -> None:
-    """Lay each of the `TRANSPOSED` parameters out with its transpose contiguous."""
+def _stored_transposed(model: HookedTransformer) -> set[str]:
+    """The names of the model's `TRANSPOSED` parameters."""
     from transformer_lens.components.mlps.gated_mlp import GatedMLP
 
-    gated = {
-        f"blocks.{i}.mlp"
-        for i, block in enumerate(model.blocks)
-        if isinstance(getattr(block, "mlp", None), GatedMLP)
-    }
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            owner = name.rsplit(".", 1)[0]
-            listed = name == "unembed.W_U" or (owner in gated and name.endswith(TRANSPOSED[1:]))
-            if listed and param.dim() == 2 and not param.T.is_contiguous():
-                param.data = param.data.T.contiguous().T
+    names = {"unembed.W_U"} if hasattr(model, "unembed") else set()
+    for i, block in enumerate(model.blocks):
+        if isinstance(getattr(block, "mlp", None), GatedMLP):
+            names |= {f"blocks.{i}.{name}" for name in TRANSPOSED[1:]}
+    return names
 
 
-def _copy_into(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+def _copy_into(
+    model: HookedTransformer, state_dict: dict[str, torch.Tensor], *, transposed: set[str]
+) -> None:
     """`model.load_state_dict(state_dict, strict=False)` an entry at a time, each entry dropped
     once copied (one call per entry would walk every module each time): keys the model lacks
     (the folded norms' weights) are skipped, as are buffers of another shape (an attention
-    mask or rotary table for another context length, which TransformerLens keeps its own of)."""
+    mask or rotary table for another context length, which TransformerLens keeps its own of).
+    The parameters named in `transposed` are copied into storage laid out with their
+    transpose contiguous (`TRANSPOSED`)."""
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     with torch.no_grad():
         for key in list(state_dict):
@@ -191,7 +188,11 @@ def _copy_into(model: HookedTransformer, state_dict: dict[str, torch.Tensor]) ->
                 raise ValueError(
                     f"{key}: shape {list(value.shape)} where the model has {list(target.shape)}"
                 )
-            target.copy_(value)
+            if key in transposed and value.dim() == 2:
+                stored = torch.empty(value.T.shape, dtype=target.dtype, device=target.device)
+                target.data = stored.copy_(value.T).T
+            else:
+                target.copy_(value)
 
 
 def mlp_norms(model: Any) -> list[tuple[torch.Tensor, torch.Tensor | None]] | None:
@@ -325,8 +326,16 @@ def _check_weights(
 
 def check_finite(weights: dict[str, torch.Tensor], weights_file: Path) -> None:
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and tensor.numel() and not _finite(tensor):
             raise BadInput(f"{weights_file}: tensor {name!r} has NaN or infinite values")
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, from the tensor's extremes in one pass: they are NaN when
+    any value is (aminmax propagates NaN) and infinite when any value is. (`isfinite(t).all()`
+    builds a mask as large as the tensor first; on SmolLM2's weights it took 15 times longer.)"""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _check_runs(model: HookedTransformer, config_file: Path) -> None:
