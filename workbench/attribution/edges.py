@@ -184,9 +184,13 @@ def source_differences(
     base: dict[str, torch.Tensor],
 ) -> Float[torch.Tensor, "n_src batch pos d_model"]:
     """What every source writes in `acts` less what it writes in `base` (a head's output being
-    its `z @ W_O`), in `graph.sources` order, computed a layer at a time into one buffer."""
+    its `z @ W_O`), in `graph.sources` order, computed a layer at a time into one buffer. The
+    buffer is laid out in the order `einsum("sbpd,tbpd->st", ...)` reorders its first operand
+    to (source, batch, d_model, position), so that an edge product reads it in place: einsum
+    copied the whole buffer for every destination group before."""
     x = acts[Node.input().out_hook()]
-    out = x.new_empty(len(graph.sources), *x.shape)
+    b, p, d = x.shape
+    out = x.new_empty(len(graph.sources), b, d, p).permute(0, 1, 3, 2)  # [n_src, b, p, d]
     out[0] = x - base[Node.input().out_hook()]
     row = 1
     for layer in range(model.cfg.n_layers):
@@ -423,10 +427,7 @@ def edge_attribution(
                 )
                 for cols, grads in groups:
                     k = upstream[cols[0]]
-                    # sum over batch, position and d_model of delta[s] * grads[t]: one product
-                    # over the flattened buffers (an einsum copied `delta` to reorder it first)
-                    flat = grads.reshape(len(cols), -1)
-                    total[:k, cols] += delta[:k].reshape(k, -1) @ flat.T
+                    total[:k, cols] += torch.einsum("sbpd,tbpd->st", delta[:k], grads)
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
             del clean, corrupt, delta, groups
