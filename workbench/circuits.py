@@ -46,7 +46,8 @@ class Circuit:
 
     @property
     def nodes(self) -> set[str]:
-        return {split_port(n)[0] for e in self.edges for n in e[:2]}
+        ends = {n for e in self.edges for n in e[:2]}  # a few hundred names among many edges
+        return {split_port(n)[0] for n in ends}
 
 
 def select(edges: list[Edge], rule: str) -> Circuit:
@@ -551,9 +552,10 @@ def smallest_faithful_circuit(
     size = smallest_faithful(curve, target)
     with profiling.stage("circuit"):
         circuit = select(edges, f"top:{size}")
+        n_nodes = len(circuit.nodes)
     faith = next(f for n, _, f in curve if n == size)
     name = f"{method}: smallest top-n with faithfulness >= {target}"
-    return curve, CircuitResult(name, circuit.rule, circuit.edges, len(circuit.nodes), faith)
+    return curve, CircuitResult(name, circuit.rule, circuit.edges, n_nodes, faith)
 
 
 @dataclass

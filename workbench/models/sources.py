@@ -232,13 +232,14 @@ def _local_tokenizer(path: Path):  # type: ignore[no-untyped-def]
     present = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not present:
         return None
-    for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
-        if (path / name).is_file():
-            zoo_format.read_json(path / name)
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # transformers and tokenizers raise many types here
+        # a file that is not JSON is named as such (read only now: tokenizer.json is megabytes)
+        for name in ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json"):
+            if (path / name).is_file():
+                zoo_format.read_json(path / name)
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise BadInput(f"{present[0]}: not a usable Hugging Face tokenizer ({reason})") from err
