@@ -239,7 +239,7 @@ def _run_with_removed_edges(
     graph: EdgeGraph,
     removed: torch.Tensor,
     corrupt: dict[str, torch.Tensor],
-    workspace: torch.Tensor | None = None,
+    diffs: torch.Tensor,
 ) -> torch.Tensor:
     """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
     in which each destination's input moves by `sum over removed sources of
@@ -255,19 +255,14 @@ def _run_with_removed_edges(
     replaced after its projection (`hook_q`, `hook_k`, `hook_v`) by the corrupt run's where it
     removes every input edge, and recomputed from its own moved input only where it removes
     some (`_projection`; a layer's three ports are moved together); MLPs and the final
-    residual stream are moved in place. `workspace` ([m, n_src, batch * pos * d_model], its
-    contents ignored), if given, is where `diffs` is written."""
+    residual stream are moved in place. `diffs` ([m, n_src, batch * pos * d_model]) is the
+    caller's buffer, its contents ignored: a batch's passes share one."""
     cfg = model.cfg
     copies, b = removed.shape[0], batch.size
     shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
     width = b * math.prod(shape)  # one copy of one source's output, flattened
     n_src = len(graph.sources)
     # copy-major, so that a copy's upstream sources are one contiguous [k, width] matrix
-    diffs = (
-        torch.empty(copies, n_src, width, dtype=removed.dtype, device=removed.device)
-        if workspace is None
-        else workspace
-    )
     assert diffs.shape == (copies, n_src, width)
     total = torch.zeros(copies, width, dtype=removed.dtype, device=removed.device)
     order = {name: i for i, name in enumerate(graph.sources)}
