@@ -65,7 +65,7 @@ def compare(
     architecture: str, d_in: int, d_sae: int, n_windows: int, ctx: int, batch: int
 ) -> list[str]:
     """One row; `batch` windows per call, as `workbench run sae` batches them."""
-    from workbench.sae.features import FeatureStats, encode_active, reconstruct_active
+    from workbench.sae.features import FeatureStats, Scratch, encode_active, reconstruct_active
 
     sae = make_sae(architecture, d_in, d_sae)
     torch.manual_seed(1)
@@ -85,8 +85,9 @@ def compare(
     @torch.no_grad()
     def workbench() -> None:
         stats = FeatureStats(d_sae, top_k=10)
+        scratch = Scratch()
         for first, x in batches:
-            active = encode_active(sae, x)
+            active = encode_active(sae, x, scratch)
             x_hat = reconstruct_active(sae, active, x.shape[0] * x.shape[1]).view(x.shape)
             stats.update_sparse(first, x, active, x_hat)
 

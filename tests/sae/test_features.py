@@ -197,6 +197,12 @@ def test_active_features_are_sae_lens_encode_without_its_dense_result(architectu
         assert 0 < len(rows) < f.numel() / 4  # sparse, and something fires
         assert torch.equal(active.rows, rows) and torch.equal(active.cols, cols)
         assert torch.equal(active.values, f[rows, cols])
+        # into reused buffers, left larger and holding another batch's numbers: the same
+        scratch = features.Scratch()
+        features.encode_active(sae, torch.randn(6, 12, 32), scratch)
+        reused = features.encode_active(sae, x, scratch)
+        for name in ("rows", "cols", "values"):
+            assert torch.equal(getattr(reused, name), getattr(active, name)), name
         x_hat = features.reconstruct_active(sae, active, 48).view(x.shape)
         dense, sparse = features.FeatureStats(512, 5), features.FeatureStats(512, 5)
         dense.update(0, x, f.view(4, 12, 512), features.reconstruct(sae, f.view(4, 12, 512)))
