@@ -17,7 +17,11 @@ profile of the run (where its time and memory go, stage by stage: `workbench.pro
 Model: a random GPT-2-small-shaped model (12 layers, 12 heads, d_model 768, vocabulary 50,257)
 saved as a Hugging Face directory; 32 induction prompts of 16 tokens, one batch.
 
-    python -m benchmarks.bench_stored_run [--gpt2-only]
+Each edge run is repeated (`--repeats`, 3 by default; the GPT-2 baseline before each run):
+each time figure is the fastest of the repeats, with their range beside it, and the memory rows
+take the largest peak.
+
+    python -m benchmarks.bench_stored_run [--gpt2-only] [--repeats N]
 """
 
 import argparse
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,45 +111,105 @@ def row(measured: str, value: str, bound: str, goal: str, holds: bool) -> str:
     return f"| {measured} | {value} | {bound} | {goal} | {'yes' if holds else 'no'} |"
 
 
-def gpt2_rows(tmp: Path) -> tuple[list[str], list[str]]:
+@dataclass
+class Repeated:
+    """`repeats` edge runs of one model (each into a new database) and, when asked for, the
+    forward + backward baseline measured before each. On a machine other tenants load, the
+    fastest of a few runs is the one they slowed least: each time figure is its fastest, with
+    the range beside it; memory does not depend on them, and the largest peak is reported."""
+
+    runs: list[tuple[dict[str, Any], float]]
+    bases: list[dict[str, Any]]
+
+    @classmethod
+    def measure(
+        cls, model: Path, n_prompts: int, tmp: Path, repeats: int, baseline: bool
+    ) -> "Repeated":
+        runs, bases = [], []
+        for i in range(repeats):
+            if baseline:
+                bases.append(child(FORWARD_BACKWARD, str(model), str(n_prompts))[0])
+            runs.append(edge_run(model, n_prompts, tmp / f"{model.name}-{i}.duckdb"))
+        return cls(runs, bases)
+
+    def seconds(self, figure: str) -> list[float]:
+        """Each run's `figure`: `wall`, `after load` (wall less the load) or a stage's name."""
+        out = []
+        for profile, wall in self.runs:
+            if figure == "wall":
+                out.append(wall)
+            elif figure == "after load":
+                out.append(wall - stage_seconds(profile, "load checkpoint"))
+            else:
+                out.append(stage_seconds(profile, figure))
+        return out
+
+    @property
+    def fastest(self) -> dict[str, Any]:
+        """The profile of the run with the least time after its load."""
+        after = self.seconds("after load")
+        return self.runs[after.index(min(after))][0]
+
+    @property
+    def peak(self) -> float:
+        return max(profile["peak"] for profile, _ in self.runs)
+
+
+def spread(values: list[float]) -> str:
+    """`values` (seconds) as their range, fastest first."""
+    low, high = min(values), max(values)
+    return f"{low:.2f} s" if low == high else f"{low:.2f}-{high:.2f} s"
+
+
+def gpt2_rows(tmp: Path, repeats: int) -> tuple[list[str], list[str]]:
     model = gpt2_small(tmp / "gpt2-small")
-    base, _ = child(FORWARD_BACKWARD, str(model), "32")
-    run, wall = edge_run(model, 32, tmp / "gpt2.duckdb")
-    load = stage_seconds(run, "load checkpoint")
-    fb = base["seconds"]
-    attribution = stage_seconds(run, "attribution")
-    name = "GPT-2-small shape, 32 prompts x 16 tokens, `eap`"
+    measured = Repeated.measure(model, 32, tmp, repeats, baseline=True)
+    base_seconds = [b["seconds"] for b in measured.bases]
+    fb, after, attribution = (
+        min(base_seconds),
+        min(measured.seconds("after load")),
+        min(measured.seconds("attribution")),
+    )
+    base_peak = max(b["peak"] for b in measured.bases)
+    peak = measured.peak
+    name = f"GPT-2-small shape, 32 prompts x 16 tokens, `eap`, fastest of {repeats}"
     rows = [
-        row(f"{name}: wall less load ({wall:.1f} s - {load:.1f} s) / forward+backward "
-            f"({fb:.2f} s)", f"{(wall - load) / fb:.1f}x", "about 1.4x + a few forwards",
-            "<= 5x", (wall - load) / fb <= 5),
+        row(f"{name}: wall less load ({spread(measured.seconds('after load'))}) / "
+            f"forward+backward ({spread(base_seconds)})", f"{after / fb:.1f}x",
+            "about 1.4x + a few forwards", "<= 5x", after / fb <= 5),
         row(f"{name}: peak RSS (baseline process: load + forward+backward "
-            f"{base['peak'] / 1e9:.2f} GB)", f"{run['peak'] / 1e9:.2f} GB",
-            "weights 0.5 GB + activations about 0.5 GB", "< 2 GB", run["peak"] < 2e9),
-        row(f"{name}: EAP attribution alone ({attribution:.2f} s) / forward+backward",
-            f"{attribution / fb:.2f}x", "about 1.4x", "<= 1.6x", attribution / fb <= 1.6),
+            f"{base_peak / 1e9:.2f} GB)", f"{peak / 1e9:.2f} GB",
+            "weights 0.5 GB + activations about 0.5 GB", "< 2 GB", peak < 2e9),
+        row(f"{name}: EAP attribution alone ({spread(measured.seconds('attribution'))}) / "
+            "forward+backward", f"{attribution / fb:.2f}x", "about 1.4x", "<= 1.6x",
+            attribution / fb <= 1.6),
     ]  # fmt: skip
-    return rows, [f"GPT-2-small shape, `eap`, 32 prompts:\n{profile_table(run)}"]
+    return rows, [
+        f"GPT-2-small shape, `eap`, 32 prompts (the fastest run):\n"
+        f"{profile_table(measured.fastest)}"
+    ]
 
 
-def smollm2_rows(tmp: Path) -> tuple[list[str], list[str]]:
-    run, wall = edge_run(SMOLLM2, 16, tmp / "smollm2.duckdb")
+def smollm2_rows(tmp: Path, repeats: int) -> tuple[list[str], list[str]]:
+    measured = Repeated.measure(SMOLLM2, 16, tmp, repeats, baseline=False)
+    walls, peak = measured.seconds("wall"), measured.peak
     sae_args = ["run", "sae", "--model", str(SMOLLM2), "--task", "induction"]
     sae_args += ["--n-prompts", "16", "--hook", Hook.resid_post(6), "--method", "sae_features"]
     sae_args += ["--training-tokens", "200000", "--corpus-tokens", "20000"]
     sae_args += ["--db", str(tmp / "smollm2-sae.duckdb")]
     sae, sae_wall = child(PROFILED, *sae_args)
     rows = [
-        row("SmolLM2-135M `eap` with curve and circuit, 16 prompts: wall",
-            f"{wall:.1f} s", "", "<= 15 s", wall <= 15),
-        row("SmolLM2-135M `eap`: peak RSS", f"{run['peak'] / 1e9:.2f} GB", "", "< 2.5 GB",
-            run["peak"] < 2.5e9),
+        row(f"SmolLM2-135M `eap` with curve and circuit, 16 prompts: wall, fastest of "
+            f"{repeats} ({spread(walls)})", f"{min(walls):.1f} s", "", "<= 15 s",
+            min(walls) <= 15),
+        row("SmolLM2-135M `eap`: peak RSS", f"{peak / 1e9:.2f} GB", "", "< 2.5 GB",
+            peak < 2.5e9),
         row(f"SmolLM2-135M `sae_features` (trains a TopK SAE on 200k tokens, {sae_wall:.0f} s): "
             "peak RSS", f"{sae['peak'] / 1e9:.2f} GB", "weights 0.5 GB + a batch + the SAE",
             "< 2.5 GB", sae["peak"] < 2.5e9),
     ]  # fmt: skip
     return rows, [
-        f"SmolLM2-135M, `eap`, 16 prompts:\n{profile_table(run)}",
+        f"SmolLM2-135M, `eap`, 16 prompts (the fastest run):\n{profile_table(measured.fastest)}",
         f"SmolLM2-135M, `sae_features`:\n{profile_table(sae)}",
     ]
 
@@ -152,14 +217,17 @@ def smollm2_rows(tmp: Path) -> tuple[list[str], list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpt2-only", action="store_true")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="edge runs per model (the fastest is reported)"
+    )
     args = parser.parse_args()
     rows: list[str] = []
     profiles: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        found = gpt2_rows(Path(tmp))
+        found = gpt2_rows(Path(tmp), args.repeats)
         rows, profiles = rows + found[0], profiles + found[1]
         if not args.gpt2_only and (SMOLLM2 / "model.safetensors").is_file():
-            found = smollm2_rows(Path(tmp))
+            found = smollm2_rows(Path(tmp), args.repeats)
             rows, profiles = rows + found[0], profiles + found[1]
     print("| measured | now | the work's bound | goal | holds |")
     print("|---|---:|---|---:|---|")
