@@ -65,7 +65,8 @@ def compare(
     architecture: str, d_in: int, d_sae: int, n_windows: int, ctx: int, batch: int
 ) -> list[str]:
     """One row; `batch` windows per call, as `workbench run sae` batches them."""
-    from workbench.sae.features import FeatureStats, Scratch, encode_active, reconstruct_active
+    from workbench.memory import Scratch
+    from workbench.sae.features import FeatureStats, encode_active, reconstruct_active
 
     sae = make_sae(architecture, d_in, d_sae)
     torch.manual_seed(1)

@@ -63,3 +63,26 @@ def mapped_large_allocations() -> Iterator[None]:
             libc.mallopt(M_MMAP_THRESHOLD, RUN_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, RUN_TRIM)
             libc.malloc_trim(0)
+
+
+class Scratch:
+    """Buffers a loop reuses from turn to turn, by name. A fresh tensor of tens of megabytes is
+    mapped anew by the allocator each time it is made, and the first touch of its pages costs
+    about a millisecond per 4 MB here (a fifth of an SAE encoder's matrix product at GPT-2-small
+    size, a tenth of an edge attribution): a buffer taken from a `Scratch` is touched once."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
+        """A contiguous `shape` tensor with undefined contents: the buffer `name` when it is
+        large enough (what it held before is overwritten by whoever takes it next)."""
+        import torch
+
+        n = 1
+        for size in shape:
+            n *= size
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
+            buffer = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return buffer[:n].view(shape)

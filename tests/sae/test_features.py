@@ -8,6 +8,7 @@ import torch
 from sae_lens import SAE
 
 from tests.sae.conftest import CORPUS_TOKENS, HOOKS, query
+from workbench.memory import Scratch
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.sae import features
 from workbench.sae.corpus import load_corpus
@@ -198,7 +199,7 @@ def test_active_features_are_sae_lens_encode_without_its_dense_result(architectu
         assert torch.equal(active.rows, rows) and torch.equal(active.cols, cols)
         assert torch.equal(active.values, f[rows, cols])
         # into reused buffers, left larger and holding another batch's numbers: the same
-        scratch = features.Scratch()
+        scratch = Scratch()
         features.encode_active(sae, torch.randn(6, 12, 32), scratch)
         reused = features.encode_active(sae, x, scratch)
         for name in ("rows", "cols", "values"):

@@ -56,6 +56,7 @@ from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Hook, Node
+from workbench.memory import Scratch
 
 logger = logging.getLogger(__name__)
 
@@ -209,17 +210,22 @@ def source_differences(
 
 
 def destination_grad_groups(
-    model: HookedTransformer, graph: EdgeGraph, acts: dict[str, torch.Tensor]
+    model: HookedTransformer,
+    graph: EdgeGraph,
+    acts: dict[str, torch.Tensor],
+    scratch: Scratch | None = None,
 ) -> Iterator[tuple[list[int], Float[torch.Tensor, "t batch pos d_model"]]]:
     """Gradients at every destination's input, a layer's q/k/v inputs (or an MLP's input, or
     the final residual stream) at a time: (their indices in `graph.destinations`, the
-    gradients). `acts` holds each layer's input and the `.grad` of `_destination_hooks`."""
+    gradients). `acts` holds each layer's input and the `.grad` of `_destination_hooks`. With
+    `scratch`, every layer's q/k/v gradients are written into its buffers: a group is valid
+    until the next is drawn."""
     n_layers = model.cfg.n_layers
     index = {d: i for i, d in enumerate(graph.destinations)}
     for layer in range(n_layers):
         grads = qkv_input_grads(
             model, layer, acts[Hook.resid_pre(layer)],
-            [acts[Hook.qkv(layer, p) + ".grad"] for p in QKV],
+            [acts[Hook.qkv(layer, p) + ".grad"] for p in QKV], scratch,
         )  # fmt: skip
         cols = [index[Node.head_of(layer, h, p).id] for p in QKV for h in range(model.cfg.n_heads)]
         yield cols, grads
@@ -234,6 +240,7 @@ def qkv_input_grads(
     layer: int,
     x: Float[torch.Tensor, "batch pos d_model"],
     grads: list[Float[torch.Tensor, "batch pos head d_head"]],
+    scratch: Scratch | None = None,
 ) -> Float[torch.Tensor, "qkv_head batch pos d_model"]:
     """The gradient at each head's query, key and value input (what TransformerLens's split
     `hook_{q,k,v}_input` would hold) from the gradients at `hook_q`, `hook_k`, `hook_v`: back
@@ -241,12 +248,20 @@ def qkv_input_grads(
     normalisation at the layer's input `x`, which every head reads unmoved in an unpatched run.
     The normalisation's vector-Jacobian product is taken for every head at once, in the one
     buffer the projections are written to; no per-head copy of the input is ever held for a
-    backward pass. Rows: q of heads 0..H-1, then k, then v."""
+    backward pass. Rows: q of heads 0..H-1, then k, then v.
+
+    The result is laid out in memory as (batch, d_model, pos, row), the order in which
+    `einsum("sbpd,tbpd->st", ...)` reads its second operand, so that an edge product does not
+    copy it. The buffers come from `scratch` (reused: the result is overwritten by the next
+    call) or are new."""
     attn = model.blocks[layer].attn
     weights = [attn.W_Q, attn.W_K, attn.W_V]  # [head, d_model, d_head] (k and v per query head)
     n_heads = model.cfg.n_heads
-    rows = x.shape[0] * x.shape[1]
-    out = x.new_empty(3 * n_heads, rows, x.shape[-1], dtype=grads[0].dtype)
+    b, p, d = x.shape
+    rows = b * p
+    work = scratch if scratch is not None else Scratch()
+    dtype, device = grads[0].dtype, grads[0].device
+    out = work.take("projected", (3 * n_heads, rows, d), dtype, device)
     for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
         # [head, batch * pos, d_head] @ [head, d_head, d_model], one batched product
         torch.bmm(
@@ -254,9 +269,12 @@ def qkv_input_grads(
             out=out[i * n_heads : (i + 1) * n_heads],
         )  # fmt: skip
     out = out.view(3 * n_heads, *x.shape)
-    if model.cfg.original_architecture not in POST_NORM_ARCHITECTURES:
-        out = norm_input_grad(model.blocks[layer].ln1, x, out, overwrite=True)
-    return out
+    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return out
+    laid_out = work.take("laid out", (b, d, p, 3 * n_heads), dtype, device).permute(3, 0, 2, 1)
+    return norm_input_grad(
+        model.blocks[layer].ln1, x, out, overwrite=True, scratch=work, out=laid_out
+    )
 
 
 def norm_input_grad(
@@ -265,13 +283,17 @@ def norm_input_grad(
     grad: Float[torch.Tensor, "n batch pos d_model"],
     *,
     overwrite: bool = False,
+    scratch: Scratch | None = None,
+    out: torch.Tensor | None = None,
 ) -> Float[torch.Tensor, "n batch pos d_model"]:
     """`grad` (n cotangents per position, at the output of `norm` applied to `x`) carried back to
     `norm`'s input. TransformerLens's LayerNorm and RMSNorm (folded or not) in closed form:
     with `x_hat = c / s`, `c` the (centred) input and `s = sqrt(mean(c^2) + eps)`, the input's
     gradient is `(g - x_hat mean(g x_hat) [- mean(g)]) / s` for `g = grad * w`. Any other
     normalisation by autograd on a copy of `x` per cotangent. With `overwrite`, the result may
-    be written over `grad` (so that at most one more tensor of its size is ever held)."""
+    be written over `grad` (so that at most one more tensor of its size is ever held); with
+    `scratch`, that one is its buffer; with `out` (of `grad`'s shape, any layout), the result
+    is written there where the closed form applies (the same numbers)."""
     kind = type(norm).__name__
     if kind in ("Identity",):
         return grad
@@ -292,9 +314,15 @@ def norm_input_grad(
     scale = (c.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
     x_hat = c / scale
     g_mean = g.mean(-1, keepdim=True) if centred else None
-    g.sub_(x_hat * (g * x_hat).mean(-1, keepdim=True))
+    # g -= x_hat * mean(g * x_hat), the two products written into one buffer in turn
+    tmp = None if scratch is None else scratch.take("norm products", g.shape, dtype, g.device)
+    along = torch.mul(g, x_hat, out=tmp) if tmp is not None else g * x_hat
+    along = along.mean(-1, keepdim=True)
+    g.sub_(torch.mul(x_hat, along, out=tmp) if tmp is not None else x_hat * along)
     if g_mean is not None:
         g.sub_(g_mean)
+    if out is not None and out.dtype == dtype:
+        return torch.div(g, scale, out=out)
     return g.div_(scale).to(grad.dtype)
 
 
@@ -404,6 +432,7 @@ def edge_attribution(
     m_clean = m_corrupt = 0.0
     method = "eap_ig" if ig_steps else "eap"
     kept_sources: list[dict[str, torch.Tensor]] = []
+    scratch = Scratch()  # a layer's q/k/v input gradients, every layer of every batch
     for_ablation = ablation_hooks(model, graph)
     keep = for_ablation + _layer_inputs(model)
     with graph_hooks_enabled(model, graph, split_qkv=False):
@@ -423,7 +452,7 @@ def edge_attribution(
                 groups = (
                     _integrated_grads(model, graph, batch, dst_hooks, clean, corrupt, alphas, n)
                     if ig_steps
-                    else destination_grad_groups(model, graph, corrupt)  # a layer at a time
+                    else destination_grad_groups(model, graph, corrupt, scratch)  # in turn
                 )
                 for cols, grads in groups:
                     k = upstream[cols[0]]

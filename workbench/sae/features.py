@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from workbench.attribution.batches import model_device
 from workbench.attribution.metrics import frozen_final_norm
 from workbench.core import Hook
+from workbench.memory import Scratch
 from workbench.models.base import LoadedModel
 from workbench.sae.corpus import Corpus
 from workbench.sae.saes import LoadedSae, hook_activations
@@ -225,28 +226,6 @@ class Active:
     rows: torch.Tensor
     cols: torch.Tensor
     values: torch.Tensor
-
-
-class Scratch:
-    """Buffers a loop over batches reuses. A fresh tensor of `[tokens, d_sae]` floats (0.1 GB
-    for 1,024 tokens and 24,576 features) is mapped anew by the allocator on every batch, and
-    the first touch of its pages costs a fifth of the encoder's matrix product."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def take(
-        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        """A contiguous `shape` tensor with undefined contents, the buffer `name` when it is
-        large enough."""
-        n = 1
-        for size in shape:
-            n *= size
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
-        return buffer[:n].view(shape)
 
 
 def encode_active(
