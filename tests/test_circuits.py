@@ -236,3 +236,30 @@ def test_ablation_of_random_edge_sets_matches_the_plain_intervention(
     for mask, value in zip(masks, ours, strict=True):
         reference = _reference_faithfulness(model, batches[0], graph, mask)
         assert value == pytest.approx(reference, abs=1e-4)
+
+
+@pytest.mark.parametrize("normalization", ["LN", "LNPre", "RMS", "RMSPre"])
+def test_moved_inputs_are_normalised_in_place_as_the_module_does(normalization):
+    """The curve normalises the mixed heads' moved inputs step by step in place; the numbers
+    are the block's own normalisation module's, bit for bit, whatever the buffers held."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from workbench.memory import Scratch
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=24, n_ctx=8, d_head=6, n_heads=4, d_vocab=10, act_fn="relu",
+        normalization_type=normalization,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for param in model.blocks[0].ln1.parameters():
+            param.normal_(1.0, 0.3)
+    moved = torch.randn(5, 3, 7, 24) * 3 + 0.5
+    scratch = Scratch()
+    scratch.take("squares", (6, 3, 7, 24), torch.float32, moved.device).fill_(float("nan"))
+    expected = model.blocks[0].ln1(moved)
+    own = moved.clone()
+    normed = circuits._input_norm(model, 0, own, scratch)
+    assert normed.data_ptr() == own.data_ptr()  # written over the moved inputs
+    assert torch.equal(normed, expected)

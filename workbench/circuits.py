@@ -34,6 +34,7 @@ from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Edge, Hook, Node
 from workbench.graph import split_port
+from workbench.memory import Scratch
 from workbench.results import CircuitResult
 
 logger = logging.getLogger(__name__)
@@ -189,10 +190,11 @@ class EdgeAblator:
                 # what every source writes, per copy: one buffer for all of a batch's passes
                 width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
                 diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
+                scratch = Scratch()  # the mixed heads' inputs, one copy at a time
                 for first in range(0, removed.shape[0], per_pass):
                     chunk = removed[first : first + per_pass]
                     logits = _run_with_removed_edges(
-                        self.model, batch, self.graph, chunk, corrupt, diffs[: len(chunk)]
+                        self.model, batch, self.graph, chunk, corrupt, diffs[: len(chunk)], scratch
                     )
                     copies = chunk.shape[0]
                     metric = batch.metric(logits, batch.target.repeat(copies))
@@ -240,6 +242,7 @@ def _run_with_removed_edges(
     removed: torch.Tensor,
     corrupt: dict[str, torch.Tensor],
     diffs: torch.Tensor,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
     in which each destination's input moves by `sum over removed sources of
@@ -256,7 +259,9 @@ def _run_with_removed_edges(
     removes every input edge, and recomputed from its own moved input only where it removes
     some (`_projection`; a layer's three ports are moved together); MLPs and the final
     residual stream are moved in place. `diffs` ([m, n_src, batch * pos * d_model]) is the
-    caller's buffer, its contents ignored: a batch's passes share one."""
+    caller's buffer, its contents ignored: a batch's passes share one, and with `scratch` the
+    mixed heads' moved inputs of one copy at a time are computed in its buffers."""
+    work = scratch if scratch is not None else Scratch()
     cfg = model.cfg
     copies, b = removed.shape[0], batch.size
     shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
@@ -353,8 +358,10 @@ def _run_with_removed_edges(
                 if not parts:
                     continue
                 mask = torch.cat([masks[p][m][:, heads] for p, heads in parts], dim=1)
-                moved = (own[m][None] + shifts(m, mask, k)).view(-1, b, *shape)
-                moved = _input_norm(model, layer, moved)
+                shift = shifts(m, mask, k)
+                buffer = work.take("moved", tuple(shift.shape), shift.dtype, shift.device)
+                moved = torch.add(own[m][None], shift, out=buffer).view(-1, b, *shape)
+                moved = _input_norm(model, layer, moved, work)
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
                 first = 0
                 for p, heads in parts:
@@ -415,11 +422,36 @@ def _run_with_removed_edges(
     return last_position_logits(model, resid)
 
 
-def _input_norm(model: HookedTransformer, layer: int, moved: torch.Tensor) -> torch.Tensor:
-    """The block's input normalisation of `moved` inputs (none in a post-norm block)."""
+def _input_norm(
+    model: HookedTransformer, layer: int, moved: torch.Tensor, scratch: Scratch
+) -> torch.Tensor:
+    """The block's input normalisation of `moved` inputs (none in a post-norm block), written
+    over `moved`. TransformerLens's LayerNorm and RMSNorm (folded or not) in float32 or float64
+    are taken step by step as their `forward` takes them, each step in place and the squares
+    in `scratch`, so that no input-sized tensor is made (the same numbers); any other
+    normalisation or dtype is the module's own call."""
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
         return moved
-    return model.blocks[layer].ln1(moved)
+    norm = model.blocks[layer].ln1
+    kind = type(norm).__name__
+    floats = (torch.float32, torch.float64)
+    if kind not in IN_PLACE_NORMS or moved.dtype not in floats or model.cfg.dtype not in floats:
+        return norm(moved)
+    if kind.startswith("LayerNorm"):
+        moved.sub_(moved.mean(-1, keepdim=True))
+    squares = torch.pow(
+        moved, 2, out=scratch.take("squares", tuple(moved.shape), moved.dtype, moved.device)
+    )
+    moved.div_((squares.mean(-1, keepdim=True) + norm.eps).sqrt())
+    if kind in ("LayerNorm", "RMSNorm"):
+        moved.mul_(norm.w)
+    if kind == "LayerNorm":
+        moved.add_(norm.b)
+    return moved
+
+
+# TransformerLens 3.9's normalisations whose `forward` `_input_norm` repeats in place
+IN_PLACE_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")
 
 
 def _projection(
