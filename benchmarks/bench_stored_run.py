@@ -157,8 +157,8 @@ class Repeated:
 
 def spread(values: list[float]) -> str:
     """`values` (seconds) as their range, fastest first."""
-    low, high = min(values), max(values)
-    return f"{low:.2f} s" if low == high else f"{low:.2f}-{high:.2f} s"
+    low, high = f"{min(values):.2f}", f"{max(values):.2f}"
+    return f"{low} s" if low == high else f"{low}-{high} s"
 
 
 def gpt2_rows(tmp: Path, repeats: int) -> tuple[list[str], list[str]]:
@@ -221,6 +221,8 @@ def main() -> None:
         "--repeats", type=int, default=3, help="edge runs per model (the fastest is reported)"
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     rows: list[str] = []
     profiles: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:

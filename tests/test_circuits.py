@@ -263,3 +263,8 @@ def test_moved_inputs_are_normalised_in_place_as_the_module_does(normalization):
     normed = circuits._input_norm(model, 0, own, scratch)
     assert normed.data_ptr() == own.data_ptr()  # written over the moved inputs
     assert torch.equal(normed, expected)
+    # inputs not in the configured dtype (the module rounds to it): the module's own call
+    wider = model.double()  # leaves cfg.dtype at float32
+    doubled = moved.double()
+    expected = wider.blocks[0].ln1(doubled)
+    assert torch.equal(circuits._input_norm(wider, 0, doubled.clone(), scratch), expected)

@@ -429,13 +429,14 @@ def _input_norm(
     over `moved`. TransformerLens's LayerNorm and RMSNorm (folded or not) in float32 or float64
     are taken step by step as their `forward` takes them, each step in place and the squares
     in `scratch`, so that no input-sized tensor is made (the same numbers); any other
-    normalisation or dtype is the module's own call."""
+    normalisation or dtype (or inputs not in the model's configured dtype, which the module
+    rounds to) is the module's own call."""
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
         return moved
     norm = model.blocks[layer].ln1
     kind = type(norm).__name__
     floats = (torch.float32, torch.float64)
-    if kind not in IN_PLACE_NORMS or moved.dtype not in floats or model.cfg.dtype not in floats:
+    if kind not in IN_PLACE_NORMS or moved.dtype not in floats or moved.dtype != model.cfg.dtype:
         return norm(moved)
     if kind.startswith("LayerNorm"):
         moved.sub_(moved.mean(-1, keepdim=True))

@@ -82,6 +82,7 @@ class Scratch:
         n = 1
         for size in shape:
             n *= size
+        device = torch.device(device)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
             buffer = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)

@@ -10,7 +10,6 @@ from scipy.stats import spearmanr
 from workbench import circuits
 from workbench.attribution import edges
 from workbench.attribution.batches import logit_diff, make_batches
-from workbench.memory import Scratch
 from workbench.models import load_checkpoint, resolve_checkpoints
 from workbench.tasks import load_task
 
@@ -177,12 +176,12 @@ def test_normalisation_gradient_in_closed_form_is_autograds(kind):
     torch.testing.assert_close(
         edges.norm_input_grad(norm, x, overwritten, overwrite=True), expected, atol=1e-5, rtol=1e-5
     )
-    # into reused buffers, the result laid out as an edge product reads it: the same numbers
-    scratch = Scratch()
-    scratch.take("norm products", (6, 3, 5, 16), torch.float32, x.device).fill_(float("nan"))
-    laid_out = torch.full((3, 16, 5, 6), float("nan")).permute(3, 0, 2, 1)
+    # the temporaries in a buffer whose memory then takes the result, laid out as an edge
+    # product reads it (as `qkv_input_grads` calls it): the same numbers
+    buffer = torch.full((3, 16, 5, 6), float("nan"))
+    laid_out = buffer.permute(3, 0, 2, 1)
     written = edges.norm_input_grad(
-        norm, x, grad.clone(), overwrite=True, scratch=scratch, out=laid_out
+        norm, x, grad.clone(), overwrite=True, work=buffer.view(6, 3, 5, 16), out=laid_out
     )
     assert written.data_ptr() == laid_out.data_ptr()
     assert torch.equal(written, edges.norm_input_grad(norm, x, grad))

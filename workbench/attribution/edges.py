@@ -250,10 +250,12 @@ def qkv_input_grads(
     buffer the projections are written to; no per-head copy of the input is ever held for a
     backward pass. Rows: q of heads 0..H-1, then k, then v.
 
-    The result is laid out in memory as (batch, d_model, pos, row), the order in which
-    `einsum("sbpd,tbpd->st", ...)` reads its second operand, so that an edge product does not
-    copy it. The buffers come from `scratch` (reused: the result is overwritten by the next
-    call) or are new."""
+    Where the normalisation's closed form applies (`norm_input_grad`: TransformerLens's
+    LayerNorm or RMSNorm, gradients in float32 or float64) the result is laid out in memory as
+    (batch, d_model, pos, row), the order in which `einsum("sbpd,tbpd->st", ...)` reads its
+    second operand, so that an edge product does not copy it; its buffer holds the
+    normalisation's temporaries first. The buffers come from `scratch` (reused: the result is
+    overwritten by the next call) or are new."""
     attn = model.blocks[layer].attn
     weights = [attn.W_Q, attn.W_K, attn.W_V]  # [head, d_model, d_head] (k and v per query head)
     n_heads = model.cfg.n_heads
@@ -271,10 +273,11 @@ def qkv_input_grads(
     out = out.view(3 * n_heads, *x.shape)
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
         return out
-    laid_out = work.take("laid out", (b, d, p, 3 * n_heads), dtype, device).permute(3, 0, 2, 1)
+    laid_out = work.take("laid out", (b, d, p, 3 * n_heads), dtype, device)
     return norm_input_grad(
-        model.blocks[layer].ln1, x, out, overwrite=True, scratch=work, out=laid_out
-    )
+        model.blocks[layer].ln1, x, out, overwrite=True,
+        work=laid_out.view(3 * n_heads, b, p, d), out=laid_out.permute(3, 0, 2, 1),
+    )  # fmt: skip
 
 
 def norm_input_grad(
@@ -283,7 +286,7 @@ def norm_input_grad(
     grad: Float[torch.Tensor, "n batch pos d_model"],
     *,
     overwrite: bool = False,
-    scratch: Scratch | None = None,
+    work: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> Float[torch.Tensor, "n batch pos d_model"]:
     """`grad` (n cotangents per position, at the output of `norm` applied to `x`) carried back to
@@ -291,17 +294,18 @@ def norm_input_grad(
     with `x_hat = c / s`, `c` the (centred) input and `s = sqrt(mean(c^2) + eps)`, the input's
     gradient is `(g - x_hat mean(g x_hat) [- mean(g)]) / s` for `g = grad * w`. Any other
     normalisation by autograd on a copy of `x` per cotangent. With `overwrite`, the result may
-    be written over `grad` (so that at most one more tensor of its size is ever held); with
-    `scratch`, that one is its buffer; with `out` (of `grad`'s shape, any layout), the result
-    is written there where the closed form applies (the same numbers)."""
+    be written over `grad` (so that at most one more tensor of its size is ever held); `work`
+    (contiguous, of `grad`'s shape) is that one, used where its dtype is the computation's; with
+    `out` (of `grad`'s shape, any layout, `work`'s memory allowed), the result is written there
+    where the closed form applies in `out`'s dtype. The same numbers either way."""
     kind = type(norm).__name__
     if kind in ("Identity",):
         return grad
     if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
         expanded = x.detach()[None].expand_as(grad).clone().requires_grad_(True)
         with torch.enable_grad():
-            (out,) = torch.autograd.grad(norm(expanded), expanded, grad)
-        return out
+            (result,) = torch.autograd.grad(norm(expanded), expanded, grad)
+        return result
     centred = kind.startswith("LayerNorm")
     dtype = torch.promote_types(grad.dtype, torch.float32)  # as the norm computes: >= float32
     own = overwrite and grad.dtype == dtype
@@ -315,7 +319,7 @@ def norm_input_grad(
     x_hat = c / scale
     g_mean = g.mean(-1, keepdim=True) if centred else None
     # g -= x_hat * mean(g * x_hat), the two products written into one buffer in turn
-    tmp = None if scratch is None else scratch.take("norm products", g.shape, dtype, g.device)
+    tmp = work if work is not None and work.dtype == dtype else None
     along = torch.mul(g, x_hat, out=tmp) if tmp is not None else g * x_hat
     along = along.mean(-1, keepdim=True)
     g.sub_(torch.mul(x_hat, along, out=tmp) if tmp is not None else x_hat * along)
@@ -460,6 +464,7 @@ def edge_attribution(
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
             del clean, corrupt, delta, groups
+    del scratch
     memory.release()  # the batches' buffers, before what comes next (the curve)
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
