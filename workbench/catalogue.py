@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
 
+from workbench.attribution.batches import model_device
 from workbench.core import Hook
 
 PATTERN_SCORES = ("previous_token", "duplicate_token", "induction", "sink")
@@ -83,7 +84,7 @@ def pattern_scores(
 ) -> dict[str, Float[torch.Tensor, "layer head"]]:
     """Each head's `PATTERN_SCORES` on `tokens`, from one forward pass (the model's device)."""
     cfg = model.cfg
-    device = next(model.parameters()).device
+    device = model_device(model)
     patterns = {name: p.to(device) for name, p in detection_patterns(tokens).items()}
     scores = {name: torch.zeros(cfg.n_layers, cfg.n_heads) for name in PATTERN_SCORES}
 

@@ -23,6 +23,7 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from workbench import memory, profiling
 from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.attribution.edges import (
+    CLOSED_FORM_NORMS,
     CorruptRuns,
     EdgeGraph,
     ablation_hooks,
@@ -242,7 +243,7 @@ def _run_with_removed_edges(
     removed: torch.Tensor,
     corrupt: dict[str, torch.Tensor],
     diffs: torch.Tensor,
-    scratch: Scratch | None = None,
+    scratch: Scratch,
 ) -> torch.Tensor:
     """Clean forward passes, one copy of the batch per mask `removed[m]` ([m, n_src, n_dst]),
     in which each destination's input moves by `sum over removed sources of
@@ -259,9 +260,8 @@ def _run_with_removed_edges(
     removes every input edge, and recomputed from its own moved input only where it removes
     some (`_projection`; a layer's three ports are moved together); MLPs and the final
     residual stream are moved in place. `diffs` ([m, n_src, batch * pos * d_model]) is the
-    caller's buffer, its contents ignored: a batch's passes share one, and with `scratch` the
-    mixed heads' moved inputs of one copy at a time are computed in its buffers."""
-    work = scratch if scratch is not None else Scratch()
+    caller's buffer, its contents ignored: a batch's passes share one, as they share `scratch`,
+    where the mixed heads' moved inputs of one copy at a time are computed."""
     cfg = model.cfg
     copies, b = removed.shape[0], batch.size
     shape = tuple(corrupt[Node.input().out_hook()].shape[1:])  # (pos, d_model)
@@ -359,9 +359,9 @@ def _run_with_removed_edges(
                     continue
                 mask = torch.cat([masks[p][m][:, heads] for p, heads in parts], dim=1)
                 shift = shifts(m, mask, k)
-                buffer = work.take("moved", tuple(shift.shape), shift.dtype, shift.device)
+                buffer = scratch.take("moved", tuple(shift.shape), shift.dtype, shift.device)
                 moved = torch.add(own[m][None], shift, out=buffer).view(-1, b, *shape)
-                moved = _input_norm(model, layer, moved, work)
+                moved = _input_norm(model, layer, moved, scratch)
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
                 first = 0
                 for p, heads in parts:
@@ -436,7 +436,7 @@ def _input_norm(
     norm = model.blocks[layer].ln1
     kind = type(norm).__name__
     floats = (torch.float32, torch.float64)
-    if kind not in IN_PLACE_NORMS or moved.dtype not in floats or moved.dtype != model.cfg.dtype:
+    if kind not in CLOSED_FORM_NORMS or moved.dtype not in floats or moved.dtype != model.cfg.dtype:
         return norm(moved)
     if kind.startswith("LayerNorm"):
         moved.sub_(moved.mean(-1, keepdim=True))
@@ -449,10 +449,6 @@ def _input_norm(
     if kind == "LayerNorm":
         moved.add_(norm.b)
     return moved
-
-
-# TransformerLens 3.9's normalisations whose `forward` `_input_norm` repeats in place
-IN_PLACE_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")
 
 
 def _projection(

@@ -60,6 +60,10 @@ from workbench.memory import Scratch
 
 logger = logging.getLogger(__name__)
 
+# TransformerLens 3.9's normalisations whose computation is repeated here in closed form
+# (`norm_input_grad`) and in place (`workbench.circuits`' moved inputs)
+CLOSED_FORM_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre")
+
 
 @dataclass(frozen=True)
 class EdgeGraph:
@@ -301,7 +305,7 @@ def norm_input_grad(
     kind = type(norm).__name__
     if kind in ("Identity",):
         return grad
-    if kind not in ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre"):
+    if kind not in CLOSED_FORM_NORMS:
         expanded = x.detach()[None].expand_as(grad).clone().requires_grad_(True)
         with torch.enable_grad():
             (result,) = torch.autograd.grad(norm(expanded), expanded, grad)
@@ -320,9 +324,8 @@ def norm_input_grad(
     g_mean = g.mean(-1, keepdim=True) if centred else None
     # g -= x_hat * mean(g * x_hat), the two products written into one buffer in turn
     tmp = work if work is not None and work.dtype == dtype else None
-    along = torch.mul(g, x_hat, out=tmp) if tmp is not None else g * x_hat
-    along = along.mean(-1, keepdim=True)
-    g.sub_(torch.mul(x_hat, along, out=tmp) if tmp is not None else x_hat * along)
+    along = torch.mul(g, x_hat, out=tmp).mean(-1, keepdim=True)
+    g.sub_(torch.mul(x_hat, along, out=tmp))
     if g_mean is not None:
         g.sub_(g_mean)
     if out is not None and out.dtype == dtype:

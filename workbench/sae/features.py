@@ -235,8 +235,8 @@ def encode_active(
     `encode` gives. For a standard (ReLU) or TopK SAE they are read straight from the
     pre-activations (the positive ones, or the top k made non-negative, as SAELens selects
     them), never building the dense `[tokens, d_sae]` result; other architectures go through
-    SAELens's `encode`. With `scratch`, the pre-activations are written into its buffers
-    rather than fresh ones (the same numbers)."""
+    SAELens's `encode`. The pre-activations are written into the buffers of `scratch` (new
+    ones without it): the same numbers either way."""
     model_sae = sae.sae
     flat = x.reshape(-1, x.shape[-1])
     activation = type(getattr(model_sae, "activation_fn", None)).__name__
@@ -250,19 +250,14 @@ def encode_active(
         rows, cols = f.nonzero(as_tuple=True)
         return Active(rows, cols, f[rows, cols])
     sae_in = model_sae.process_sae_in(flat.to(sae.dtype))
+    work = scratch if scratch is not None else Scratch()
     w_enc = model_sae.W_enc
     shape = (len(sae_in), w_enc.shape[1])
-    if scratch is None:
-        pre = sae_in @ w_enc
-    else:
-        pre = torch.mm(sae_in, w_enc, out=scratch.take("pre", shape, w_enc.dtype, w_enc.device))
+    pre = torch.mm(sae_in, w_enc, out=work.take("pre", shape, w_enc.dtype, w_enc.device))
     pre += model_sae.b_enc  # in place: the sums SAELens's `+` makes
     pre = model_sae.hook_sae_acts_pre(pre)
     if activation == "ReLU":
-        if scratch is None:
-            fires = pre > 0
-        else:
-            fires = torch.gt(pre, 0, out=scratch.take("fires", shape, torch.bool, pre.device))
+        fires = torch.gt(pre, 0, out=work.take("fires", shape, torch.bool, pre.device))
         rows, cols = fires.nonzero(as_tuple=True)
         return Active(rows, cols, pre[rows, cols])
     values, cols = torch.topk(pre, k=model_sae.activation_fn.k, dim=-1, sorted=False)
