@@ -183,8 +183,9 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
-    """A database filled by the heads and patching pipelines over every zoo checkpoint, and
-    by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
+    """A database filled by the heads and patching pipelines and the head catalogue over every
+    zoo checkpoint, and by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
+    from workbench.catalogue.run import run_catalogue
     from workbench.jobs import RunOptions
     from workbench.runner import run
 
@@ -198,6 +199,8 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
         )
         outcomes += run("edges", at_step, ["eap", "exact_edge"])
     assert all(o.status == "done" for o in outcomes)
+    stored = run_catalogue(str(induction_dir), checkpoint="all", db=str(db))
+    assert {status for _, status in stored} == {"done"}
     return db
 
 

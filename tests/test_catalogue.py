@@ -7,6 +7,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig, head_detector
 
 from workbench import catalogue
+from workbench.catalogue import run as catalogue_run
 from workbench.zoo.ground_truth import INDUCTION_THRESHOLD, PREV_THRESHOLD
 from workbench.zoo.ground_truth import pattern_scores as zoo_pattern_scores
 from workbench.zoo.vocab import word_ids
@@ -103,3 +104,71 @@ def test_catalogue_finds_the_zoos_induction_circuit(induction_final):
     k_comp = catalogue.composition_scores(model, "K")  # measured 0.30 against at most 0.12
     for head in induction_heads:
         assert int(k_comp[0, :, 1, head].argmax()) in prev_heads
+
+
+def _rows(db, sql: str) -> list[tuple]:
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute(sql).fetchall()
+
+
+def test_catalogue_command_stores_every_head_once_and_bad_input_exits_2(
+    induction_dir, induction_final, tmp_path, capsys
+):
+    """`workbench run catalogue` stores each head's five scores and every earlier-to-later head
+    pair's Q/K/V composition, equal to the scores computed directly on the same sequences; a
+    second run finds it stored, `--force` replaces it; bad values exit 2 naming the option and
+    leave the stored catalogue as it was."""
+    from workbench.catalogue.run import draw_vocabulary
+    from workbench.cli import cli
+
+    db = tmp_path / "w.duckdb"
+    argv = ["run", "catalogue", "--model", str(induction_dir), "--db", str(db)]
+    assert cli([*argv, "--sequences", "4", "--length", "8", "--seed", "3"]) == 0
+    (cid,) = [ln.split()[-1] for ln in capsys.readouterr().out.splitlines() if "catalogue" in ln]
+    cfg = induction_final.model.cfg
+    n_heads = cfg.n_layers * cfg.n_heads
+    assert _rows(db, "SELECT score, count(*) FROM head_catalogue GROUP BY ALL ORDER BY 1") == [
+        (name, n_heads) for name in sorted(catalogue_run.HEAD_SCORES)
+    ]
+    pairs = sum(
+        cfg.n_heads * cfg.n_heads * (cfg.n_layers - 1 - layer) for layer in range(cfg.n_layers)
+    )
+    assert _rows(db, "SELECT mode, count(*) FROM head_composition GROUP BY ALL ORDER BY 1") == [
+        (mode, pairs) for mode in "KQV"
+    ]
+    tokens = catalogue.repeated_tokens(
+        draw_vocabulary(induction_final), n_sequences=4, half=8,
+        bos=induction_final.tokenizer.bos_token_id, seed=3,
+    )  # fmt: skip
+    direct = catalogue.pattern_scores(induction_final.model, tokens)["induction"]
+    stored = _rows(db, "SELECT layer, head, value FROM head_catalogue WHERE score = 'induction'")
+    for layer, head, value in stored:
+        assert value == pytest.approx(float(direct[layer, head]), abs=1e-6)
+    k_comp = catalogue.composition_scores(induction_final.model, "K")
+    for src, dst, value in _rows(
+        db, "SELECT src, dst, value FROM head_composition WHERE mode = 'K'"
+    ):
+        (sl, sh), (dl, dh) = (tuple(int(x) for x in n[1:].split(".h")) for n in (src, dst))
+        assert value == pytest.approx(float(k_comp[sl, sh, dl, dh]), abs=1e-6)
+
+    assert cli([*argv, "--sequences", "4", "--length", "8", "--seed", "3"]) == 0
+    assert f"cached   catalogue {cid}" in capsys.readouterr().out
+    before = _rows(db, "SELECT created_at FROM catalogues")
+    assert cli([*argv, "--sequences", "4", "--length", "8", "--seed", "3", "--force"]) == 0
+    assert f"done     catalogue {cid}" in capsys.readouterr().out
+    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(5 * n_heads,)]
+    assert _rows(db, "SELECT created_at FROM catalogues") != before
+
+    for extra, message in (
+        (["--sequences", "0"], "--sequences 0: must be 1 or more"),
+        (["--length", "1"], "--length 1: must be 2 or more"),
+        (["--length", "1000"], f"context of {cfg.n_ctx} tokens"),
+        (["--checkpoint", "12345"], "12345"),
+    ):
+        assert cli([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert _rows(db, "SELECT catalogue_id FROM catalogues") == [(cid,)]
+    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(5 * n_heads,)]

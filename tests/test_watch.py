@@ -178,6 +178,9 @@ def test_config_errors_name_the_file_and_the_job(tmp_path, capsys):
             "job[0]: --method nope: not a heads method"
         ),
         "[[job]\n": "not valid TOML",
+        "[catalogue]\nsequences = 0": "[catalogue]: field 'sequences' must be 1 or more",
+        "[catalogue]\nlenght = 4": "[catalogue]: unknown field 'lenght'",
+        "[catalogue]\nseed = 'x'": "[catalogue]: field 'seed' must be an integer",
     }
     for text, message in cases.items():
         config = tmp_path / "bad.toml"
@@ -331,6 +334,35 @@ def test_rescan_of_processed_checkpoints_loads_nothing(tmp_path, induction_dir, 
     monkeypatch.setattr(sources, "load_checkpoint", no_loading)
     assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 0
     assert _rows(db, "SELECT count(*) FROM runs")[0][0] == before
+
+
+def test_watch_stores_each_checkpoints_catalogue_once(tmp_path, induction_dir, capsys):
+    """A `[catalogue]` table makes the watcher store each new checkpoint's head catalogue, as
+    `workbench run catalogue` does (the same ids); one stored already is not computed again. A
+    catalogue the checkpoint cannot take fails that checkpoint with the reason, exit 1."""
+    db = tmp_path / "w.duckdb"
+    runs = tmp_path / "runs"
+    for step_dir in sorted(induction_dir.glob("step_*"))[:2]:
+        shutil.copytree(step_dir, runs / "r" / step_dir.name)
+    first = sorted((runs / "r").iterdir())[0]
+    argv = ["run", "catalogue", "--model", str(first), "--sequences", "4", "--db", str(db)]
+    assert cli(argv) == 0
+    stored = _rows(db, "SELECT catalogue_id, created_at FROM catalogues")
+    config = tmp_path / "watch.toml"
+    config.write_text(f'db = "{db}"\nsettle_seconds = 0\n[catalogue]\nsequences = 4\n')
+    assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 0
+    assert _count(db, "SELECT count(*) FROM catalogues") == 2
+    assert set(stored) <= set(_rows(db, "SELECT catalogue_id, created_at FROM catalogues"))
+    assert _count(db, "SELECT count(*) FROM watched_checkpoints WHERE status = 'done'") == 2
+    assert _count(db, "SELECT count(*) FROM runs") == 0  # a catalogue is not a run
+
+    other = tmp_path / "other.duckdb"
+    config.write_text(f'db = "{other}"\nsettle_seconds = 0\n[catalogue]\nlength = 1000\n')
+    assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 1
+    errors = _rows(other, "SELECT DISTINCT status, error FROM watched_checkpoints")
+    assert len(errors) == 1 and errors[0][0] == "failed"
+    assert errors[0][1].startswith("catalogue: --length 1000: ") and "n_ctx" in errors[0][1]
+    assert _count(other, "SELECT count(*) FROM catalogues") == 0
 
 
 def test_killed_watcher_leaves_nothing_half_written_and_a_restart_completes(

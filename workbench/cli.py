@@ -344,6 +344,44 @@ def run_prompt_command(
     return 0
 
 
+@run_app.command("catalogue")
+def run_catalogue_command(
+    model: ModelOption,
+    checkpoint: CheckpointOption = "latest",
+    sequences: Annotated[
+        int, typer.Option(help="Random token sequences (each repeated once) to read heads on.")
+    ] = 16,
+    length: Annotated[
+        int | None,
+        typer.Option(help="Tokens before the repeat (default: up to 50, as the context allows)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sequences' random tokens.")] = 0,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    db: DbOption = None,
+    force: ForceOption = False,
+) -> int:
+    """Every head's catalogue at each chosen checkpoint, no task needed: previous-token,
+    duplicate-token, induction and sink scores from attention on repeated random tokens, OV
+    copying and Q/K/V composition from the weights (tables catalogues, head_catalogue,
+    head_composition)."""
+    from workbench.catalogue.run import run_catalogue
+
+    for cid, status in run_catalogue(
+        model,
+        checkpoint=checkpoint,
+        n_sequences=sequences,
+        length=length,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        db=db,
+        force=force,
+    ):
+        typer.echo(f"{status:<8} catalogue {cid}")
+    return 0
+
+
 @run_app.command("graph")
 def run_graph_command(
     model: ModelOption,

@@ -23,6 +23,7 @@ only once it is complete, and runs the configured jobs on it that are not stored
   partial rows: a run's rows are one transaction) and the watcher exits.
 """
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -76,10 +77,26 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class CatalogueSpec:
+    """The config's `[catalogue]` table: the head catalogue (`workbench run catalogue`) of each
+    checkpoint, with its options."""
+
+    sequences: int = 16
+    length: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+CATALOGUE_KEYS = {f.name for f in dataclasses.fields(CatalogueSpec)}
+
+
+@dataclass(frozen=True)
 class WatchConfig:
     db: str | None
     jobs: tuple[JobSpec, ...]
     settle: float = 2.0  # seconds a checkpoint's files must stay unchanged
+    catalogue: CatalogueSpec | None = None
 
 
 def read_config(path: Path) -> WatchConfig:
@@ -90,10 +107,11 @@ def read_config(path: Path) -> WatchConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise BadInput(f"{path}: not valid TOML ({err})") from err
-    unknown = set(data) - {"db", "job", "settle_seconds"}
+    unknown = set(data) - {"db", "job", "settle_seconds", "catalogue"}
     if unknown:
         raise BadInput(
-            f"{path}: unknown field {sorted(unknown)[0]!r} (db, settle_seconds, [[job]])"
+            f"{path}: unknown field {sorted(unknown)[0]!r} "
+            "(db, settle_seconds, [[job]], [catalogue])"
         )
     db = data.get("db")
     if db is not None and not isinstance(db, str):
@@ -101,10 +119,36 @@ def read_config(path: Path) -> WatchConfig:
     settle = data.get("settle_seconds", 2.0)
     if not isinstance(settle, int | float) or settle < 0:
         raise BadInput(f"{path}: field 'settle_seconds' must be a number >= 0")
-    entries = data.get("job")
-    if not isinstance(entries, list) or not entries:
-        raise BadInput(f"{path}: no [[job]] tables (each names a pipeline and a task)")
-    return WatchConfig(db, tuple(_job_spec(path, i, e) for i, e in enumerate(entries)), settle)
+    catalogue = _catalogue_spec(path, data["catalogue"]) if "catalogue" in data else None
+    entries = data.get("job", [])
+    if not isinstance(entries, list) or not (entries or catalogue):
+        raise BadInput(
+            f"{path}: no [[job]] tables (each names a pipeline and a task) and no [catalogue]"
+        )
+    jobs = tuple(_job_spec(path, i, e) for i, e in enumerate(entries))
+    return WatchConfig(db, jobs, settle, catalogue)
+
+
+def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
+    where = f"{path}: [catalogue]"
+    if not isinstance(entry, dict):
+        raise BadInput(f"{where}: must be a table")
+    unknown = set(entry) - CATALOGUE_KEYS
+    if unknown:
+        raise BadInput(
+            f"{where}: unknown field {sorted(unknown)[0]!r} ({', '.join(sorted(CATALOGUE_KEYS))})"
+        )
+    for name in ("sequences", "length", "seed"):
+        if name in entry and (type(entry[name]) is not int):
+            raise BadInput(f"{where}: field {name!r} must be an integer")
+    for name in ("device", "dtype"):
+        if name in entry and not isinstance(entry[name], str):
+            raise BadInput(f"{where}: field {name!r} must be a string")
+    if entry.get("sequences", 1) < 1:
+        raise BadInput(f"{where}: field 'sequences' must be 1 or more")
+    if entry.get("length", 2) < 2:
+        raise BadInput(f"{where}: field 'length' must be 2 or more")
+    return CatalogueSpec(**entry)
 
 
 def _job_spec(path: Path, index: int, entry: dict[str, Any]) -> JobSpec:
@@ -364,6 +408,10 @@ class Watcher:
                 address=self.address,
                 lock_wait=self.lock_wait,
             )
+            if self.config.catalogue is not None:
+                if self.stop.requested:
+                    raise Stopped(outcomes)
+                outcomes.append(self._catalogue(ref, self.config.catalogue))
         except (Stopped, DatabaseBusy):
             raise
         except BadInput as err:  # the checkpoint (or a task on it) cannot be used
@@ -373,6 +421,26 @@ class Watcher:
         else:
             return outcomes, None  # (the runner logged one line per run)
         return self._failed_checkpoint(cand, print_, error, ref), error
+
+    def _catalogue(self, ref: CheckpointRef, spec: CatalogueSpec) -> RunOutcome:
+        """The checkpoint's head catalogue, stored unless it is already: an outcome with method
+        `catalogue` and the catalogue's id, `failed` with the reason if it cannot be made."""
+        from workbench.catalogue.run import store_catalogue
+        from workbench.models import load_checkpoint
+
+        try:
+            loaded = load_checkpoint(ref, device=spec.device, dtype=spec.dtype)
+            cid, status = store_catalogue(
+                loaded, spec.sequences, spec.length, spec.seed, spec.dtype, self.db, False,
+                lock_wait=self.lock_wait,
+            )  # fmt: skip
+        except BadInput as err:
+            logger.error("%s: catalogue: %s", ref.checkpoint_id, err)
+            return RunOutcome(ref.checkpoint_id, "catalogue", "failed", None, f"catalogue: {err}")
+        logger.info("%s: catalogue %s %s", ref.checkpoint_id, cid, status)
+        return RunOutcome(
+            ref.checkpoint_id, "catalogue", "skipped" if status == "cached" else "done", cid
+        )
 
     def _failed_checkpoint(
         self, cand: Candidate, print_: str, error: str, ref: CheckpointRef | None = None

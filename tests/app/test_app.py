@@ -117,3 +117,32 @@ def test_circuit_view_shows_stored_circuits_curves_and_comparisons(app):
     scores = at.dataframe[-2].value
     assert set(scores["node_id"]) >= {"a1.h0", "a1.h0<k>"}
     assert {"act_patch_denoise", "head_importance"} <= set(scores["method"])
+
+
+def test_heads_catalogue_names_the_induction_head_and_its_composition(app, heads_db):
+    """The Catalogue tab of the final checkpoint ranks a layer-1 head first by induction score,
+    the head the store's own induction ranking names, and the K-composition into it from a
+    layer-0 head leads; before training (step 0) no head scores as an induction head."""
+    from tests.conftest import query
+
+    at = _show(app, "Heads")
+    assert at.select_slider(key="catalogue_step").value == 1000
+    at.selectbox(key="catalogue_score").set_value("induction").run()
+    assert not at.exception
+    (top,) = [d.value for d in at.dataframe if "induction" in d.value.columns]
+    (stored,) = query(
+        heads_db,
+        """SELECT arg_max(h.node_id, h.value) AS head FROM head_catalogue h
+           JOIN checkpoints c USING (checkpoint_id)
+           WHERE h.score = 'induction' AND c.step = 1000""",
+    )
+    assert top.iloc[0]["node_id"] == stored["head"] and stored["head"].startswith("a1.")
+    assert top.iloc[0]["induction"] > 0.3  # measured 0.44 (docs/methods.md)
+    at.selectbox(key="catalogue_mode").set_value("K").run()
+    (pairs,) = [d.value for d in at.dataframe if "src" in d.value.columns]
+    into = pairs[pairs["dst"] == stored["head"]]
+    assert into.iloc[0]["src"].startswith("a0.")
+    at.select_slider(key="catalogue_step").set_value(0).run()
+    assert not at.exception
+    (top,) = [d.value for d in at.dataframe if "induction" in d.value.columns]
+    assert top["induction"].max() < 0.1  # measured 0.03 before training

@@ -271,6 +271,37 @@ def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     browser.save_screenshot(str(tmp_path / "timeline.png"))
 
 
+def test_the_head_catalogue_in_a_real_browser(server, browser, heads_db, tmp_path):
+    """A link to the Heads page with a catalogue score and composition mode opens them; the
+    Catalogue tab shows the final checkpoint's catalogue (its heatmap, the heads that lead the
+    score, the K-composition pairs), and the address bar keeps the choices."""
+    from urllib.parse import parse_qs, urlparse
+
+    import duckdb
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    con = duckdb.connect(str(heads_db), read_only=True)
+    (catalogue,) = con.execute(
+        """SELECT catalogue_id FROM catalogues JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.step = 1000"""
+    ).fetchone()
+    con.close()
+    browser.get(f"{server}/?view=heads&score=induction&mode=K")
+    _wait_for_text(browser, "Attention heads")
+    tab = "//*[@role='tab'][contains(normalize-space(.), 'Catalogue')]"
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, tab))
+    browser.find_element(By.XPATH, tab).click()
+    _wait_for_text(browser, "K-composition: how much of a later head's key circuit")
+    _wait_for_text(browser, "attention to the token after an earlier copy")
+    body = browser.find_element(By.TAG_NAME, "body").text
+    assert "Traceback" not in body and f"catalogue {catalogue}" in body
+    WebDriverWait(browser, 60).until(lambda d: "heatmap" in _plot_traces(d))
+    query = {k: v[0] for k, v in parse_qs(urlparse(browser.current_url).query).items()}
+    assert (query["score"], query["mode"], query["catalogue_step"]) == ("induction", "K", "1000")
+    browser.save_screenshot(str(tmp_path / "catalogue.png"))
+
+
 def _type_into(driver, css: str, text: str, commit) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -12,6 +12,7 @@ import pytest
 from tests.sae.conftest import query
 from workbench.cli import cli
 from workbench.store import Store
+from workbench.store.schema import CATALOGUE_TABLES, SCHEMA_VERSION
 
 TEXT = "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
 # the merges make whole-word tokens of these; every other word stays in single bytes
@@ -138,7 +139,7 @@ def test_every_stored_token_string_is_that_tokens_text(stored, byte_model):
 
 def _as_v10(db: Path, tmp: Path, byte_model: Path) -> Path:
     """A copy of `db` as schema v10 left it: token strings are the tokenizer's pieces
-    (`convert_ids_to_tokens`, what v10's runs stored) and no v11."""
+    (`convert_ids_to_tokens`, what v10's runs stored) and no later version's tables."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(byte_model))
@@ -153,7 +154,9 @@ def _as_v10(db: Path, tmp: Path, byte_model: Path) -> Path:
         (checkpoint_id,) = [r[0] for r in store.con.execute("FROM token_text_pending").fetchall()]
         rewrite(store, checkpoint_id, pieces)
         store.con.execute("DROP TABLE token_text_pending")
-        store.con.execute("DELETE FROM schema_version WHERE version = 11")
+        for table in ("catalogues", *CATALOGUE_TABLES):  # v12
+            store.con.execute(f"DROP TABLE {table}")
+        store.con.execute("DELETE FROM schema_version WHERE version > 10")
     return copy
 
 
@@ -165,7 +168,7 @@ def test_a_v10_database_is_rewritten_by_workbench_migrate(stored, byte_model, tm
     )
     assert before != _strings(stored)
     assert cli(["migrate", "--db", str(v10)]) == 0
-    assert "migrated from v10 to schema v11" in capsys.readouterr().out
+    assert f"migrated from v10 to schema v{SCHEMA_VERSION}" in capsys.readouterr().out
     assert _strings(v10) == _strings(stored)
     assert query(v10, "SELECT count(*) AS n FROM token_text_pending")[0]["n"] == 0
 

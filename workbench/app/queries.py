@@ -122,6 +122,54 @@ def head_score_history(model_id: str, method: str, task_id: str) -> pd.DataFrame
     )
 
 
+# -- head catalogue ------------------------------------------------------------------------
+
+
+def catalogues(model_id: str) -> pd.DataFrame:
+    """The newest head catalogue of each of the model's checkpoints, by step."""
+    return data.query(
+        """SELECT k.catalogue_id, k.checkpoint_id, c.step, k.params, k.seconds, k.created_at
+           FROM catalogues k JOIN checkpoints c USING (checkpoint_id)
+           WHERE c.model_id = ?
+           QUALIFY row_number() OVER (PARTITION BY k.checkpoint_id ORDER BY k.created_at DESC) = 1
+           ORDER BY c.step""",
+        (model_id,),
+    )
+
+
+def catalogue_scores(catalogue_id: str) -> pd.DataFrame:
+    """A catalogue's head scores: node_id, layer, head, score (its name), value."""
+    return data.query(
+        """SELECT node_id, layer, head, score, value FROM head_catalogue
+           WHERE catalogue_id = ? ORDER BY score, layer, head""",
+        (catalogue_id,),
+    )
+
+
+def catalogue_composition(catalogue_id: str, mode: str) -> pd.DataFrame:
+    """A catalogue's Q-, K- or V-composition scores (`mode`): src, dst, value."""
+    return data.query(
+        """SELECT src, dst, value FROM head_composition
+           WHERE catalogue_id = ? AND mode = ? ORDER BY value DESC""",
+        (catalogue_id, mode),
+    )
+
+
+def catalogue_history(model_id: str, score: str, node_ids: list[str]) -> pd.DataFrame:
+    """One catalogue score of the given heads at each checkpoint (its newest catalogue)."""
+    return data.query(
+        """WITH newest AS (
+             SELECT k.catalogue_id, c.step FROM catalogues k JOIN checkpoints c
+             USING (checkpoint_id) WHERE c.model_id = ?
+             QUALIFY row_number() OVER (PARTITION BY k.checkpoint_id
+                                        ORDER BY k.created_at DESC) = 1)
+           SELECT n.step, h.node_id, h.value FROM head_catalogue h JOIN newest n
+           USING (catalogue_id) WHERE h.score = ? AND list_contains(?, h.node_id)
+           ORDER BY n.step, h.node_id""",
+        (model_id, score, list(node_ids)),
+    )
+
+
 def patching_scores(run_id: str) -> pd.DataFrame:
     """A run's node scores (position -1 = all positions at once), by layer, head, position."""
     return data.query(

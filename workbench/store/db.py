@@ -37,6 +37,7 @@ from workbench.errors import BadInput
 from workbench.results import RunResult
 from workbench.rows import RunRow, result_rows, run_rows
 from workbench.store.schema import (
+    CATALOGUE_TABLES,
     GRAPH_TABLES,
     MIGRATIONS,
     PROMPT_TABLES,
@@ -401,18 +402,49 @@ class Store:
         """Store one prompt's views (`workbench.prompt.views.view_rows`) with the model, checkpoint
         and node rows they refer to, in one transaction, replacing the same prompt_id."""
         (head,) = rows["prompt_views"]
-        pid = str(head["prompt_id"])
         head = head | {"created_at": utc_now()}
+        self._replace_keyed("prompt_views", "prompt_id", head, PROMPT_TABLES, rows, registry)
+        return str(head["prompt_id"])
+
+    def has_catalogue(self, catalogue_id: str) -> bool:
+        return bool(
+            self._scalar("SELECT count(*) FROM catalogues WHERE catalogue_id = ?", [catalogue_id])
+        )
+
+    def save_catalogue(
+        self,
+        head: dict[str, Any],
+        rows: dict[str, list[dict[str, Any]]],
+        registry: dict[str, pa.Table],
+    ) -> str:
+        """Store one head catalogue (`workbench.catalogue.run`: its `catalogues` row `head`,
+        params as a dict, and its rows by table) with the model, checkpoint and node rows they
+        refer to, in one transaction, replacing the same catalogue_id."""
+        head = head | {"params": json.dumps(head["params"], sort_keys=True)}
+        self._replace_keyed("catalogues", "catalogue_id", head, CATALOGUE_TABLES, rows, registry)
+        return str(head["catalogue_id"])
+
+    def _replace_keyed(
+        self,
+        head_table: str,
+        key: str,
+        head: dict[str, Any],
+        tables: tuple[str, ...],
+        rows: dict[str, list[dict[str, Any]]],
+        registry: dict[str, pa.Table],
+    ) -> None:
+        """In one transaction: the registry rows (kept where present), then `head` into
+        `head_table` and `rows` into `tables`, replacing every row of the same `key` value."""
+        value = str(head[key])
         with self.transaction() as con:
             for table, data in registry.items():
                 self._insert(con, table, data, ignore_existing=True)
-            for table in ("prompt_views", *PROMPT_TABLES):
-                con.execute(f"DELETE FROM {table} WHERE prompt_id = ?", [pid])
-            self._insert(con, "prompt_views", pa.Table.from_pylist([head]))
-            for table in PROMPT_TABLES:
+            for table in (head_table, *tables):
+                con.execute(f"DELETE FROM {table} WHERE {key} = ?", [value])
+            self._insert(con, head_table, pa.Table.from_pylist([head]))
+            for table in tables:
                 if rows.get(table):
                     self._insert(con, table, pa.Table.from_pylist(rows[table]))
-        return pid
 
     def transcoder_set(self, set_id: str) -> dict[str, Any] | None:
         """The stored transcoder set `set_id` (its `transcoder_sets` row), or None."""

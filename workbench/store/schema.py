@@ -316,6 +316,21 @@ SCHEMA_V11 = [
         WHERE checkpoint_id IS NOT NULL""",
 ]
 
+# v12: the head catalogue (`workbench run catalogue`, `workbench.catalogue`): every head's scores
+# at one checkpoint with no task, keyed by catalogue_id (a hash of the checkpoint, the dtype and
+# the generated sequences' parameters).
+SCHEMA_V12 = [
+    """CREATE TABLE catalogues (
+        catalogue_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, params JSON, seconds DOUBLE,
+        created_at TIMESTAMP)""",
+    """CREATE TABLE head_catalogue (
+        catalogue_id VARCHAR, checkpoint_id VARCHAR, node_id VARCHAR, layer INTEGER,
+        head INTEGER, score VARCHAR, value DOUBLE)""",
+    """CREATE TABLE head_composition (
+        catalogue_id VARCHAR, checkpoint_id VARCHAR, mode VARCHAR, src VARCHAR, dst VARCHAR,
+        value DOUBLE)""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -328,6 +343,7 @@ MIGRATIONS: dict[int, list[str]] = {
     9: SCHEMA_V9,
     10: SCHEMA_V10,
     11: SCHEMA_V11,
+    12: SCHEMA_V12,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -339,6 +355,9 @@ PROMPT_TABLES = (
     "prompt_flow",
     "prompt_routes",
 )
+
+# The tables of a catalogue besides `catalogues` itself, keyed by catalogue_id.
+CATALOGUE_TABLES = ("head_catalogue", "head_composition")
 
 # The tables of a graph besides `graphs` itself, keyed by graph_id.
 GRAPH_TABLES = ("graph_nodes", "graph_edges")

@@ -1,12 +1,25 @@
 """Heads: a layer x head heatmap of any run's scores, with a checkpoint selector, and each
-head's score across checkpoints (the formation of the induction head over training)."""
+head's score across checkpoints (the formation of the induction head over training); and the
+head catalogue (`workbench run catalogue`): what each head does with no task, its composition
+with earlier heads, and a score's course over training."""
+
+import json
 
 import numpy as np
+import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from workbench.app import queries
+from workbench.app import links, queries
 from workbench.app.views.common import diverging_heatmap, pick_run, select_model
+
+SCORE_HELP = {
+    "previous_token": "attention from each position to the one before",
+    "duplicate_token": "attention to earlier copies of the current token",
+    "induction": "attention to the token after an earlier copy of the current token",
+    "sink": "attention from every later position to the first token",
+    "copying": "share of positive eigenvalues of the OV circuit (1 copies, -1 suppresses)",
+}
 
 
 def render() -> None:
@@ -14,6 +27,26 @@ def render() -> None:
     model_id = select_model("heads_model")
     if model_id is None:
         return
+    runs_tab, catalogue_tab = st.tabs(["Scores of runs", "Catalogue"])
+    with runs_tab:
+        _run_scores(model_id)
+    with catalogue_tab:
+        _catalogue(model_id)
+
+
+def _heatmap(values: pd.DataFrame, bound: float, color: str) -> object:
+    """A layer x head heatmap of `values` (columns layer, head and `color`)."""
+    n_layers, n_heads = int(values["layer"].max()) + 1, int(values["head"].max()) + 1
+    grid = np.full((n_layers, n_heads), np.nan)
+    grid[values["layer"], values["head"]] = values[color]
+    labels = {"x": "head", "y": "layer", "color": color}
+    fig = diverging_heatmap(grid, bound, labels, text_auto=".2f" if n_heads <= 16 else False)
+    fig.update_xaxes(dtick=1)
+    fig.update_yaxes(dtick=1)
+    return fig
+
+
+def _run_scores(model_id: str) -> None:
     runs = queries.done_runs(model_id)
     runs = runs[runs["pipeline"] == "heads"]
     if runs.empty:
@@ -24,13 +57,7 @@ def render() -> None:
     if scores.empty:
         st.info("This run stored no head scores.")
         return
-    n_layers, n_heads = int(scores["layer"].max()) + 1, int(scores["head"].max()) + 1
-    grid = np.full((n_layers, n_heads), np.nan)
-    grid[scores["layer"], scores["head"]] = scores["score"]
-    labels = {"x": "head", "y": "layer", "color": "score"}
-    fig = diverging_heatmap(grid, float(np.nanmax(np.abs(grid))), labels, text_auto=".2f")
-    fig.update_xaxes(dtick=1)
-    fig.update_yaxes(dtick=1)
+    fig = _heatmap(scores, float(np.nanmax(np.abs(scores["score"]))), "score")
     st.caption(
         f"run `{run['run_id']}` · metric clean {run['metric_clean']:.3f}, "
         f"corrupt {run['metric_corrupt']:.3f}"
@@ -42,4 +69,57 @@ def render() -> None:
     history = queries.head_score_history(model_id, str(run["method"]), str(run["task_id"]))
     st.plotly_chart(
         px.line(history, x="step", y="score", color="node_id", markers=True), key="heads_history"
+    )
+
+
+def _catalogue(model_id: str) -> None:
+    stored = queries.catalogues(model_id)
+    if stored.empty:
+        st.info(
+            "No head catalogue for this model yet: `workbench run catalogue --model MODEL "
+            "--checkpoint all` computes one per checkpoint."
+        )
+        return
+    steps = stored["step"].tolist()
+    step = links.select_slider(
+        "Checkpoint (training step)", steps, value=steps[-1], key="catalogue_step",
+        param="catalogue_step",
+    )  # fmt: skip
+    chosen = stored[stored["step"] == step].iloc[0]
+    links.show("catalogue", str(chosen["catalogue_id"]))
+    params = json.loads(str(chosen["params"]))
+    st.caption(
+        f"catalogue `{chosen['catalogue_id']}` · {params['n_sequences']} sequences of "
+        f"{params['length']} random tokens repeated once (seed {params['seed']}, "
+        f"{params['dtype']}) · {float(chosen['seconds']):.1f} s"
+    )
+    scores = queries.catalogue_scores(str(chosen["catalogue_id"]))
+    names = [n for n in SCORE_HELP if n in set(scores["score"])]
+    name = links.selectbox("Score", names, key="catalogue_score", param="score")
+    st.caption(SCORE_HELP[name])
+    picked = scores[scores["score"] == name]
+    st.plotly_chart(_heatmap(picked, 1.0, "value"), key="catalogue_heatmap")
+    wide = scores.pivot_table(index="node_id", columns="score", values="value").reset_index()
+    wide = wide[["node_id", *names]].sort_values(name, ascending=False)
+    st.dataframe(wide.head(10).round(3), hide_index=True, key="catalogue_top")
+
+    st.subheader("Composition")
+    mode = links.selectbox("Composition", ["K", "Q", "V"], key="catalogue_mode", param="mode")
+    pairs = queries.catalogue_composition(str(chosen["catalogue_id"]), mode)
+    if pairs.empty:
+        st.info("One layer: no head has an earlier head to compose with.")
+    else:
+        port = {"Q": "query", "K": "key", "V": "value"}[mode]
+        st.caption(
+            f"{mode}-composition: how much of a later head's {port} circuit reads what an "
+            "earlier head writes (0 to 1)"
+        )
+        st.dataframe(pairs.head(10).round(3), hide_index=True, key="catalogue_composition")
+
+    st.subheader("Across checkpoints")
+    top = wide["node_id"].head(5).tolist()
+    history = queries.catalogue_history(model_id, name, top)
+    st.plotly_chart(
+        px.line(history, x="step", y="value", color="node_id", markers=True),
+        key="catalogue_history",
     )

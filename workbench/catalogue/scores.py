@@ -98,7 +98,7 @@ def pattern_scores(
         scores["sink"][layer] = attention[:, :, 1:, 0].mean((0, 2)).cpu()
 
     hooks = [(Hook.pattern(layer), score) for layer in range(cfg.n_layers)]
-    model.run_with_hooks(tokens.to(device), fwd_hooks=hooks, return_type=None)
+    model.run_with_hooks(tokens.to(device), fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
     return scores
 
 

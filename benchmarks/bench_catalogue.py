@@ -1,0 +1,93 @@
+"""The head catalogue's cost against the edge run it sits beside, on the same model, in the same
+run: each part of `workbench run catalogue` (attention scores on the repeated sequences, OV
+copying, Q/K/V composition) and the whole, over EAP attribution with its faithfulness curve on
+32 induction prompts (what `workbench run edges --method eap` computes), and over one forward +
+backward pass of that batch.
+
+    python -m benchmarks.bench_catalogue
+"""
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore")
+
+from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # noqa: E402
+from benchmarks.bench_methods import SMOLLM2  # noqa: E402
+
+
+def catalogue_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    import torch
+
+    from workbench import circuits
+    from workbench.attribution import edges
+    from workbench.attribution.batches import logit_diff, make_batches
+    from workbench.catalogue import scores
+    from workbench.catalogue.run import (
+        DEFAULT_SEQUENCES,
+        catalogue_params,
+        draw_vocabulary,
+    )
+    from workbench.tasks import load_task
+
+    model = loaded.model
+    batches = make_batches(load_task("induction", loaded, n_prompts=n_prompts), max_batch=n_prompts)
+    batch = batches[0]
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        logit_diff(model(batch.clean), batch.answer, batch.wrong).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def eap_run() -> None:
+        result = edges.edge_attribution(model, batches)
+        circuits.faithfulness_curve(model, batches, result.graph, result.edges(), runs=result.runs)
+
+    t_fb = best_time(forward_backward)
+    t_eap = best_time(eap_run, repeats=2)
+    params = catalogue_params(
+        loaded, n_sequences=DEFAULT_SEQUENCES, length=None, seed=0, dtype="float32"
+    )
+    tokens = scores.repeated_tokens(
+        draw_vocabulary(loaded), n_sequences=params.n_sequences, half=params.length,
+        bos=params.bos, seed=params.seed,
+    )  # fmt: skip
+    with torch.no_grad():
+        parts = {
+            "attention scores": best_time(lambda: scores.pattern_scores(model, tokens)),
+            "OV copying": best_time(lambda: scores.copying_scores(model)),
+            "Q/K/V composition": best_time(
+                lambda: [scores.composition_scores(model, mode) for mode in scores.COMPOSITIONS],
+                repeats=2,
+            ),
+        }
+    total = sum(parts.values())
+    shape = f"{params.n_sequences} x {2 * params.length + (params.bos is not None)} tokens"
+    rows = [[name, part, f"{t:.2f} s", f"{t / t_eap:.2f}", ""] for part, t in parts.items()]
+    rows += [
+        [name, f"catalogue ({shape})", f"{total:.2f} s", f"{total / t_eap:.2f}",
+         f"{total / t_fb:.1f}"],
+        [name, f"eap + curve ({n_prompts} prompts)", f"{t_eap:.2f} s", "1", f"{t_eap / t_fb:.1f}"],
+    ]  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    rows = catalogue_costs("zoo induction (2L, d=64)", zoo_model(None), 32)
+    rows += catalogue_costs("random GPT-2-small shape", random_gpt2(12, 768, 12, 50257), 32)
+    if (SMOLLM2 / "model.safetensors").is_file():
+        from workbench.models import load_checkpoint, resolve_checkpoints
+
+        rows += catalogue_costs(
+            "SmolLM2-135M", load_checkpoint(resolve_checkpoints(str(SMOLLM2))[0]), 16
+        )
+    print("| model | part | seconds | over eap + curve | over forward + backward |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""`workbench run catalogue`: every head's catalogue scores (`workbench.catalogue.scores`) at
+each chosen checkpoint, computed without holding the database, then stored in one short
+transaction. Cached by catalogue_id (checkpoint, dtype, the sequences' count, length and seed):
+a catalogue already stored is not computed again unless `force`.
+
+The sequences are `n_sequences` draws of `length` tokens, each followed by itself once more,
+after the tokenizer's BOS where the model prepends one: tokens drawn uniformly from the
+vocabulary less the tokenizer's special tokens. The default length is the longest up to 50
+that fits the model's context twice. Bad values (fewer than 1 sequence, a length below 2 or
+too long for the context) are `BadInput` before any model loads fully, and nothing is stored.
+"""
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from workbench.core import Node, utc_now
+from workbench.errors import BadInput
+from workbench.hashing import sha256_json
+from workbench.models import load_checkpoint, resolve_checkpoints
+from workbench.models.base import LoadedModel
+from workbench.models.sources import select_checkpoints
+from workbench.rows import loaded_rows
+from workbench.store import Store
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEQUENCES = 16
+MAX_DEFAULT_LENGTH = 50
+HEAD_SCORES = ("previous_token", "duplicate_token", "induction", "sink", "copying")
+
+
+@dataclass(frozen=True)
+class CatalogueParams:
+    """What a catalogue's numbers depend on besides the checkpoint (all in its id)."""
+
+    n_sequences: int
+    length: int  # tokens per half of a sequence
+    seed: int
+    dtype: str
+    bos: int | None  # the token every sequence starts with, if any
+    vocabulary: int  # how many token ids the draws come from
+
+
+def catalogue_id(checkpoint_id: str, params: CatalogueParams) -> str:
+    """`c-` and the first 12 hex digits of the sha256 of (checkpoint, params)."""
+    return "c-" + sha256_json({"checkpoint": checkpoint_id, **asdict(params)})[:12]
+
+
+def draw_vocabulary(loaded: LoadedModel) -> list[int]:
+    """The token ids sequences are drawn from: the model's vocabulary less its tokenizer's
+    special tokens (and ids the tokenizer does not have)."""
+    size = loaded.model.cfg.d_vocab
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        return list(range(size))
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(min(size, len(tokenizer))) if i not in special]
+
+
+def catalogue_params(
+    loaded: LoadedModel, *, n_sequences: int, length: int | None, seed: int, dtype: str
+) -> CatalogueParams:
+    """The params of this checkpoint's catalogue; BadInput for values it cannot take."""
+    bos = loaded.bos_token_id if loaded.prepend_bos else None
+    room = loaded.model.cfg.n_ctx - (bos is not None)
+    if length is None:
+        length = min(MAX_DEFAULT_LENGTH, room // 2)
+    if length < 2 or 2 * length > room:
+        raise BadInput(
+            f"--length {length}: each sequence is twice its length"
+            f"{' plus BOS' if bos is not None else ''}, which must fit the model's context "
+            f"of {loaded.model.cfg.n_ctx} tokens (n_ctx), with a length of at least 2"
+        )
+    return CatalogueParams(n_sequences, length, seed, dtype, bos, len(draw_vocabulary(loaded)))
+
+
+def catalogue_rows(
+    loaded: LoadedModel, params: CatalogueParams, cid: str
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of one catalogue: `head_catalogue` (a head's score by name) and
+    `head_composition` (Q, K and V composition into every head of a later layer)."""
+    from workbench.catalogue import scores
+
+    model = loaded.model
+    checkpoint_id = loaded.checkpoint.checkpoint_id
+    tokens = scores.repeated_tokens(
+        draw_vocabulary(loaded),
+        n_sequences=params.n_sequences,
+        half=params.length,
+        bos=params.bos,
+        seed=params.seed,
+    )
+    steps = ["patterns", "copying", *(f"{mode}-composition" for mode in scores.COMPOSITIONS)]
+    progress = tqdm(total=len(steps), desc="catalogue", leave=False)
+    by_name = scores.pattern_scores(model, tokens)
+    progress.update()
+    by_name["copying"] = scores.copying_scores(model)
+    progress.update()
+    heads = [
+        {
+            "catalogue_id": cid,
+            "checkpoint_id": checkpoint_id,
+            "node_id": Node.head_of(layer, head).id,
+            "layer": layer,
+            "head": head,
+            "score": name,
+            "value": float(by_name[name][layer, head]),
+        }
+        for name in HEAD_SCORES
+        for layer in range(model.cfg.n_layers)
+        for head in range(model.cfg.n_heads)
+    ]
+    composition = []
+    for mode in scores.COMPOSITIONS:
+        values = scores.composition_scores(model, mode)
+        for src_layer in range(model.cfg.n_layers - 1):
+            block = values[src_layer, :, src_layer + 1 :].tolist()  # [head, later layer, head']
+            for src_head, rows in enumerate(block):
+                src = Node.head_of(src_layer, src_head).id
+                for offset, row in enumerate(rows):
+                    dst_layer = src_layer + 1 + offset
+                    composition += [
+                        {
+                            "catalogue_id": cid,
+                            "checkpoint_id": checkpoint_id,
+                            "mode": mode,
+                            "src": src,
+                            "dst": Node.head_of(dst_layer, dst_head).id,
+                            "value": value,
+                        }
+                        for dst_head, value in enumerate(row)
+                    ]
+        progress.update()
+    progress.close()
+    return {"head_catalogue": heads, "head_composition": composition}
+
+
+def run_catalogue(
+    model: str,
+    *,
+    checkpoint: str = "latest",
+    n_sequences: int = DEFAULT_SEQUENCES,
+    length: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    db: str | None = None,
+    force: bool = False,
+) -> list[tuple[str, str]]:
+    """[(catalogue_id, 'done' or 'cached')] per checkpoint."""
+    if n_sequences < 1:
+        raise BadInput(f"--sequences {n_sequences}: must be 1 or more")
+    if length is not None and length < 2:
+        raise BadInput(f"--length {length}: must be 2 or more")
+    refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
+    done: list[tuple[str, str]] = []
+    for ref in tqdm(refs, desc="catalogue checkpoints", disable=len(refs) < 2):
+        loaded = load_checkpoint(ref, device=device, dtype=dtype)
+        done.append(store_catalogue(loaded, n_sequences, length, seed, dtype, db, force))
+    return done
+
+
+def store_catalogue(
+    loaded: LoadedModel,
+    n_sequences: int,
+    length: int | None,
+    seed: int,
+    dtype: str,
+    db: str | None,
+    force: bool,
+    *,
+    lock_wait: float | None = None,
+) -> tuple[str, str]:
+    """Compute and store one loaded checkpoint's catalogue unless it is stored already (and not
+    `force`): (catalogue_id, 'done' or 'cached'). `lock_wait`: how long a write waits for
+    another process's lock on the database (`Store`)."""
+    params = catalogue_params(
+        loaded, n_sequences=n_sequences, length=length, seed=seed, dtype=dtype
+    )
+    checkpoint_id = loaded.checkpoint.checkpoint_id
+    cid = catalogue_id(checkpoint_id, params)
+    if not force:
+        with Store(db, lock_wait=lock_wait) as store:
+            if store.has_catalogue(cid):
+                logger.info("catalogue %s at %s: stored already", cid, checkpoint_id)
+                return cid, "cached"
+    started = time.perf_counter()
+    rows = catalogue_rows(loaded, params, cid)
+    head = {
+        "catalogue_id": cid,
+        "checkpoint_id": checkpoint_id,
+        "params": asdict(params),
+        "seconds": time.perf_counter() - started,
+        "created_at": utc_now(),
+    }
+    with Store(db, lock_wait=lock_wait) as store:
+        store.save_catalogue(head, rows, loaded_rows(loaded))
+    logger.info("catalogue %s at %s: stored", cid, checkpoint_id)
+    return cid, "done"
