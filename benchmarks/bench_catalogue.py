@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
+from benchmarks.bench_edges import forward_backward, induction_batches  # noqa: E402
 from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # noqa: E402
 from benchmarks.bench_methods import SMOLLM2  # noqa: E402
 
@@ -23,29 +24,17 @@ def catalogue_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # ty
 
     from workbench import circuits
     from workbench.attribution import edges
-    from workbench.attribution.batches import logit_diff, make_batches
     from workbench.catalogue import scores
-    from workbench.catalogue.run import (
-        DEFAULT_SEQUENCES,
-        catalogue_params,
-        draw_vocabulary,
-    )
-    from workbench.tasks import load_task
+    from workbench.catalogue.run import DEFAULT_SEQUENCES, catalogue_params, draw_vocabulary
 
     model = loaded.model
-    batches = make_batches(load_task("induction", loaded, n_prompts=n_prompts), max_batch=n_prompts)
-    batch = batches[0]
-
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        logit_diff(model(batch.clean), batch.answer, batch.wrong).sum().backward()
-        model.zero_grad(set_to_none=True)
+    batches = induction_batches(loaded, n_prompts)
 
     def eap_run() -> None:
         result = edges.edge_attribution(model, batches)
         circuits.faithfulness_curve(model, batches, result.graph, result.edges(), runs=result.runs)
 
-    t_fb = best_time(forward_backward)
+    t_fb = best_time(forward_backward(model, batches[0]))
     t_eap = best_time(eap_run, repeats=2)
     params = catalogue_params(
         loaded, n_sequences=DEFAULT_SEQUENCES, length=None, seed=0, dtype="float32"

@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
@@ -32,23 +33,35 @@ from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # 
 from workbench.core import Node  # noqa: E402
 
 
-def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
-    from workbench import circuits
-    from workbench.attribution import edges
-    from workbench.attribution.batches import logit_diff, make_batches
+def induction_batches(loaded, n_prompts: int) -> list:  # type: ignore[no-untyped-def]
+    """`n_prompts` induction prompts of `loaded` in one batch (a list of one `PromptBatch`)."""
+    from workbench.attribution.batches import make_batches
     from workbench.tasks import load_task
 
-    model = loaded.model
-    batches = make_batches(load_task("induction", loaded, n_prompts=n_prompts), max_batch=n_prompts)
-    batch = batches[0]
+    return make_batches(load_task("induction", loaded, n_prompts=n_prompts), max_batch=n_prompts)
 
-    def forward_backward() -> None:
+
+def forward_backward(model, batch) -> Callable[[], None]:  # type: ignore[no-untyped-def]
+    """One forward and backward pass of the model on the batch's clean prompts (the baseline)."""
+    from workbench.attribution.batches import logit_diff
+
+    def run() -> None:
         model.zero_grad(set_to_none=True)
         logit_diff(model(batch.clean), batch.answer, batch.wrong).sum().backward()
         model.zero_grad(set_to_none=True)
 
+    return run
+
+
+def edge_costs(name: str, loaded, n_prompts: int, with_exact: bool) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    from workbench import circuits
+    from workbench.attribution import edges
+
+    model = loaded.model
+    batches = induction_batches(loaded, n_prompts)
+    batch = batches[0]
     graph = edges.model_graph(model)
-    t_fb = best_time(forward_backward)
+    t_fb = best_time(forward_backward(model, batch))
     t_eap = best_time(lambda: edges.edge_attribution(model, batches))
     steps = 5
     t_ig = best_time(lambda: edges.edge_attribution(model, batches, ig_steps=steps))
