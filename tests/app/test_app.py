@@ -39,12 +39,26 @@ def test_overview_lists_models_checkpoints_and_runs(app, heads_db):
     assert len(models) == 1 and len(checkpoints) == 11 and len(runs) == n_runs
 
 
-def test_heads_view_shows_induction_head_at_top_of_final_checkpoint(app):
+def test_heads_view_shows_induction_head_at_top_of_final_checkpoint(app, heads_db):
+    from tests.conftest import query
+
     at = _show(app, "Heads")
     at.selectbox(key="heads_method").set_value("act_patch_denoise").run()
     assert at.select_slider(key="heads_step").value == 1000
     top = at.dataframe[0].value.iloc[0]
     assert int(top["layer"]) == 1  # an induction head leads the final checkpoint
+    (agreement,) = [d.value for d in at.dataframe if "spearman_abs" in d.value.columns]
+    run_id = at.session_state["_links_shown"]["run"]
+    others = query(
+        heads_db,
+        """SELECT DISTINCT o.run_id FROM runs r JOIN runs o USING (checkpoint_id, task_id)
+           JOIN node_scores s ON s.run_id = r.run_id JOIN node_scores t ON t.run_id = o.run_id
+             AND t.node_id = s.node_id AND t.position IS NOT DISTINCT FROM s.position
+           WHERE r.run_id = ? AND o.run_id <> r.run_id AND o.status = 'done'""",
+        [run_id],
+    )
+    assert set(agreement["run_id"]) == {o["run_id"] for o in others}
+    assert agreement["spearman_abs"].between(-1, 1).all()
     at.select_slider(key="heads_step").set_value(0).run()
     assert not at.exception
     assert at.get("plotly_chart")  # heatmap and history are drawn

@@ -122,6 +122,20 @@ def head_score_history(model_id: str, method: str, task_id: str) -> pd.DataFrame
     )
 
 
+def agreement_with(run_id: str, kind: str) -> pd.DataFrame:
+    """How each other run at the same checkpoint and task ranks what `run_id` scored (`kind`:
+    node or edge): its method and params, the items both scored, Spearman's rank correlation
+    of their scores and of their magnitudes (`method_agreement`)."""
+    return data.query(
+        """SELECT r.method, r.params, a.n, a.spearman, a.spearman_abs, r.run_id
+           FROM method_agreement a
+           JOIN runs r ON r.run_id = CASE WHEN a.run_a = ? THEN a.run_b ELSE a.run_a END
+           WHERE ? IN (a.run_a, a.run_b) AND a.kind = ?
+           ORDER BY a.spearman_abs DESC NULLS LAST""",
+        (run_id, run_id, kind),
+    )
+
+
 # -- head catalogue ------------------------------------------------------------------------
 
 

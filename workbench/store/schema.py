@@ -318,7 +318,7 @@ SCHEMA_V11 = [
 
 # v12: the head catalogue (`workbench run catalogue`, `workbench.catalogue`): every head's scores
 # at one checkpoint with no task, keyed by catalogue_id (a hash of the checkpoint, the dtype and
-# the generated sequences' parameters).
+# the generated sequences' parameters); and the view `method_agreement`.
 SCHEMA_V12 = [
     """CREATE TABLE catalogues (
         catalogue_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, params JSON, seconds DOUBLE,
@@ -329,6 +329,41 @@ SCHEMA_V12 = [
     """CREATE TABLE head_composition (
         catalogue_id VARCHAR, checkpoint_id VARCHAR, mode VARCHAR, src VARCHAR, dst VARCHAR,
         value DOUBLE)""",
+    # every pair of done runs at one checkpoint and task that scored the same nodes or edges:
+    # Spearman's rank correlation of their scores over what both scored (ties take their mean
+    # rank), signed and of magnitudes
+    """CREATE VIEW method_agreement AS
+        WITH done AS (
+          SELECT run_id, checkpoint_id, task_id, method FROM runs WHERE status = 'done'),
+        items AS (
+          SELECT run_id, 'node' AS kind, node_id || '@' || coalesce(position, -1) AS item, score
+          FROM node_scores
+          UNION ALL
+          SELECT run_id, 'edge' AS kind, src || '->' || dst AS item, score FROM edges),
+        pairs AS (
+          SELECT a.checkpoint_id, a.task_id, i.kind, a.run_id AS run_a, a.method AS method_a,
+                 b.run_id AS run_b, b.method AS method_b, i.score AS score_a, j.score AS score_b
+          FROM done a JOIN done b ON b.checkpoint_id = a.checkpoint_id
+            AND b.task_id = a.task_id
+            AND (a.method < b.method OR (a.method = b.method AND a.run_id < b.run_id))
+          JOIN items i ON i.run_id = a.run_id
+          JOIN items j ON j.run_id = b.run_id AND j.kind = i.kind AND j.item = i.item),
+        ranked AS (
+          SELECT checkpoint_id, task_id, kind, run_a, method_a, run_b, method_b,
+            rank() OVER (PARTITION BY run_a, run_b, kind ORDER BY score_a)
+              + (count(*) OVER (PARTITION BY run_a, run_b, kind, score_a) - 1) / 2 AS rank_a,
+            rank() OVER (PARTITION BY run_a, run_b, kind ORDER BY score_b)
+              + (count(*) OVER (PARTITION BY run_a, run_b, kind, score_b) - 1) / 2 AS rank_b,
+            rank() OVER (PARTITION BY run_a, run_b, kind ORDER BY abs(score_a))
+              + (count(*) OVER (PARTITION BY run_a, run_b, kind, abs(score_a)) - 1) / 2
+              AS abs_rank_a,
+            rank() OVER (PARTITION BY run_a, run_b, kind ORDER BY abs(score_b))
+              + (count(*) OVER (PARTITION BY run_a, run_b, kind, abs(score_b)) - 1) / 2
+              AS abs_rank_b
+          FROM pairs)
+        SELECT checkpoint_id, task_id, kind, run_a, method_a, run_b, method_b, count(*) AS n,
+               corr(rank_a, rank_b) AS spearman, corr(abs_rank_a, abs_rank_b) AS spearman_abs
+        FROM ranked GROUP BY ALL HAVING count(*) >= 3""",
 ]
 
 MIGRATIONS: dict[int, list[str]] = {

@@ -65,6 +65,16 @@ def _run_scores(model_id: str) -> None:
     st.plotly_chart(fig, key="heads_heatmap")
     st.dataframe(scores.sort_values("score", ascending=False).head(10), hide_index=True)
 
+    agreement = queries.agreement_with(str(run["run_id"]), "node")
+    if not agreement.empty:
+        st.subheader("Agreement with the other runs here")
+        st.caption(
+            "Spearman's rank correlation of this run's node scores with each other run's at "
+            "this checkpoint and task, over the nodes both scored: of the scores, and of their "
+            "magnitudes (which nodes matter most, whatever the sign)"
+        )
+        st.dataframe(agreement.round(3), hide_index=True, key="heads_agreement")
+
     st.subheader("Across checkpoints")
     history = queries.head_score_history(model_id, str(run["method"]), str(run["task_id"]))
     st.plotly_chart(
