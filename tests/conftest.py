@@ -184,8 +184,10 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
     """A database filled by the heads and patching pipelines and the head catalogue over every
-    zoo checkpoint, and by the edges pipeline (eap, exact_edge) at steps 500 and 1000."""
+    zoo checkpoint, by the edges pipeline (eap, exact_edge) at steps 500 and 1000, and the
+    cross-recovery of those two eap circuits."""
     from workbench.catalogue.run import run_catalogue
+    from workbench.crossrecovery import run_cross_recovery
     from workbench.jobs import RunOptions
     from workbench.runner import run
 
@@ -201,6 +203,10 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
     assert all(o.status == "done" for o in outcomes)
     stored = run_catalogue(str(induction_dir), checkpoint="all", db=str(db))
     assert {status for _, status in stored} == {"done"}
+    evaluated = run_cross_recovery(
+        RunOptions(model=str(induction_dir), task="induction", db=str(db))
+    )
+    assert [status for _, status in evaluated] == ["done", "done"]  # steps 500 and 1000
     return db
 
 

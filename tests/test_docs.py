@@ -40,7 +40,7 @@ from workbench.store.query import run_readonly_query
 
 ROOT = Path(__file__).resolve().parent.parent
 # `workbench run` commands of their own, not pipelines (keyed by prompt, not by run key)
-RUN_COMMANDS = ("prompt", "graph", "catalogue")
+RUN_COMMANDS = ("prompt", "graph", "catalogue", "cross-recovery")
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NEEDS = {"smollm2", "ray", "gpu"}
 SHELL = {"sh", "bash", "shell"}
@@ -237,7 +237,7 @@ def test_docs_command_runs(block, command, monkeypatch, capsys):
 
 def _inline_commands() -> set[tuple[str, str | None]]:
     text = "\n".join(page.read_text() for page in PAGES)
-    return set(re.findall(r"`workbench ([a-z]+)(?: ([a-z_]+))?", text))
+    return set(re.findall(r"`workbench ([a-z]+)(?: ([a-z_][a-z_-]*))?", text))
 
 
 def test_docs_commands_exist(capsys):
@@ -382,7 +382,7 @@ def test_the_command_line_page_lists_every_option():
     options; a pipeline's options are on its row or on the `workbench run PIPELINE` row."""
     rows: dict[tuple[str, ...], set[str]] = {}
     for cell in re.findall(r"^\| `workbench ([^`]*)`", (ROOT / "docs/cli.md").read_text(), re.M):
-        path = tuple(re.match(r"^((?:[a-z]+ ?)*)", cell).group(1).split())
+        path = tuple(re.match(r"^((?:[a-z][a-z-]* ?)*)", cell).group(1).split())
         rows.setdefault(path, set()).update(re.findall(r"--[a-z][a-z0-9-]*", cell))
     missing = []
     for path, options in sorted(_cli_commands().items()):

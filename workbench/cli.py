@@ -382,6 +382,46 @@ def run_catalogue_command(
     return 0
 
 
+@run_app.command("cross-recovery")
+def run_cross_recovery_command(
+    model: ModelOption,
+    task: Annotated[str, typer.Option(help="The task the circuits were found on.")],
+    method: Annotated[
+        str, typer.Option(help="The edge method whose stored circuits are compared.")
+    ] = "eap",
+    max_checkpoints: Annotated[
+        int,
+        typer.Option(help="Beyond this many checkpoints, an evenly spaced subset of them."),
+    ] = 12,
+    n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Prompts per batch.")] = 64,
+    batch_tokens: Annotated[
+        int | None, typer.Option(help="And at most this many tokens per batch.")
+    ] = DEFAULT_BATCH_TOKENS,
+    metric: Annotated[
+        str | None, typer.Option(help="The metric, as for the runs (default: the task's own).")
+    ] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    db: DbOption = None,
+    force: ForceOption = False,
+) -> int:
+    """Each checkpoint's stored circuit (of --method on --task) evaluated at every other
+    checkpoint of the training run: its faithfulness there (table cross_recovery)."""
+    from workbench.crossrecovery import run_cross_recovery
+    from workbench.jobs import RunOptions
+
+    options = RunOptions(
+        model=model, task=task, db=db, force=force, n_prompts=n_prompts, max_batch=max_batch,
+        batch_tokens=batch_tokens, device=device, dtype=dtype, metric=metric,
+    )  # fmt: skip
+    for checkpoint_id, status in run_cross_recovery(
+        options, method=method, max_checkpoints=max_checkpoints
+    ):
+        typer.echo(f"{status:<8} cross-recovery at {checkpoint_id}")
+    return 0
+
+
 @run_app.command("graph")
 def run_graph_command(
     model: ModelOption,

@@ -259,7 +259,8 @@ def test_the_graph_page_draws_and_a_click_inspects_a_node(graph_store, browser):
 
 def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     """The Timeline page draws: the heads' heatmap across training, formation steps beside the
-    loss curve, and a circuit diff between two checkpoints (screenshot kept out of git)."""
+    loss curve, a circuit diff between two checkpoints and the stored circuits' cross-recovery
+    (screenshot kept out of git)."""
     from selenium.webdriver.common.by import By
 
     browser.get(server)
@@ -267,6 +268,8 @@ def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     click_view(browser, "Timeline")
     _wait_for_text(browser, "Formation steps")
     _wait_for_text(browser, "Circuit diff between two checkpoints")
+    _wait_for_text(browser, "Cross-recovery: each checkpoint's circuit at every checkpoint")
+    _wait_for_text(browser, "the circuit of the last checkpoint (step 1000) holds")
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     browser.save_screenshot(str(tmp_path / "timeline.png"))
 

@@ -220,6 +220,41 @@ HEADS_DB_CASES |= {
         ["source", "step", "checkpoint_id"],
         True,
     ),
+    "catalogues": (
+        lambda i: queries.catalogues(i["model"]),
+        ["catalogue_id", "checkpoint_id", "step", "params", "seconds", "created_at"],
+        True,
+    ),
+    "catalogue_scores": (
+        lambda i: queries.catalogue_scores(i["catalogue"]),
+        ["node_id", "layer", "head", "score", "value"],
+        True,
+    ),
+    "catalogue_composition": (
+        lambda i: queries.catalogue_composition(i["catalogue"], "K"),
+        ["src", "dst", "value"],
+        True,
+    ),
+    "catalogue_history": (
+        lambda i: queries.catalogue_history(i["model"], "induction", ["a1.h0", "a0.h0"]),
+        ["step", "node_id", "value"],
+        True,
+    ),
+    "agreement_with": (
+        lambda i: queries.agreement_with(i["heads_run"], "node"),
+        ["method", "params", "n", "spearman", "spearman_abs", "run_id"],
+        True,
+    ),
+    "cross_recovery_options": (
+        lambda i: queries.cross_recovery_options(i["model"]),
+        ["method", "task_id"],
+        True,
+    ),
+    "cross_recovery": (
+        lambda i: queries.cross_recovery(i["model"], "eap", i["task"]),
+        ["circuit_step", "at_step", "faithfulness"],
+        True,
+    ),
     "prompt_attention": (
         lambda i: queries.prompt_attention("p-none", 0, 0),
         ["query_pos", "key_pos", "weight"],
@@ -347,7 +382,9 @@ def heads_ids(heads_db: Path) -> dict:
         " WHERE r.method = 'eap'",
     )
     head = Node.head_of(1, 0).id
+    catalogue = _one(heads_db, "SELECT catalogue_id FROM catalogues ORDER BY catalogue_id")[0]
     return {
+        "catalogue": catalogue,
         "model": model,
         "heads_run": heads_run,
         "heads_method": heads_method,

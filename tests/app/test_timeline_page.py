@@ -34,6 +34,36 @@ def test_timeline_shows_heads_across_training_and_a_circuit_diff(app, heads_db):
         assert metrics[status] == str(n)
 
 
+def test_timeline_draws_the_cross_recovery_of_the_stored_circuits(app, heads_db):  # noqa: F811
+    """The eap circuits of steps 500 and 1000, each evaluated at both: the matrix drawn is the
+    stored one, and the caption reads off the step from which the last circuit holds."""
+    at = _show(app, "Timeline")
+    assert at.selectbox(key="timeline_recovery").value == "eap · " + _task_id(heads_db)
+    con = duckdb.connect(str(heads_db), read_only=True)
+    stored = con.execute(
+        """SELECT kb.step, x.faithfulness FROM cross_recovery x JOIN circuits c USING (circuit_id)
+           JOIN runs r USING (run_id) JOIN checkpoints ka ON ka.checkpoint_id = r.checkpoint_id
+           JOIN checkpoints kb ON kb.checkpoint_id = x.checkpoint_id
+           WHERE ka.step = 1000 ORDER BY kb.step"""
+    ).fetchall()
+    con.close()
+    assert [step for step, _ in stored] == [500, 1000]
+    since = next(step for step, value in stored if all(v >= 0.8 for s, v in stored if s >= step))
+    caption = next(c.value for c in at.caption if "circuit of the last checkpoint" in c.value)
+    assert f"from step {since} on" in caption
+    figure = next(
+        c for c in at.get("plotly_chart") if '"evaluated at step"' in c.proto.spec
+    )  # the matrix's heatmap
+    assert figure is not None
+
+
+def _task_id(db) -> str:
+    con = duckdb.connect(str(db), read_only=True)
+    (task,) = con.execute("SELECT DISTINCT task_id FROM cross_recovery").fetchone()
+    con.close()
+    return task
+
+
 def test_overview_shows_the_run_queue(app, heads_db, tmp_path):  # noqa: F811
     import shutil
 

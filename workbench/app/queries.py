@@ -136,6 +136,33 @@ def agreement_with(run_id: str, kind: str) -> pd.DataFrame:
     )
 
 
+def cross_recovery_options(model_id: str) -> pd.DataFrame:
+    """The (method, task) pairs whose circuits have cross-recovery rows on this model."""
+    return data.query(
+        """SELECT DISTINCT r.method, x.task_id FROM cross_recovery x
+           JOIN circuits c USING (circuit_id) JOIN runs r USING (run_id)
+           JOIN checkpoints k ON k.checkpoint_id = x.checkpoint_id
+           WHERE k.model_id = ? ORDER BY r.method, x.task_id""",
+        (model_id,),
+    )
+
+
+def cross_recovery(model_id: str, method: str, task_id: str) -> pd.DataFrame:
+    """Each stored circuit of `method` on `task_id` (by its checkpoint's step) evaluated at each
+    checkpoint (by step): circuit_step, at_step, faithfulness (newest row of each)."""
+    return data.query(
+        """SELECT ka.step AS circuit_step, kb.step AS at_step, x.faithfulness
+           FROM cross_recovery x JOIN circuits c USING (circuit_id) JOIN runs r USING (run_id)
+           JOIN checkpoints ka ON ka.checkpoint_id = r.checkpoint_id
+           JOIN checkpoints kb ON kb.checkpoint_id = x.checkpoint_id
+           WHERE kb.model_id = ? AND r.method = ? AND x.task_id = ?
+           QUALIFY row_number() OVER (
+             PARTITION BY ka.step, kb.step ORDER BY x.created_at DESC) = 1
+           ORDER BY circuit_step, at_step""",
+        (model_id, method, task_id),
+    )
+
+
 # -- head catalogue ------------------------------------------------------------------------
 
 

@@ -318,7 +318,8 @@ SCHEMA_V11 = [
 
 # v12: the head catalogue (`workbench run catalogue`, `workbench.catalogue`): every head's scores
 # at one checkpoint with no task, keyed by catalogue_id (a hash of the checkpoint, the dtype and
-# the generated sequences' parameters); and the view `method_agreement`.
+# the generated sequences' parameters); circuits evaluated across checkpoints
+# (`cross_recovery`); and the view `method_agreement`.
 SCHEMA_V12 = [
     """CREATE TABLE catalogues (
         catalogue_id VARCHAR PRIMARY KEY, checkpoint_id VARCHAR, params JSON, seconds DOUBLE,
@@ -329,6 +330,11 @@ SCHEMA_V12 = [
     """CREATE TABLE head_composition (
         catalogue_id VARCHAR, checkpoint_id VARCHAR, mode VARCHAR, src VARCHAR, dst VARCHAR,
         value DOUBLE)""",
+    # a stored circuit evaluated at another checkpoint of its training run
+    # (`workbench run cross-recovery`)
+    """CREATE TABLE cross_recovery (
+        circuit_id VARCHAR, checkpoint_id VARCHAR, task_id VARCHAR, faithfulness DOUBLE,
+        created_at TIMESTAMP)""",
     # every pair of done runs at one checkpoint and task that scored the same nodes or edges:
     # Spearman's rank correlation of their scores over what both scored (ties take their mean
     # rank), signed and of magnitudes

@@ -1,7 +1,8 @@
 """Timeline: circuits across training. Every head's score at every checkpoint (heatmap), when
 each head formed (`formation_steps`) beside the training loss, one head's curves for every
-method, and what changed in a method's circuit between two checkpoints (`circuit_diff`), drawn
-in the circuit view's colours."""
+method, what changed in a method's circuit between two checkpoints (`circuit_diff`), drawn
+in the circuit view's colours, and each checkpoint's circuit evaluated at every checkpoint
+(`cross_recovery`)."""
 
 import pandas as pd
 import plotly.express as px
@@ -26,6 +27,7 @@ def render() -> None:
             "No method has scored this model's heads at two or more checkpoints yet "
             "(`workbench run heads --checkpoint all`, or `workbench watch`)."
         )
+        _cross_recovery(model_id)
         return
     labels = (options["pipeline"] + " / " + options["method"] + " · " + options["task_id"]).tolist()
     chosen = links.selectbox("Scores", labels, key="timeline_scores", param="scores")
@@ -43,6 +45,40 @@ def render() -> None:
         px.line(curves, x="step", y="score", color="series", markers=True), key="timeline_curves"
     )
     _circuit_diff(model_id)
+    _cross_recovery(model_id)
+
+
+def _cross_recovery(model_id: str, target: float = 0.8) -> None:
+    options = queries.cross_recovery_options(model_id)
+    if options.empty:
+        return
+    st.subheader("Cross-recovery: each checkpoint's circuit at every checkpoint")
+    labels = (options["method"] + " · " + options["task_id"]).tolist()
+    label = links.selectbox("Circuits", labels, key="timeline_recovery", param="recovery")
+    method, task = label.split(" · ", 1)
+    matrix = queries.cross_recovery(model_id, method, task)
+    grid = matrix.pivot_table(index="circuit_step", columns="at_step", values="faithfulness")
+    fig = diverging_heatmap(
+        grid.to_numpy(),
+        max(1.0, float(matrix["faithfulness"].abs().max())),
+        {"x": "evaluated at step", "y": "circuit of step", "color": "faithfulness"},
+        x=[str(s) for s in grid.columns],
+        y=[str(s) for s in grid.index],
+        text_auto=".2f",
+    )
+    st.plotly_chart(fig, key="timeline_recovery_matrix")
+    last = matrix[matrix["circuit_step"] == matrix["circuit_step"].max()]
+    holding = last["faithfulness"] >= target
+    failing = last[~holding]
+    since = last[last["at_step"] > failing["at_step"].max()] if len(failing) else last
+    st.caption(
+        f"the circuit of the last checkpoint (step {int(last['circuit_step'].iloc[0])}) "
+        + (
+            f"holds (faithfulness >= {target}) from step {int(since['at_step'].min())} on"
+            if len(since)
+            else f"does not hold (faithfulness >= {target}) at its last step"
+        )
+    )
 
 
 def _heatmap(timeline: pd.DataFrame) -> None:
