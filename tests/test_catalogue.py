@@ -165,6 +165,7 @@ def test_catalogue_command_stores_every_head_once_and_bad_input_exits_2(
         (["--sequences", "0"], "--sequences 0: must be 1 or more"),
         (["--length", "1"], "--length 1: must be 2 or more"),
         (["--length", "1000"], f"context of {cfg.n_ctx} tokens"),
+        (["--seed", str(2**64)], f"--seed {2**64}: must be between 0 and 2**63 - 1"),
         (["--checkpoint", "12345"], "12345"),
     ):
         assert cli([*argv, *extra]) == 2

@@ -181,6 +181,7 @@ def test_config_errors_name_the_file_and_the_job(tmp_path, capsys):
         "[catalogue]\nsequences = 0": "[catalogue]: field 'sequences' must be 1 or more",
         "[catalogue]\nlenght = 4": "[catalogue]: unknown field 'lenght'",
         "[catalogue]\nseed = 'x'": "[catalogue]: field 'seed' must be an integer",
+        "[catalogue]\nseed = -1": "[catalogue]: field 'seed' must be between 0 and 2**63 - 1",
     }
     for text, message in cases.items():
         config = tmp_path / "bad.toml"
@@ -363,6 +364,33 @@ def test_watch_stores_each_checkpoints_catalogue_once(tmp_path, induction_dir, c
     assert len(errors) == 1 and errors[0][0] == "failed"
     assert errors[0][1].startswith("catalogue: --length 1000: ") and "n_ctx" in errors[0][1]
     assert _count(other, "SELECT count(*) FROM catalogues") == 0
+
+
+def test_an_unexpected_catalogue_error_fails_the_checkpoint_but_keeps_its_runs(
+    tmp_path, induction_dir, monkeypatch
+):
+    """Beside jobs, a catalogue that raises what nobody anticipated is that checkpoint's
+    failure, with the reason; the jobs' runs are stored as done."""
+    from workbench.catalogue import run as catalogue_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of luck")
+
+    monkeypatch.setattr(catalogue_run, "store_catalogue", broken)
+    db = tmp_path / "w.duckdb"
+    runs = tmp_path / "runs"
+    step_dir = sorted(induction_dir.glob("step_*"))[-1]
+    shutil.copytree(step_dir, runs / "r" / step_dir.name)
+    config = tmp_path / "watch.toml"
+    config.write_text(
+        f'db = "{db}"\nsettle_seconds = 0\n[catalogue]\nsequences = 2\n'
+        '[[job]]\npipeline = "heads"\ntask = "induction"\nmethods = ["dla"]\n'
+    )
+    assert cli(["watch", str(runs), "--config", str(config), "--once"]) == 1
+    assert _rows(db, "SELECT method, status FROM runs") == [("dla", "done")]
+    ((status, error),) = _rows(db, "SELECT status, error FROM watched_checkpoints")
+    assert status == "failed"
+    assert error == "catalogue: RuntimeError while computing it (out of luck)"
 
 
 def test_killed_watcher_leaves_nothing_half_written_and_a_restart_completes(

@@ -8,9 +8,10 @@ method and task (its newest done run), or, beyond `max_checkpoints`, an evenly s
 with the first and the last; every circuit is evaluated at every chosen checkpoint. Each
 checkpoint B is loaded once; its clean and corrupt runs are made once and shared by every
 circuit's ablated passes, several circuits per pass. Stored in `cross_recovery`, one row per
-(circuit, checkpoint B, task), B's rows in one transaction; a B whose rows are all stored is
-not computed again unless `force`. On the diagonal (a circuit at its own checkpoint, the same
-prompts and batches) the value is the circuit's stored faithfulness.
+(circuit, checkpoint B, task, dtype), B's rows in one transaction; a B whose rows are all
+stored is not computed again unless `force` (batching is not part of the key: like a run's, it
+changes only the order of sums). On the diagonal (a circuit at its own checkpoint, the same
+prompts, batches and dtype) the value is the circuit's stored faithfulness.
 """
 
 import logging
@@ -108,7 +109,7 @@ def _evaluate_at(ref: CheckpointRef, circuits: list[dict], options: RunOptions) 
     ids = [c["circuit_id"] for c in circuits]
     if not options.force:
         with Store(options.db, lock_wait=options.lock_wait) as store:
-            if store.has_cross_recovery(ids, ref.checkpoint_id, task.task_id):
+            if store.has_cross_recovery(ids, ref.checkpoint_id, task.task_id, options.dtype):
                 return ref.checkpoint_id, "cached"
     model = loaded.model
     batches = make_batches(
@@ -137,6 +138,7 @@ def _evaluate_at(ref: CheckpointRef, circuits: list[dict], options: RunOptions) 
             "circuit_id": c["circuit_id"],
             "checkpoint_id": ref.checkpoint_id,
             "task_id": task.task_id,
+            "dtype": options.dtype,
             "faithfulness": value,
             "created_at": now,
         }

@@ -148,6 +148,8 @@ def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
         raise BadInput(f"{where}: field 'sequences' must be 1 or more")
     if entry.get("length", 2) < 2:
         raise BadInput(f"{where}: field 'length' must be 2 or more")
+    if not 0 <= entry.get("seed", 0) < 2**63:
+        raise BadInput(f"{where}: field 'seed' must be between 0 and 2**63 - 1")
     return CatalogueSpec(**entry)
 
 
@@ -434,13 +436,20 @@ class Watcher:
                 loaded, spec.sequences, spec.length, spec.seed, spec.dtype, self.db, False,
                 lock_wait=self.lock_wait,
             )  # fmt: skip
+        except DatabaseBusy:
+            raise  # not the checkpoint's fault: the next scan tries again
         except BadInput as err:
-            logger.error("%s: catalogue: %s", ref.checkpoint_id, err)
-            return RunOutcome(ref.checkpoint_id, "catalogue", "failed", None, f"catalogue: {err}")
-        logger.info("%s: catalogue %s %s", ref.checkpoint_id, cid, status)
-        return RunOutcome(
-            ref.checkpoint_id, "catalogue", "skipped" if status == "cached" else "done", cid
-        )
+            error = f"catalogue: {err}"
+        except Exception as err:  # a surprise: the catalogue fails, the jobs' runs stand
+            logger.debug("%s: unexpected error in the catalogue", ref.checkpoint_id, exc_info=True)
+            error = f"catalogue: {type(err).__name__} while computing it ({err})"
+        else:
+            logger.info("%s: catalogue %s %s", ref.checkpoint_id, cid, status)
+            return RunOutcome(
+                ref.checkpoint_id, "catalogue", "skipped" if status == "cached" else "done", cid
+            )
+        logger.error("%s: %s", ref.checkpoint_id, error)
+        return RunOutcome(ref.checkpoint_id, "catalogue", "failed", None, error)
 
     def _failed_checkpoint(
         self, cand: Candidate, print_: str, error: str, ref: CheckpointRef | None = None

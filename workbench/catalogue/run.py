@@ -6,8 +6,9 @@ a catalogue already stored is not computed again unless `force`.
 The sequences are `n_sequences` draws of `length` tokens, each followed by itself once more,
 after the tokenizer's BOS where the model prepends one: tokens drawn uniformly from the
 vocabulary less the tokenizer's special tokens. The default length is the longest up to 50
-that fits the model's context twice. Bad values (fewer than 1 sequence, a length below 2 or
-too long for the context) are `BadInput` before any model loads fully, and nothing is stored.
+that fits the model's context twice. Bad values (fewer than 1 sequence, a length below 2, a
+seed out of range) are `BadInput` before any model loads, a length too long for the context as
+soon as the checkpoint is loaded; in every case nothing is stored.
 """
 
 import logging
@@ -156,6 +157,8 @@ def run_catalogue(
         raise BadInput(f"--sequences {n_sequences}: must be 1 or more")
     if length is not None and length < 2:
         raise BadInput(f"--length {length}: must be 2 or more")
+    if not 0 <= seed < 2**63:
+        raise BadInput(f"--seed {seed}: must be between 0 and 2**63 - 1")
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="catalogue checkpoints", disable=len(refs) < 2):

@@ -424,13 +424,16 @@ class Store:
         self._replace_keyed("catalogues", "catalogue_id", head, CATALOGUE_TABLES, rows, registry)
         return str(head["catalogue_id"])
 
-    def has_cross_recovery(self, circuit_ids: list[str], checkpoint_id: str, task_id: str) -> bool:
+    def has_cross_recovery(
+        self, circuit_ids: list[str], checkpoint_id: str, task_id: str, dtype: str
+    ) -> bool:
         """Whether every circuit of `circuit_ids` has its cross-recovery row at the checkpoint
-        on the task."""
+        on the task in the dtype."""
         stored = self._scalar(
             """SELECT count(DISTINCT circuit_id) FROM cross_recovery
-               WHERE list_contains(?, circuit_id) AND checkpoint_id = ? AND task_id = ?""",
-            [circuit_ids, checkpoint_id, task_id],
+               WHERE list_contains(?, circuit_id) AND checkpoint_id = ? AND task_id = ?
+                 AND dtype = ?""",
+            [circuit_ids, checkpoint_id, task_id, dtype],
         )
         return int(stored) == len(set(circuit_ids))
 
@@ -439,15 +442,15 @@ class Store:
     ) -> None:
         """Store circuits' faithfulness at one checkpoint (`workbench.crossrecovery`) with the
         model, checkpoint and task rows they refer to, in one transaction, replacing the same
-        (circuit, checkpoint, task) rows."""
+        (circuit, checkpoint, task, dtype) rows."""
         with self.transaction() as con:
             for table, data in registry.items():
                 self._insert(con, table, data, ignore_existing=True)
             for row in rows:
                 con.execute(
-                    """DELETE FROM cross_recovery
-                       WHERE circuit_id = ? AND checkpoint_id = ? AND task_id = ?""",
-                    [row["circuit_id"], row["checkpoint_id"], row["task_id"]],
+                    """DELETE FROM cross_recovery WHERE circuit_id = ? AND checkpoint_id = ?
+                       AND task_id = ? AND dtype = ?""",
+                    [row["circuit_id"], row["checkpoint_id"], row["task_id"], row["dtype"]],
                 )
             self._insert(con, "cross_recovery", pa.Table.from_pylist(rows))
 

@@ -333,11 +333,11 @@ SCHEMA_V12 = [
     # a stored circuit evaluated at another checkpoint of its training run
     # (`workbench run cross-recovery`)
     """CREATE TABLE cross_recovery (
-        circuit_id VARCHAR, checkpoint_id VARCHAR, task_id VARCHAR, faithfulness DOUBLE,
-        created_at TIMESTAMP)""",
+        circuit_id VARCHAR, checkpoint_id VARCHAR, task_id VARCHAR, dtype VARCHAR,
+        faithfulness DOUBLE, created_at TIMESTAMP)""",
     # every pair of done runs at one checkpoint and task that scored the same nodes or edges:
     # Spearman's rank correlation of their scores over what both scored (ties take their mean
-    # rank), signed and of magnitudes
+    # rank), signed and of magnitudes; NULL where one side is constant
     """CREATE VIEW method_agreement AS
         WITH done AS (
           SELECT run_id, checkpoint_id, task_id, method FROM runs WHERE status = 'done'),
@@ -368,7 +368,10 @@ SCHEMA_V12 = [
               AS abs_rank_b
           FROM pairs)
         SELECT checkpoint_id, task_id, kind, run_a, method_a, run_b, method_b, count(*) AS n,
-               corr(rank_a, rank_b) AS spearman, corr(abs_rank_a, abs_rank_b) AS spearman_abs
+               CASE WHEN NOT isnan(corr(rank_a, rank_b)) THEN corr(rank_a, rank_b) END
+                 AS spearman,
+               CASE WHEN NOT isnan(corr(abs_rank_a, abs_rank_b))
+                 THEN corr(abs_rank_a, abs_rank_b) END AS spearman_abs
         FROM ranked GROUP BY ALL HAVING count(*) >= 3""",
 ]
 

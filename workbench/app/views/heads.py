@@ -109,7 +109,11 @@ def _catalogue(model_id: str) -> None:
     st.caption(SCORE_HELP[name])
     picked = scores[scores["score"] == name]
     st.plotly_chart(_heatmap(picked, 1.0, "value"), key="catalogue_heatmap")
-    wide = scores.pivot_table(index="node_id", columns="score", values="value").reset_index()
+    wide = (
+        scores.pivot_table(index="node_id", columns="score", values="value", dropna=False)
+        .reindex(columns=names)
+        .reset_index()
+    )
     wide = wide[["node_id", *names]].sort_values(name, ascending=False)
     st.dataframe(wide.head(10).round(3), hide_index=True, key="catalogue_top")
 
