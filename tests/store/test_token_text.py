@@ -4,6 +4,7 @@ SmolLM2's; and a schema v10 database, which stored the pieces, is rewritten from
 token ids by the next run or `workbench migrate`."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from tests.sae.conftest import query
 from workbench.cli import cli
 from workbench.store import Store
-from workbench.store.schema import CATALOGUE_TABLES, SCHEMA_VERSION
+from workbench.store.schema import MIGRATIONS, SCHEMA_VERSION
 
 TEXT = "The capital of France is Paris.\nThe capital of Italy is Rome.\n"
 # the merges make whole-word tokens of these; every other word stays in single bytes
@@ -154,8 +155,11 @@ def _as_v10(db: Path, tmp: Path, byte_model: Path) -> Path:
         (checkpoint_id,) = [r[0] for r in store.con.execute("FROM token_text_pending").fetchall()]
         rewrite(store, checkpoint_id, pieces)
         store.con.execute("DROP TABLE token_text_pending")
-        for table in ("catalogues", *CATALOGUE_TABLES):  # v12
-            store.con.execute(f"DROP TABLE {table}")
+        for version in range(12, SCHEMA_VERSION + 1):  # what later versions created
+            for statement in MIGRATIONS[version]:
+                found = re.match(r"\s*CREATE (TABLE|VIEW) (\w+)", statement)
+                if found:
+                    store.con.execute(f"DROP {found.group(1)} {found.group(2)}")
         store.con.execute("DELETE FROM schema_version WHERE version > 10")
     return copy
 
