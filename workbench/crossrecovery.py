@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from workbench.core import utc_now
 from workbench.errors import BadInput
-from workbench.jobs import RunOptions
+from workbench.jobs import RunOptions, check_batching_and_metric
 from workbench.models import load_checkpoint, resolve_checkpoints
-from workbench.models.base import CheckpointRef
+from workbench.models.base import CheckpointRef, LoadedModel
 from workbench.rows import loaded_rows, task_rows
 from workbench.store import Store
 from workbench.tasks import load_task
@@ -73,8 +73,7 @@ def run_cross_recovery(
     device, dtype, metric, database, force)."""
     if max_checkpoints < 2:
         raise BadInput(f"--max-checkpoints {max_checkpoints}: must be 2 or more")
-    if options.max_batch < 1 or (options.batch_tokens is not None and options.batch_tokens < 1):
-        raise BadInput("--max-batch and --batch-tokens must be at least 1")
+    check_batching_and_metric(options)
     refs = {ref.checkpoint_id: ref for ref in resolve_checkpoints(options.model)}
     first = load_checkpoint(next(iter(refs.values())), device=options.device, dtype=options.dtype)
     task = _task(options, first)
@@ -88,9 +87,14 @@ def run_cross_recovery(
             f"--method {method} --checkpoint all` on this task first)"
         )
     chosen = evenly_spaced(circuits, max_checkpoints)
+    # the checkpoint loaded to find the circuits is used again if it is evaluated at, else freed
+    loaded = {first.checkpoint.checkpoint_id: first}
+    del first
     done = []
     for at in tqdm(chosen, desc="cross-recovery checkpoints", leave=False):
-        done.append(_evaluate_at(refs[at["checkpoint_id"]], chosen, options))
+        ref = refs[at["checkpoint_id"]]
+        done.append(_evaluate_at(ref, loaded.pop(ref.checkpoint_id, None), chosen, options))
+        loaded.clear()
     return done
 
 
@@ -98,13 +102,17 @@ def _task(options: RunOptions, loaded: Any) -> Any:
     return load_task(options.task, loaded, n_prompts=options.n_prompts, metric=options.metric)
 
 
-def _evaluate_at(ref: CheckpointRef, circuits: list[dict], options: RunOptions) -> tuple[str, str]:
-    """Every circuit's faithfulness at checkpoint `ref`, stored in one transaction."""
+def _evaluate_at(
+    ref: CheckpointRef, loaded: LoadedModel | None, circuits: list[dict], options: RunOptions
+) -> tuple[str, str]:
+    """Every circuit's faithfulness at checkpoint `ref` (`loaded` already, or loaded here),
+    stored in one transaction."""
     from workbench.attribution.batches import make_batches, model_device
     from workbench.attribution.edges import model_graph
     from workbench.circuits import EdgeAblator
 
-    loaded = load_checkpoint(ref, device=options.device, dtype=options.dtype)
+    if loaded is None:
+        loaded = load_checkpoint(ref, device=options.device, dtype=options.dtype)
     task = _task(options, loaded)
     ids = [c["circuit_id"] for c in circuits]
     if not options.force:

@@ -153,6 +153,14 @@ def dtype_name(loaded: LoadedModel) -> str:
     return str(loaded.model.cfg.dtype).removeprefix("torch.")
 
 
+def check_batching_and_metric(options: RunOptions) -> None:
+    """BadInput for `--max-batch` or `--batch-tokens` below 1, or an unknown `--metric`."""
+    if options.max_batch < 1 or (options.batch_tokens is not None and options.batch_tokens < 1):
+        raise BadInput("--max-batch and --batch-tokens must be at least 1")
+    if options.metric is not None and options.metric not in METRICS:
+        raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
+
+
 def plan_jobs(
     pipeline: str,
     options: RunOptions,
@@ -165,10 +173,7 @@ def plan_jobs(
     from workbench.models import resolve_checkpoints, select_checkpoints
 
     p = registry.pipeline(pipeline)
-    if options.max_batch < 1 or (options.batch_tokens is not None and options.batch_tokens < 1):
-        raise BadInput("--max-batch and --batch-tokens must be at least 1")
-    if options.metric is not None and options.metric not in METRICS:
-        raise BadInput(f"--metric {options.metric}: choose from {', '.join(METRICS)}")
+    check_batching_and_metric(options)
     # a pipeline without default methods (one that only `workbench run all` leaves out) runs
     # all of them when it is named alone
     chosen = [p.method(m) for m in (methods or p.default_methods or p.method_names)]

@@ -130,6 +130,8 @@ def read_config(path: Path) -> WatchConfig:
 
 
 def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
+    from workbench.catalogue.run import option_problem
+
     where = f"{path}: [catalogue]"
     if not isinstance(entry, dict):
         raise BadInput(f"{where}: must be a table")
@@ -144,13 +146,11 @@ def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
     for name in ("device", "dtype"):
         if name in entry and not isinstance(entry[name], str):
             raise BadInput(f"{where}: field {name!r} must be a string")
-    if entry.get("sequences", 1) < 1:
-        raise BadInput(f"{where}: field 'sequences' must be 1 or more")
-    if entry.get("length", 2) < 2:
-        raise BadInput(f"{where}: field 'length' must be 2 or more")
-    if not 0 <= entry.get("seed", 0) < 2**63:
-        raise BadInput(f"{where}: field 'seed' must be between 0 and 2**63 - 1")
-    return CatalogueSpec(**entry)
+    spec = CatalogueSpec(**entry)
+    problem = option_problem(spec.sequences, spec.length, spec.seed)
+    if problem is not None:
+        raise BadInput(f"{where}: field {problem[0]!r} {problem[2]}")
+    return spec
 
 
 def _job_spec(path: Path, index: int, entry: dict[str, Any]) -> JobSpec:

@@ -46,6 +46,17 @@ class CatalogueParams:
     vocabulary: int  # how many token ids the draws come from
 
 
+def option_problem(n_sequences: int, length: int | None, seed: int) -> tuple[str, int, str] | None:
+    """The first option a catalogue cannot take, as (its name, its value, why), or None."""
+    if n_sequences < 1:
+        return "sequences", n_sequences, "must be 1 or more"
+    if length is not None and length < 2:
+        return "length", length, "must be 2 or more"
+    if not 0 <= seed < 2**63:
+        return "seed", seed, "must be between 0 and 2**63 - 1"
+    return None
+
+
 def catalogue_id(checkpoint_id: str, params: CatalogueParams) -> str:
     """`c-` and the first 12 hex digits of the sha256 of (checkpoint, params)."""
     return "c-" + sha256_json({"checkpoint": checkpoint_id, **asdict(params)})[:12]
@@ -153,12 +164,10 @@ def run_catalogue(
     force: bool = False,
 ) -> list[tuple[str, str]]:
     """[(catalogue_id, 'done' or 'cached')] per checkpoint."""
-    if n_sequences < 1:
-        raise BadInput(f"--sequences {n_sequences}: must be 1 or more")
-    if length is not None and length < 2:
-        raise BadInput(f"--length {length}: must be 2 or more")
-    if not 0 <= seed < 2**63:
-        raise BadInput(f"--seed {seed}: must be between 0 and 2**63 - 1")
+    problem = option_problem(n_sequences, length, seed)
+    if problem is not None:
+        name, value, why = problem
+        raise BadInput(f"--{name} {value}: {why}")
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="catalogue checkpoints", disable=len(refs) < 2):
