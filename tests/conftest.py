@@ -185,7 +185,7 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
     """A database filled by the heads and patching pipelines and the head catalogue over every
     zoo checkpoint, by the edges pipeline (eap, exact_edge) at steps 500 and 1000, and the
-    cross-recovery of those two eap circuits."""
+    cross-recovery of those two eap circuits; attr_patch and eap with spot checks of 8."""
     from workbench.catalogue.run import run_catalogue
     from workbench.crossrecovery import run_cross_recovery
     from workbench.jobs import RunOptions
@@ -193,13 +193,13 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
 
     db = tmp_path_factory.mktemp("db") / "workbench.duckdb"
     every = RunOptions(model=str(induction_dir), task="induction", checkpoint="all", db=str(db))
-    outcomes = run("heads", every)
+    outcomes = run("heads", every, spot_checks=8)  # attr_patch with a spot check
     outcomes += run("patching", every)
     for step in ("500", "1000"):
         at_step = RunOptions(
             model=str(induction_dir), task="induction", checkpoint=step, db=str(db)
         )
-        outcomes += run("edges", at_step, ["eap", "exact_edge"])
+        outcomes += run("edges", at_step, ["eap", "exact_edge"], spot_checks=8)
     assert all(o.status == "done" for o in outcomes)
     stored = run_catalogue(str(induction_dir), checkpoint="all", db=str(db))
     assert {status for _, status in stored} == {"done"}

@@ -81,9 +81,12 @@ def test_full_graph_is_faithful_and_empty_circuit_is_not(gpt2):
     assert circuits.faithfulness(model, batches, graph, []) == 0.0
     # ... which the ablated passes the curve skips would give: the clean and the corrupt run
     nothing_removed, all_removed = torch.zeros_like(valid), valid
-    totals = ablator._metric_totals(torch.stack([nothing_removed, all_removed]), 64, None)
+    totals, each = ablator._metric_totals(torch.stack([nothing_removed, all_removed]), 64, None)
     assert float(totals[0]) / ablator.n == pytest.approx(ablator.m_clean, abs=1e-5)
     assert float(totals[1]) / ablator.n == pytest.approx(ablator.m_corrupt, abs=1e-5)
+    # per prompt too: what a bootstrap over prompts resamples
+    assert torch.allclose(each[0], ablator.runs.clean_values, atol=1e-5)
+    assert torch.allclose(each[1], ablator.runs.corrupt_values, atol=1e-5)
 
 
 def test_keeping_one_input_edge_is_that_edge_patched_into_the_corrupt_run(gpt2):
@@ -260,11 +263,11 @@ def test_moved_inputs_are_normalised_in_place_as_the_module_does(normalization):
     scratch.take("squares", (6, 3, 7, 24), torch.float32, moved.device).fill_(float("nan"))
     expected = model.blocks[0].ln1(moved)
     own = moved.clone()
-    normed = circuits._input_norm(model, 0, own, scratch)
+    normed = edges.input_norm_in_place(model, 0, own, scratch)
     assert normed.data_ptr() == own.data_ptr()  # written over the moved inputs
     assert torch.equal(normed, expected)
     # inputs not in the configured dtype (the module rounds to it): the module's own call
     wider = model.double()  # leaves cfg.dtype at float32
     doubled = moved.double()
     expected = wider.blocks[0].ln1(doubled)
-    assert torch.equal(circuits._input_norm(wider, 0, doubled.clone(), scratch), expected)
+    assert torch.equal(edges.input_norm_in_place(wider, 0, doubled.clone(), scratch), expected)

@@ -4,7 +4,10 @@ tree, on the same zoo checkpoints, and compare every stored number.
     python -m tools.regression BASE_REV [--tolerance 1e-6]     (make regress BASE=<rev>)
 
 Runs are matched by run key, so the check also proves that run keys did not change: a run
-present in one database and not the other is a difference. Compared: each run's parameters and
+present in one database and not the other is a difference. Options whose defaults changed on
+purpose are pinned to their old values in both demos (`PINNED`, where a method takes the option),
+so that the same computations are compared; a run metric the base never records (a quantity
+added since) is listed as an addition, not a difference. Compared: each run's parameters and
 clean/corrupt metrics, node scores, edges, faithfulness curves, run metrics, circuits and their
 edges, SAEs and their features, and the graph's nodes. Exit status 0 when all agree within the
 tolerance, 1 otherwise (each difference printed).
@@ -27,7 +30,7 @@ COMPARED = [
     ("node_scores", ["node_id", "coalesce(position, -1)"], ["score"]),
     ("edges", ["src", "dst"], ["score"]),
     ("faithfulness_curves", ["requested_edges"], ["n_edges", "faithfulness"]),
-    ("run_metrics", ["metric"], ["value"]),
+    ("run_metrics", ["metric"], ["value"]),  # those the base records (`added_metrics`)
     ("saes", ["hook"], ["l0", "explained_variance", "mse", "ce_loss_recovered", "d_sae"]),
 ]
 
@@ -69,12 +72,24 @@ md.distributions = _first_of_project
 """
 
 
+# option -> the value it had before its default changed (applied where a method takes it)
+PINNED = {"spot_checks": 0}
+
+# (`Job.make` ignores the options a method does not take, in every revision that has it)
+PIN_OPTIONS = f"""import workbench.jobs as _jobs
+_make = _jobs.Job.make.__func__
+def _pinned(cls, method, ref, options, params):
+    return _make(cls, method, ref, options, {{**params, **{PINNED!r}}})
+_jobs.Job.make = classmethod(_pinned)
+"""
+
+
 def run_demo(tree: Path, db: Path, zoo: Path) -> None:
     meta = tree_metadata(tree, db.parent / f"{db.stem}-meta")
     path = os.pathsep.join([str(meta), str(tree)])
     env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env["WORKBENCH_LOG"] = "WARNING"
-    code = TREE_ONLY + "from workbench.cli import cli; sys.exit(cli(sys.argv[1:]))"
+    code = TREE_ONLY + PIN_OPTIONS + "from workbench.cli import cli; sys.exit(cli(sys.argv[1:]))"
     argv = ["demo", "--no-app", "--db", str(db), "--zoo-dir", str(zoo)]
     subprocess.run([sys.executable, "-c", code, *argv], cwd=tree, env=env, check=True)
 
@@ -104,6 +119,7 @@ def compare(base: Path, new: Path, tolerance: float = 1e-6) -> list[str]:
                 diffs.append(f"run {key} ({method}): {name} {x} != {y}")
     for table, keys, values in COMPARED:
         diffs += _compare_table(con, table, keys, values, tolerance)
+
     diffs += _compare_circuits(con, tolerance)
     nodes = con.execute(
         """SELECT count(*) FROM (
@@ -121,6 +137,19 @@ def compare(base: Path, new: Path, tolerance: float = 1e-6) -> list[str]:
     return diffs
 
 
+def added_metrics(base: Path, new: Path) -> list[str]:
+    """Run metrics the new database records and the base never does: quantities added since."""
+    con = duckdb.connect()
+    con.execute(f"ATTACH '{base}' AS a (READ_ONLY)")
+    con.execute(f"ATTACH '{new}' AS b (READ_ONLY)")
+    rows = con.execute(
+        "SELECT DISTINCT metric FROM b.run_metrics EXCEPT SELECT metric FROM a.run_metrics "
+        "ORDER BY 1"
+    ).fetchall()
+    con.close()
+    return [m for (m,) in rows]
+
+
 def _close(x: float | None, y: float | None, tolerance: float) -> bool:
     if x is None or y is None:
         return x is None and y is None
@@ -136,7 +165,9 @@ def _compare_table(
 ) -> list[str]:
     def side(db: str) -> str:
         cols = ", ".join([*(f"{k} AS k{i}" for i, k in enumerate(keys)), *values])
-        return f"SELECT r.run_key, {cols} FROM {db}.{table} t JOIN {db}.runs r USING (run_id)"
+        base_only = " WHERE metric IN (SELECT metric FROM a.run_metrics)"
+        only = base_only if table == "run_metrics" else ""
+        return f"SELECT r.run_key, {cols} FROM {db}.{table} t JOIN {db}.runs r USING (run_id){only}"
 
     on = " AND ".join(["x.run_key = y.run_key", *(f"x.k{i} = y.k{i}" for i in range(len(keys)))])
     differs = " OR ".join(
@@ -207,6 +238,9 @@ def main() -> int:
         "SELECT (SELECT count(*) FROM node_scores) + (SELECT count(*) FROM edges)"
     ).fetchone()[0]  # type: ignore[index]
     con.close()
+    added = added_metrics(work / "base.duckdb", work / "new.duckdb")
+    if added:
+        print(f"run metrics added since {args.base} (not compared): {', '.join(added)}")
     for line in diffs:
         print(line)
     verdict = "agree" if not diffs else f"differ in {len(diffs)} places"

@@ -15,20 +15,21 @@ import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
-from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from workbench import memory, profiling
 from workbench.attribution.batches import PromptBatch, repeat_rows
 from workbench.attribution.edges import (
-    CLOSED_FORM_NORMS,
     CorruptRuns,
     EdgeGraph,
     ablation_hooks,
     covers_residual_stream,
     graph_hooks_enabled,
+    head_projection,
+    input_norm_in_place,
     model_graph,
 )
 from workbench.attribution.metrics import last_position_logits
@@ -39,6 +40,8 @@ from workbench.memory import Scratch
 from workbench.results import CircuitResult
 
 logger = logging.getLogger(__name__)
+
+BOOTSTRAP_RESAMPLES = 1000  # resamples of the prompts behind a circuit's faithfulness spread
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,9 @@ class EdgeAblator:
                 runs = corrupt_runs(model, batches, graph)
         self.runs = runs
         self.m_clean, self.m_corrupt = self.runs.m_clean, self.runs.m_corrupt
+        # the metric on each prompt of the masks of the last `faithfulness_of_many` call that
+        # needed a pass: mask index -> [n_prompts] float64
+        self.prompt_values: dict[int, torch.Tensor] = {}
         self.gap = metric_gap(self.m_clean, self.m_corrupt)
         self.complete = covers_residual_stream(model, graph)
 
@@ -169,20 +175,37 @@ class EdgeAblator:
                     unique[key] = len(rows)
                     rows.append(removed_i)
                 where.append((i, unique[key]))
+        self.prompt_values = {}
         if rows:
-            totals = self._metric_totals(torch.stack(rows), max_rows, max_tokens)
+            totals, each = self._metric_totals(torch.stack(rows), max_rows, max_tokens)
             for i, row in where:
                 values[i] = (float(totals[row]) / self.n - self.m_corrupt) / self.gap
+                self.prompt_values[i] = each[row]
         return [float(v) for v in values if v is not None]
+
+    def bootstrap(
+        self, prompt_values: torch.Tensor | None, resamples: int = BOOTSTRAP_RESAMPLES
+    ) -> dict[str, float]:
+        """The spread of a circuit's faithfulness over prompts (`bootstrap_faithfulness`), from
+        its metric on each prompt (None: the full graph or the empty circuit, whose
+        faithfulness is 1 or 0 on every resample)."""
+        runs = self.runs
+        if prompt_values is None or runs.clean_values is None or runs.corrupt_values is None:
+            return {}
+        return bootstrap_faithfulness(
+            prompt_values, runs.clean_values, runs.corrupt_values, resamples=resamples
+        )
 
     @torch.no_grad()
     def _metric_totals(
         self, removed: torch.Tensor, max_rows: int, max_tokens: int | None
-    ) -> torch.Tensor:
-        """The metric summed over prompts with the edges of each `removed[m]` ablated."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The metric summed over prompts with the edges of each `removed[m]` ablated, and its
+        value on each prompt ([masks, n_prompts], float64 on the CPU)."""
         first_acts = next(iter(self.runs.sources[0].values()))
         removed = removed.to(first_acts)  # the activations' device and dtype
         totals = torch.zeros(removed.shape[0], dtype=torch.float64, device=removed.device)
+        each: list[torch.Tensor] = []
         with graph_hooks_enabled(self.model, self.graph, split_qkv=False):
             for batch, corrupt in zip(self.batches, self.runs.sources, strict=True):
                 pos = batch.clean.shape[1]
@@ -192,6 +215,7 @@ class EdgeAblator:
                 width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
                 diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
                 scratch = Scratch()  # the mixed heads' inputs, one copy at a time
+                batch_values = []
                 for first in range(0, removed.shape[0], per_pass):
                     chunk = removed[first : first + per_pass]
                     logits = _run_with_removed_edges(
@@ -201,8 +225,10 @@ class EdgeAblator:
                     metric = batch.metric(logits, batch.target.repeat(copies))
                     metric = metric.view(copies, batch.size)
                     totals[first : first + copies] += metric.sum(1).double()
+                    batch_values.append(metric.detach().double().cpu())
+                each.append(torch.cat(batch_values))
         memory.release()  # the passes' buffers (each pass reuses the one before's)
-        return totals
+        return totals, torch.cat(each, dim=1)
 
 
 def corrupt_runs(
@@ -212,20 +238,55 @@ def corrupt_runs(
     keep = ablation_hooks(model, graph)  # (not the whole cache: only what ablation reads)
     m_clean = m_corrupt = 0.0
     sources = []
+    values: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     last = {"stop_at_layer": model.cfg.n_layers}
     with torch.no_grad(), graph_hooks_enabled(model, graph, split_qkv=False):
         for batch in batches:
             clean_resid = model(batch.clean, **last)
             corr_resid, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep, **last)
-            m_clean += float(
-                batch.metric(last_position_logits(model, clean_resid), batch.target).sum()
-            )
-            m_corrupt += float(
-                batch.metric(last_position_logits(model, corr_resid), batch.target).sum()
-            )
+            clean_m = batch.metric(last_position_logits(model, clean_resid), batch.target)
+            corrupt_m = batch.metric(last_position_logits(model, corr_resid), batch.target)
+            m_clean += float(clean_m.sum())
+            m_corrupt += float(corrupt_m.sum())
+            values[0].append(clean_m.double().cpu())
+            values[1].append(corrupt_m.double().cpu())
             sources.append(dict(corrupt.items()))
     n = sum(b.size for b in batches)
-    return CorruptRuns(sources, m_clean / n, m_corrupt / n)
+    return CorruptRuns(
+        sources, m_clean / n, m_corrupt / n, torch.cat(values[0]), torch.cat(values[1])
+    )
+
+
+def bootstrap_faithfulness(
+    circuit: torch.Tensor,
+    clean: torch.Tensor,
+    corrupt: torch.Tensor,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The spread of a circuit's faithfulness `(mean(circuit) - mean(corrupt)) / (mean(clean) -
+    mean(corrupt))` over bootstrap resamples of the prompts (drawn with replacement, the same
+    draw for the three per-prompt metrics, seeded): `faithfulness_sd` (their standard
+    deviation) and `faithfulness_lo`, `faithfulness_hi` (their 2.5 and 97.5 percentiles).
+    A resample whose gap is 0 is left out."""
+    n = int(circuit.shape[0])
+    if n < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, n, size=(resamples, n))
+    c, k, r = (t.double().cpu().numpy()[draw].mean(1) for t in (circuit, clean, corrupt))
+    gap = k - r
+    ok = gap != 0
+    values = (c[ok] - r[ok]) / gap[ok]
+    if values.size < 2:
+        return {}
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return {
+        "faithfulness_sd": float(values.std(ddof=1)),
+        "faithfulness_lo": float(lo),
+        "faithfulness_hi": float(hi),
+    }
 
 
 def faithfulness(
@@ -361,14 +422,14 @@ def _run_with_removed_edges(
                 shift = shifts(m, mask, k)
                 buffer = scratch.take("moved", tuple(shift.shape), shift.dtype, shift.device)
                 moved = torch.add(own[m][None], shift, out=buffer).view(-1, b, *shape)
-                moved = _input_norm(model, layer, moved, scratch)
+                moved = input_norm_in_place(model, layer, moved, scratch)
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
                 first = 0
                 for p, heads in parts:
                     x = moved[first : first + len(heads)]
                     first += len(heads)
                     recomputed[p].append(
-                        (m, heads, _projection(model, layer, p, x, heads, position))
+                        (m, heads, head_projection(model, layer, p, x, heads, position))
                     )
 
         def move_for(port: str) -> object:
@@ -422,55 +483,6 @@ def _run_with_removed_edges(
     return last_position_logits(model, resid)
 
 
-def _input_norm(
-    model: HookedTransformer, layer: int, moved: torch.Tensor, scratch: Scratch
-) -> torch.Tensor:
-    """The block's input normalisation of `moved` inputs (none in a post-norm block), written
-    over `moved`. TransformerLens's LayerNorm and RMSNorm (folded or not) in float32 or float64
-    are taken step by step as their `forward` takes them, each step in place and the squares
-    in `scratch`, so that no input-sized tensor is made (the same numbers); any other
-    normalisation or dtype (or inputs not in the model's configured dtype, which the module
-    rounds to) is the module's own call."""
-    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
-        return moved
-    norm = model.blocks[layer].ln1
-    kind = type(norm).__name__
-    floats = (torch.float32, torch.float64)
-    if kind not in CLOSED_FORM_NORMS or moved.dtype not in floats or moved.dtype != model.cfg.dtype:
-        return norm(moved)
-    if kind.startswith("LayerNorm"):
-        moved.sub_(moved.mean(-1, keepdim=True))
-    squares = torch.pow(
-        moved, 2, out=scratch.take("squares", tuple(moved.shape), moved.dtype, moved.device)
-    )
-    moved.div_((squares.mean(-1, keepdim=True) + norm.eps).sqrt())
-    if kind in ("LayerNorm", "RMSNorm"):
-        moved.mul_(norm.w)
-    if kind == "LayerNorm":
-        moved.add_(norm.b)
-    return moved
-
-
-def _projection(
-    model: HookedTransformer,
-    layer: int,
-    port: str,
-    normed: torch.Tensor,
-    heads: torch.Tensor,
-    position: torch.Tensor | None,
-) -> torch.Tensor:
-    """[b, pos, head', d_head]: the query, key or value of the listed `heads` of `layer`, each
-    from its own normalised input `normed[i]` ([head', b, pos, d_model]), with the positional
-    embedding of a shortformer model (`position`) added to query and key inputs, as the model
-    computes them."""
-    attn = model.blocks[layer].attn
-    weight = getattr(attn, f"W_{port.upper()}")[heads]  # [head', d_model, d_head]
-    bias = getattr(attn, f"b_{port.upper()}")[heads]  # [head', d_head]
-    if position is not None and port != "v":
-        normed = normed + position
-    return torch.einsum("nbpd,nde->bpne", normed, weight) + bias
-
-
 def _weighted(diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """`sum over s of mask[s, t] * diffs[s]` ([t, width]) where only the listed `sources` have
     weight: a product over the whole contiguous prefix `diffs` ([k, width]) unless the listed
@@ -496,11 +508,13 @@ def faithfulness_curve(
     *,
     runs: CorruptRuns | None = None,
     max_tokens: int | None = None,
+    ablator: "EdgeAblator | None" = None,
 ) -> list[tuple[int, int, float]]:
     """(requested top-n, edges kept on input->logits paths, faithfulness) along a size grid;
     `runs` are the corrupt runs an attribution already made (made here otherwise), and
-    `max_tokens` bounds the tokens of one forward pass (`--batch-tokens`)."""
-    ablator = EdgeAblator(model, batches, graph, runs)
+    `max_tokens` bounds the tokens of one forward pass (`--batch-tokens`). With `ablator`, its
+    `prompt_values` hold each point's metric per prompt afterwards."""
+    ablator = ablator or EdgeAblator(model, batches, graph, runs)
     sizes = size_grid(len(edges))
     with profiling.stage("curve: circuits"):
         ranked = sorted(edges, key=lambda e: -abs(e[2]))
@@ -571,15 +585,22 @@ def smallest_faithful_circuit(
 ) -> tuple[list[tuple[int, int, float]], CircuitResult]:
     """The faithfulness curve of `edges` ranked by |score| (`faithfulness_curve`), and the
     circuit a scoring method stores from it: the smallest top-n (on input->logits paths) whose
-    faithfulness reaches `target`, else the largest."""
-    curve = faithfulness_curve(model, batches, graph, edges, runs=runs, max_tokens=max_tokens)
+    faithfulness reaches `target`, else the largest, with the spread of its faithfulness over
+    bootstrap resamples of the prompts (`CircuitResult.spread`, from the curve's own passes)."""
+    ablator = EdgeAblator(model, batches, graph, runs)
+    curve = faithfulness_curve(model, batches, graph, edges, max_tokens=max_tokens, ablator=ablator)
     size = smallest_faithful(curve, target)
     with profiling.stage("circuit"):
         circuit = select(edges, f"top:{size}")
         n_nodes = len(circuit.nodes)
-    faith = next(f for n, _, f in curve if n == size)
+    point = next(i for i, (n, _, _) in enumerate(curve) if n == size)
+    faith = curve[point][2]
+    if point in ablator.prompt_values:
+        spread = ablator.bootstrap(ablator.prompt_values[point])
+    else:  # the full graph or the empty circuit: 1 or 0 on every resample
+        spread = {"faithfulness_sd": 0.0, "faithfulness_lo": faith, "faithfulness_hi": faith}
     name = f"{method}: smallest top-n with faithfulness >= {target}"
-    return curve, CircuitResult(name, circuit.rule, circuit.edges, n_nodes, faith)
+    return curve, CircuitResult(name, circuit.rule, circuit.edges, n_nodes, faith, spread)
 
 
 @dataclass

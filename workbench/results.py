@@ -2,10 +2,14 @@
 store's side (`workbench.rows`, `Store.write_run`) turns it into table rows."""
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from workbench.core import Edge
+
+if TYPE_CHECKING:
+    from workbench.spotcheck import SpotCheck
 
 NodeScore = tuple[str, int | None, float]  # (node id, position or None for all, score)
 CurvePoint = tuple[int, int, float]  # (edges requested, edges kept, faithfulness)
@@ -20,6 +24,9 @@ class CircuitResult:
     edges: list[Edge]
     n_nodes: int
     faithfulness: float
+    # the faithfulness's spread over bootstrap resamples of the prompts (`faithfulness_sd`,
+    # `faithfulness_lo`, `faithfulness_hi`), stored among the run's metrics
+    spread: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,6 +40,12 @@ class RunResult:
     metric_corrupt: float | None = None
     node_scores: list[NodeScore] = field(default_factory=list)
     edges: list[Edge] = field(default_factory=list)
+    # standard errors over prompts, parallel to `node_scores` and `edges` (None: not computed)
+    node_stderr: list[float] | None = None
+    edge_stderr: list[float] | None = None
+    # the run's scores measured again by real interventions (`spot_checks`, and its summary
+    # among the run's metrics)
+    spot_check: "SpotCheck | None" = None
     curve: list[CurvePoint] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     circuit: CircuitResult | None = None

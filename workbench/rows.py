@@ -180,25 +180,30 @@ def _node(model_id: str, node: Node, hook: str | None = None) -> dict[str, Any]:
 
 
 def node_score_rows(
-    node_ids: list[str], scores: list[float], positions: list[int | None] | None = None
+    node_ids: list[str],
+    scores: list[float],
+    positions: list[int | None] | None = None,
+    stderr: list[float] | None = None,
 ) -> pa.Table:
-    return pa.table(
-        {
-            "node_id": pa.array(node_ids, pa.string()),
-            "position": pa.array(positions or [None] * len(node_ids), pa.int32()),
-            "score": pa.array(scores, pa.float64()),
-        }
-    )
+    columns = {
+        "node_id": pa.array(node_ids, pa.string()),
+        "position": pa.array(positions or [None] * len(node_ids), pa.int32()),
+        "score": pa.array(scores, pa.float64()),
+    }
+    if stderr is not None:
+        columns["stderr"] = pa.array(stderr, pa.float64())
+    return pa.table(columns)
 
 
-def edge_rows(edges: list[tuple[str, str, float]]) -> pa.Table:
-    return pa.table(
-        {
-            "src": pa.array([e[0] for e in edges], pa.string()),
-            "dst": pa.array([e[1] for e in edges], pa.string()),
-            "score": pa.array([e[2] for e in edges], pa.float64()),
-        }
-    )
+def edge_rows(edges: list[tuple[str, str, float]], stderr: list[float] | None = None) -> pa.Table:
+    columns = {
+        "src": pa.array([e[0] for e in edges], pa.string()),
+        "dst": pa.array([e[1] for e in edges], pa.string()),
+        "score": pa.array([e[2] for e in edges], pa.float64()),
+    }
+    if stderr is not None:
+        columns["stderr"] = pa.array(stderr, pa.float64())
+    return pa.table(columns)
 
 
 def circuit_rows(run_id: str, circuit: CircuitResult) -> dict[str, pa.Table]:
@@ -226,15 +231,25 @@ def result_rows(run_id: str, result: RunResult) -> tuple[dict[str, pa.Table], di
     if result.node_scores:
         scores = result.node_scores
         rows["node_scores"] = node_score_rows(
-            [s[0] for s in scores], [s[2] for s in scores], [s[1] for s in scores]
+            [s[0] for s in scores],
+            [s[2] for s in scores],
+            [s[1] for s in scores],
+            result.node_stderr,
         )
     if result.edges:
-        rows["edges"] = edge_rows(result.edges)
+        rows["edges"] = edge_rows(result.edges, result.edge_stderr)
     if result.curve:
         rows["faithfulness_curves"] = curve_rows(result.curve)
+    if result.spot_check is not None:
+        rows["spot_checks"] = result.spot_check.rows()
     rows |= result.tables
-    if result.metrics:
-        rows["run_metrics"] = metric_rows(result.metrics)
+    metrics = dict(result.metrics)
+    if result.circuit is not None:
+        metrics |= result.circuit.spread
+    if result.spot_check is not None:
+        metrics |= result.spot_check.summary()
+    if metrics:
+        rows["run_metrics"] = metric_rows(metrics)
     linked = circuit_rows(run_id, result.circuit) if result.circuit else {}
     return rows, linked
 

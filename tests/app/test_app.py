@@ -64,16 +64,21 @@ def test_heads_view_shows_induction_head_at_top_of_final_checkpoint(app, heads_d
     assert at.get("plotly_chart")  # heatmap and history are drawn
 
 
+def _edge_table(at: AppTest):
+    """The Circuit page's table of the edges drawn."""
+    return next(d.value for d in at.dataframe if "src" in d.value.columns)
+
+
 def test_circuit_view_prunes_in_sql(app):
     at = _show(app, "Circuit")
     at.selectbox(key="circuit_method").set_value("attr_patch").run()
     at.slider(key="circuit_k").set_value(5).run()
-    edges = at.dataframe[0].value
+    edges = _edge_table(at)
     assert len(edges) == 5
     assert edges["score"].abs().is_monotonic_decreasing
     at.radio(key="circuit_mode").set_value("threshold").run()
     threshold = at.slider(key="circuit_threshold").value
-    assert (at.dataframe[0].value["score"].abs() >= threshold).all()
+    assert (_edge_table(at)["score"].abs() >= threshold).all()
 
 
 def test_sql_view_runs_examples_and_reports_errors(app):
@@ -160,3 +165,50 @@ def test_heads_catalogue_names_the_induction_head_and_its_composition(app, heads
     assert not at.exception
     (top,) = [d.value for d in at.dataframe if "induction" in d.value.columns]
     assert top["induction"].max() < 0.1  # measured 0.03 before training
+
+
+def _spot_metrics(db: Path, run_id: str) -> dict[str, float]:
+    from tests.conftest import query
+
+    rows = query(db, "SELECT metric, value FROM run_metrics WHERE run_id = ?", [run_id])
+    return {r["metric"]: r["value"] for r in rows}
+
+
+def test_heads_view_shows_how_far_to_trust_a_run(app, heads_db):
+    """attr_patch at the last checkpoint: its spot-check badge (agreeing or contradicting as
+    the stored metrics say), the checked heads against their exact patches, and the leading
+    heads' error bars (their stored standard errors)."""
+    from tests.conftest import query
+    from workbench.spotcheck import contradicted
+
+    at = _show(app, "Heads")
+    at.selectbox(key="heads_method").set_value("attr_patch").run()
+    run_id = at.session_state["_links_shown"]["run"]
+    metrics = _spot_metrics(heads_db, run_id)
+    expected = "contradicted by its spot check" if contradicted(metrics) else "spot check agrees"
+    badges = [m.value for m in at.markdown if "badge[" in m.value]
+    assert len(badges) == 1 and expected in badges[0]
+    (spot,) = [d.value for d in at.dataframe if "exact" in d.value.columns]
+    stored = query(heads_db, "SELECT node_id, exact FROM spot_checks WHERE run_id = ?", [run_id])
+    assert len(spot) == len(stored) == 8
+    assert dict(zip(spot["item"], spot["exact"].round(4), strict=True)) == {
+        r["node_id"]: round(r["exact"], 4) for r in stored
+    }
+    top = next(d.value for d in at.dataframe if "stderr" in d.value.columns)
+    sql = "SELECT node_id, stderr FROM node_scores WHERE run_id = ?"
+    errors = {r["node_id"]: r["stderr"] for r in query(heads_db, sql, [run_id])}
+    assert all(top["stderr"] == [errors[h] for h in top["head_id"]])
+    (bars,) = [c for c in at.get("plotly_chart") if '"error_y"' in c.proto.spec]
+    assert "heads_error_bars" in bars.proto.id
+
+
+def test_circuit_view_shows_standard_errors_and_the_circuits_spread(app, heads_db):
+    at = _show(app, "Circuit")
+    at.selectbox(key="circuit_method").set_value("eap").run()
+    run_id = at.session_state["_links_shown"]["run"]
+    edges = _edge_table(at)
+    assert edges["stderr"].notna().all() and (edges["stderr"] >= 0).all()
+    metrics = _spot_metrics(heads_db, run_id)
+    captions = " ".join(c.value for c in at.caption)
+    assert f"[{metrics['faithfulness_lo']:.3f}, {metrics['faithfulness_hi']:.3f}]" in captions
+    assert f"{int(metrics['spot_n'])} scores patched for real" in captions

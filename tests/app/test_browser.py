@@ -305,6 +305,38 @@ def test_the_head_catalogue_in_a_real_browser(server, browser, heads_db, tmp_pat
     browser.save_screenshot(str(tmp_path / "catalogue.png"))
 
 
+def test_how_far_to_trust_a_run_in_a_real_browser(server, browser, heads_db, tmp_path):
+    """A link to an attr_patch run on the Heads page shows its spot-check badge (as its stored
+    metrics decide), the check's figures, the checked heads against their exact patches when
+    the expander opens, and the error bars of the leading heads."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.conftest import query
+    from workbench.spotcheck import contradicted
+
+    (run,) = query(
+        heads_db,
+        """SELECT r.run_id FROM runs r JOIN checkpoints c USING (checkpoint_id)
+           WHERE r.method = 'attr_patch' AND c.step = 1000""",
+    )
+    rows = query(
+        heads_db, "SELECT metric, value FROM run_metrics WHERE run_id = ?", [run["run_id"]]
+    )
+    metrics = {r["metric"]: r["value"] for r in rows}
+    badge = "contradicted by its spot check" if contradicted(metrics) else "spot check agrees"
+    browser.get(f"{server}/?view=heads&method=attr_patch&step=1000")
+    _wait_for_text(browser, badge)
+    _wait_for_text(browser, f"{int(metrics['spot_n'])} scores patched for real")
+    expander = "//*[@data-testid='stExpander']//summary"
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, expander))
+    browser.find_element(By.XPATH, expander).click()
+    WebDriverWait(browser, 60).until(lambda d: "scatter" in _every_trace(d))
+    WebDriverWait(browser, 60).until(lambda d: "bar" in _every_trace(d))  # the error bars
+    assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+    browser.save_screenshot(str(tmp_path / "reliability.png"))
+
+
 def _type_into(driver, css: str, text: str, commit) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -348,6 +380,14 @@ def _plot_traces(driver) -> list[str]:
     return driver.execute_script(
         "const gd = document.querySelector('.js-plotly-plot');"
         "return gd && gd._fullData ? gd._fullData.map(t => t.type) : [];"
+    )
+
+
+def _every_trace(driver) -> list[str]:
+    """The trace types of every plotly figure drawn on the page."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll('.js-plotly-plot')].flatMap("
+        "gd => gd._fullData ? gd._fullData.map(t => t.type) : []);"
     )
 
 

@@ -18,7 +18,7 @@ APP_DIR = Path(__file__).resolve().parents[2] / "app"
 
 RUN_COLUMNS = ["run_id", "pipeline", "method", "task_id", "step", "checkpoint_id"]
 RUN_COLUMNS += ["metric_clean", "metric_corrupt"]
-EDGE_COLUMNS = ["src", "dst", "score"]
+EDGE_COLUMNS = ["src", "dst", "score", "stderr"]
 
 
 def _columns(db: Path, table: str) -> list[str]:
@@ -90,9 +90,14 @@ HEADS_DB_CASES: dict[str, Case] = {
         True,
     ),
     "run_metrics": (lambda i: queries.run_metrics(i["edge_run"]), ["metric", "value"], False),
+    "spot_check": (
+        lambda i: queries.spot_check(i["edge_run"]),
+        ["item", "sample", "estimate", "exact", "difference"],
+        True,
+    ),
     "head_scores": (
         lambda i: queries.head_scores(i["heads_run"]),
-        ["layer", "head", "score", "head_id"],
+        ["layer", "head", "score", "stderr", "head_id"],
         True,
     ),
     "head_score_history": (
@@ -143,7 +148,7 @@ HEADS_DB_CASES: dict[str, Case] = {
         + ["step", "task_id", "label"],
         True,
     ),
-    "circuit_edges": (lambda i: queries.circuit_edges(i["circuit"]), EDGE_COLUMNS, True),
+    "circuit_edges": (lambda i: queries.circuit_edges(i["circuit"]), ["src", "dst", "score"], True),
     "incident_edges": (
         lambda i: queries.incident_edges(i["checkpoint"], i["head"], i["head_and_ports"]),
         ["method", "src", "dst", "score"],

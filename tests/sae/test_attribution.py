@@ -64,7 +64,7 @@ def frozen(sae_run, induction_dir):
 @pytest.mark.parametrize(("steps", "rule"), [(0, "right"), (5, "right"), (3, "left")])
 def test_with_the_final_scale_frozen_each_score_is_its_patch_effect(frozen, steps, rule):
     """Every last-SAE node with a score, the error node included."""
-    scores, _ = attribution.node_attribution(frozen, ig_steps=steps, ig_rule=rule)
+    scores, _, _ = attribution.node_attribution(frozen, ig_steps=steps, ig_rule=rule)
     nodes = [n for n in frozen.node_ids(1) if n in scores]
     assert frozen.node_ids(1)[-1] in nodes and len(nodes) > 10
     for node in nodes:
@@ -75,7 +75,7 @@ def test_with_the_final_scale_frozen_each_score_is_its_patch_effect(frozen, step
 def test_with_the_final_scale_frozen_ablating_top_nodes_removes_their_scores(frozen, n):
     """Faithfulness with the top-n last-SAE nodes set to their corrupt values in the clean run:
     the metric drops by exactly the sum of their scores."""
-    scores, _ = attribution.node_attribution(frozen, ig_steps=2)
+    scores, _, _ = attribution.node_attribution(frozen, ig_steps=2)
     top = ranked(scores, 1, frozen)[:n]
     every = {x for k in range(len(frozen.saes)) for x in frozen.node_ids(k)}
     drop = 1.0 - frozen.faithfulness(every - set(top))
@@ -84,7 +84,7 @@ def test_with_the_final_scale_frozen_ablating_top_nodes_removes_their_scores(fro
 
 
 def test_with_the_final_scale_frozen_the_last_sae_is_complete(frozen):
-    scores, _ = attribution.node_attribution(frozen, ig_steps=1, ig_rule="left")
+    scores, _, _ = attribution.node_attribution(frozen, ig_steps=1, ig_rule="left")
     assert attribution.completeness(frozen, scores)["late"] == pytest.approx(1.0, abs=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_an_saes_scores_add_up_to_patching_all_of_it(spliced, k, measured):
     """Patching every node of one SAE (error included) is the whole gap, exactly; integrated
     gradients along that path add up to it up to the Riemann error."""
     assert spliced.patch_nodes(set(spliced.node_ids(k))) == pytest.approx(1.0, abs=1e-4)
-    scores, _ = attribution.node_attribution(spliced, ig_steps=16, ig_rule="midpoint")
+    scores, _, _ = attribution.node_attribution(spliced, ig_steps=16, ig_rule="midpoint")
     total = attribution.completeness(spliced, scores)[spliced.sae_ids[k]]
     assert abs(measured("completeness_error", total - 1.0)) <= COMPLETENESS_MARGIN
 
@@ -111,7 +111,7 @@ def test_edges_match_moving_one_upstream_feature(spliced, scores, measured):
     linear: a step that crosses a kink (a downstream feature entering or leaving the top k) breaks
     the first-order match, so most, not all, of the strongest edges must agree."""
     eps = 1e-3
-    node_scores, grads = scores
+    node_scores, grads, _ = scores
     up = ranked(node_scores, 0, spliced)
     down = ranked(node_scores, 1, spliced)
     selected = [

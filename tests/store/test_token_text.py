@@ -160,6 +160,9 @@ def _as_v10(db: Path, tmp: Path, byte_model: Path) -> Path:
                 found = re.match(r"\s*CREATE (TABLE|VIEW) (\w+)", statement)
                 if found:
                     store.con.execute(f"DROP {found.group(1)} {found.group(2)}")
+                added = re.match(r"\s*ALTER TABLE (\w+) ADD COLUMN (\w+)", statement)
+                if added:
+                    store.con.execute(f"ALTER TABLE {added.group(1)} DROP COLUMN {added.group(2)}")
         store.con.execute("DELETE FROM schema_version WHERE version > 10")
     return copy
 

@@ -65,13 +65,14 @@ def recent_runs(limit: int = 500) -> pd.DataFrame:
 
 
 def done_runs(model_id: str) -> pd.DataFrame:
-    """A model's finished runs with their checkpoint step and metrics, by method and step."""
+    """A model's finished runs with their checkpoint step and metrics, by method and step (the
+    newest first among runs of a method at one step: the one a picker shows)."""
     return data.query(
         """SELECT r.run_id, r.pipeline, r.method, r.task_id, c.step, r.checkpoint_id,
                   r.metric_clean, r.metric_corrupt
            FROM runs r JOIN checkpoints c USING (checkpoint_id)
            WHERE c.model_id = ? AND r.status = 'done'
-           ORDER BY r.method, c.step""",
+           ORDER BY r.method, c.step, r.finished_at DESC, r.run_id""",
         (model_id,),
     )
 
@@ -91,16 +92,31 @@ def patching_runs(model_id: str) -> pd.DataFrame:
 
 def run_metrics(run_id: str) -> pd.DataFrame:
     """The extra metrics a run measured (name and value)."""
-    return data.query("SELECT metric, value FROM run_metrics WHERE run_id = ?", (run_id,))
+    return data.query(
+        "SELECT metric, value FROM run_metrics WHERE run_id = ? ORDER BY metric", (run_id,)
+    )
+
+
+def spot_check(run_id: str) -> pd.DataFrame:
+    """A run's spot check: each item checked (a node, or an edge `src -> dst`), the draw it
+    came from, the method's estimate, the exact score, and their difference."""
+    return data.query(
+        """SELECT coalesce(node_id, src || ' -> ' || dst) AS item, sample, estimate, exact,
+                  estimate - exact AS difference
+           FROM spot_checks WHERE run_id = ?
+           ORDER BY sample DESC, abs(estimate) DESC, item""",
+        (run_id,),
+    )
 
 
 # -- node scores ---------------------------------------------------------------------------
 
 
 def head_scores(run_id: str) -> pd.DataFrame:
-    """A run's whole-head scores (all positions at once) with each head's layer and index."""
+    """A run's whole-head scores (all positions at once) with each head's layer and index, and
+    their standard errors over prompts (NULL where the run has none)."""
     return data.query(
-        """SELECT n.layer, n.head, s.score, s.node_id AS head_id FROM node_scores s
+        """SELECT n.layer, n.head, s.score, s.stderr, s.node_id AS head_id FROM node_scores s
            JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
            JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
            WHERE s.run_id = ? AND n.kind = 'attn_head' AND n.port IS NULL
@@ -267,7 +283,7 @@ def edge_run_size(run_id: str) -> pd.DataFrame:
 def edge_run_edges_top(run_id: str, k: int) -> pd.DataFrame:
     """A run's k edges of largest |score|, strongest first (ties by src, dst)."""
     return data.query(
-        "SELECT src, dst, score FROM edges WHERE run_id = ? "
+        "SELECT src, dst, score, stderr FROM edges WHERE run_id = ? "
         "ORDER BY abs(score) DESC, src, dst LIMIT ?",
         (run_id, k),
     )
@@ -276,7 +292,7 @@ def edge_run_edges_top(run_id: str, k: int) -> pd.DataFrame:
 def edge_run_edges_above(run_id: str, threshold: float, limit: int) -> pd.DataFrame:
     """A run's edges with |score| at least `threshold`, strongest first, at most `limit`."""
     return data.query(
-        "SELECT src, dst, score FROM edges WHERE run_id = ? AND abs(score) >= ? "
+        "SELECT src, dst, score, stderr FROM edges WHERE run_id = ? AND abs(score) >= ? "
         "ORDER BY abs(score) DESC, src, dst LIMIT ?",
         (run_id, threshold, limit),
     )
@@ -289,12 +305,12 @@ def edge_run_edges_share(run_id: str, share: float, limit: int) -> pd.DataFrame:
     Edges of score 0 carry no share and are never kept."""
     return data.query(
         """WITH ranked AS (
-             SELECT src, dst, score,
+             SELECT src, dst, score, stderr,
                     sum(abs(score)) OVER (ORDER BY abs(score) DESC, src, dst
                                           ROWS UNBOUNDED PRECEDING) - abs(score) AS before,
                     sum(abs(score)) OVER () AS total
              FROM edges WHERE run_id = ? AND score <> 0)
-           SELECT src, dst, score FROM ranked WHERE before < ? * total
+           SELECT src, dst, score, stderr FROM ranked WHERE before < ? * total
            ORDER BY abs(score) DESC, src, dst LIMIT ?""",
         (run_id, share, limit),
     )

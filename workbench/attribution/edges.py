@@ -54,6 +54,7 @@ from workbench import memory
 from workbench.attribution.batches import PromptBatch, frozen_weights, model_device, repeat_rows
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.metrics import last_position_logits
+from workbench.attribution.moments import PromptMoments
 from workbench.attribution.patching import metric_gap
 from workbench.core import QKV, Hook, Node
 from workbench.memory import Scratch
@@ -333,17 +334,74 @@ def norm_input_grad(
     return g.div_(scale).to(grad.dtype)
 
 
+def input_norm_in_place(
+    model: HookedTransformer, layer: int, moved: torch.Tensor, scratch: Scratch
+) -> torch.Tensor:
+    """The block's input normalisation of `moved` inputs (none in a post-norm block), written
+    over `moved`. TransformerLens's LayerNorm and RMSNorm (folded or not) in float32 or float64
+    are taken step by step as their `forward` takes them, each step in place and the squares
+    in `scratch`, so that no input-sized tensor is made (the same numbers); any other
+    normalisation or dtype (or inputs not in the model's configured dtype, which the module
+    rounds to) is the module's own call."""
+    if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
+        return moved
+    norm = model.blocks[layer].ln1
+    kind = type(norm).__name__
+    floats = (torch.float32, torch.float64)
+    if kind not in CLOSED_FORM_NORMS or moved.dtype not in floats or moved.dtype != model.cfg.dtype:
+        return norm(moved)
+    if kind.startswith("LayerNorm"):
+        moved.sub_(moved.mean(-1, keepdim=True))
+    squares = torch.pow(
+        moved, 2, out=scratch.take("squares", tuple(moved.shape), moved.dtype, moved.device)
+    )
+    moved.div_((squares.mean(-1, keepdim=True) + norm.eps).sqrt())
+    if kind in ("LayerNorm", "RMSNorm"):
+        moved.mul_(norm.w)
+    if kind == "LayerNorm":
+        moved.add_(norm.b)
+    return moved
+
+
+def head_projection(
+    model: HookedTransformer,
+    layer: int,
+    port: str,
+    normed: torch.Tensor,
+    heads: torch.Tensor,
+    position: torch.Tensor | None,
+) -> torch.Tensor:
+    """[b, pos, head', d_head]: the query, key or value of the listed `heads` of `layer`, each
+    from its own normalised input `normed[i]` ([head', b, pos, d_model]), with the positional
+    embedding of a shortformer model (`position`) added to query and key inputs, as the model
+    computes them."""
+    attn = model.blocks[layer].attn
+    weight = getattr(attn, f"W_{port.upper()}")[heads]  # [head', d_model, d_head]
+    bias = getattr(attn, f"b_{port.upper()}")[heads]  # [head', d_head]
+    if position is not None and port != "v":
+        normed = normed + position
+    return torch.einsum("nbpd,nde->bpne", normed, weight) + bias
+
+
 @dataclass
 class CorruptRuns:
     """What an edge ablation (`workbench.circuits.EdgeAblator`) reuses from the runs an
     attribution already made: per batch, the corrupt prompts' activations at `ablation_hooks`
     (what every source writes: the embeddings, each layer's `hook_z` and MLP output, a head's
-    output being its `z @ W_O`; and each head's q, k, v), and the metric's means on the clean
-    and corrupt prompts."""
+    output being its `z @ W_O`; and each head's q, k, v), the metric's means on the clean
+    and corrupt prompts, and its value on each prompt (float64, in batch order: what a
+    bootstrap over prompts resamples)."""
 
     sources: list[dict[str, torch.Tensor]]
     m_clean: float
     m_corrupt: float
+    clean_values: torch.Tensor | None = None
+    corrupt_values: torch.Tensor | None = None
+    # per batch, what a spot check reads besides (`workbench.attribution.spotcheck`): what
+    # every source writes on the clean prompts, and the corrupt run's input to every layer and
+    # its final residual stream at the last position (under the logits' input hook)
+    clean_sources: list[dict[str, torch.Tensor]] | None = None
+    layer_inputs: list[dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -354,9 +412,19 @@ class EdgeScores:
     metric_clean: float
     metric_corrupt: float
     runs: CorruptRuns | None = None  # the corrupt runs' source activations, for the curve
+    # standard errors over prompts: of each edge's score, and of each source's summed score
+    # over all its destinations (a node's attribution-patching score)
+    stderr: Float[torch.Tensor, "n_src n_dst"] | None = None
+    source_stderr: Float[torch.Tensor, " n_src"] | None = None
 
     def edges(self) -> list[tuple[str, str, float]]:
         return self.graph.edges(self.scores)
+
+    def edge_stderr(self) -> list[float] | None:
+        """Each edge's standard error, in `edges()` order (None where not computed)."""
+        if self.stderr is None:
+            return None
+        return [e[2] for e in self.graph.edges(self.stderr)]
 
     @property
     def completeness(self) -> float:
@@ -373,12 +441,13 @@ def run_with_grads(
     *,
     scale: float,
     embed_override: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], float]:
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Forward (optionally replacing the input embeddings), keep activations `keep`, and
     backward `scale` x the metric sum for the gradients at `grad_of`. The weights take no
     gradient: the backward starts from the input embeddings (a leaf), so it computes the
     activations' gradients alone; without `grad_of` the forward pass records nothing for one.
-    Only the last position is unembedded: every metric reads it alone."""
+    Only the last position is unembedded: every metric reads it alone. Returns the activations
+    and the metric on each prompt (detached, in the model's dtype)."""
     acts: dict[str, torch.Tensor] = {}
 
     def save(act: torch.Tensor, hook: object) -> None:
@@ -412,7 +481,7 @@ def run_with_grads(
         acts[name + ".grad"] = (
             live.grad.detach() if live.grad is not None else torch.zeros_like(live)
         )
-    return acts, float(diffs.detach().sum())
+    return acts, diffs.detach()
 
 
 def edge_attribution(
@@ -423,12 +492,18 @@ def edge_attribution(
     ig_steps: int = 0,
     ig_rule: str = DEFAULT_IG_RULE,
     keep_runs: bool = True,
+    errors: bool = True,
 ) -> EdgeScores:
     """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1, points chosen by `ig_rule`) scores
     for every edge of `graph`, with (`keep_runs`) what the corrupt runs leave for an ablation
-    (`EdgeScores.runs`). The runs are the model's own (no per-head copies of q/k/v inputs):
-    each head's input gradient comes from its q/k/v gradient (`qkv_input_grads`), and the
-    products with the sources' differences are taken a destination layer at a time."""
+    (`EdgeScores.runs`) and (`errors`) each score's standard error over prompts. The runs are
+    the model's own (no per-head copies of q/k/v inputs): each head's input gradient comes from
+    its q/k/v gradient (`qkv_input_grads`), and the products with the sources' differences are
+    taken a destination layer at a time.
+
+    A score is the mean over prompts of each prompt's own product (its source difference with
+    its gradient), so the standard errors come from the same products kept per prompt: one more
+    product per destination group, no other pass."""
     alphas = ig_alphas(ig_steps, ig_rule)
     graph = graph or model_graph(model)
     n = sum(b.size for b in batches)
@@ -436,24 +511,33 @@ def edge_attribution(
     device = model_device(model)
     total = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
     upstream = graph.valid.sum(0).tolist()  # per destination: its sources, a prefix of them
+    edge_moments = PromptMoments(tuple(total.shape), device) if errors else None
+    source_moments = PromptMoments((len(graph.sources),), device) if errors else None
     m_clean = m_corrupt = 0.0
+    clean_values, corrupt_values = [], []
     method = "eap_ig" if ig_steps else "eap"
     kept_sources: list[dict[str, torch.Tensor]] = []
     scratch = Scratch()  # a layer's q/k/v input gradients, every layer of every batch
     for_ablation = ablation_hooks(model, graph)
-    keep = for_ablation + _layer_inputs(model)
+    final = Node.logits().in_hook(model.cfg.n_layers)
+    keep = for_ablation + _layer_inputs(model) + ([final] if keep_runs else [])
+    clean_kept: list[dict[str, torch.Tensor]] = []
+    inputs_kept: list[dict[str, torch.Tensor]] = []
     with graph_hooks_enabled(model, graph, split_qkv=False):
         for batch in tqdm(batches, desc=method, leave=False):
             clean, mc = run_with_grads(model, batch.clean, batch, src_hooks, [], scale=1.0)
             if ig_steps:
                 corrupt, mr = run_with_grads(
-                    model, batch.corrupt, batch, for_ablation, [], scale=1.0
-                )
+                    model, batch.corrupt, batch, keep if keep_runs else for_ablation, [],
+                    scale=1.0,
+                )  # fmt: skip
             else:
                 corrupt, mr = run_with_grads(
                     model, batch.corrupt, batch, keep, dst_hooks, scale=1 / n
                 )
-            m_clean, m_corrupt = m_clean + mc, m_corrupt + mr
+            m_clean, m_corrupt = m_clean + float(mc.sum()), m_corrupt + float(mr.sum())
+            clean_values.append(mc.double().cpu())
+            corrupt_values.append(mr.double().cpu())
             with torch.no_grad():
                 delta = source_differences(model, graph, clean, corrupt)
                 groups = (
@@ -461,19 +545,47 @@ def edge_attribution(
                     if ig_steps
                     else destination_grad_groups(model, graph, corrupt, scratch)  # in turn
                 )
+                per_source = delta.new_zeros(batch.size, len(graph.sources)) if errors else None
                 for cols, grads in groups:
                     k = upstream[cols[0]]
                     total[:k, cols] += torch.einsum("sbpd,tbpd->st", delta[:k], grads)
+                    if edge_moments is not None and per_source is not None:
+                        # each prompt's own products (x n: the gradients carry 1 / n)
+                        each = torch.einsum("sbpd,tbpd->bst", delta[:k], grads) * n
+                        edge_moments.add(each, (slice(0, k), cols))
+                        per_source[:, :k] += each.sum(-1)
+                if source_moments is not None and per_source is not None:
+                    source_moments.add(per_source)
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
+                clean_kept.append(clean)
+                inputs = {name: corrupt[name] for name in _layer_inputs(model)}
+                inputs_kept.append(inputs | {final: corrupt[final][:, -1:]})
             del clean, corrupt, delta, groups
     del scratch
     memory.release()  # the batches' buffers, before what comes next (the curve)
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     scores = ((total.detach() / gap) * graph.valid.to(device)).float().cpu()
-    runs = CorruptRuns(kept_sources, m_clean, m_corrupt) if keep_runs else None
-    return EdgeScores(method, graph, scores, m_clean, m_corrupt, runs)
+    runs = (
+        CorruptRuns(
+            kept_sources,
+            m_clean,
+            m_corrupt,
+            torch.cat(clean_values),
+            torch.cat(corrupt_values),
+            clean_kept,
+            inputs_kept,
+        )  # fmt: skip
+        if keep_runs
+        else None
+    )
+    result = EdgeScores(method, graph, scores, m_clean, m_corrupt, runs)
+    if edge_moments is not None and source_moments is not None:
+        stderr = edge_moments.stderr(n, 1 / gap)
+        result.stderr = stderr * graph.valid if stderr is not None else None
+        result.source_stderr = source_moments.stderr(n, 1 / gap)
+    return result
 
 
 def _integrated_grads(
@@ -512,51 +624,67 @@ def exact_edge_patching(
     *,
     graph: EdgeGraph | None = None,
     max_rows: int = 512,
+    only: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> EdgeScores:
-    """Patch every edge on its own (see the module docstring); batched per destination."""
+    """Patch every edge on its own (see the module docstring), or (`only`, a boolean
+    [n_src, n_dst] mask) the edges chosen; batched per destination. Scores of edges not
+    patched are 0. Each score's standard error over prompts comes with it."""
     graph = graph or model_graph(model)
     cfg = model.cfg
     n = sum(b.size for b in batches)
-    valid = graph.valid
+    valid = graph.valid if only is None else graph.valid & only.cpu().bool()
+    n_edges = int(valid.sum())
     device = model_device(model)
     sums = torch.zeros(len(graph.sources), len(graph.destinations), device=device)
+    moments = PromptMoments(tuple(sums.shape), device)
     m_clean = m_corrupt = 0.0
     src_hooks = source_hooks(model, graph)
-    passes = sum(
-        math.ceil(int(valid[:, t].sum()) / max(1, max_rows // b.size))
-        for b in batches
-        for t in range(len(graph.destinations))
-    )
-    logger.info(
-        "exact_edge: %d edges x %d prompts, about %d partial forward passes (progress and ETA "
-        "per edge follow)", graph.n_edges, n, passes,
-    )  # fmt: skip
-    progress = tqdm(total=graph.n_edges * len(batches), desc="exact_edge", unit="edge")
-    with graph_hooks_enabled(model, graph), progress:
+    if only is None:
+        passes = sum(
+            math.ceil(int(valid[:, t].sum()) / max(1, max_rows // b.size))
+            for b in batches
+            for t in range(len(graph.destinations))
+        )
+        logger.info(
+            "exact_edge: %d edges x %d prompts, about %d partial forward passes (progress and "
+            "ETA per edge follow)", n_edges, n, passes,
+        )  # fmt: skip
+    bar = tqdm(total=n_edges * len(batches), desc="exact_edge", unit="edge", disable=not progress)
+    targets = [t for t in range(len(graph.destinations)) if valid[:, t].any()]
+    with graph_hooks_enabled(model, graph), bar:
         for batch in batches:
             names = set(src_hooks) | {Hook.resid_pre(layer) for layer in range(cfg.n_layers)}
             stop = {"names_filter": names.__contains__, "stop_at_layer": cfg.n_layers}
             clean_final, clean = model.run_with_cache(batch.clean, **stop)
             corr_final, corrupt = model.run_with_cache(batch.corrupt, **stop)
             m_clean += float(batch.metric.final(model, clean_final, batch.target).sum())
-            m_corrupt += float(batch.metric.final(model, corr_final, batch.target).sum())
+            corrupt_each = batch.metric.final(model, corr_final, batch.target)
+            m_corrupt += float(corrupt_each.sum())
             delta = source_differences(model, graph, dict(clean.items()), dict(corrupt.items()))
-            for t, dst in enumerate(graph.destinations):
-                srcs = [s for s in range(len(graph.sources)) if valid[s, t]]
+            for t in targets:
+                dst = graph.destinations[t]
+                srcs = valid[:, t].nonzero()[:, 0].tolist()
                 if dst == Node.logits().id:
-                    for s in srcs:
-                        patched = corr_final + delta[s]
-                        sums[s, t] = batch.metric.final(model, patched, batch.target).sum()
-                    progress.update(len(srcs))
-                    continue
-                sums[srcs, t] = _patch_destination(
-                    model, batch, dst, corrupt, delta[srcs], max_rows
-                )
-                progress.update(len(srcs))
+                    values = torch.stack(
+                        [
+                            batch.metric.final(model, corr_final + delta[s], batch.target)
+                            for s in srcs
+                        ]
+                    )
+                else:
+                    values = _patch_destination(model, batch, dst, corrupt, delta[srcs], max_rows)
+                sums[srcs, t] += values.sum(1)
+                moments.add((values - corrupt_each).T, (srcs, t))  # each prompt's own effect
+                bar.update(len(srcs))
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
-    scores = (((sums / n - m_corrupt) / gap) * valid.to(device)).float().cpu()
-    return EdgeScores("exact_edge", graph, scores, m_clean, m_corrupt)
+    mask = valid.to(device)
+    scores = (((sums / n - m_corrupt) / gap) * mask).float().cpu()
+    stderr = moments.stderr(n, 1 / gap)
+    result = EdgeScores("exact_edge", graph, scores, m_clean, m_corrupt)
+    result.stderr = stderr * valid if stderr is not None else None
+    return result
 
 
 def _patch_destination(
@@ -567,12 +695,13 @@ def _patch_destination(
     deltas: torch.Tensor,
     max_rows: int,
 ) -> torch.Tensor:
-    """Metric sums with `dst`'s input moved by each of `deltas` ([n_src, b, p, d])."""
+    """The metric on each prompt with `dst`'s input moved by each of `deltas` ([n_src, b, p,
+    d]): [n_src, b]."""
     node = Node.parse(dst)
     layer, head, hook = node.layer or 0, node.head, node.in_hook(model.cfg.n_layers)
     resid = corrupt[Hook.resid_pre(layer)]  # type: ignore[index]
     per_chunk = max(1, max_rows // batch.size)
-    out = torch.zeros(deltas.shape[0], device=deltas.device)
+    out = torch.zeros(deltas.shape[0], batch.size, device=deltas.device)
     for first in range(0, deltas.shape[0], per_chunk):
         chunk = deltas[first : first + per_chunk]
         k = chunk.shape[0]
@@ -591,5 +720,5 @@ def _patch_destination(
             fwd_hooks=[(hook, move)],
         )  # fmt: skip
         values = batch.metric.final(model, final, batch.target.repeat(k))
-        out[first : first + k] = values.view(k, batch.size).sum(1)
+        out[first : first + k] = values.view(k, batch.size)
     return out

@@ -58,6 +58,9 @@ class HeadScores:
     metric_clean: float
     metric_corrupt: float
     edges: list[tuple[str, str, float]] = field(default_factory=list)
+    # standard errors over prompts of `scores` and of `edges` (None: not computed)
+    stderr: Float[torch.Tensor, "n_layers n_heads"] | None = None
+    edge_stderr: list[float] | None = None
 
 
 @torch.no_grad()
@@ -110,7 +113,13 @@ def head_out_patching(
         model, batches, component="head_out", direction=direction, max_rows=max_rows
     )
     scores = result.scores[:, :, 0]
-    return HeadScores(f"act_patch_{direction}", scores, result.metric_clean, result.metric_corrupt)
+    return HeadScores(
+        f"act_patch_{direction}",
+        scores,
+        result.metric_clean,
+        result.metric_corrupt,
+        stderr=result.stderr[:, :, 0] if result.stderr is not None else None,
+    )
 
 
 def head_importance(
@@ -126,8 +135,8 @@ def head_importance(
     m_clean = m_corrupt = 0.0
     names = [Hook.z(layer) for layer in range(cfg.n_layers)]
     for batch in tqdm(batches, desc="head_importance", leave=False):
-        acts, metric_sum = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
-        m_clean += metric_sum
+        acts, metric = run_with_grads(model, batch.clean, batch, names, names, scale=1.0)
+        m_clean += float(metric.sum())
         if baseline is None:
             with torch.no_grad():
                 m_corrupt += float(batch.metric(model(batch.corrupt), batch.target).sum())
@@ -154,9 +163,23 @@ def attribution_patching(model: HookedTransformer, batches: list[PromptBatch]) -
         for head in range(cfg.n_heads)
     ]
     scores = result.scores[rows].sum(1).view(cfg.n_layers, cfg.n_heads)
-    edges = [
-        e
-        for e in result.edges()
+    everything = result.edges()
+    stored = [
+        i
+        for i, e in enumerate(everything)
         if Node.parse(e[0]).kind != "mlp" and Node.parse(e[1]).kind != "mlp"
     ]
-    return HeadScores("attr_patch", scores, result.metric_clean, result.metric_corrupt, edges)
+    edge_stderr = result.edge_stderr()
+    return HeadScores(
+        "attr_patch",
+        scores,
+        result.metric_clean,
+        result.metric_corrupt,
+        [everything[i] for i in stored],
+        stderr=(
+            result.source_stderr[rows].view(cfg.n_layers, cfg.n_heads)
+            if result.source_stderr is not None
+            else None
+        ),
+        edge_stderr=[edge_stderr[i] for i in stored] if edge_stderr is not None else None,
+    )

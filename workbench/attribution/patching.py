@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, repeat_rows
+from workbench.attribution.moments import PromptMoments
 from workbench.core import Hook, Node
 
 Direction = Literal["denoise", "noise"]
@@ -97,6 +98,11 @@ class PatchScores:
     scores: Float[torch.Tensor, "n_layers n_units n_pos"]
     metric_clean: float
     metric_corrupt: float
+    stderr: Float[torch.Tensor, "n_layers n_units n_pos"] | None = None  # over prompts
+
+    def stderr_rows(self) -> list[float] | None:
+        """Each score's standard error, in `rows()` order (None: not computed)."""
+        return None if self.stderr is None else self.stderr.flatten().tolist()
 
     def rows(self) -> tuple[list[str], list[int | None], list[float]]:
         """(node ids, positions, scores) for the store; position None = all positions."""
@@ -151,6 +157,7 @@ def patch_sweep(
     means = _mean_activations(model, batches, hooks) if ablation == "mean" else {}
     n = sum(b.size for b in batches)
     sums: torch.Tensor | None = None
+    moments: PromptMoments | None = None
     m_clean = m_corrupt = 0.0
     reuse_prefix = by_position and comp.pos_axis == 0
     kv_hooks = [Hook.qkv(layer, kv) for layer in range(cfg.n_layers) for kv in "kv"]
@@ -158,8 +165,13 @@ def patch_sweep(
     for batch in tqdm(batches, desc=f"patch {component}", leave=False):
         clean_resid, clean_cache = _cache(model, batch.clean, cached)
         corr_resid, corr_cache = _cache(model, batch.corrupt, cached)
-        m_clean += float(batch.metric.final(model, clean_resid, batch.target).sum())
-        m_corrupt += float(batch.metric.final(model, corr_resid, batch.target).sum())
+        clean_each = batch.metric.final(model, clean_resid, batch.target)
+        corrupt_each = batch.metric.final(model, corr_resid, batch.target)
+        m_clean += float(clean_each.sum())
+        m_corrupt += float(corrupt_each.sum())
+        # a prompt's own effect is its patched metric less its own corrupt (denoising) or from
+        # its own clean metric (noising): the standard errors are of those
+        reference = corrupt_each if direction == "denoise" else clean_each
         base = corr_cache if direction == "denoise" else clean_cache
         for layer, hook in enumerate(hooks):
             if direction == "denoise" or ablation == "resample":
@@ -169,23 +181,28 @@ def patch_sweep(
             else:
                 source = means[(int(batch.clean.shape[1]), hook)].expand_as(clean_cache[hook])
             if reuse_prefix:
-                layer_sums = _patch_layer_each_position(
+                layer_sums, each = _patch_layer_each_position(
                     model, batch, layer, base, hook, source, comp, max_rows
                 )
             else:
-                layer_sums = _patch_layer(
+                layer_sums, each = _patch_layer(
                     model, batch, layer, base[Hook.resid_pre(layer)], hook, source,
                     comp, by_position, max_rows,
                 )  # fmt: skip
-            if sums is None:
+            if sums is None or moments is None:
                 sums = torch.zeros(cfg.n_layers, *layer_sums.shape, device=layer_sums.device)
+                moments = PromptMoments(tuple(sums.shape), layer_sums.device)
             sums[layer] += layer_sums
-    assert sums is not None
+            moments.add(each.movedim(-1, 0) - reference.view(-1, 1, 1), layer)
+    assert sums is not None and moments is not None
     m_clean, m_corrupt = m_clean / n, m_corrupt / n
     gap = metric_gap(m_clean, m_corrupt)
     patched = sums / n
     scores = (patched - m_corrupt) / gap if direction == "denoise" else (m_clean - patched) / gap
-    return PatchScores(component, by_position, scores.float().cpu(), m_clean, m_corrupt)
+    return PatchScores(
+        component, by_position, scores.float().cpu(), m_clean, m_corrupt,
+        moments.stderr(n, 1 / gap),
+    )  # fmt: skip
 
 
 def metric_gap(m_clean: float, m_corrupt: float) -> float:
@@ -258,12 +275,14 @@ def _patch_layer(
     by_position: bool,
     max_rows: int,
 ) -> torch.Tensor:
-    """Sum over prompts of the metric for every patch of `hook`: shape [n_units, n_pos]."""
+    """Sum over prompts of the metric for every patch of `hook`: shape [n_units, n_pos]; and
+    each prompt's metric, [n_units, n_pos, batch]."""
     shape = tuple(source.shape[1:])
     n_units = model.cfg.n_heads if comp.unit_axis is not None else 1
     masks = _unit_masks(shape, comp, by_position, n_units, source)
     per_chunk = max(1, max_rows // batch.size)
     sums = torch.zeros(len(masks), device=source.device)
+    each = torch.zeros(len(masks), batch.size, device=source.device)
     for first in range(0, len(masks), per_chunk):
         chunk = torch.stack(masks[first : first + per_chunk]).unsqueeze(1)
         k = chunk.shape[0]
@@ -281,8 +300,9 @@ def _patch_layer(
         )
         diffs = batch.metric.final(model, resid_final, batch.target.repeat(k))
         sums[first : first + k] = diffs.view(k, batch.size).sum(1).float()
+        each[first : first + k] = diffs.view(k, batch.size)
     n_pos = len(masks) // n_units
-    return sums.view(n_units, n_pos)
+    return sums.view(n_units, n_pos), each.view(n_units, n_pos, batch.size)
 
 
 @torch.no_grad()
@@ -299,7 +319,8 @@ def _patch_layer_each_position(
     """Patching position by position, reusing the base run for earlier positions: a patch at
     position p changes nothing before p (attention is causal), so the patched run computes
     positions p.. only, from layer `layer` on, with the keys and values of positions < p taken
-    from the base run (TransformerLens's key-value cache, frozen). Shape [n_units, n_pos]."""
+    from the base run (TransformerLens's key-value cache, frozen). Shapes [n_units, n_pos] (the
+    sums over the batch) and [n_units, n_pos, batch] (each prompt's metric)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     cfg = model.cfg
@@ -307,6 +328,7 @@ def _patch_layer_each_position(
     n_pos = int(source.shape[1])
     resid = base[Hook.resid_pre(layer)]
     sums = torch.zeros(n_units, n_pos, device=source.device)
+    each = torch.zeros(n_units, n_pos, batch.size, device=source.device)
     per_chunk = max(1, max_rows // batch.size)
     for pos in range(n_pos):
         for first in range(0, n_units, per_chunk):
@@ -343,4 +365,5 @@ def _patch_layer_each_position(
             )
             diffs = batch.metric.final(model, final, batch.target.repeat(k))
             sums[units, pos] = diffs.view(k, batch.size).sum(1).float()
-    return sums
+            each[units, pos] = diffs.view(k, batch.size).float()
+    return sums, each

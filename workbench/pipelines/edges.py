@@ -13,6 +13,7 @@ from workbench import profiling
 from workbench.attribution.ig import IgParams, check_ig_params
 from workbench.registry import Method, RunInputs, option
 from workbench.results import RunResult
+from workbench.spotcheck import SpotParams, check_spot_params, spot_key, spot_size
 
 GRAPH = "input+heads(qkv)+mlps+logits"
 
@@ -25,7 +26,12 @@ class EapParams:
 
 
 @dataclass(frozen=True)
-class EapIgParams(IgParams, EapParams):
+class EapCheckedParams(SpotParams, EapParams):
+    pass
+
+
+@dataclass(frozen=True)
+class EapIgParams(IgParams, EapCheckedParams):
     pass
 
 
@@ -47,7 +53,15 @@ def _key(params: Any) -> dict[str, Any]:
     if isinstance(params, IgParams):
         key["ig_steps"] = params.ig_steps
         key["ig_rule"] = params.ig_rule
+    if isinstance(params, SpotParams):
+        key |= spot_key(spot_size(params, "eap_ig" if isinstance(params, IgParams) else "eap"))
     return key
+
+
+def _check_eap(params: EapCheckedParams) -> None:
+    check_spot_params(params)
+    if isinstance(params, IgParams):
+        check_ig_params(params)
 
 
 def _acdc_key(params: AcdcParams) -> dict[str, Any]:
@@ -78,17 +92,26 @@ def _scored(method: str, inputs: RunInputs, result: Any, params: Any) -> RunResu
         metrics = known_circuit_metrics(inputs.task, inputs.loaded, edge_list)
     if method == "eap_ig":
         metrics["ig_completeness"] = result.completeness
+    spot = None
+    size = spot_size(params, method) if isinstance(params, SpotParams) else 0
+    if size:
+        from workbench.attribution.spotcheck import check_edges
+
+        with profiling.stage("spot check"):
+            spot = check_edges(inputs.model, inputs.batches, result, size)
     return RunResult(
         result.metric_clean,
         result.metric_corrupt,
         edges=edge_list,
+        edge_stderr=result.edge_stderr(),
         curve=curve,
         metrics=metrics,
         circuit=circuit,
+        spot_check=spot,
     )
 
 
-def eap(inputs: RunInputs, params: EapParams) -> RunResult:
+def eap(inputs: RunInputs, params: EapCheckedParams) -> RunResult:
     from workbench.attribution import edges
 
     with profiling.stage("attribution"):
@@ -129,14 +152,22 @@ def acdc(inputs: RunInputs, params: AcdcParams) -> RunResult:
 
 
 METHODS = (
-    Method("eap", "edges", EapParams, eap, key=_key, summary="edge attribution patching"),
+    Method(
+        "eap",
+        "edges",
+        EapCheckedParams,
+        eap,
+        key=_key,
+        check=_check_eap,
+        summary="edge attribution patching",
+    ),
     Method(
         "eap_ig",
         "edges",
         EapIgParams,
         eap_ig,
         key=_key,
-        check=check_ig_params,
+        check=_check_eap,
         summary="EAP with integrated gradients on the input embeddings",
     ),
     Method(

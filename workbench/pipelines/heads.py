@@ -10,26 +10,36 @@ from typing import Any
 from workbench.core import Node
 from workbench.registry import Method, RunInputs
 from workbench.results import RunResult
+from workbench.spotcheck import SpotParams, check_spot_params, spot_key, spot_size
 
 
 @dataclass(frozen=True)
 class HeadsParams:
-    """The heads methods take no options: each scores every head once."""
+    """The heads methods score every head once; only `attr_patch` takes an option."""
+
+
+@dataclass(frozen=True)
+class AttrPatchParams(SpotParams, HeadsParams):
+    pass
 
 
 # how the two patching methods patch (recorded in the run key since the first release)
 HEAD_PATCHING = {"component": "head_out", "positions": "all", "ablation": "resample"}
 
 
-def _result(result: Any) -> RunResult:
+def _result(result: Any, spot_check: Any = None) -> RunResult:
     n_layers, n_heads = result.scores.shape
     nodes = [Node.head_of(layer, h).id for layer in range(n_layers) for h in range(n_heads)]
     scores = result.scores.flatten().tolist()
+    stderr = getattr(result, "stderr", None)
     return RunResult(
         result.metric_clean,
         result.metric_corrupt,
         node_scores=[(n, None, s) for n, s in zip(nodes, scores, strict=True)],
+        node_stderr=stderr.flatten().tolist() if stderr is not None else None,
         edges=result.edges,
+        edge_stderr=getattr(result, "edge_stderr", None),
+        spot_check=spot_check,
     )
 
 
@@ -51,10 +61,23 @@ def act_patch_noise(inputs: RunInputs, params: HeadsParams) -> RunResult:
     return _result(heads.head_out_patching(inputs.model, inputs.batches, direction="noise"))
 
 
-def attr_patch(inputs: RunInputs, params: HeadsParams) -> RunResult:
+def attr_patch(inputs: RunInputs, params: AttrPatchParams) -> RunResult:
     from workbench.attribution import heads
 
-    return _result(heads.attribution_patching(inputs.model, inputs.batches))
+    result = heads.attribution_patching(inputs.model, inputs.batches)
+    spot = None
+    size = spot_size(params, "attr_patch")
+    if size:
+        from workbench.attribution.spotcheck import check_heads
+
+        n_layers, n_heads = result.scores.shape
+        scored = [
+            (Node.head_of(layer, h).id, float(result.scores[layer, h]))
+            for layer in range(n_layers)
+            for h in range(n_heads)
+        ]
+        spot = check_heads(inputs.model, inputs.batches, scored, size)
+    return _result(result, spot)
 
 
 def head_importance(inputs: RunInputs, params: HeadsParams) -> RunResult:
@@ -81,7 +104,15 @@ METHODS = (
         HEAD_PATCHING,
         "exact patching of each head's output, corrupt into clean",
     ),
-    _method("attr_patch", attr_patch, {}, "attribution patching (gradient) of each head"),
+    Method(
+        "attr_patch",
+        "heads",
+        AttrPatchParams,
+        attr_patch,
+        key=lambda p: spot_key(spot_size(p, "attr_patch")),
+        check=check_spot_params,
+        summary="attribution patching (gradient) of each head",
+    ),
     _method("head_importance", head_importance, {}, "head importance scores (Michel et al. 2019)"),
 )
 

@@ -103,6 +103,7 @@ def _compute(direction: str):  # type: ignore[no-untyped-def]
             result.metric_clean,
             result.metric_corrupt,
             node_scores=list(zip(nodes, positions, scores, strict=True)),
+            node_stderr=result.stderr_rows(),
         )
 
     return compute

@@ -25,6 +25,7 @@ from workbench.registry import Method, PlanContext, Planned, RunInputs, option
 from workbench.results import RunResult
 from workbench.sae.options import SaeTrainOptions
 from workbench.sae.plan import AttrRun, FeaturesRun, plan_features, sources
+from workbench.spotcheck import SpotParams, check_spot_params, spot_size
 from workbench.store.db import default_db_path
 
 
@@ -49,7 +50,7 @@ class SaeFeaturesParams(SaeTrainOptions, SaeSourceParams):
 
 
 @dataclass(frozen=True)
-class SaeAttrParams(IgParams, SaeFeaturesParams):
+class SaeAttrParams(SpotParams, IgParams, SaeFeaturesParams):
     n_nodes: int = option(16, "Nodes per SAE kept for the feature graph's edges.")
     faithful_target: float = option(
         0.8, "The stored circuit is the smallest top-n whose faithfulness reaches this."
@@ -85,6 +86,11 @@ def _check_features(params: SaeFeaturesParams) -> None:
     params.check()
 
 
+def _check_attr(params: SaeAttrParams) -> None:
+    check_ig_params(params, min_steps=0)
+    check_spot_params(params)
+
+
 def features(inputs: RunInputs, run: FeaturesRun) -> RunResult:
     from workbench.sae.compute import compute_features
 
@@ -99,7 +105,14 @@ def _attr_plan(params: SaeAttrParams, inputs: RunInputs, ctx: PlanContext) -> li
         chosen = ctx.store.latest_saes(checkpoint_id)
         if not chosen:
             raise BadInput(f"sae_attr: no SAEs stored for {checkpoint_id}; give --hook or --sae")
-    run = AttrRun(chosen, params.n_nodes, params.ig_steps, params.ig_rule, params.faithful_target)
+    run = AttrRun(
+        chosen,
+        params.n_nodes,
+        params.ig_steps,
+        params.ig_rule,
+        params.faithful_target,
+        spot_size(params, "sae_attr"),
+    )
     return [Planned(run, run.key)]
 
 
@@ -132,7 +145,7 @@ METHODS = (
         attr,
         key=lambda p: {},
         plan=_attr_plan,
-        check=lambda p: check_ig_params(p, min_steps=0),
+        check=_check_attr,
         summary="attribute the task to SAE features: feature circuits (Marks et al. 2024)",
         after=("sae_features",),
         demo="latest",

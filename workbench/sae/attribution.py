@@ -40,6 +40,7 @@ from transformer_lens import HookedTransformer
 
 from workbench.attribution.batches import PromptBatch, model_device
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
+from workbench.attribution.moments import PromptMoments
 from workbench.attribution.patching import metric_gap
 from workbench.core import Edge, Hook, Node
 from workbench.sae.saes import LoadedSae
@@ -55,6 +56,7 @@ class SaeAttribution:
     metric_corrupt: float
     selected: list[list[str]] = field(default_factory=list)  # per SAE, its kept nodes
     completeness: dict[str, float] = field(default_factory=dict)  # per SAE id, sum of its scores
+    node_stderr: dict[str, float] = field(default_factory=dict)  # over prompts, per scored node
 
 
 class SplicedModel:
@@ -196,8 +198,9 @@ Grads = list[list[tuple[torch.Tensor, torch.Tensor]]]  # [batch][sae] -> (d m/d 
 
 def node_attribution(
     spliced: SplicedModel, ig_steps: int = 0, ig_rule: str = DEFAULT_IG_RULE
-) -> tuple[dict[str, float], Grads]:
-    """Every feature's and error's score, and the gradients (per batch and SAE) behind them.
+) -> tuple[dict[str, float], Grads, dict[str, float]]:
+    """Every feature's and error's score, the gradients (per batch and SAE) behind them, and
+    each score's standard error over prompts (from the same products kept per prompt).
 
     `ig_steps = 0`: attribution patching, gradients of the corrupt run. `ig_steps = N`:
     integrated gradients (as Marks et al. use for nodes): for each SAE, the gradient averaged
@@ -207,6 +210,7 @@ def node_attribution(
     n_saes = len(spliced.saes)
     device = spliced.device
     totals = [torch.zeros(s.d_sae + 1, dtype=torch.float64, device=device) for s in spliced.saes]
+    moments = [PromptMoments((s.d_sae + 1,), device) for s in spliced.saes]
     grads_per_batch: Grads = []
     alphas = ig_alphas(ig_steps, ig_rule)
     for b in tqdm(range(len(spliced.batches)), desc="sae_attr nodes", leave=False):
@@ -225,14 +229,23 @@ def node_attribution(
             (f_clean, err_clean), (f_corr, err_corr) = spliced.clean[b][k], spliced.corrupt[b][k]
             totals[k][:-1] += ((f_clean - f_corr) * g_f).sum((0, 1)).double()
             totals[k][-1] += float(((err_clean - err_corr) * g_err).sum())
+            each_f = ((f_clean - f_corr) * g_f).sum(1)  # [batch, d_sae]
+            each_err = ((err_clean - err_corr) * g_err).sum((1, 2))[:, None]
+            moments[k].add(torch.cat([each_f, each_err], dim=1).detach())
         grads_per_batch.append([(g.detach(), e.detach()) for g, e in sums])
     scale = spliced_scale(spliced)
     scores: dict[str, float] = {}
+    stderr: dict[str, float] = {}
     for k in range(n_saes):
-        for node, value in zip(spliced.node_ids(k), (totals[k] * scale).tolist(), strict=True):
+        errors = moments[k].stderr(spliced.n, 1 / spliced.gap)
+        for i, (node, value) in enumerate(
+            zip(spliced.node_ids(k), (totals[k] * scale).tolist(), strict=True)
+        ):
             if value != 0.0:
                 scores[node] = value
-    return scores, grads_per_batch
+                if errors is not None:
+                    stderr[node] = float(errors[i])
+    return scores, grads_per_batch, stderr
 
 
 def feature_circuit(
@@ -248,7 +261,7 @@ def feature_circuit(
     """Node scores; the faithfulness curve over the top 1, 2, 4, ... nodes; the smallest node
     set reaching `target`; edges among the kept nodes plus the `n_nodes` best of each SAE (at
     most `max_nodes` per SAE). Returns (attribution, curve, circuit nodes, faithfulness)."""
-    scores, grads = node_attribution(spliced, ig_steps, ig_rule)
+    scores, grads, stderr = node_attribution(spliced, ig_steps, ig_rule)
     ranked = sorted(scores, key=lambda n: -abs(scores[n]))
     curve = []
     for size in _sizes(len(ranked)):
@@ -273,6 +286,7 @@ def feature_circuit(
         metric_corrupt=spliced.m_corrupt,
         selected=[[spliced.node_ids(k)[i] for i in sel] for k, sel in enumerate(selected)],
         completeness=completeness(spliced, scores),
+        node_stderr=stderr,
     )
     full_curve = [(n, len(circuit_edges(attribution, set(ranked[:n]))), f) for n, f in curve]
     return attribution, full_curve, kept, faith

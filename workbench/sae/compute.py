@@ -34,6 +34,7 @@ from workbench.sae import attribution, features
 from workbench.sae.corpus import Corpus
 from workbench.sae.plan import AttrRun, FeaturesRun
 from workbench.sae.saes import LoadedSae, load_sae
+from workbench.spotcheck import node_check, sample_items
 
 logger = logging.getLogger(__name__)
 
@@ -203,10 +204,24 @@ def compute_attr(loaded: LoadedModel, batches: list[PromptBatch], run: AttrRun) 
             for s, sid in zip(spliced.saes, spliced.sae_ids, strict=True)
         ]
     )
+    spot = None
+    if run.spot_checks:
+        scored = list(attr.node_scores.items())
+        chosen = sample_items([s for _, s in scored], run.spot_checks)
+        if chosen:
+            nodes = [scored[i][0] for i, _ in chosen]
+            spot = node_check(
+                nodes,
+                [draw for _, draw in chosen],
+                [scored[i][1] for i, _ in chosen],
+                [spliced.patch_nodes({node}) for node in nodes],
+            )
     return RunResult(
         attr.metric_clean,
         attr.metric_corrupt,
+        spot_check=spot,
         node_scores=[(n, None, s) for n, s in attr.node_scores.items()],
+        node_stderr=([attr.node_stderr[n] for n in attr.node_scores] if attr.node_stderr else None),
         edges=attr.edges + attr.head_edges,
         curve=curve,
         metrics={"circuit_nodes": float(size), "error_nodes_in_circuit": float(errors)}

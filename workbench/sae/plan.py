@@ -142,6 +142,7 @@ class AttrRun:
     ig_steps: int
     ig_rule: str
     faithful_target: float
+    spot_checks: int = 0
 
     @property
     def circuit_rule(self) -> str:
@@ -156,4 +157,4 @@ class AttrRun:
             "ig_steps": self.ig_steps,
             "ig_rule": self.ig_rule,
             "circuit": self.circuit_rule,
-        }
+        } | ({"spot_checks": self.spot_checks} if self.spot_checks else {})

@@ -602,6 +602,7 @@ class Store:
         old = "SELECT run_id FROM runs WHERE run_key = ?"
         circuits = f"SELECT circuit_id FROM circuits WHERE run_id IN ({old})"
         con.execute(f"DELETE FROM circuit_edges WHERE circuit_id IN ({circuits})", [run_key])
+        con.execute(f"DELETE FROM cross_recovery WHERE circuit_id IN ({circuits})", [run_key])
         con.execute(f"DELETE FROM circuits WHERE run_id IN ({old})", [run_key])
         for table in RUN_TABLES:
             con.execute(f"DELETE FROM {table} WHERE run_id IN ({old})", [run_key])

@@ -185,7 +185,7 @@ SCHEMA_V8 = [
 ]
 
 # Tables every run writes rows into, keyed by run_id (deleted together on --force re-runs):
-# those of schema v9, and `transcoder_sets` (v10).
+# those of schema v9, `transcoder_sets` (v10) and `spot_checks` (v13).
 V9_RUN_TABLES = (
     "node_scores",
     "edges",
@@ -195,7 +195,7 @@ V9_RUN_TABLES = (
     "features",
     "feature_examples",
 )
-RUN_TABLES = (*V9_RUN_TABLES, "transcoder_sets")
+RUN_TABLES = (*V9_RUN_TABLES, "transcoder_sets", "spot_checks")
 
 
 def _delete_rows_of(runs: str, tables: tuple[str, ...] = RUN_TABLES) -> list[str]:
@@ -375,6 +375,18 @@ SCHEMA_V12 = [
         FROM ranked GROUP BY ALL HAVING count(*) >= 3""",
 ]
 
+# v13: reliability stored with the scores: each node's and edge's standard error over prompts
+# (NULL for runs made before, and for methods that do not compute one), and the spot checks of
+# approximate methods (`workbench.spotcheck`): each checked item (a node, or an edge's src and
+# dst), the draw it came from (`top` or `random`), the method's estimate and the exact score.
+SCHEMA_V13 = [
+    "ALTER TABLE node_scores ADD COLUMN stderr DOUBLE",
+    "ALTER TABLE edges ADD COLUMN stderr DOUBLE",
+    """CREATE TABLE spot_checks (
+        run_id VARCHAR, node_id VARCHAR, src VARCHAR, dst VARCHAR, sample VARCHAR,
+        estimate DOUBLE, exact DOUBLE)""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -388,6 +400,7 @@ MIGRATIONS: dict[int, list[str]] = {
     10: SCHEMA_V10,
     11: SCHEMA_V11,
     12: SCHEMA_V12,
+    13: SCHEMA_V13,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

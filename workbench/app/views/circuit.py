@@ -13,10 +13,12 @@ from workbench.app.circuit_data import Shown, triples
 from workbench.app.figures import COLOURS, Edge, circuit_figure
 from workbench.app.views import curate, features
 from workbench.app.views.common import (
+    RELIABILITY_METRICS,
     clickable_chart,
     clicked_node,
     pick_row,
     pick_run,
+    reliability,
     select_model,
 )
 from workbench.core import PORTS, Node
@@ -190,11 +192,21 @@ def _edge_run(model_id: str) -> Shown | None:
     if len(edges) >= MAX_DRAWN and mode != "top-k":
         st.caption(f":orange[the {MAX_DRAWN:,} strongest of the edges asked for are drawn]")
     for row in queries.run_metrics(run_id).itertuples():
+        if row.metric in RELIABILITY_METRICS:
+            continue
         label = {"roc_auc_known_circuit": "ROC AUC vs the known circuit"}.get(
             row.metric, row.metric
         )
         st.metric(label, f"{row.value:.3f}")
-    st.caption(f"{len(edges):,} of {n_stored:,} edges from run `{run_id}`")
+    reliability(run_id, "circuit")
+    st.caption(
+        f"{len(edges):,} of {n_stored:,} edges from run `{run_id}`"
+        + (
+            " · stderr: each score's standard error over prompts"
+            if edges["stderr"].notna().any()
+            else ""
+        )
+    )
 
     def after() -> None:
         st.dataframe(edges, hide_index=True)

@@ -102,3 +102,60 @@ def clicked_node(key: str) -> str | None:
 def clickable_chart(fig: Any, key: str) -> None:
     """Draw a circuit whose nodes can be clicked (see `clicked_node`)."""
     st.plotly_chart(fig, key=key, on_select="rerun", selection_mode="points")
+
+
+# run metrics the reliability panel shows (not among a run's other metrics)
+RELIABILITY_METRICS = (
+    "spot_n",
+    "spot_spearman",
+    "spot_mae",
+    "spot_sign_agreement",
+    "faithfulness_sd",
+    "faithfulness_lo",
+    "faithfulness_hi",
+)
+
+
+def reliability(run_id: str, key: str) -> None:
+    """How far to trust a run's numbers: a badge from its spot check (scores measured again by
+    real patching; `workbench.spotcheck`) with the sample in an expander, and its circuit's
+    faithfulness spread over bootstrap resamples of the prompts."""
+    import plotly.express as px
+
+    from workbench.spotcheck import contradicted
+
+    metrics = dict(
+        zip(*[queries.run_metrics(run_id)[c].tolist() for c in ("metric", "value")], strict=True)
+    )
+    if "spot_n" in metrics:
+        bad = contradicted(metrics)
+        st.badge(
+            "contradicted by its spot check" if bad else "spot check agrees",
+            color="red" if bad else "green",
+            icon=":material/error:" if bad else ":material/check:",
+        )
+        rho = metrics.get("spot_spearman")
+        st.caption(
+            f"{int(metrics['spot_n'])} scores patched for real: rank correlation "
+            + (f"{rho:.2f}" if rho is not None else "undefined (one side constant)")
+            + f", signs agreeing {metrics['spot_sign_agreement']:.0%}, mean |estimate − exact| "
+            f"{metrics['spot_mae']:.3f} of the clean-vs-corrupt gap"
+        )
+        with st.expander("Spot check: each estimate against exact patching"):
+            sample = queries.spot_check(run_id)
+            fig = px.scatter(
+                sample, x="exact", y="estimate", color="sample", hover_name="item",
+                labels={"exact": "exact patching", "estimate": "the method's estimate"},
+            )  # fmt: skip
+            bound = float(sample[["exact", "estimate"]].abs().to_numpy().max() or 1.0)
+            fig.add_shape(
+                type="line", x0=-bound, y0=-bound, x1=bound, y1=bound, line={"dash": "dot"}
+            )
+            st.plotly_chart(fig, key=f"{key}_spot_plot")
+            st.dataframe(sample.round(4), hide_index=True, key=f"{key}_spot_table")
+    if "faithfulness_sd" in metrics:
+        st.caption(
+            f"circuit faithfulness over resampled prompts: sd {metrics['faithfulness_sd']:.3f}, "
+            f"95% of resamples in [{metrics['faithfulness_lo']:.3f}, "
+            f"{metrics['faithfulness_hi']:.3f}]"
+        )

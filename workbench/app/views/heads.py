@@ -11,7 +11,7 @@ import plotly.express as px
 import streamlit as st
 
 from workbench.app import links, queries
-from workbench.app.views.common import diverging_heatmap, pick_run, select_model
+from workbench.app.views.common import diverging_heatmap, pick_run, reliability, select_model
 
 SCORE_HELP = {
     "previous_token": "attention from each position to the one before",
@@ -63,7 +63,15 @@ def _run_scores(model_id: str) -> None:
         f"corrupt {run['metric_corrupt']:.3f}"
     )
     st.plotly_chart(fig, key="heads_heatmap")
-    st.dataframe(scores.sort_values("score", ascending=False).head(10), hide_index=True)
+    reliability(str(run["run_id"]), "heads")
+    top = scores.reindex(scores["score"].abs().sort_values(ascending=False).index).head(10)
+    if top["stderr"].notna().any():
+        bars = px.bar(
+            top, x="head_id", y="score", error_y="stderr",
+            labels={"head_id": "head", "score": "score ± standard error over prompts"},
+        )  # fmt: skip
+        st.plotly_chart(bars, key="heads_error_bars")
+    st.dataframe(top, hide_index=True, key="heads_top")
 
     agreement = queries.agreement_with(str(run["run_id"]), "node")
     if not agreement.empty:
