@@ -9,6 +9,7 @@ backward pass of that batch.
 
 import os
 import warnings
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -63,19 +64,32 @@ def catalogue_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # ty
     return rows
 
 
-def main() -> None:
-    rows = catalogue_costs("zoo induction (2L, d=64)", zoo_model(None), 32)
-    rows += catalogue_costs("random GPT-2-small shape", random_gpt2(12, 768, 12, 50257), 32)
+def on_three_models(costs: Callable[..., list[list[str]]]) -> list[list[str]]:
+    """`costs(name, loaded, n_prompts)` on the zoo's induction model and a random
+    GPT-2-small-shaped model with 32 prompts, and on SmolLM2-135M with 16 where it is
+    imported (`make smollm2`): the rows of each, in that order."""
+    rows = costs("zoo induction (2L, d=64)", zoo_model(None), 32)
+    rows += costs("random GPT-2-small shape", random_gpt2(12, 768, 12, 50257), 32)
     if (SMOLLM2 / "model.safetensors").is_file():
         from workbench.models import load_checkpoint, resolve_checkpoints
 
-        rows += catalogue_costs(
-            "SmolLM2-135M", load_checkpoint(resolve_checkpoints(str(SMOLLM2))[0]), 16
-        )
-    print("| model | part | seconds | over eap + curve | over forward + backward |")
-    print("|---|---|---:|---:|---:|")
+        rows += costs("SmolLM2-135M", load_checkpoint(resolve_checkpoints(str(SMOLLM2))[0]), 16)
+    return rows
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A Markdown table of `rows` under `header`: the columns before "seconds" are text (left
+    aligned), the rest numbers (right aligned)."""
+    text = header.index("seconds")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] * text + ["---:"] * (len(header) - text)) + "|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def main() -> None:
+    rows = on_three_models(catalogue_costs)
+    print_table(["model", "part", "seconds", "over eap + curve", "over forward + backward"], rows)
 
 
 if __name__ == "__main__":

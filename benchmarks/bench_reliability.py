@@ -15,9 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
+from benchmarks.bench_catalogue import on_three_models, print_table  # noqa: E402
 from benchmarks.bench_edges import induction_batches  # noqa: E402
-from benchmarks.bench_head_patching import best_time, random_gpt2, zoo_model  # noqa: E402
-from benchmarks.bench_methods import SMOLLM2  # noqa: E402
+from benchmarks.bench_head_patching import best_time  # noqa: E402
 
 SPOT = 8  # the default --spot-checks
 
@@ -98,18 +98,8 @@ def reliability_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # 
 
 
 def main() -> None:
-    rows = reliability_costs("zoo induction (2L, d=64)", zoo_model(None), 32)
-    rows += reliability_costs("random GPT-2-small shape", random_gpt2(12, 768, 12, 50257), 32)
-    if (SMOLLM2 / "model.safetensors").is_file():
-        from workbench.models import load_checkpoint, resolve_checkpoints
-
-        rows += reliability_costs(
-            "SmolLM2-135M", load_checkpoint(resolve_checkpoints(str(SMOLLM2))[0]), 16
-        )
-    print("| model | run | part | seconds | over the run |")
-    print("|---|---|---|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    rows = on_three_models(reliability_costs)
+    print_table(["model", "run", "part", "seconds", "over the run"], rows)
 
 
 if __name__ == "__main__":

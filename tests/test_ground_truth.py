@@ -111,8 +111,11 @@ def scores(induction_final, induction_task) -> dict[str, torch.Tensor]:
         "exact_edge": edges.exact_edge_patching(model, batches).scores[valid],
         "noising": noising_scores(model, batches, graph)[valid],
         "eap": edges.edge_attribution(model, batches).scores[valid],
-        "eap_ig": edges.edge_attribution(model, batches, ig_steps=5).scores[valid],
-        "eap_ig_20": edges.edge_attribution(model, batches, ig_steps=20).scores[valid],
+        # the rule the thresholds below were measured with
+        "eap_ig": edges.edge_attribution(model, batches, ig_steps=5, ig_rule="right").scores[valid],
+        "eap_ig_20": edges.edge_attribution(model, batches, ig_steps=20, ig_rule="right").scores[
+            valid
+        ],
     }
 
 

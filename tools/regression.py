@@ -73,7 +73,7 @@ md.distributions = _first_of_project
 
 
 # option -> the value it had before its default changed (applied where a method takes it)
-PINNED = {"spot_checks": 0}
+PINNED = {"spot_checks": 0, "ig_rule": "right"}
 
 # (`Job.make` ignores the options a method does not take, in every revision that has it)
 PIN_OPTIONS = f"""import workbench.jobs as _jobs

@@ -207,9 +207,10 @@ def test_clicking_a_node_in_the_circuit_graph_inspects_it(server, browser):
     _wait_for_text(browser, "Checkpoints")
     click_view(browser, "Circuit")
     _wait_for_text(browser, "click one in the graph")
-    traces = "g.scatterlayer g.trace"
+    traces = ".js-plotly-plot g.scatterlayer g.trace"  # the first figure's: the graph's
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, traces))
-    nodes = browser.find_elements(By.CSS_SELECTOR, traces)[-1]  # the node markers, drawn last
+    graph = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]
+    nodes = graph.find_elements(By.CSS_SELECTOR, "g.scatterlayer g.trace")[-1]  # drawn last
     points = nodes.find_elements(By.CSS_SELECTOR, "path.point")
     labels = [t.text for t in nodes.find_elements(By.CSS_SELECTOR, "g.textpoint text")]
     assert len(points) == len(labels) > 1
@@ -420,7 +421,9 @@ def test_a_deep_link_opens_the_explorer_as_it_was(server, browser, heads_db, tmp
         WebDriverWait(browser, 60).until(lambda d: "view=circuit" in d.current_url)
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
         assert node_value(browser) == "a1.h0"
-        assert f"30 of {n_edges} edges" in browser.find_element(By.TAG_NAME, "body").text
+        body = browser.find_element(By.TAG_NAME, "body").text
+        assert f"30 of {n_edges} edges" in body
+        assert "circuit faithfulness over resampled prompts" in body  # its bootstrap interval
         return {k: v[0] for k, v in parse_qs(urlparse(browser.current_url).query).items()}
 
     first = opened(f"{server}/?view=circuit&run={run_id}&k=30&node=a1.h0&draw=WebGL")

@@ -17,7 +17,7 @@ from workbench.core import PORTS, Node
 APP_DIR = Path(__file__).resolve().parents[2] / "app"
 
 RUN_COLUMNS = ["run_id", "pipeline", "method", "task_id", "step", "checkpoint_id"]
-RUN_COLUMNS += ["metric_clean", "metric_corrupt"]
+RUN_COLUMNS += ["metric_clean", "metric_corrupt", "ig_rule"]
 EDGE_COLUMNS = ["src", "dst", "score", "stderr"]
 
 

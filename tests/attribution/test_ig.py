@@ -103,8 +103,8 @@ def test_stored_eap_ig_runs_carry_their_completeness_and_rule(tmp_path, inductio
     db = tmp_path / "w.duckdb"
     argv = ["run", "edges", "--model", str(induction_dir), "--task", "induction", "--db", str(db)]
     argv += ["--method", "eap_ig"]
-    assert cli(argv) == 0
-    assert cli([*argv, "--ig-rule", "midpoint"]) == 0  # another rule is another run
+    assert cli([*argv, "--ig-rule", "right"]) == 0  # the default before midpoint
+    assert cli(argv) == 0  # midpoint, the default: another rule is another run
     assert cli([*argv, "--ig-rule", "midpoint"]) == 0  # ... stored once
     with Store(db, read_only=True) as store:
         rows = store.query(

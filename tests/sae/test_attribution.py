@@ -22,7 +22,7 @@ def spliced(sae_run, induction_dir):
 
 @pytest.fixture(scope="module")
 def scores(spliced):
-    return attribution.node_attribution(spliced, ig_steps=5)
+    return attribution.node_attribution(spliced, ig_steps=5, ig_rule="right")
 
 
 def ranked(scores: dict[str, float], k: int, spliced) -> list[str]:
@@ -75,7 +75,7 @@ def test_with_the_final_scale_frozen_each_score_is_its_patch_effect(frozen, step
 def test_with_the_final_scale_frozen_ablating_top_nodes_removes_their_scores(frozen, n):
     """Faithfulness with the top-n last-SAE nodes set to their corrupt values in the clean run:
     the metric drops by exactly the sum of their scores."""
-    scores, _, _ = attribution.node_attribution(frozen, ig_steps=2)
+    scores, _, _ = attribution.node_attribution(frozen, ig_steps=2, ig_rule="right")
     top = ranked(scores, 1, frozen)[:n]
     every = {x for k in range(len(frozen.saes)) for x in frozen.node_ids(k)}
     drop = 1.0 - frozen.faithfulness(every - set(top))

@@ -78,7 +78,7 @@ def test_attr_alone_uses_the_stored_saes(sae_run, induction_dir, tmp_path):
     assert set(json.loads(params[-1]["params"])["saes"]) == {
         r["sae_id"] for r in sae_run.saes.values()
     }
-    assert json.loads(params[-1]["params"])["ig_rule"] == "right"
+    assert json.loads(params[-1]["params"])["ig_rule"] == "midpoint"  # the default
     argv += ["--method", "sae_attr", "--n-nodes", "4", "--ig-steps", "2", "--ig-rule", "left"]
     assert cli(argv) == 0  # another rule is another run
     # each SAE's completeness is the sum of its nodes' stored scores
@@ -91,7 +91,7 @@ def test_attr_alone_uses_the_stored_saes(sae_run, induction_dir, tmp_path):
            WHERE r.method = 'sae_attr' AND m.metric LIKE 'ig_completeness:%'""",
     )
     # the stored run of the fixture, the one above and the left-rule one: two SAEs each
-    assert sorted({r["rule"] for r in rows}) == ["left", "right"] and len(rows) == 6
+    assert sorted({r["rule"] for r in rows}) == ["left", "midpoint"] and len(rows) == 6
     for row in rows:
         assert row["value"] == pytest.approx(row["total"], abs=1e-6)
 

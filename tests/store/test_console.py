@@ -5,6 +5,7 @@ its own peak RSS, from `wait4`) and in the app (AppTest)."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -93,23 +94,37 @@ def test_a_waiting_caller_that_stops_interrupts_the_query(db):
     assert threading.active_count() == before
 
 
+# Starts a command and reports its peak RSS. A child's `ru_maxrss` counts the peak of the memory
+# it was forked with until its `exec` (Linux keeps the larger), so a command started straight
+# from the test process would report the test process's own peak; started from this small
+# launcher, it reports its own.
+LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(str(usage.ru_maxrss * 1024))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _cli(db: Path, *args: str) -> tuple[int, str, str, int]:
-    """`workbench sql` in a subprocess: (exit status, stdout, stderr, peak RSS in bytes)."""
+    """`workbench sql` in a subprocess: (exit status, stdout, stderr, its peak RSS in bytes)."""
+    peak_file = db.parent / f"peak-{threading.get_ident()}-{time.monotonic_ns()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workbench", "sql", *args, "--db", str(db)],
+        [sys.executable, "-c", LAUNCHER, str(peak_file), sys.executable, "-m", "workbench",
+         "sql", *args, "--db", str(db)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "WORKBENCH_LOG": "WARNING"},
-    )
-    killer = threading.Timer(300, proc.kill)  # a hung query would fail the test, not hang it
+        start_new_session=True,
+    )  # fmt: skip
+    # a hung query would fail the test, not hang it
+    killer = threading.Timer(300, lambda: os.killpg(proc.pid, signal.SIGKILL))
     killer.start()
-    out = proc.stdout.read() if proc.stdout else ""
-    err = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.communicate()
     killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out, err, usage.ru_maxrss * 1024
+    return proc.returncode, out, err, int(peak_file.read_text())
 
 
 def test_cli_row_cap_timeout_and_memory(db):

@@ -66,10 +66,11 @@ def recent_runs(limit: int = 500) -> pd.DataFrame:
 
 def done_runs(model_id: str) -> pd.DataFrame:
     """A model's finished runs with their checkpoint step and metrics, by method and step (the
-    newest first among runs of a method at one step: the one a picker shows)."""
+    newest first among runs of a method at one step: the one a picker shows), and the
+    integrated-gradients rule of those that have one."""
     return data.query(
         """SELECT r.run_id, r.pipeline, r.method, r.task_id, c.step, r.checkpoint_id,
-                  r.metric_clean, r.metric_corrupt
+                  r.metric_clean, r.metric_corrupt, r.params->>'ig_rule' AS ig_rule
            FROM runs r JOIN checkpoints c USING (checkpoint_id)
            WHERE c.model_id = ? AND r.status = 'done'
            ORDER BY r.method, c.step, r.finished_at DESC, r.run_id""",
@@ -126,13 +127,16 @@ def head_scores(run_id: str) -> pd.DataFrame:
 
 
 def head_score_history(model_id: str, method: str, task_id: str) -> pd.DataFrame:
-    """Every head's whole-head score under one method and task at each checkpoint, by step."""
+    """Every head's whole-head score under one method and task at each checkpoint (its newest
+    run there), by step."""
     return data.query(
         """SELECT c.step, s.node_id, s.score FROM node_scores s
            JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
            JOIN nodes n ON n.model_id = c.model_id AND n.node_id = s.node_id
            WHERE c.model_id = ? AND r.method = ? AND r.task_id = ? AND r.status = 'done'
              AND s.position IS NULL AND n.kind = 'attn_head' AND n.port IS NULL
+           QUALIFY dense_rank() OVER (PARTITION BY c.step
+                                      ORDER BY r.finished_at DESC, r.run_id) = 1
            ORDER BY c.step""",
         (model_id, method, task_id),
     )
@@ -325,11 +329,13 @@ def faithfulness_curve(run_id: str) -> pd.DataFrame:
 
 
 def circuits(model_id: str) -> pd.DataFrame:
-    """A model's stored circuits with their run, step and a display label, newest step first."""
+    """A model's stored circuits with their run, step and a display label (with the
+    integrated-gradients rule of a run that has one), newest step first."""
     return data.query(
         """SELECT c.circuit_id, c.name, c.rule, c.n_edges, c.faithfulness, r.method,
                   r.checkpoint_id, ck.step, r.task_id,
-                  r.method || ' @ step ' || ck.step || ' · ' || c.rule
+                  r.method || ' @ step ' || ck.step
+                    || coalesce(' · IG ' || (r.params->>'ig_rule'), '') || ' · ' || c.rule
                     || ' · faithfulness ' || round(c.faithfulness, 2) AS label
            FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
            WHERE ck.model_id = ? ORDER BY ck.step DESC, r.method""",
@@ -525,11 +531,12 @@ def head_formation_steps(model_id: str, pipeline: str, method: str, task_id: str
 
 
 def circuits_by_step(model_id: str) -> pd.DataFrame:
-    """Each stored circuit of a model with its run's method, task and checkpoint step."""
+    """Each stored circuit of a model with its run's method, task and checkpoint step (the
+    newest run's first at a step)."""
     return data.query(
         """SELECT ci.circuit_id, r.method, r.task_id, ck.step, ci.n_edges
            FROM circuits ci JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
-           WHERE ck.model_id = ? ORDER BY r.method, r.task_id, ck.step""",
+           WHERE ck.model_id = ? ORDER BY r.method, r.task_id, ck.step, r.finished_at DESC""",
         (model_id,),
     )
 

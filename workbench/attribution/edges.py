@@ -18,8 +18,9 @@ every source upstream of it, so an edge is one term of that sum.
 * `eap_ig` — EAP with integrated gradients (Hanna et al. 2024, "Have Faith in Faithfulness"):
   the gradient is averaged over `steps` runs whose input embeddings (`hook_resid_pre` of layer
   0: token plus positional embeddings) are interpolated from the corrupt to the clean prompt
-  at the points of a Riemann rule (`workbench.attribution.ig`: `right`, alpha = k / steps,
-  k = 1..steps, by default; `left`, k = 0..steps-1, as the authors' code; or `midpoint`). The
+  at the points of a Riemann rule (`workbench.attribution.ig`: `midpoint`, alpha = (k - 1/2) /
+  steps, k = 1..steps, by default; `right`, k / steps; `left`, k = 0..steps-1, as the authors'
+  code). The
   `input` edges sum to the gap as `steps` grows (completeness): the gradient at the embeddings
   is the sum of the gradients at every destination's input, so the sum of the `input` edges'
   normalised scores is integrated gradients' own estimate of 1, stored as `completeness`.

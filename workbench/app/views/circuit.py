@@ -198,9 +198,10 @@ def _edge_run(model_id: str) -> Shown | None:
             row.metric, row.metric
         )
         st.metric(label, f"{row.value:.3f}")
-    reliability(run_id, "circuit")
+    rule = run.get("ig_rule")
     st.caption(
         f"{len(edges):,} of {n_stored:,} edges from run `{run_id}`"
+        + (f" · integrated gradients, {rule} rule" if isinstance(rule, str) else "")
         + (
             " · stderr: each score's standard error over prompts"
             if edges["stderr"].notna().any()
@@ -209,6 +210,7 @@ def _edge_run(model_id: str) -> Shown | None:
     )
 
     def after() -> None:
+        reliability(run_id, "circuit")
         st.dataframe(edges, hide_index=True)
         curve = queries.faithfulness_curve(run_id)
         if not curve.empty:
