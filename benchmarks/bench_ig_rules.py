@@ -65,7 +65,7 @@ def main() -> None:
                 eap_ig = edges.edge_attribution(
                     loaded.model, batches, ig_steps=steps, ig_rule=rule
                 ).completeness
-                scores, _ = attribution.node_attribution(spliced, steps, rule)
+                scores, _, _ = attribution.node_attribution(spliced, steps, rule)
                 per_sae = attribution.completeness(spliced, scores)
                 layer_errors = [per_sae[sid] - 1.0 for sid in sae_ids]
                 rows.append((task, steps, rule, [eap_ig - 1.0, *layer_errors]))

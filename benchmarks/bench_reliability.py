@@ -10,6 +10,7 @@ default where this shows it costing at most 10 % of the run.
 
 import os
 import warnings
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -31,7 +32,7 @@ def reliability_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # 
     model = loaded.model
     batches = induction_batches(loaded, n_prompts)
     graph = edges.model_graph(model)
-    kept: dict[str, object] = {}
+    kept: dict[str, Any] = {}
 
     def eap_run() -> None:
         result = edges.edge_attribution(model, batches)
