@@ -210,6 +210,58 @@ def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> P
     return db
 
 
+HEAD_WEIGHTS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
+
+
+def permute_heads(checkpoint: Path, out: Path) -> Path:
+    """A copy of a zoo checkpoint directory with the heads of every layer in reverse order:
+    the same function, each head under another index (`a{l}.h{i}` is `a{l}.h{n-1-i}`)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    for name, tensor in weights.items():
+        if name.split(".")[-1] in HEAD_WEIGHTS:
+            weights[name] = tensor.flip(0).contiguous()
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def permuted_dir(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
+    """A training run of one checkpoint: the induction model's last, its heads renumbered
+    (`permute_heads`)."""
+    last = max(induction_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    root = tmp_path_factory.mktemp("permuted") / "induction"
+    permute_heads(last, root / last.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def seeds_db(
+    tmp_path_factory: pytest.TempPathFactory,
+    heads_db: Path,
+    induction_dir: Path,
+    permuted_dir: Path,
+) -> Path:
+    """A copy of `heads_db` in which the induction model and its renumbered copy are a seed
+    group, their eap circuits at step 1000 (with spot checks of 8, as `heads_db`'s) evaluated
+    on each other's model."""
+    import shutil
+
+    from workbench.jobs import RunOptions
+    from workbench.seeds import run_seeds
+
+    db = tmp_path_factory.mktemp("seeds") / "workbench.duckdb"
+    shutil.copy(heads_db, db)
+    options = RunOptions(model=str(induction_dir), task="induction", db=str(db))
+    result = run_seeds([str(induction_dir), str(permuted_dir)], options, spot_checks=8)
+    assert [o.status for o in result.outcomes] == ["skipped", "done"]
+    return db
+
+
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path

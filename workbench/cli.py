@@ -61,6 +61,13 @@ CheckpointOption = Annotated[str, typer.Option(help="all, latest or a step numbe
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOption = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 ForceOption = Annotated[bool, typer.Option(help="Compute again even if stored.")]
+# how the commands that evaluate stored circuits (cross-recovery, seeds) run the task
+NPromptsOption = Annotated[int | None, typer.Option(help="Prompts for a built-in task.")]
+MaxBatchOption = Annotated[int, typer.Option(help="Prompts per batch.")]
+BatchTokensOption = Annotated[
+    int | None, typer.Option(help="And at most this many tokens per batch.")
+]
+MetricOption = Annotated[str | None, typer.Option(help="The metric (default: the task's own).")]
 
 
 class GraphFormat(StrEnum):
@@ -254,7 +261,7 @@ def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
 
     def command(ctx: typer.Context, **values: Any) -> int:
         from workbench.jobs import RunOptions, plan_all
-        from workbench.runner import run_jobs
+        from workbench.runner import run_planned
 
         given = {
             p.name: values[p.name]
@@ -265,13 +272,7 @@ def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
         given = {k: ([] if v is None else v) for k, v in given.items()}
         options = RunOptions(**{n: values[n] for n, _, _ in COMMON_OPTIONS if n != "method"})
         jobs = plan_all([p.name for p in pipes], options, values["method"], given)
-        outcomes = run_jobs(
-            jobs,
-            db=options.db,
-            force=options.force,
-            executor=options.executor,
-            address=options.address,
-        )
+        outcomes = run_planned(jobs, options)
         for o in outcomes:
             detail = f" ({o.error})" if o.error else ""
             typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
@@ -393,14 +394,10 @@ def run_cross_recovery_command(
         int,
         typer.Option(help="Beyond this many checkpoints, an evenly spaced subset of them."),
     ] = 12,
-    n_prompts: Annotated[int | None, typer.Option(help="Prompts for a built-in task.")] = None,
-    max_batch: Annotated[int, typer.Option(help="Prompts per batch.")] = 64,
-    batch_tokens: Annotated[
-        int | None, typer.Option(help="And at most this many tokens per batch.")
-    ] = DEFAULT_BATCH_TOKENS,
-    metric: Annotated[
-        str | None, typer.Option(help="The metric, as for the runs (default: the task's own).")
-    ] = None,
+    n_prompts: NPromptsOption = None,
+    max_batch: MaxBatchOption = 64,
+    batch_tokens: BatchTokensOption = DEFAULT_BATCH_TOKENS,
+    metric: MetricOption = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     db: DbOption = None,
@@ -420,6 +417,52 @@ def run_cross_recovery_command(
     ):
         typer.echo(f"{status:<8} cross-recovery at {checkpoint_id}")
     return 0
+
+
+@run_app.command("seeds")
+def run_seeds_command(
+    model: Annotated[
+        list[str],
+        typer.Option(help="A training run of one seed (repeat: two or more)."),
+    ],
+    task: Annotated[str, typer.Option(help="The task (built-in name or JSONL).")],
+    method: Annotated[str, typer.Option(help="The edge method whose circuits are compared.")] = (
+        "eap"
+    ),
+    group: Annotated[
+        str | None,
+        typer.Option(help="The seed group's name (default: seeds- and a hash of the models)."),
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option(help="all, latest or a step, among the steps every model has.")
+    ] = "latest",
+    n_prompts: NPromptsOption = None,
+    max_batch: MaxBatchOption = 64,
+    batch_tokens: BatchTokensOption = DEFAULT_BATCH_TOKENS,
+    metric: MetricOption = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    db: DbOption = None,
+    force: ForceOption = False,
+) -> int:
+    """The same circuit on several training seeds of one model: the edge method on each, each
+    circuit evaluated on the other seeds' models (table seed_groups, view seed_stability)."""
+    from workbench.jobs import RunOptions
+    from workbench.seeds import run_seeds
+
+    options = RunOptions(
+        model=model[0], task=task, checkpoint=checkpoint, db=db, force=force,
+        n_prompts=n_prompts, max_batch=max_batch, batch_tokens=batch_tokens, device=device,
+        dtype=dtype, metric=metric,
+    )  # fmt: skip
+    result = run_seeds(model, options, method=method, group=group)
+    for o in result.outcomes:
+        detail = f" ({o.error})" if o.error else ""
+        typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
+    for checkpoint_id, status in result.evaluated:
+        typer.echo(f"{status:<8} seeds' circuits at {checkpoint_id}")
+    typer.echo(f"seed group {result.group_id}: SELECT * FROM seed_stability")
+    return 1 if any(o.status == "failed" for o in result.outcomes) else 0
 
 
 @run_app.command("graph")

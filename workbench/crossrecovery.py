@@ -93,7 +93,7 @@ def run_cross_recovery(
     done = []
     for at in tqdm(chosen, desc="cross-recovery checkpoints", leave=False):
         ref = refs[at["checkpoint_id"]]
-        done.append(_evaluate_at(ref, loaded.pop(ref.checkpoint_id, None), chosen, options))
+        done.append(evaluate_at(ref, loaded.pop(ref.checkpoint_id, None), chosen, options))
         loaded.clear()
     return done
 
@@ -102,7 +102,7 @@ def _task(options: RunOptions, loaded: Any) -> Any:
     return load_task(options.task, loaded, n_prompts=options.n_prompts, metric=options.metric)
 
 
-def _evaluate_at(
+def evaluate_at(
     ref: CheckpointRef, loaded: LoadedModel | None, circuits: list[dict], options: RunOptions
 ) -> tuple[str, str]:
     """Every circuit's faithfulness at checkpoint `ref` (`loaded` already, or loaded here),

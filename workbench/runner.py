@@ -28,7 +28,11 @@ def run(
     **params: Any,
 ) -> list[RunOutcome]:
     """Plan and run a pipeline: the Python form of `workbench run PIPELINE ...`."""
-    jobs = plan_jobs(pipeline, options, methods, params)
+    return run_planned(plan_jobs(pipeline, options, methods, params), options)
+
+
+def run_planned(jobs: Iterable[Job], options: RunOptions) -> list[RunOutcome]:
+    """Run planned jobs where and as `options` say (database, force, executor, lock wait)."""
     return run_jobs(
         jobs,
         db=options.db,

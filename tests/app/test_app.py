@@ -212,3 +212,35 @@ def test_circuit_view_shows_standard_errors_and_the_circuits_spread(app, heads_d
     captions = " ".join(c.value for c in at.caption)
     assert f"[{metrics['faithfulness_lo']:.3f}, {metrics['faithfulness_hi']:.3f}]" in captions
     assert f"{int(metrics['spot_n'])} scores patched for real" in captions
+
+
+def test_circuit_view_across_seeds(heads_db, seeds_db, monkeypatch):
+    """The Circuit page's "Across seeds": on a database without seed groups it says how to make
+    one; on `seeds_db` (the induction model and its renumbered copy) it draws the union of the
+    two circuits, the pair's shares as the view stores them, and the recovery matrix."""
+    from tests.conftest import query
+    from workbench.app import data
+
+    for db in (heads_db, seeds_db):
+        monkeypatch.setenv("WORKBENCH_DB", str(db))
+        data.query.clear()
+        at = AppTest.from_file(APP, default_timeout=120).run()
+        _show(at, "Circuit")
+        at.radio(key="circuit_source").set_value("Across seeds").run()
+        assert not at.exception
+        if db == heads_db:
+            assert "workbench run seeds" in at.info[0].value
+    (row,) = query(seeds_db, "SELECT * FROM seed_stability")
+    members = query(seeds_db, "SELECT model_id FROM seed_groups")
+    assert at.selectbox(key="circuit_model").value in {m["model_id"] for m in members}
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["mean share: layer profile"] == "1.00"
+    assert metrics["mean share: edges (Jaccard)"] == f"{row['edge_jaccard']:.2f}"
+    pairs = next(d.value for d in at.dataframe if "model_a" in d.value.columns)
+    assert pairs[["edges_a", "edges_b", "edges_shared"]].iloc[0].tolist() == [
+        row["edges_a"], row["edges_b"], row["edges_shared"]
+    ]  # fmt: skip
+    drawn = _edge_table(at)
+    assert len(drawn) == row["edges_a"] + row["edges_b"] - row["edges_shared"]
+    assert set(drawn["seeds"]) == ({1, 2} if row["edges_shared"] else {1})
+    assert len(at.get("plotly_chart")) >= 2  # the graph and the recovery matrix

@@ -338,6 +338,24 @@ def test_how_far_to_trust_a_run_in_a_real_browser(server, browser, heads_db, tmp
     browser.save_screenshot(str(tmp_path / "reliability.png"))
 
 
+def test_stability_over_seeds_in_a_real_browser(seeds_db, browser, tmp_path):
+    """A link to the Circuit page's "Across seeds" on `seeds_db` draws the two seeds' circuits
+    and each circuit's faithfulness on each seed's model (a heatmap), with the pair's shares."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.conftest import query
+
+    (member, *_) = query(seeds_db, "SELECT model_id FROM seed_groups ORDER BY model_id")
+    with streamlit_server(seeds_db) as url:
+        browser.get(f"{url}/?view=circuit&model={member['model_id']}&show=Across+seeds")
+        _wait_for_text(browser, "Each seed's circuit on each seed's model")
+        _wait_for_text(browser, "mean share: layer profile")
+        WebDriverWait(browser, 60).until(lambda d: "heatmap" in _every_trace(d))
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "seeds.png"))
+
+
 def _type_into(driver, css: str, text: str, commit) -> None:  # type: ignore[no-untyped-def]
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys

@@ -362,6 +362,26 @@ GRAPH_DB_CASES: dict[str, Case] = {
 }
 
 
+SEEDS_DB_CASES: dict[str, Case] = {
+    "seed_groups": (lambda i: queries.seed_groups(i["model"]), ["group_id", "members"], True),
+    "seed_stability": (
+        lambda i: queries.seed_stability(i["group"]),
+        [
+            "group_id", "task_id", "method", "step", "model_a", "model_b", "run_a", "run_b",
+            "circuit_a", "circuit_b", "checkpoint_a", "checkpoint_b", "edges_a", "edges_b",
+            "edges_shared", "edge_jaccard", "nodes_a", "nodes_b", "nodes_shared",
+            "node_jaccard", "layer_jaccard", "n_scored", "spearman", "faithfulness_a",
+            "faithfulness_b", "a_on_b", "b_on_a",
+        ],
+        True,
+    ),  # fmt: skip
+    "seed_circuit_edges": (
+        lambda i: queries.seed_circuit_edges(i["circuits"]),
+        ["src", "dst", "seeds", "score"],
+        True,
+    ),
+}
+
 @pytest.fixture(scope="module")
 def heads_ids(heads_db: Path) -> dict:
     """Real arguments from the heads database: a model, runs of each kind, a circuit."""
@@ -437,7 +457,8 @@ def sae_ids(sae_run) -> dict:
 
 
 def test_every_public_query_is_covered():
-    assert _public() == set(HEADS_DB_CASES) | set(SAE_DB_CASES) | set(GRAPH_DB_CASES)
+    cases = set(HEADS_DB_CASES) | set(SAE_DB_CASES) | set(GRAPH_DB_CASES) | set(SEEDS_DB_CASES)
+    assert _public() == cases
     assert all(inspect.getdoc(getattr(queries, n)) for n in _public())
 
 
@@ -477,6 +498,16 @@ def test_query_on_graph_db(name, graph_store, monkeypatch):
     if non_empty:
         assert not frame.empty
 
+
+@pytest.mark.parametrize("name", sorted(SEEDS_DB_CASES))
+def test_query_on_seeds_db(name, seeds_db, monkeypatch):
+    _use(seeds_db, monkeypatch)
+    group, model = _one(seeds_db, "SELECT group_id, model_id FROM seed_groups ORDER BY ALL")
+    circuits = list(_one(seeds_db, "SELECT circuit_a, circuit_b FROM seed_stability"))
+    call, columns, non_empty = SEEDS_DB_CASES[name]
+    frame = call({"group": group, "model": model, "circuits": circuits})
+    assert list(frame.columns) == columns
+    assert not (non_empty and frame.empty), f"{name} returned no rows"
 
 def test_query_results_follow_their_arguments(heads_db, heads_ids, monkeypatch):
     _use(heads_db, monkeypatch)

@@ -162,7 +162,9 @@ def cross_recovery_options(model_id: str) -> pd.DataFrame:
         """SELECT DISTINCT r.method, x.task_id FROM cross_recovery x
            JOIN circuits c USING (circuit_id) JOIN runs r USING (run_id)
            JOIN checkpoints k ON k.checkpoint_id = x.checkpoint_id
-           WHERE k.model_id = ? ORDER BY r.method, x.task_id""",
+           JOIN checkpoints own ON own.checkpoint_id = r.checkpoint_id
+           WHERE k.model_id = ? AND own.model_id = k.model_id
+           ORDER BY r.method, x.task_id""",
         (model_id,),
     )
 
@@ -175,11 +177,45 @@ def cross_recovery(model_id: str, method: str, task_id: str) -> pd.DataFrame:
            FROM cross_recovery x JOIN circuits c USING (circuit_id) JOIN runs r USING (run_id)
            JOIN checkpoints ka ON ka.checkpoint_id = r.checkpoint_id
            JOIN checkpoints kb ON kb.checkpoint_id = x.checkpoint_id
-           WHERE kb.model_id = ? AND r.method = ? AND x.task_id = ?
+           WHERE kb.model_id = ? AND ka.model_id = kb.model_id AND r.method = ?
+             AND x.task_id = ?
            QUALIFY row_number() OVER (
              PARTITION BY ka.step, kb.step ORDER BY x.created_at DESC) = 1
            ORDER BY circuit_step, at_step""",
         (model_id, method, task_id),
+    )
+
+
+# -- stability over seeds ------------------------------------------------------------------
+
+
+def seed_groups(model_id: str) -> pd.DataFrame:
+    """The seed groups this model is a member of, with their members' count."""
+    return data.query(
+        """SELECT group_id, count(*) AS members FROM seed_groups
+           WHERE group_id IN (SELECT group_id FROM seed_groups WHERE model_id = ?)
+           GROUP BY group_id ORDER BY group_id""",
+        (model_id,),
+    )
+
+
+def seed_stability(group_id: str) -> pd.DataFrame:
+    """The group's rows of the view `seed_stability`, by task, method, step and pair."""
+    return data.query(
+        """SELECT * FROM seed_stability WHERE group_id = ?
+           ORDER BY task_id, method, step, model_a, model_b""",
+        (group_id,),
+    )
+
+
+def seed_circuit_edges(circuit_ids: list[str]) -> pd.DataFrame:
+    """Every edge of the circuits: src, dst, how many of them hold it (`seeds`) and its mean
+    score over those."""
+    return data.query(
+        """SELECT src, dst, count(DISTINCT circuit_id) AS seeds, avg(score) AS score
+           FROM circuit_edges WHERE list_contains(?, circuit_id)
+           GROUP BY src, dst ORDER BY seeds DESC, abs(avg(score)) DESC""",
+        (circuit_ids,),
     )
 
 

@@ -437,6 +437,12 @@ class Store:
         )
         return int(stored) == len(set(circuit_ids))
 
+    def save_seed_group(self, rows: list[dict[str, Any]]) -> None:
+        """Add members to seed groups (`workbench.seeds`); a member already in its group keeps
+        its row."""
+        with self.transaction() as con:
+            self._insert(con, "seed_groups", pa.Table.from_pylist(rows), ignore_existing=True)
+
     def save_cross_recovery(
         self, rows: list[dict[str, Any]], registry: dict[str, pa.Table]
     ) -> None:

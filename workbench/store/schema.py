@@ -387,6 +387,110 @@ SCHEMA_V13 = [
         estimate DOUBLE, exact DOUBLE)""",
 ]
 
+# v14: stability over seeds (`workbench run seeds`, `workbench.seeds`): training runs that differ
+# only in their seed, declared a group (`seed_groups`), and the view `seed_stability` comparing,
+# per pair of members, task, method and step, the circuits of their newest done runs: shared
+# edges and nodes (Jaccard), the layer profile (edges counted per source and destination with the
+# head index dropped: Jaccard of the counts, unchanged by renumbering the heads of a layer), the
+# rank correlation of all their edge scores, and each circuit's faithfulness on the other seed's
+# checkpoint (`cross_recovery`, NULL until evaluated).
+SCHEMA_V14 = [
+    """CREATE TABLE seed_groups (
+        group_id VARCHAR, model_id VARCHAR, source VARCHAR, added_at TIMESTAMP,
+        PRIMARY KEY (group_id, model_id))""",
+    r"""CREATE VIEW seed_stability AS
+        WITH newest AS (
+          SELECT g.group_id, k.model_id, k.step, r.task_id, r.method, r.run_id,
+                 r.checkpoint_id, c.circuit_id, c.faithfulness, c.n_edges
+          FROM seed_groups g JOIN checkpoints k USING (model_id)
+          JOIN runs r USING (checkpoint_id) JOIN circuits c USING (run_id)
+          WHERE r.status = 'done'
+          QUALIFY row_number() OVER (
+            PARTITION BY g.group_id, k.model_id, k.step, r.task_id, r.method
+            ORDER BY r.finished_at DESC, c.created_at DESC) = 1),
+        pairs AS (
+          SELECT a.group_id, a.task_id, a.method, a.step, a.model_id AS model_a,
+                 b.model_id AS model_b, a.run_id AS run_a, b.run_id AS run_b,
+                 a.circuit_id AS circuit_a, b.circuit_id AS circuit_b,
+                 a.checkpoint_id AS checkpoint_a, b.checkpoint_id AS checkpoint_b,
+                 a.n_edges AS edges_a, b.n_edges AS edges_b,
+                 a.faithfulness AS faithfulness_a, b.faithfulness AS faithfulness_b
+          FROM newest a JOIN newest b ON b.group_id = a.group_id AND b.task_id = a.task_id
+            AND b.method = a.method AND b.step = a.step AND a.model_id < b.model_id),
+        members AS (
+          SELECT DISTINCT circuit_id, src, dst FROM circuit_edges
+          WHERE circuit_id IN (SELECT circuit_a FROM pairs UNION SELECT circuit_b FROM pairs)),
+        shared_edges AS (
+          SELECT p.circuit_a, p.circuit_b, count(*) AS shared
+          FROM pairs p JOIN members x ON x.circuit_id = p.circuit_a
+          JOIN members y ON y.circuit_id = p.circuit_b AND y.src = x.src AND y.dst = x.dst
+          GROUP BY ALL),
+        ends AS (
+          SELECT DISTINCT circuit_id, regexp_replace(node, '<[a-z]+>$', '') AS node
+          FROM (SELECT circuit_id, src AS node FROM members
+                UNION ALL SELECT circuit_id, dst FROM members)),
+        node_counts AS (
+          SELECT p.circuit_a, p.circuit_b,
+            (SELECT count(*) FROM ends WHERE circuit_id = p.circuit_a) AS nodes_a,
+            (SELECT count(*) FROM ends WHERE circuit_id = p.circuit_b) AS nodes_b,
+            (SELECT count(*) FROM ends x JOIN ends y ON y.node = x.node
+             WHERE x.circuit_id = p.circuit_a AND y.circuit_id = p.circuit_b) AS nodes_shared
+          FROM pairs p),
+        profile AS (
+          SELECT circuit_id, regexp_replace(src, '\.h[0-9]+', '') AS src_layer,
+                 regexp_replace(dst, '\.h[0-9]+', '') AS dst_layer, count(*) AS n
+          FROM members GROUP BY ALL),
+        layer_share AS (
+          SELECT k.circuit_a, k.circuit_b,
+                 sum(least(coalesce(x.n, 0), coalesce(y.n, 0)))
+                   / sum(greatest(coalesce(x.n, 0), coalesce(y.n, 0))) AS layer_jaccard
+          FROM (SELECT DISTINCT p.circuit_a, p.circuit_b, f.src_layer, f.dst_layer
+                FROM pairs p JOIN profile f ON f.circuit_id IN (p.circuit_a, p.circuit_b)) k
+          LEFT JOIN profile x ON x.circuit_id = k.circuit_a AND x.src_layer = k.src_layer
+            AND x.dst_layer = k.dst_layer
+          LEFT JOIN profile y ON y.circuit_id = k.circuit_b AND y.src_layer = k.src_layer
+            AND y.dst_layer = k.dst_layer
+          GROUP BY k.circuit_a, k.circuit_b),
+        scored AS (
+          SELECT p.run_a, p.run_b,
+            rank() OVER (PARTITION BY p.run_a, p.run_b ORDER BY i.score)
+              + (count(*) OVER (PARTITION BY p.run_a, p.run_b, i.score) - 1) / 2 AS rank_a,
+            rank() OVER (PARTITION BY p.run_a, p.run_b ORDER BY j.score)
+              + (count(*) OVER (PARTITION BY p.run_a, p.run_b, j.score) - 1) / 2 AS rank_b
+          FROM pairs p JOIN edges i ON i.run_id = p.run_a
+          JOIN edges j ON j.run_id = p.run_b AND j.src = i.src AND j.dst = i.dst),
+        correlated AS (
+          SELECT run_a, run_b, count(*) AS n_scored,
+                 CASE WHEN NOT isnan(corr(rank_a, rank_b)) THEN corr(rank_a, rank_b) END
+                   AS spearman
+          FROM scored GROUP BY ALL),
+        across AS (
+          SELECT circuit_id, checkpoint_id, task_id, faithfulness FROM cross_recovery
+          QUALIFY row_number() OVER (
+            PARTITION BY circuit_id, checkpoint_id, task_id ORDER BY created_at DESC) = 1)
+        SELECT p.group_id, p.task_id, p.method, p.step, p.model_a, p.model_b, p.run_a,
+               p.run_b, p.circuit_a, p.circuit_b, p.checkpoint_a, p.checkpoint_b, p.edges_a,
+               p.edges_b,
+               coalesce(s.shared, 0) AS edges_shared,
+               coalesce(s.shared, 0) / nullif(p.edges_a + p.edges_b - coalesce(s.shared, 0), 0)
+                 AS edge_jaccard,
+               n.nodes_a, n.nodes_b, n.nodes_shared,
+               n.nodes_shared / nullif(n.nodes_a + n.nodes_b - n.nodes_shared, 0)
+                 AS node_jaccard,
+               l.layer_jaccard, c.n_scored, c.spearman,
+               p.faithfulness_a, p.faithfulness_b,
+               ab.faithfulness AS a_on_b, ba.faithfulness AS b_on_a
+        FROM pairs p
+        LEFT JOIN shared_edges s USING (circuit_a, circuit_b)
+        LEFT JOIN node_counts n USING (circuit_a, circuit_b)
+        LEFT JOIN layer_share l USING (circuit_a, circuit_b)
+        LEFT JOIN correlated c USING (run_a, run_b)
+        LEFT JOIN across ab ON ab.circuit_id = p.circuit_a AND ab.checkpoint_id = p.checkpoint_b
+          AND ab.task_id = p.task_id
+        LEFT JOIN across ba ON ba.circuit_id = p.circuit_b AND ba.checkpoint_id = p.checkpoint_a
+          AND ba.task_id = p.task_id""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -401,6 +505,7 @@ MIGRATIONS: dict[int, list[str]] = {
     11: SCHEMA_V11,
     12: SCHEMA_V12,
     13: SCHEMA_V13,
+    14: SCHEMA_V14,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 

@@ -11,7 +11,7 @@ import streamlit as st
 from workbench.app import access, links, queries
 from workbench.app.circuit_data import Shown, triples
 from workbench.app.figures import COLOURS, Edge, circuit_figure
-from workbench.app.views import curate, features
+from workbench.app.views import curate, features, seeds
 from workbench.app.views.common import (
     RELIABILITY_METRICS,
     clickable_chart,
@@ -41,7 +41,7 @@ def render() -> None:
     n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
     source = links.radio(
         "Show",
-        ["Edge run", "Stored circuit", "Compare circuits", "Saved subgraph"],
+        ["Edge run", "Stored circuit", "Compare circuits", "Across seeds", "Saved subgraph"],
         horizontal=True,
         key="circuit_source",
         param="show",
@@ -52,6 +52,8 @@ def render() -> None:
         shown = _stored_circuit(model_id)
     elif source == "Compare circuits":
         shown = _compare(model_id)
+    elif source == "Across seeds":
+        shown = seeds.across_seeds(model_id)
     else:
         shown = curate.saved(model_id)
     if shown is None:
