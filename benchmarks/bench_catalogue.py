@@ -1,8 +1,8 @@
 """The head catalogue's cost against the edge run it sits beside, on the same model, in the same
-run: each part of `workbench run catalogue` (attention scores on the repeated sequences, OV
-copying, Q/K/V composition) and the whole, over EAP attribution with its faithfulness curve on
-32 induction prompts (what `workbench run edges --method eap` computes), and over one forward +
-backward pass of that batch.
+run: each part of `workbench run catalogue` (attention scores on the repeated sequences,
+retrieval on needle prompts, OV copying, Q/K/V composition, token mappings) and the whole, over
+EAP attribution with its faithfulness curve on 32 induction prompts (what `workbench run edges
+--method eap` computes), and over one forward + backward pass of that batch.
 
     python -m benchmarks.bench_catalogue
 """
@@ -25,7 +25,7 @@ def catalogue_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # ty
 
     from workbench import circuits
     from workbench.attribution import edges
-    from workbench.catalogue import scores
+    from workbench.catalogue import maps, scores
     from workbench.catalogue.run import DEFAULT_SEQUENCES, catalogue_params, draw_vocabulary
 
     model = loaded.model
@@ -40,17 +40,28 @@ def catalogue_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # ty
     params = catalogue_params(
         loaded, n_sequences=DEFAULT_SEQUENCES, length=None, seed=0, dtype="float32"
     )
+    vocabulary = draw_vocabulary(loaded)
     tokens = scores.repeated_tokens(
-        draw_vocabulary(loaded), n_sequences=params.n_sequences, half=params.length,
-        bos=params.bos, seed=params.seed,
+        vocabulary, n_sequences=params.n_sequences, half=params.length, bos=params.bos,
+        seed=params.seed,
+    )  # fmt: skip
+    needles = scores.needle_prompts(
+        vocabulary, n_prompts=params.n_sequences, context=params.needle_context,
+        needle=params.needle, cue=params.cue, bos=params.bos, seed=params.seed,
     )  # fmt: skip
     with torch.no_grad():
         parts = {
             "attention scores": best_time(lambda: scores.pattern_scores(model, tokens)),
+            f"retrieval ({params.needle_context} tokens)": best_time(
+                lambda: scores.retrieval_scores(model, needles), repeats=2
+            ),
             "OV copying": best_time(lambda: scores.copying_scores(model)),
             "Q/K/V composition": best_time(
                 lambda: [scores.composition_scores(model, mode) for mode in scores.COMPOSITIONS],
                 repeats=2,
+            ),
+            "token mappings (OV, QK)": best_time(
+                lambda: maps.top_mappings(model, vocabulary), repeats=2
             ),
         }
     total = sum(parts.values())

@@ -116,10 +116,10 @@ def _rows(db, sql: str) -> list[tuple]:
 def test_catalogue_command_stores_every_head_once_and_bad_input_exits_2(
     induction_dir, induction_final, tmp_path, capsys
 ):
-    """`workbench run catalogue` stores each head's five scores and every earlier-to-later head
-    pair's Q/K/V composition, equal to the scores computed directly on the same sequences; a
-    second run finds it stored, `--force` replaces it; bad values exit 2 naming the option and
-    leave the stored catalogue as it was."""
+    """`workbench run catalogue` stores each head's scores, its top token mappings and every
+    earlier-to-later head pair's Q/K/V composition, equal to the scores computed directly on
+    the same sequences; a second run finds it stored, `--force` replaces it; bad values exit 2
+    naming the option and leave the stored catalogue as it was."""
     from workbench.catalogue.run import draw_vocabulary
     from workbench.cli import cli
 
@@ -158,7 +158,9 @@ def test_catalogue_command_stores_every_head_once_and_bad_input_exits_2(
     before = _rows(db, "SELECT created_at FROM catalogues")
     assert cli([*argv, "--sequences", "4", "--length", "8", "--seed", "3", "--force"]) == 0
     assert f"done     catalogue {cid}" in capsys.readouterr().out
-    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(5 * n_heads,)]
+    n_scores = len(catalogue_run.HEAD_SCORES)
+    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(n_scores * n_heads,)]
+    assert _rows(db, "SELECT count(*) FROM head_mappings") == [(n_heads * 2 * 5 * 5,)]
     assert _rows(db, "SELECT created_at FROM catalogues") != before
 
     for extra, message in (
@@ -167,9 +169,12 @@ def test_catalogue_command_stores_every_head_once_and_bad_input_exits_2(
         (["--length", "1000"], f"context of {cfg.n_ctx} tokens"),
         (["--seed", str(2**64)], f"--seed {2**64}: must be between 0 and 2**63 - 1"),
         (["--checkpoint", "12345"], "12345"),
+        (["--needle-context", "10"], "--needle-context 10: must be 18 or more"),
+        (["--needle-context", "1000"], f"context of {cfg.n_ctx} tokens"),
+        (["--relations", str(tmp_path / "none.jsonl")], "none.jsonl: file not found"),
     ):
         assert cli([*argv, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert _rows(db, "SELECT catalogue_id FROM catalogues") == [(cid,)]
-    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(5 * n_heads,)]
+    assert _rows(db, "SELECT count(*) FROM head_catalogue") == [(n_scores * n_heads,)]

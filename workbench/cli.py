@@ -357,15 +357,24 @@ def run_catalogue_command(
         typer.Option(help="Tokens before the repeat (default: up to 50, as the context allows)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the sequences' random tokens.")] = 0,
+    needle_context: Annotated[
+        int | None,
+        typer.Option(help="Tokens of a retrieval prompt with its answer (default: up to 64)."),
+    ] = None,
+    relations: Annotated[
+        str | None,
+        typer.Option(help="A JSONL file of relations to score heads' OV circuits on (MAPS)."),
+    ] = None,
     device: DeviceOption = "cpu",
     dtype: DtypeOption = "float32",
     db: DbOption = None,
     force: ForceOption = False,
 ) -> int:
     """Every head's catalogue at each chosen checkpoint, no task needed: previous-token,
-    duplicate-token, induction and sink scores from attention on repeated random tokens, OV
-    copying and Q/K/V composition from the weights (tables catalogues, head_catalogue,
-    head_composition)."""
+    duplicate-token, induction, sink and dormant scores from attention on repeated random
+    tokens, retrieval scores on needle-in-a-haystack prompts, OV copying, Q/K/V composition,
+    top token mappings and relation scores from the weights (tables catalogues,
+    head_catalogue, head_composition, head_mappings)."""
     from workbench.catalogue.run import run_catalogue
 
     for cid, status in run_catalogue(
@@ -378,6 +387,8 @@ def run_catalogue_command(
         dtype=dtype,
         db=db,
         force=force,
+        needle_context=needle_context,
+        relations=relations,
     ):
         typer.echo(f"{status:<8} catalogue {cid}")
     return 0

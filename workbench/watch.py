@@ -86,6 +86,8 @@ class CatalogueSpec:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
+    needle_context: int | None = None
+    relations: str | None = None  # a JSONL file of relations (`workbench.catalogue.maps`)
 
 
 CATALOGUE_KEYS = {f.name for f in dataclasses.fields(CatalogueSpec)}
@@ -130,6 +132,7 @@ def read_config(path: Path) -> WatchConfig:
 
 
 def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
+    from workbench.catalogue.maps import read_relations
     from workbench.catalogue.run import option_problem
 
     where = f"{path}: [catalogue]"
@@ -140,16 +143,18 @@ def _catalogue_spec(path: Path, entry: Any) -> CatalogueSpec:
         raise BadInput(
             f"{where}: unknown field {sorted(unknown)[0]!r} ({', '.join(sorted(CATALOGUE_KEYS))})"
         )
-    for name in ("sequences", "length", "seed"):
+    for name in ("sequences", "length", "seed", "needle_context"):
         if name in entry and (type(entry[name]) is not int):
             raise BadInput(f"{where}: field {name!r} must be an integer")
-    for name in ("device", "dtype"):
+    for name in ("device", "dtype", "relations"):
         if name in entry and not isinstance(entry[name], str):
             raise BadInput(f"{where}: field {name!r} must be a string")
     spec = CatalogueSpec(**entry)
-    problem = option_problem(spec.sequences, spec.length, spec.seed)
+    problem = option_problem(spec.sequences, spec.length, spec.seed, spec.needle_context)
     if problem is not None:
-        raise BadInput(f"{where}: field {problem[0]!r} {problem[2]}")
+        raise BadInput(f"{where}: field {problem[0].replace('-', '_')!r} {problem[2]}")
+    if spec.relations is not None:
+        read_relations(spec.relations)  # a bad file is the config's error, found now
     return spec
 
 
@@ -427,14 +432,17 @@ class Watcher:
     def _catalogue(self, ref: CheckpointRef, spec: CatalogueSpec) -> RunOutcome:
         """The checkpoint's head catalogue, stored unless it is already: an outcome with method
         `catalogue` and the catalogue's id, `failed` with the reason if it cannot be made."""
+        from workbench.catalogue.maps import read_relations
         from workbench.catalogue.run import store_catalogue
         from workbench.models import load_checkpoint
 
         try:
             loaded = load_checkpoint(ref, device=spec.device, dtype=spec.dtype)
+            relations = read_relations(spec.relations) if spec.relations is not None else []
             cid, status = store_catalogue(
                 loaded, spec.sequences, spec.length, spec.seed, spec.dtype, self.db, False,
-                lock_wait=self.lock_wait,
+                lock_wait=self.lock_wait, needle_context=spec.needle_context,
+                relations=relations,
             )  # fmt: skip
         except DatabaseBusy:
             raise  # not the checkpoint's fault: the next scan tries again

@@ -161,6 +161,17 @@ def test_heads_catalogue_names_the_induction_head_and_its_composition(app, heads
     (pairs,) = [d.value for d in at.dataframe if "src" in d.value.columns]
     into = pairs[pairs["dst"] == stored["head"]]
     assert into.iloc[0]["src"].startswith("a0.")
+    # what its parameters map tokens to: the induction head's OV circuit copies, each token it
+    # amplifies most mapped to itself first
+    at.selectbox(key="catalogue_head").set_value(stored["head"]).run()
+    assert not at.exception
+    ov, qk = [d.value for d in at.dataframe if "maps to" in d.value.columns]  # OV, then QK
+    assert len(qk) == 5
+    assert len(ov) == 5
+    for row in ov.itertuples():
+        assert str(row[3]).split(" · ")[0] == row.token
+    at.selectbox(key="catalogue_score").set_value("retrieval").run()
+    assert not at.exception and "copy-pastes" in " ".join(c.value for c in at.caption)
     at.select_slider(key="catalogue_step").set_value(0).run()
     assert not at.exception
     (top,) = [d.value for d in at.dataframe if "induction" in d.value.columns]

@@ -278,7 +278,8 @@ def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
 def test_the_head_catalogue_in_a_real_browser(server, browser, heads_db, tmp_path):
     """A link to the Heads page with a catalogue score and composition mode opens them; the
     Catalogue tab shows the final checkpoint's catalogue (its heatmap, the heads that lead the
-    score, the K-composition pairs), and the address bar keeps the choices."""
+    score, the K-composition pairs, a head's token mappings), and the address bar keeps the
+    choices."""
     from urllib.parse import parse_qs, urlparse
 
     import duckdb
@@ -291,18 +292,20 @@ def test_the_head_catalogue_in_a_real_browser(server, browser, heads_db, tmp_pat
            WHERE c.step = 1000"""
     ).fetchone()
     con.close()
-    browser.get(f"{server}/?view=heads&score=induction&mode=K")
+    browser.get(f"{server}/?view=heads&score=induction&mode=K&catalogue_head=a1.h0")
     _wait_for_text(browser, "Attention heads")
     tab = "//*[@role='tab'][contains(normalize-space(.), 'Catalogue')]"
     WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, tab))
     browser.find_element(By.XPATH, tab).click()
     _wait_for_text(browser, "K-composition: how much of a later head's key circuit")
     _wait_for_text(browser, "attention to the token after an earlier copy")
+    _wait_for_text(browser, "What its parameters map tokens to")  # a1.h0's OV and QK mappings
     body = browser.find_element(By.TAG_NAME, "body").text
     assert "Traceback" not in body and f"catalogue {catalogue}" in body
     WebDriverWait(browser, 60).until(lambda d: "heatmap" in _plot_traces(d))
     query = {k: v[0] for k, v in parse_qs(urlparse(browser.current_url).query).items()}
     assert (query["score"], query["mode"], query["catalogue_step"]) == ("induction", "K", "1000")
+    assert query["catalogue_head"] == "a1.h0"
     browser.save_screenshot(str(tmp_path / "catalogue.png"))
 
 

@@ -240,6 +240,12 @@ HEADS_DB_CASES |= {
         ["src", "dst", "value"],
         True,
     ),
+    "catalogue_mappings": (
+        lambda i: queries.catalogue_mappings(i["catalogue"], "a1.h0"),
+        ["circuit", "src_rank", "src_token", "src_text", "amplification", "rank", "dst_token"]
+        + ["dst_text", "value"],
+        True,
+    ),
     "catalogue_history": (
         lambda i: queries.catalogue_history(i["model"], "induction", ["a1.h0", "a0.h0"]),
         ["step", "node_id", "value"],

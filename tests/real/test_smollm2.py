@@ -255,7 +255,7 @@ def test_head_catalogue_names_its_induction_and_sink_heads(smollm2):
     """The catalogue's induction score (TransformerLens's head detector's definition, over the
     whole attention pattern) leads with the head the independent second-copy score above
     ranks first (a18.h6 here), and names sink heads: heads that put most of their attention
-    on the first token (measured: a18.h8 0.95 and seven more above 0.78)."""
+    on the first token (measured: a18.h8 0.95 and seven more above 0.78), and dormant ones."""
     from workbench import catalogue
 
     model, tok = smollm2.model, smollm2.tokenizer
@@ -269,3 +269,9 @@ def test_head_catalogue_names_its_induction_and_sink_heads(smollm2):
     assert top == int(independent.flatten().argmax())
     assert (top // n_heads, top % n_heads) == (18, 6)
     assert int((scores["sink"] > 0.75).sum()) >= 5
+    # dormant heads: a18.h8 rests on the first token at 0.88 of the positions of either half;
+    # the induction heads rest there while nothing repeats and wake when it does (a18.h6:
+    # dormant at 0.66 of the first half's positions, at 0.02 of the second's)
+    assert scores["dormant_novel"][18, 8] > 0.8 and scores["dormant_repeated"][18, 8] > 0.8
+    switch = scores["dormant_novel"] - scores["dormant_repeated"]
+    assert switch[18, 6] > 0.4 and float(switch.max()) > 0.6

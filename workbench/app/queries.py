@@ -252,6 +252,23 @@ def catalogue_composition(catalogue_id: str, mode: str) -> pd.DataFrame:
     )
 
 
+def catalogue_mappings(catalogue_id: str, node_id: str) -> pd.DataFrame:
+    """A head's top token mappings (both circuits, by rank), or with `node_id` "" one row
+    telling whether the catalogue has any."""
+    if not node_id:
+        return data.query(
+            "SELECT 1 AS stored FROM head_mappings WHERE catalogue_id = ? LIMIT 1",
+            (catalogue_id,),
+        )
+    return data.query(
+        """SELECT circuit, src_rank, src_token, src_text, amplification, rank, dst_token,
+                  dst_text, value
+           FROM head_mappings WHERE catalogue_id = ? AND node_id = ?
+           ORDER BY circuit, src_rank, rank""",
+        (catalogue_id, node_id),
+    )
+
+
 def catalogue_history(model_id: str, score: str, node_ids: list[str]) -> pd.DataFrame:
     """One catalogue score of the given heads at each checkpoint (its newest catalogue)."""
     return data.query(

@@ -10,7 +10,22 @@ all its attention, per sequence, averaged over sequences:
 * `duplicate_token`: to earlier occurrences of the current token;
 * `induction`: to the token after an earlier occurrence of the current token;
 * `sink`: the attention every position after the first puts on the first ("Why do LLMs attend
-  to the first token?"), averaged over positions and sequences.
+  to the first token?"), averaged over positions and sequences;
+* `dormant_novel` and `dormant_repeated`: the share of positions at which the head is dormant,
+  putting at least `DORMANT_SINK` (0.9) of its attention on the first position ("Active-Dormant
+  Attention Heads"), among the positions of the first half of each sequence (nothing seen yet
+  to copy) and of the repeated half. A head dormant on one half and active on the other
+  switches with its input: an induction head rests on the first token until there is
+  something to copy.
+
+From needle-in-a-haystack prompts (`needle_prompts`), as "Retrieval Head Mechanistically
+Explains Long-Context Factuality" (Wu et al. 2024) scores heads:
+
+* `retrieval`: while the model continues a needle whose first tokens end the prompt, greedily,
+  the share of the needle's remaining tokens a head copy-pastes: its strongest attention, from
+  the position that predicts the token, is on a needle position holding the token the model
+  then outputs. Averaged over prompts (Wu et al. keep only prompts the model answers; here
+  every prompt counts, so a model that cannot retrieve scores low everywhere).
 
 From the weights (TransformerLens's conventions: normalisations folded or ignored):
 
@@ -28,6 +43,7 @@ count once for each query head that reads them.
 """
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -36,7 +52,15 @@ from transformer_lens import HookedTransformer
 from workbench.attribution.batches import model_device
 from workbench.core import Hook
 
-PATTERN_SCORES = ("previous_token", "duplicate_token", "induction", "sink")
+PATTERN_SCORES = (
+    "previous_token",
+    "duplicate_token",
+    "induction",
+    "sink",
+    "dormant_novel",
+    "dormant_repeated",
+)
+DORMANT_SINK = 0.9  # a head is dormant where at least this share of its attention is on token 0
 COMPOSITIONS = ("Q", "K", "V")
 
 
@@ -82,8 +106,10 @@ def detection_patterns(
 def pattern_scores(
     model: HookedTransformer, tokens: Int[torch.Tensor, "sequence pos"]
 ) -> dict[str, Float[torch.Tensor, "layer head"]]:
-    """Each head's `PATTERN_SCORES` on `tokens`, from one forward pass (the model's device)."""
+    """Each head's `PATTERN_SCORES` on `tokens` (sequences repeated once, as `repeated_tokens`
+    makes them), from one forward pass (the model's device)."""
     cfg = model.cfg
+    repeat_from = (tokens.shape[1] + 1) // 2  # the first position of the repeated half
     device = model_device(model)
     patterns = {name: p.to(device) for name, p in detection_patterns(tokens).items()}
     scores = {name: torch.zeros(cfg.n_layers, cfg.n_heads) for name in PATTERN_SCORES}
@@ -96,10 +122,104 @@ def pattern_scores(
             matched = (attention * detect[:, None]).sum((-2, -1))
             scores[name][layer] = (matched / total).mean(0).cpu()
         scores["sink"][layer] = attention[:, :, 1:, 0].mean((0, 2)).cpu()
+        novel, repeated = dormant_shares(attention[:, :, :, 0], repeat_from)
+        scores["dormant_novel"][layer] = novel.cpu()
+        scores["dormant_repeated"][layer] = repeated.cpu()
 
     hooks = [(Hook.pattern(layer), score) for layer in range(cfg.n_layers)]
     model.run_with_hooks(tokens.to(device), fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
     return scores
+
+
+def dormant_shares(
+    first: Float[torch.Tensor, "sequence head query"], repeat_from: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per head, the share of query positions 1 .. repeat_from-1 (novel) and repeat_from ..
+    (repeated) whose attention on position 0 (`first`, indexed by query position) is at least
+    `DORMANT_SINK`."""
+    dormant = (first >= DORMANT_SINK).float()
+    return dormant[:, :, 1:repeat_from].mean((0, 2)), dormant[:, :, repeat_from:].mean((0, 2))
+
+
+@dataclass(frozen=True)
+class NeedlePrompts:
+    """Needle-in-a-haystack prompts: each is haystack tokens with a needle of distinct tokens
+    at a random depth, then the needle's first `cue` tokens; the model should continue with the
+    rest of the needle (`answers`)."""
+
+    tokens: Int[torch.Tensor, "prompt pos"]
+    needle_start: Int[torch.Tensor, " prompt"]  # where each needle begins
+    answers: Int[torch.Tensor, "prompt answer"]  # the needle's tokens after the cue
+    cue: int  # the needle's tokens that end the prompt
+
+    @property
+    def needle(self) -> int:
+        return self.answers.shape[1] + self.cue
+
+
+def needle_prompts(
+    vocab: Iterable[int] | int,
+    *,
+    n_prompts: int,
+    context: int,
+    needle: int,
+    cue: int,
+    bos: int | None,
+    seed: int = 0,
+) -> NeedlePrompts:
+    """`n_prompts` prompts that, with the `needle - cue` tokens the model is to write, fill
+    `context` tokens: `bos` (when given), haystack, the needle at a depth drawn uniformly, more
+    haystack, the needle's first `cue` tokens. The needle's tokens are distinct and the
+    haystack's are drawn from the rest of `vocab`, so its continuation is unambiguous."""
+    ids = torch.arange(vocab) if isinstance(vocab, int) else torch.tensor(list(vocab))
+    generator = torch.Generator().manual_seed(seed)
+    hay = context - needle - (bos is not None) - (needle - cue) - cue
+    rows, starts = [], []
+    for _ in range(n_prompts):
+        order = ids[torch.randperm(len(ids), generator=generator)]
+        needle_tokens, rest = order[:needle], order[needle:]
+        haystack = rest[torch.randint(len(rest), (hay,), generator=generator)]
+        depth = int(torch.randint(hay + 1, (1,), generator=generator))
+        head = [torch.tensor([bos])] if bos is not None else []
+        parts = [*head, haystack[:depth], needle_tokens, haystack[depth:], needle_tokens[:cue]]
+        rows.append(torch.cat(parts))
+        starts.append(len(head) + depth)
+    tokens = torch.stack(rows)
+    start = torch.tensor(starts)
+    answers = torch.stack([row[s + cue : s + needle] for row, s in zip(rows, starts, strict=True)])
+    return NeedlePrompts(tokens, start, answers, cue)
+
+
+@torch.no_grad()
+def retrieval_scores(model: HookedTransformer, prompts: NeedlePrompts) -> torch.Tensor:
+    """Each head's retrieval score (`[layer, head]`) on `prompts`, decoding greedily: one
+    forward pass per token of the answer, every prompt at once."""
+    cfg = model.cfg
+    device = model_device(model)
+    tokens = prompts.tokens.to(device)
+    n, steps = prompts.answers.shape
+    positions = torch.arange(tokens.shape[1] + steps, device=device)
+    start = prompts.needle_start.to(device)[:, None]
+    in_needle = (positions >= start) & (positions < start + prompts.needle)  # [prompt, pos]
+    hits = torch.zeros(cfg.n_layers, cfg.n_heads, device=device)
+    patterns: dict[int, torch.Tensor] = {}  # per layer, each head's attended key (this step)
+
+    def keep(pattern: torch.Tensor, hook: object) -> None:
+        layer = int(hook.name.split(".")[1])  # type: ignore[attr-defined]
+        patterns[layer] = pattern[:, :, -1].argmax(-1)  # [prompt, head]
+
+    hooks = [(Hook.pattern(layer), keep) for layer in range(cfg.n_layers)]
+    for _ in range(steps):
+        # the residual stream, then the logits of the last position only
+        resid = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
+        written = model.unembed(model.ln_final(resid[:, -1:]))[:, 0].argmax(-1)  # [prompt]
+        width = tokens.shape[1]
+        for layer, attended in patterns.items():
+            on_needle = in_needle[:, :width].gather(1, attended)
+            copied = tokens.gather(1, attended) == written[:, None]
+            hits[layer] += (on_needle & copied).float().sum(0)
+        tokens = torch.cat([tokens, written[:, None]], dim=1)
+    return (hits / (n * steps)).cpu()
 
 
 @torch.no_grad()

@@ -393,8 +393,13 @@ SCHEMA_V13 = [
 # edges and nodes (Jaccard), the layer profile (edges counted per source and destination with the
 # head index dropped: Jaccard of the counts, unchanged by renumbering the heads of a layer), the
 # rank correlation of all their edge scores, and each circuit's faithfulness on the other seed's
-# checkpoint (`cross_recovery`, NULL until evaluated).
+# checkpoint (`cross_recovery`, NULL until evaluated). And each head's top token mappings from
+# its parameters (`head_mappings`, `workbench.catalogue.maps`) in the head catalogue.
 SCHEMA_V14 = [
+    """CREATE TABLE head_mappings (
+        catalogue_id VARCHAR, checkpoint_id VARCHAR, node_id VARCHAR, circuit VARCHAR,
+        src_rank INTEGER, src_token INTEGER, src_text VARCHAR, amplification DOUBLE,
+        rank INTEGER, dst_token INTEGER, dst_text VARCHAR, value DOUBLE)""",
     """CREATE TABLE seed_groups (
         group_id VARCHAR, model_id VARCHAR, source VARCHAR, added_at TIMESTAMP,
         PRIMARY KEY (group_id, model_id))""",
@@ -519,7 +524,7 @@ PROMPT_TABLES = (
 )
 
 # The tables of a catalogue besides `catalogues` itself, keyed by catalogue_id.
-CATALOGUE_TABLES = ("head_catalogue", "head_composition")
+CATALOGUE_TABLES = ("head_catalogue", "head_composition", "head_mappings")
 
 # The tables of a graph besides `graphs` itself, keyed by graph_id.
 GRAPH_TABLES = ("graph_nodes", "graph_edges")

@@ -18,8 +18,24 @@ SCORE_HELP = {
     "duplicate_token": "attention to earlier copies of the current token",
     "induction": "attention to the token after an earlier copy of the current token",
     "sink": "attention from every later position to the first token",
+    "dormant_novel": "share of positions, before the repeat, resting on the first token (>= 0.9)",
+    "dormant_repeated": "share of positions, in the repeat, resting on the first token (>= 0.9)",
+    "retrieval": "share of a needle's tokens the head copy-pastes while the model continues it",
     "copying": "share of positive eigenvalues of the OV circuit (1 copies, -1 suppresses)",
 }
+RELATION_HELP = {
+    "maps:": "share of the relation's pairs whose target is among the k tokens the head's OV "
+    "circuit maps the source to most (MAPS)",
+    "maps_suppression:": "share of the relation's pairs whose target is among the k tokens the "
+    "head's OV circuit maps the source to least (MAPS)",
+}
+
+
+def _help(name: str) -> str:
+    if name in SCORE_HELP:
+        return SCORE_HELP[name]
+    prefix = next(p for p in RELATION_HELP if name.startswith(p))
+    return f"relation {name.removeprefix(prefix)!r}: {RELATION_HELP[prefix]}"
 
 
 def render() -> None:
@@ -112,9 +128,11 @@ def _catalogue(model_id: str) -> None:
         f"{params['dtype']}) · {float(chosen['seconds']):.1f} s"
     )
     scores = queries.catalogue_scores(str(chosen["catalogue_id"]))
-    names = [n for n in SCORE_HELP if n in set(scores["score"])]
+    stored_names = set(scores["score"])
+    relations = sorted(n for n in stored_names if n.startswith(tuple(RELATION_HELP)))
+    names = [n for n in SCORE_HELP if n in stored_names] + relations
     name = links.selectbox("Score", names, key="catalogue_score", param="score")
-    st.caption(SCORE_HELP[name])
+    st.caption(_help(name))
     picked = scores[scores["score"] == name]
     st.plotly_chart(_heatmap(picked, 1.0, "value"), key="catalogue_heatmap")
     wide = (
@@ -138,6 +156,8 @@ def _catalogue(model_id: str) -> None:
         )
         st.dataframe(pairs.head(10).round(3), hide_index=True, key="catalogue_composition")
 
+    _mappings(str(chosen["catalogue_id"]), wide["node_id"].tolist())
+
     st.subheader("Across checkpoints")
     top = wide["node_id"].head(5).tolist()
     history = queries.catalogue_history(model_id, name, top)
@@ -145,3 +165,34 @@ def _catalogue(model_id: str) -> None:
         px.line(history, x="step", y="value", color="node_id", markers=True),
         key="catalogue_history",
     )
+
+
+def _mappings(catalogue_id: str, heads: list[str]) -> None:
+    """What a head's parameters map tokens to: its OV and QK circuits' top mappings."""
+    table = queries.catalogue_mappings(catalogue_id, "")
+    if table.empty:
+        return  # a catalogue made before the mappings were stored
+    st.subheader("What its parameters map tokens to")
+    head = links.selectbox("Head", heads, key="catalogue_head", param="catalogue_head")
+    rows = queries.catalogue_mappings(catalogue_id, head)
+    st.caption(
+        "the tokens each circuit amplifies most, and what it maps them to most: OV, a source "
+        "token to the output tokens it promotes (W_E W_V W_O W_U); QK, a query token to the key "
+        "tokens it attends to (W_E W_Q W_K^T W_E^T)"
+    )
+    cols = st.columns(2)
+    for col, circuit in zip(cols, ("OV", "QK"), strict=True):
+        part = rows[rows["circuit"] == circuit]
+        wide = (
+            part.groupby(["src_rank", "src_text", "amplification"])["dst_text"]
+            .agg(lambda texts: " · ".join(repr(t) for t in texts))
+            .reset_index()
+            .rename(columns={"src_text": "token", "dst_text": "maps to"})
+        )
+        wide["token"] = wide["token"].map(repr)
+        col.markdown(f"**{circuit}**")
+        col.dataframe(
+            wide[["token", "amplification", "maps to"]].round(3),
+            hide_index=True,
+            key=f"catalogue_mappings_{circuit}",
+        )
