@@ -2,8 +2,9 @@
 same run: the standard errors over prompts (the per-prompt products beside the summed ones) and
 a spot check of 8 scores by real patching, over an `eap` run (attribution, faithfulness curve
 and circuit with its bootstrap spread, what `workbench run edges --method eap` computes), an
-`eap_ig` run (5 steps, the same curve) and an `attr_patch` run. A method's check is on by
-default where this shows it costing at most 10 % of the run.
+`eap_ig` run (5 steps, the same curve) and an `attr_patch` run; and for `sae_attr` (the
+zoo's models with an SAE after each layer, trained here) the check against the run. A method's
+check is on by default where this shows it costing at most 10 % of the run.
 
     python -m benchmarks.bench_reliability
 """
@@ -98,8 +99,55 @@ def reliability_costs(name: str, loaded, n_prompts: int) -> list[list[str]]:  # 
     ]
 
 
+def sae_attr_costs() -> list[list[str]]:
+    """`sae_attr` (its feature circuit, as `workbench run sae --method sae_attr` computes it)
+    with and without a spot check of 8 nodes, on each zoo model's final checkpoint with an SAE
+    after each of its two layers trained here."""
+    import tempfile
+    from functools import partial
+    from pathlib import Path
+
+    from benchmarks.bench_ig_rules import trained_saes, zoo_final
+    from workbench.attribution.batches import make_batches
+    from workbench.pipelines.sae import SaeAttrParams
+    from workbench.sae.compute import compute_attr
+    from workbench.sae.plan import AttrRun
+    from workbench.store import Store
+    from workbench.tasks import load_task
+
+    root = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
+    d = SaeAttrParams()  # the defaults
+    rows = []
+    for task in ("induction", "ioi"):
+        run_dir, loaded = zoo_final(root / "zoo", task)
+        db = root / f"{task}.duckdb"
+        trained_saes(run_dir, task, loaded, db)
+        with Store(db) as store:
+            chosen = store.latest_saes(loaded.checkpoint.checkpoint_id)
+        batches = make_batches(load_task(task, loaded))
+        timed = [
+            best_time(
+                partial(
+                    compute_attr, loaded, batches,
+                    AttrRun(chosen, d.n_nodes, d.ig_steps, d.ig_rule, d.faithful_target, spot),
+                ),
+                repeats=2,
+            )
+            for spot in (0, SPOT)
+        ]  # fmt: skip
+        t_run, t_spot = timed[0], timed[1] - timed[0]
+        name = f"zoo {task} + 2 SAEs"
+        prompts = sum(len(b.clean) for b in batches)
+        rows += [
+            [name, "sae_attr", f"the run ({prompts} prompts)", f"{t_run:.2f} s", "100.0%"],
+            [name, "sae_attr", f"spot check of {SPOT} nodes", f"{t_spot:.2f} s",
+             f"{t_spot / t_run:.1%}"],
+        ]  # fmt: skip
+    return rows
+
+
 def main() -> None:
-    rows = on_three_models(reliability_costs)
+    rows = on_three_models(reliability_costs) + sae_attr_costs()
     print_table(["model", "run", "part", "seconds", "over the run"], rows)
 
 

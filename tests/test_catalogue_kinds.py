@@ -117,6 +117,28 @@ def test_retrieval_scores_are_greedy_copy_paste(induction_final, measured) -> No
     assert measured("retrieval_of_induction_head", float(scores[1, top])) > 0.45
 
 
+@pytest.mark.parametrize("ungroup", [False, True])
+def test_retrieval_on_grouped_query_attention_is_greedy_copy_paste(ungroup: bool) -> None:
+    """With keys and values cached per key/value head, and (TransformerLens's cache cannot
+    hold them) with grouped-query attention run per query head, as the loader runs it."""
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=32, n_ctx=40, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu",
+        normalization_type="LN", n_key_value_heads=2, seed=0,
+        ungroup_grouped_query_attention=ungroup,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HookedTransformer(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("W_Q", "W_K", "_W_K")):
+                param.mul_(4)  # sharper attention, so that argmaxes are not near ties
+    prompts = catalogue.scores.needle_prompts(
+        range(2, 50), n_prompts=6, context=40, needle=8, cue=2, bos=1, seed=3
+    )
+    scores = catalogue.scores.retrieval_scores(model, prompts)
+    torch.testing.assert_close(scores, _greedy_hits(model, prompts))
+
+
 def test_no_head_retrieves_before_training(induction_dir) -> None:
     from workbench.models import load_checkpoint, resolve_checkpoints
 

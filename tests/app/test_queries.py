@@ -179,7 +179,8 @@ HEADS_DB_CASES: dict[str, Case] = {
     ),
     "circuits_by_step": (
         lambda i: queries.circuits_by_step(i["model"]),
-        ["circuit_id", "method", "task_id", "step", "n_edges"],
+        ["circuit_id", "method", "task_id", "step", "n_edges", "faithfulness"]
+        + ["faithfulness_lo", "faithfulness_hi"],
         True,
     ),
     "circuit_diff": (
@@ -189,7 +190,7 @@ HEADS_DB_CASES: dict[str, Case] = {
     ),
     "node_curves": (
         lambda i: queries.node_curves(i["model"], i["head"]),
-        ["series", "step", "score"],
+        ["series", "step", "score", "stderr"],
         True,
     ),
 }
@@ -373,11 +374,33 @@ SEEDS_DB_CASES: dict[str, Case] = {
     "seed_stability": (
         lambda i: queries.seed_stability(i["group"]),
         [
-            "group_id", "task_id", "method", "step", "model_a", "model_b", "run_a", "run_b",
-            "circuit_a", "circuit_b", "checkpoint_a", "checkpoint_b", "edges_a", "edges_b",
-            "edges_shared", "edge_jaccard", "nodes_a", "nodes_b", "nodes_shared",
-            "node_jaccard", "layer_jaccard", "n_scored", "spearman", "faithfulness_a",
-            "faithfulness_b", "a_on_b", "b_on_a",
+            "group_id",
+            "task_id",
+            "method",
+            "step",
+            "model_a",
+            "model_b",
+            "run_a",
+            "run_b",
+            "circuit_a",
+            "circuit_b",
+            "checkpoint_a",
+            "checkpoint_b",
+            "edges_a",
+            "edges_b",
+            "edges_shared",
+            "edge_jaccard",
+            "nodes_a",
+            "nodes_b",
+            "nodes_shared",
+            "node_jaccard",
+            "layer_jaccard",
+            "n_scored",
+            "spearman",
+            "faithfulness_a",
+            "faithfulness_b",
+            "a_on_b",
+            "b_on_a",
         ],
         True,
     ),  # fmt: skip
@@ -387,6 +410,7 @@ SEEDS_DB_CASES: dict[str, Case] = {
         True,
     ),
 }
+
 
 @pytest.fixture(scope="module")
 def heads_ids(heads_db: Path) -> dict:
@@ -514,6 +538,7 @@ def test_query_on_seeds_db(name, seeds_db, monkeypatch):
     frame = call({"group": group, "model": model, "circuits": circuits})
     assert list(frame.columns) == columns
     assert not (non_empty and frame.empty), f"{name} returned no rows"
+
 
 def test_query_results_follow_their_arguments(heads_db, heads_ids, monkeypatch):
     _use(heads_db, monkeypatch)

@@ -32,6 +32,23 @@ def test_timeline_shows_heads_across_training_and_a_circuit_diff(app, heads_db):
     con.close()
     for status, n in diff:
         assert metrics[status] == str(n)
+    # each circuit's faithfulness with its bootstrap interval, as stored
+    for circuit_id, step in ((ids[-2][0], 500), (ids[-1][0], 1000)):
+        con = duckdb.connect(str(heads_db), read_only=True)
+        value, lo, hi = con.execute(
+            """SELECT c.faithfulness, lo.value, hi.value FROM circuits c
+               JOIN run_metrics lo ON lo.run_id = c.run_id AND lo.metric = 'faithfulness_lo'
+               JOIN run_metrics hi ON hi.run_id = c.run_id AND hi.metric = 'faithfulness_hi'
+               WHERE c.circuit_id = ?""",
+            [circuit_id],
+        ).fetchone()
+        con.close()
+        assert metrics[f"faithfulness at {step}"] == f"{value:.2f} [{lo:.2f}, {hi:.2f}]"
+    # the head's curves carry error bars where the method has standard errors
+    at.selectbox(key="timeline_node").set_value("a1.h0").run()
+    assert "standard error over prompts" in " ".join(c.value for c in at.caption)
+    curves = next(c for c in at.get("plotly_chart") if '"error_y"' in c.proto.spec)
+    assert curves is not None
 
 
 def test_timeline_draws_the_cross_recovery_of_the_stored_circuits(app, heads_db):  # noqa: F811

@@ -275,3 +275,11 @@ def test_head_catalogue_names_its_induction_and_sink_heads(smollm2):
     assert scores["dormant_novel"][18, 8] > 0.8 and scores["dormant_repeated"][18, 8] > 0.8
     switch = scores["dormant_novel"] - scores["dormant_repeated"]
     assert switch[18, 6] > 0.4 and float(switch.max()) > 0.6
+    # retrieval on 64-token needle prompts (grouped-query attention run per query head, the
+    # sequence run again at each step): the model writes about a quarter of the needle right
+    # (0.24), and its induction heads copy it (a18.h6 0.25, a17.h3 0.23, a17.h4 0.22)
+    prompts = catalogue.scores.needle_prompts(
+        range(1000, 20000), n_prompts=16, context=64, needle=8, cue=2, bos=tok.bos_token_id
+    )
+    retrieval = catalogue.scores.retrieval_scores(model, prompts)
+    assert retrieval[18, 6] > 0.15 and retrieval[18, 6] >= 0.8 * float(retrieval.max())

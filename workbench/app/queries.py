@@ -587,8 +587,11 @@ def circuits_by_step(model_id: str) -> pd.DataFrame:
     """Each stored circuit of a model with its run's method, task and checkpoint step (the
     newest run's first at a step)."""
     return data.query(
-        """SELECT ci.circuit_id, r.method, r.task_id, ck.step, ci.n_edges
+        """SELECT ci.circuit_id, r.method, r.task_id, ck.step, ci.n_edges, ci.faithfulness,
+                  lo.value AS faithfulness_lo, hi.value AS faithfulness_hi
            FROM circuits ci JOIN runs r USING (run_id) JOIN checkpoints ck USING (checkpoint_id)
+           LEFT JOIN run_metrics lo ON lo.run_id = r.run_id AND lo.metric = 'faithfulness_lo'
+           LEFT JOIN run_metrics hi ON hi.run_id = r.run_id AND hi.metric = 'faithfulness_hi'
            WHERE ck.model_id = ? ORDER BY r.method, r.task_id, ck.step, r.finished_at DESC""",
         (model_id,),
     )
@@ -602,9 +605,10 @@ def circuit_diff(circuit_a: str, circuit_b: str) -> pd.DataFrame:
 
 
 def node_curves(model_id: str, node_id: str) -> pd.DataFrame:
-    """One node's all-positions score at every checkpoint, for every method and task."""
+    """One node's all-positions score at every checkpoint, for every method and task, with its
+    standard error over prompts (NULL where the method has none)."""
     return data.query(
-        """SELECT pipeline || ' / ' || method || ' · ' || task_id AS series, step, score
+        """SELECT pipeline || ' / ' || method || ' · ' || task_id AS series, step, score, stderr
            FROM node_timeline
            WHERE model_id = ? AND node_id = ? AND position IS NULL
            ORDER BY series, step""",

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Int
 from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from workbench.attribution.batches import model_device
 from workbench.core import Hook
@@ -209,9 +210,21 @@ def retrieval_scores(model: HookedTransformer, prompts: NeedlePrompts) -> torch.
         patterns[layer] = pattern[:, :, -1].argmax(-1)  # [prompt, head]
 
     hooks = [(Hook.pattern(layer), keep) for layer in range(cfg.n_layers)]
+    # the prompt once, then each written token alone against the cached keys and values
+    # (TransformerLens's cache does not take grouped-query attention run per query head: there
+    # the whole sequence is run again at each step)
+    ungrouped = cfg.n_key_value_heads is not None and cfg.ungroup_grouped_query_attention
+    cache = None if ungrouped else TransformerLensKeyValueCache.init_cache(cfg, device, n)
+    step_input = tokens
     for _ in range(steps):
         # the residual stream, then the logits of the last position only
-        resid = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
+        resid = model.run_with_hooks(
+            step_input,
+            fwd_hooks=hooks,
+            stop_at_layer=cfg.n_layers,
+            past_kv_cache=cache,
+            attention_mask=torch.ones_like(step_input),  # no padding
+        )
         written = model.unembed(model.ln_final(resid[:, -1:]))[:, 0].argmax(-1)  # [prompt]
         width = tokens.shape[1]
         for layer, attended in patterns.items():
@@ -219,6 +232,7 @@ def retrieval_scores(model: HookedTransformer, prompts: NeedlePrompts) -> torch.
             copied = tokens.gather(1, attended) == written[:, None]
             hits[layer] += (on_needle & copied).float().sum(0)
         tokens = torch.cat([tokens, written[:, None]], dim=1)
+        step_input = tokens if cache is None else written[:, None]
     return (hits / (n * steps)).cpu()
 
 

@@ -394,8 +394,19 @@ SCHEMA_V13 = [
 # head index dropped: Jaccard of the counts, unchanged by renumbering the heads of a layer), the
 # rank correlation of all their edge scores, and each circuit's faithfulness on the other seed's
 # checkpoint (`cross_recovery`, NULL until evaluated). And each head's top token mappings from
-# its parameters (`head_mappings`, `workbench.catalogue.maps`) in the head catalogue.
+# its parameters (`head_mappings`, `workbench.catalogue.maps`) in the head catalogue; the
+# timeline views carry each score's standard error (v13).
 SCHEMA_V14 = [
+    """CREATE OR REPLACE VIEW node_timeline AS
+        SELECT c.model_id, r.task_id, r.method, s.node_id, s.position, c.step, s.score,
+               r.run_id, r.pipeline, r.params, s.stderr
+        FROM node_scores s JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+        WHERE r.status = 'done'""",
+    """CREATE OR REPLACE VIEW edge_timeline AS
+        SELECT c.model_id, r.task_id, r.method, e.src, e.dst, c.step, e.score, r.run_id,
+               e.stderr
+        FROM edges e JOIN runs r USING (run_id) JOIN checkpoints c USING (checkpoint_id)
+        WHERE r.status = 'done'""",
     """CREATE TABLE head_mappings (
         catalogue_id VARCHAR, checkpoint_id VARCHAR, node_id VARCHAR, circuit VARCHAR,
         src_rank INTEGER, src_token INTEGER, src_text VARCHAR, amplification DOUBLE,

@@ -41,9 +41,14 @@ def render() -> None:
         "Head", sorted(timeline["node_id"].unique()), key="timeline_node", param="node"
     )
     curves = queries.node_curves(model_id, node)
-    st.plotly_chart(
-        px.line(curves, x="step", y="score", color="series", markers=True), key="timeline_curves"
-    )
+    spread = curves["stderr"].notna().any()
+    fig = px.line(
+        curves, x="step", y="score", color="series", markers=True,
+        error_y="stderr" if spread else None,
+    )  # fmt: skip
+    st.plotly_chart(fig, key="timeline_curves")
+    if spread:
+        st.caption("error bars: each score's standard error over prompts")
     _circuit_diff(model_id)
     _cross_recovery(model_id)
 
@@ -125,15 +130,16 @@ def _circuit_diff(model_id: str) -> None:
     b = links.select_slider(
         "To step", steps, value=steps[-1], key="timeline_to", param="b", where=c2
     )
-    first = mine[mine["step"] == a].iloc[0]["circuit_id"]
-    second = mine[mine["step"] == b].iloc[0]["circuit_id"]
-    diff = queries.circuit_diff(first, second)
+    rows = mine[mine["step"] == a].iloc[0], mine[mine["step"] == b].iloc[0]
+    diff = queries.circuit_diff(rows[0]["circuit_id"], rows[1]["circuit_id"])
     counts = diff["status"].value_counts()
     kept = int(counts.get("kept", 0))
-    cols = st.columns(4)
+    cols = st.columns(6)
     for col, status in zip(cols, ("kept", "removed", "added"), strict=False):
         col.metric(status, int(counts.get(status, 0)))
     cols[3].metric("Jaccard", f"{kept / len(diff):.2f}" if len(diff) else "-")
+    for col, step, row in zip(cols[4:], (a, b), rows, strict=True):
+        col.metric(f"faithfulness at {step}", _with_interval(row))
     shape = queries.model_shape(model_id)
     edges = [
         (str(r.src), str(r.dst), float(r.score_b if pd.notna(r.score_b) else r.score_a))
@@ -145,3 +151,12 @@ def _circuit_diff(model_id: str) -> None:
     )
     st.plotly_chart(fig, key="timeline_diff_graph")
     st.caption(f"grey: kept · blue: only at step {a} · orange: only at step {b}")
+
+
+def _with_interval(circuit: pd.Series) -> str:
+    """A circuit's faithfulness, with its bootstrap interval over prompts where stored."""
+    value = circuit["faithfulness"]
+    if pd.isna(value):
+        return "-"
+    lo, hi = circuit["faithfulness_lo"], circuit["faithfulness_hi"]
+    return f"{value:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if pd.notna(lo) and pd.notna(hi) else "")
