@@ -13,11 +13,12 @@ from workbench.zoo.ground_truth import pattern_scores as zoo_pattern_scores
 from workbench.zoo.vocab import word_ids
 
 
-def _random_model(n_kv: int | None = None) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_ctx=24, d_head=8, n_heads=4, d_vocab=40, act_fn="gelu",
-        normalization_type="LN", n_key_value_heads=n_kv, seed=0,
-    )  # fmt: skip
+def _random_model(n_kv: int | None = None, **config: object) -> HookedTransformer:
+    settings: dict = {
+        "n_layers": 3, "d_model": 32, "n_ctx": 24, "d_head": 8, "n_heads": 4, "d_vocab": 40,
+        "act_fn": "gelu", "normalization_type": "LN", "n_key_value_heads": n_kv, "seed": 0,
+    }  # fmt: skip
+    cfg = HookedTransformerConfig(**(settings | config))
     torch.manual_seed(0)
     model = HookedTransformer(cfg)
     with torch.no_grad():

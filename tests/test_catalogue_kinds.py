@@ -12,6 +12,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from tests.conftest import query
+from tests.test_catalogue import _random_model
 from workbench import catalogue
 from workbench.catalogue import maps
 from workbench.catalogue.run import draw_vocabulary
@@ -121,17 +122,7 @@ def test_retrieval_scores_are_greedy_copy_paste(induction_final, measured) -> No
 def test_retrieval_on_grouped_query_attention_is_greedy_copy_paste(ungroup: bool) -> None:
     """With keys and values cached per key/value head, and (TransformerLens's cache cannot
     hold them) with grouped-query attention run per query head, as the loader runs it."""
-    cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_ctx=40, d_head=8, n_heads=4, d_vocab=50, act_fn="gelu",
-        normalization_type="LN", n_key_value_heads=2, seed=0,
-        ungroup_grouped_query_attention=ungroup,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = HookedTransformer(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("W_Q", "W_K", "_W_K")):
-                param.mul_(4)  # sharper attention, so that argmaxes are not near ties
+    model = _random_model(2, n_ctx=40, d_vocab=50, ungroup_grouped_query_attention=ungroup)
     prompts = catalogue.scores.needle_prompts(
         range(2, 50), n_prompts=6, context=40, needle=8, cue=2, bos=1, seed=3
     )

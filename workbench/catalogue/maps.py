@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from transformer_lens import HookedTransformer
 
-from workbench.errors import BadInput
+from workbench.errors import BadInput, read_text
 
 DEFAULT_K = 10  # MAPS's k for a relation other than copying (1 there)
 TOP_TOKENS = 5  # source (or query) tokens per head and circuit
 TOP_MAPPINGS = 5  # target (or key) tokens per source token
+MAX_RELATIONS_BYTES = 64 * 2**20  # a relations file larger than this is refused
 
 
 @dataclass(frozen=True)
@@ -47,14 +48,7 @@ def read_relations(path: str | Path) -> list[Relation]:
     """The relations of a JSONL file, one per line; BadInput names the file, the line and the
     field for anything else (a blank line is skipped)."""
     file = Path(path)
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as err:
-        raise BadInput(f"{file}: file not found") from err
-    except UnicodeDecodeError as err:
-        raise BadInput(f"{file}: not UTF-8 text (byte {err.start})") from err
-    except OSError as err:
-        raise BadInput(f"{file}: cannot read ({err.strerror or err})") from err
+    lines = read_text(file, max_bytes=MAX_RELATIONS_BYTES).splitlines()
     relations: list[Relation] = []
     for number, line in enumerate(lines, start=1):
         if line.strip():

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from workbench.catalogue import maps
 from workbench.catalogue.maps import Relation
+from workbench.catalogue.scores import PATTERN_SCORES
 from workbench.core import Node, utc_now
 from workbench.errors import BadInput
 from workbench.hashing import sha256_json
@@ -34,16 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SEQUENCES = 16
 MAX_DEFAULT_LENGTH = 50
-HEAD_SCORES = (
-    "previous_token",
-    "duplicate_token",
-    "induction",
-    "sink",
-    "dormant_novel",
-    "dormant_repeated",
-    "retrieval",
-    "copying",
-)
+HEAD_SCORES = (*PATTERN_SCORES, "retrieval", "copying")  # besides a relation's `maps:` scores
 NEEDLE = 8  # tokens of a retrieval prompt's needle
 CUE = 2  # of which the prompt ends with the first ones
 MAX_NEEDLE_CONTEXT = 64  # tokens of a retrieval prompt and its answer, by default

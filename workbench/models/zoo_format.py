@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.errors import BadInput
+from workbench.errors import BadInput, read_text
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +55,9 @@ def save_zoo_checkpoint(
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`; anything else is a `BadInput` naming the file."""
+    text = read_text(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise BadInput(f"{path}: file not found") from err
-    except OSError as err:
-        raise BadInput(f"{path}: cannot read ({err.strerror or err})") from err
-    except UnicodeDecodeError as err:
-        raise BadInput(f"{path}: not UTF-8 text (byte {err.start})") from err
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise BadInput(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
     except ValueError as err:  # the one other: an integer of more digits than Python reads
