@@ -182,6 +182,7 @@ def test_a_second_training_seed_through_the_cli(
         (["--checkpoint", "300"], "--checkpoint 300: choose all, latest or a step"),
         (["--group", "no spaces"], "--group 'no spaces'"),
         (["--method", "dla"], "dla"),
+        (["--task", "/nonexistent/task.jsonl"], "task file not found"),  # found as runs start
     ],
 )
 def test_bad_input_stores_nothing(
@@ -194,7 +195,8 @@ def test_bad_input_stores_nothing(
 ) -> None:
     db = tmp_path / "seeds.duckdb"
     argv = ["run", "seeds", "--model", str(induction_dir), "--model", str(second_seed)]
-    assert cli([*argv, "--task", "induction", "--db", str(db), *extra]) == 2
+    task = [] if "--task" in extra else ["--task", "induction"]
+    assert cli([*argv, *task, "--db", str(db), *extra]) == 2
     assert message in capsys.readouterr().err
     if db.exists():
         assert query(db, "SELECT count(*) AS n FROM seed_groups")[0]["n"] == 0

@@ -105,6 +105,8 @@ def run_seeds(
         for job in plan_jobs("edges", member, [method], params)
         if job.checkpoint.step in steps
     ]
+    outcomes = run_planned(jobs, options)
+    # the group is declared once its runs are made: bad input on the way stores no group
     group_id = group or default_group(list(ids.values()))
     with Store(options.db, lock_wait=options.lock_wait) as store:
         store.save_seed_group(
@@ -113,7 +115,6 @@ def run_seeds(
                 for m in models
             ]
         )
-    outcomes = run_planned(jobs, options)
     for o in outcomes:
         if o.status == "failed":
             logger.warning("%s at %s failed: %s", method, o.checkpoint_id, o.error)
