@@ -260,7 +260,8 @@ def test_the_graph_page_draws_and_a_click_inspects_a_node(graph_store, browser):
 
 def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     """The Timeline page draws: the heads' heatmap across training, formation steps beside the
-    loss curve, a circuit diff between two checkpoints and the stored circuits' cross-recovery
+    loss curve, a head's curves with their error bars, a circuit diff between two checkpoints
+    with each circuit's faithfulness interval and the stored circuits' cross-recovery
     (screenshot kept out of git)."""
     from selenium.webdriver.common.by import By
 
@@ -271,6 +272,8 @@ def test_timeline_page_in_a_real_browser(server, browser, tmp_path):
     _wait_for_text(browser, "Circuit diff between two checkpoints")
     _wait_for_text(browser, "Cross-recovery: each checkpoint's circuit at every checkpoint")
     _wait_for_text(browser, "the circuit of the last checkpoint (step 1000) holds")
+    _wait_for_text(browser, "error bars: each score's standard error over prompts")
+    _wait_for_text(browser, "faithfulness at 1000")  # with its bootstrap interval
     assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
     browser.save_screenshot(str(tmp_path / "timeline.png"))
 
