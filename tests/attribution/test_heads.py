@@ -116,7 +116,7 @@ def test_attribution_patching_is_the_derivative_of_a_real_patch(induction_final,
         def metric(t: float, layer=layer, nudge=nudge) -> float:
             hooks = [(f"blocks.{layer}.attn.hook_z", lambda z, hook: nudge(z, hook, t=t))]
             logits = model.run_with_hooks(batch.corrupt, fwd_hooks=hooks)
-            return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean())
+            return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean().detach())
 
         derivative = (metric(eps) - metric(-eps)) / (2 * eps) / gap
         assert derivative == pytest.approx(float(result.scores[layer, head]), abs=2e-3)
@@ -157,7 +157,7 @@ def test_attribution_edges_are_derivatives_of_real_edge_patches(induction_final,
                 )
             finally:
                 model.set_use_split_qkv_input(False)
-            return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean())
+            return float(logit_diff(logits.double(), batch.answer, batch.wrong).mean().detach())
 
         eps = 1e-3
         derivative = (metric(eps) - metric(-eps)) / (2 * eps) / gap
