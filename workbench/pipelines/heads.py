@@ -5,12 +5,15 @@
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workbench.core import Node
 from workbench.registry import Method, RunInputs
 from workbench.results import RunResult
 from workbench.spotcheck import SpotParams, check_spot_params, spot_key, spot_size
+
+if TYPE_CHECKING:
+    from workbench.attribution.heads import HeadScores
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,11 @@ class AttrPatchParams(SpotParams, HeadsParams):
 HEAD_PATCHING = {"component": "head_out", "positions": "all", "ablation": "resample"}
 
 
-def _result(result: Any, spot_check: Any = None) -> RunResult:
+def _result(result: "HeadScores", spot_check: Any = None) -> RunResult:
     n_layers, n_heads = result.scores.shape
     nodes = [Node.head_of(layer, h).id for layer in range(n_layers) for h in range(n_heads)]
     scores = result.scores.flatten().tolist()
-    stderr = getattr(result, "stderr", None)
+    stderr = result.stderr
     return RunResult(
         result.metric_clean,
         result.metric_corrupt,
