@@ -272,17 +272,22 @@ def _run_command(name: str, pipes: list[Any], summary: str) -> Any:
         given = {k: ([] if v is None else v) for k, v in given.items()}
         options = RunOptions(**{n: values[n] for n, _, _ in COMMON_OPTIONS if n != "method"})
         jobs = plan_all([p.name for p in pipes], options, values["method"], given)
-        outcomes = run_planned(jobs, options)
-        for o in outcomes:
-            detail = f" ({o.error})" if o.error else ""
-            typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
-        return 1 if any(o.status == "failed" for o in outcomes) else 0
+        return _echo_outcomes(run_planned(jobs, options))
 
     params = [ctx_param, *common, *specific]
     command.__signature__ = inspect.Signature(params, return_annotation=int)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params} | {"return": int}
     command.__doc__ = summary
     return command
+
+
+def _echo_outcomes(outcomes: list[Any]) -> int:
+    """One line per run (status, checkpoint, method, run id, the error of a failed one); the
+    exit status: 1 if any failed, else 0."""
+    for o in outcomes:
+        detail = f" ({o.error})" if o.error else ""
+        typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _register_run_commands() -> None:
@@ -467,13 +472,11 @@ def run_seeds_command(
         dtype=dtype, metric=metric,
     )  # fmt: skip
     result = run_seeds(model, options, method=method, group=group)
-    for o in result.outcomes:
-        detail = f" ({o.error})" if o.error else ""
-        typer.echo(f"{o.status:8} {o.checkpoint_id}  {o.method}  {o.run_id or ''}{detail}")
-    for checkpoint_id, status in result.evaluated:
-        typer.echo(f"{status:<8} seeds' circuits at {checkpoint_id}")
+    status = _echo_outcomes(result.outcomes)
+    for checkpoint_id, evaluated in result.evaluated:
+        typer.echo(f"{evaluated:<8} seeds' circuits at {checkpoint_id}")
     typer.echo(f"seed group {result.group_id}: SELECT * FROM seed_stability")
-    return 1 if any(o.status == "failed" for o in result.outcomes) else 0
+    return status
 
 
 @run_app.command("graph")

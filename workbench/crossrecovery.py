@@ -42,17 +42,21 @@ def evenly_spaced(items: list[Any], most: int) -> list[Any]:
     return [items[i] for i in picks]
 
 
-def stored_circuits(store: Store, model_id: str, task_id: str, method: str) -> list[dict]:
+def stored_circuits(
+    store: Store, model_id: str, task_id: str, method: str, checkpoint_id: str | None = None
+) -> list[dict]:
     """The circuit of the newest done run of `method` on `task_id` at each of the model's
-    checkpoints (by step): circuit_id, checkpoint_id, step, faithfulness, and its edges."""
+    checkpoints (by step), or at `checkpoint_id` alone: circuit_id, checkpoint_id, step,
+    faithfulness, and its edges."""
     rows = store.query(
         """SELECT c.circuit_id, r.checkpoint_id, k.step, c.faithfulness
            FROM circuits c JOIN runs r USING (run_id) JOIN checkpoints k USING (checkpoint_id)
            WHERE k.model_id = ? AND r.task_id = ? AND r.method = ? AND r.status = 'done'
+             AND (CAST(? AS VARCHAR) IS NULL OR r.checkpoint_id = ?)
            QUALIFY row_number() OVER (
              PARTITION BY r.checkpoint_id ORDER BY r.finished_at DESC, c.created_at DESC) = 1
            ORDER BY k.step""",
-        [model_id, task_id, method],
+        [model_id, task_id, method, checkpoint_id, checkpoint_id],
     ).to_pylist()
     for row in rows:
         edges = store.query(

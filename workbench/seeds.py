@@ -144,9 +144,5 @@ def _circuits_at(
             task_id = store.query(
                 "SELECT task_id FROM runs WHERE run_id = ?", [ran[ref.checkpoint_id]]
             )["task_id"][0].as_py()
-            found += [
-                c
-                for c in stored_circuits(store, ref.model_id, task_id, method)
-                if c["checkpoint_id"] == ref.checkpoint_id
-            ]
+            found += stored_circuits(store, ref.model_id, task_id, method, ref.checkpoint_id)
     return found

@@ -242,9 +242,9 @@ HEADS_DB_CASES |= {
         True,
     ),
     "catalogue_mappings": (
-        lambda i: queries.catalogue_mappings(i["catalogue"], "a1.h0"),
-        ["circuit", "src_rank", "src_token", "src_text", "amplification", "rank", "dst_token"]
-        + ["dst_text", "value"],
+        lambda i: queries.catalogue_mappings(i["catalogue"]),
+        ["node_id", "circuit", "src_rank", "src_token", "src_text", "amplification", "rank"]
+        + ["dst_token", "dst_text", "value"],
         True,
     ),
     "catalogue_history": (

@@ -252,20 +252,14 @@ def catalogue_composition(catalogue_id: str, mode: str) -> pd.DataFrame:
     )
 
 
-def catalogue_mappings(catalogue_id: str, node_id: str) -> pd.DataFrame:
-    """A head's top token mappings (both circuits, by rank), or with `node_id` "" one row
-    telling whether the catalogue has any."""
-    if not node_id:
-        return data.query(
-            "SELECT 1 AS stored FROM head_mappings WHERE catalogue_id = ? LIMIT 1",
-            (catalogue_id,),
-        )
+def catalogue_mappings(catalogue_id: str) -> pd.DataFrame:
+    """Every head's top token mappings in a catalogue (both circuits, by rank)."""
     return data.query(
-        """SELECT circuit, src_rank, src_token, src_text, amplification, rank, dst_token,
-                  dst_text, value
-           FROM head_mappings WHERE catalogue_id = ? AND node_id = ?
-           ORDER BY circuit, src_rank, rank""",
-        (catalogue_id, node_id),
+        """SELECT node_id, circuit, src_rank, src_token, src_text, amplification, rank,
+                  dst_token, dst_text, value
+           FROM head_mappings WHERE catalogue_id = ?
+           ORDER BY node_id, circuit, src_rank, rank""",
+        (catalogue_id,),
     )
 
 
@@ -585,7 +579,8 @@ def head_formation_steps(model_id: str, pipeline: str, method: str, task_id: str
 
 def circuits_by_step(model_id: str) -> pd.DataFrame:
     """Each stored circuit of a model with its run's method, task and checkpoint step (the
-    newest run's first at a step)."""
+    newest run's first at a step), its faithfulness and that faithfulness's bootstrap interval
+    (NULL for runs stored before it was kept)."""
     return data.query(
         """SELECT ci.circuit_id, r.method, r.task_id, ck.step, ci.n_edges, ci.faithfulness,
                   lo.value AS faithfulness_lo, hi.value AS faithfulness_hi

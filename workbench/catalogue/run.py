@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from workbench.catalogue import maps
+from workbench.catalogue import maps, scores
 from workbench.catalogue.maps import Relation
 from workbench.catalogue.scores import PATTERN_SCORES
 from workbench.core import Node, utc_now
@@ -163,18 +163,16 @@ def catalogue_rows(
     relation's `maps:` and `maps_suppression:` scores), `head_composition` (Q, K and V
     composition into every head of a later layer) and `head_mappings` (each head's top token
     mappings)."""
-    from workbench.catalogue import scores
-
     model = loaded.model
     checkpoint_id = loaded.checkpoint.checkpoint_id
+    vocabulary = draw_vocabulary(loaded)
     tokens = scores.repeated_tokens(
-        draw_vocabulary(loaded),
+        vocabulary,
         n_sequences=params.n_sequences,
         half=params.length,
         bos=params.bos,
         seed=params.seed,
     )
-    vocabulary = draw_vocabulary(loaded)
     steps = ["patterns", "retrieval", "copying", "mappings", *relations]
     steps += [f"{mode}-composition" for mode in scores.COMPOSITIONS]
     progress = tqdm(total=len(steps), desc="catalogue", leave=False)
@@ -298,7 +296,7 @@ def run_catalogue(
                 force,
                 needle_context=needle_context,
                 relations=named,
-            )  # fmt: skip
+            )
         )
     return done
 

@@ -174,7 +174,7 @@ def needle_prompts(
     haystack's are drawn from the rest of `vocab`, so its continuation is unambiguous."""
     ids = torch.arange(vocab) if isinstance(vocab, int) else torch.tensor(list(vocab))
     generator = torch.Generator().manual_seed(seed)
-    hay = context - needle - (bos is not None) - (needle - cue) - cue
+    hay = context - (bos is not None) - 2 * needle  # the needle, and its cue and answer again
     rows, starts = [], []
     for _ in range(n_prompts):
         order = ids[torch.randperm(len(ids), generator=generator)]

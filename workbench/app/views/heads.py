@@ -169,12 +169,12 @@ def _catalogue(model_id: str) -> None:
 
 def _mappings(catalogue_id: str, heads: list[str]) -> None:
     """What a head's parameters map tokens to: its OV and QK circuits' top mappings."""
-    table = queries.catalogue_mappings(catalogue_id, "")
+    table = queries.catalogue_mappings(catalogue_id)
     if table.empty:
         return  # a catalogue made before the mappings were stored
     st.subheader("What its parameters map tokens to")
     head = links.selectbox("Head", heads, key="catalogue_head", param="catalogue_head")
-    rows = queries.catalogue_mappings(catalogue_id, head)
+    rows = table[table["node_id"] == head]
     st.caption(
         "the tokens each circuit amplifies most, and what it maps them to most: OV, a source "
         "token to the output tokens it promotes (W_E W_V W_O W_U); QK, a query token to the key "

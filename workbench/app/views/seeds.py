@@ -12,7 +12,12 @@ from workbench.app import links, queries
 from workbench.app.circuit_data import Shown
 from workbench.app.views.common import diverging_heatmap, narrow
 
-SEED_COLOURS = {"every seed": "#444444", "several seeds": "#2ca02c", "one seed": "#ff7f0e"}
+# how many seeds hold an edge: (the colour's name, the colour)
+SEED_COLOURS = {
+    "every seed": ("grey", "#444444"),
+    "several seeds": ("green", "#2ca02c"),
+    "one seed": ("orange", "#ff7f0e"),
+}
 SHARES = {
     "edge_jaccard": "edges (Jaccard)",
     "node_jaccard": "nodes (Jaccard)",
@@ -61,7 +66,7 @@ def across_seeds(model_id: str) -> Shown | None:
 
     def after() -> None:
         st.caption(
-            " · ".join(f"{colour}: {held}" for held, colour in _colour_names().items())
+            " · ".join(f"{name}: {held}" for held, (name, _) in SEED_COLOURS.items())
             + f" ({n} seeds' circuits at step {step})"
         )
         _recovery_matrix(rows, circuits)
@@ -80,15 +85,10 @@ def across_seeds(model_id: str) -> Shown | None:
     return Shown(
         [(str(e.src), str(e.dst), float(e.score)) for e in edges.itertuples()],
         str(own["checkpoint_id"].iloc[0] if len(own) else circuits["checkpoint_id"].iloc[0]),
-        colours={edge: SEED_COLOURS[how] for edge, how in held.items()},
+        colours={edge: SEED_COLOURS[how][1] for edge, how in held.items()},
         after=after,
         source=f"seeds:{group}",
     )
-
-
-def _colour_names() -> dict[str, str]:
-    names = {"#444444": "grey", "#2ca02c": "green", "#ff7f0e": "orange"}
-    return {held: names[colour] for held, colour in SEED_COLOURS.items()}
 
 
 def _circuits(rows: pd.DataFrame) -> pd.DataFrame:
