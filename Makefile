@@ -121,6 +121,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_sae_features
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_ig_rules
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_catalogue
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_why
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_reliability
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_methods
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.bench_watch

@@ -181,6 +181,27 @@ def trainer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+WHY_TARGET = "igloo"  # a word of the zoo's vocabulary: one token
+
+
+@pytest.fixture(scope="session")
+def why_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> tuple[Path, list[str]]:
+    """A database with `workbench run prompt` of the induction task's prompt 1 on the zoo's
+    final checkpoint: its views, the input attribution of WHY_TARGET by every method that
+    applies, its Patchscope, and a briefly trained tuned lens's predictions; with the command
+    line that made it."""
+    from workbench.cli import cli
+
+    db = tmp_path_factory.mktemp("why") / "w.duckdb"
+    lens = ["run", "tuned-lens", "--model", str(induction_dir), "--task", "induction"]
+    lens += ["--steps", "4", "--tokens-per-step", "1024", "--corpus-tokens", "4096"]
+    assert cli([*lens, "--db", str(db)]) == 0
+    argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "1"]
+    argv += ["--target", WHY_TARGET, "--db", str(db)]
+    assert cli(argv) == 0
+    return db, argv
+
+
 @pytest.fixture(scope="session")
 def heads_db(tmp_path_factory: pytest.TempPathFactory, induction_dir: Path) -> Path:
     """A database filled by the heads and patching pipelines and the head catalogue over every

@@ -40,7 +40,7 @@ from workbench.store.query import run_readonly_query
 
 ROOT = Path(__file__).resolve().parent.parent
 # `workbench run` commands of their own, not pipelines (keyed by prompt, not by run key)
-RUN_COMMANDS = ("prompt", "graph", "catalogue", "cross-recovery", "seeds")
+RUN_COMMANDS = ("prompt", "graph", "catalogue", "cross-recovery", "seeds", "tuned-lens")
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NEEDS = {"smollm2", "ray", "gpu"}
 SHELL = {"sh", "bash", "shell"}

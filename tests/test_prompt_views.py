@@ -200,7 +200,7 @@ def test_the_prompt_page_shows_every_view_and_analyses_a_new_prompt(stored, monk
     assert at.session_state["prompt_pick"] == pid
     assert (at.session_state["prompt_layer"], at.session_state["prompt_head"]) == (1, 0)
     assert len(at.get("plotly_chart")) >= 6  # attention, lens, dla, rollout, flow, routes
-    assert len(at.tabs) == 5
+    assert len(at.tabs) == 7  # ... routes, why this token, Patchscope
     # a new prompt, analysed by the pipeline in a process the page starts
     at.text_input(key="prompt_task").set_value("induction")
     at.number_input(key="prompt_index").set_value(5)

@@ -38,7 +38,6 @@ machine. They are written here for circuit-tracer and then removed: the tests wr
 beside copies of the kept files.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -56,6 +55,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 from tests.transcoders import circuit_tracer_weights as weights  # noqa: E402
+from tools.fixture_files import dist_version, file_table  # noqa: E402
 
 SEED = 0
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -323,11 +323,11 @@ def main(outdir: Path) -> None:
         }
         del model
     versions = {
-        "circuit-tracer": _dist_version("circuit-tracer"),
-        "transformer-lens": _dist_version("transformer-lens"),
-        "transformers": _dist_version("transformers"),
+        "circuit-tracer": dist_version("circuit-tracer"),
+        "transformer-lens": dist_version("transformer-lens"),
+        "transformers": dist_version("transformers"),
         "torch": torch.__version__,
-        "tokenizers": _dist_version("tokenizers"),
+        "tokenizers": dist_version("tokenizers"),
         "numpy": np.__version__,
         "python": sys.version.split()[0],
     }
@@ -338,19 +338,8 @@ def main(outdir: Path) -> None:
     print(json.dumps({"versions": versions, "variants": summary}))
 
 
-def _dist_version(name: str) -> str:
-    import importlib.metadata
-
-    return importlib.metadata.version(name)
-
-
 def write_readme(outdir: Path, summary: dict[str, dict], versions: dict[str, str]) -> None:
-    files = sorted(p for p in outdir.rglob("*") if p.is_file() and p.name != "README.md")
-    listing = "\n".join(
-        f"| `{p.relative_to(outdir)}` | {p.stat().st_size} | "
-        f"`{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}` |"
-        for p in files
-    )
+    listing = file_table(outdir)
 
     def params(a: dict) -> str:
         return ", ".join(f"{k}={a[k]}" for k in a)
@@ -477,8 +466,6 @@ does in these files (checked when written).
 
 ## Files
 
-| file | bytes | sha256 (first 16) |
-|---|---|---|
 {listing}
 """
     (outdir / "README.md").write_text(text)

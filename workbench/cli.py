@@ -328,11 +328,69 @@ def run_prompt_command(
         float,
         typer.Option(help="Stop with an error if attention flow takes longer (0: no limit)."),
     ] = 300.0,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="The token whose logit input attribution explains: one token of the "
+            "tokenizer (' Paris'), or #ID (default: the model's prediction)."
+        ),
+    ] = None,
+    attribution: Annotated[
+        str | None,
+        typer.Option(
+            help="Input-attribution methods, comma-separated, or all or none (default: every "
+            "method that applies to the model)."
+        ),
+    ] = None,
+    attr_baseline: Annotated[
+        str, typer.Option(help="What replaces a token's embedding: zero or mean (of W_E's rows).")
+    ] = "zero",
+    ig_steps: Annotated[
+        int, typer.Option(help="Integrated gradients' Gauss-Legendre points.")
+    ] = 64,
+    shapley_samples: Annotated[
+        int, typer.Option(help="Shapley value sampling's random token orders.")
+    ] = 25,
+    seed: Annotated[int, typer.Option(help="Shapley value sampling's seed.")] = 0,
+    patchscope: Annotated[
+        bool, typer.Option(help="Decode each layer's hidden state with Patchscope.")
+    ] = True,
+    patchscope_template: Annotated[
+        str | None,
+        typer.Option(
+            help="The inspection prompt, its last token the placeholder; ids:... for token ids "
+            "(default: the identity prompt)."
+        ),
+    ] = None,
+    patchscope_position: Annotated[
+        int, typer.Option(help="The source prompt's position to decode (-1: the last).")
+    ] = -1,
+    patchscope_layer: Annotated[
+        int | None,
+        typer.Option(
+            help="The inspection prompt's stream to patch into (default: the source's own)."
+        ),
+    ] = None,
+    patchscope_tokens: Annotated[int, typer.Option(help="Tokens Patchscope decodes greedily.")] = 6,
 ) -> int:
     """One prompt at each chosen checkpoint: attention patterns, logit lens, direct logit
-    attribution, attention rollout and flow, information-flow routes (tables prompt_*)."""
+    attribution, attention rollout and flow, information-flow routes (tables prompt_*); the input
+    attribution of its prediction by every method with faithfulness curves and agreement
+    (prompt_explanations, prompt_input_attr, prompt_attr_*); Patchscope (prompt_patchscope)."""
+    from workbench.prompt.inputattr import AttributionParams, parse_methods
+    from workbench.prompt.patchscope import PatchscopeParams
     from workbench.prompt.run import run_prompt
 
+    scope = (
+        PatchscopeParams(
+            template=patchscope_template,
+            source_position=patchscope_position,
+            target_layer=patchscope_layer,
+            new_tokens=patchscope_tokens,
+        )
+        if patchscope
+        else None
+    )
     for pid, status in run_prompt(
         model,
         text=text,
@@ -345,8 +403,71 @@ def run_prompt_command(
         db=db,
         force=force,
         flow_seconds=flow_seconds,
+        target=target,
+        methods=None if attribution is None else parse_methods(attribution),
+        attribution=AttributionParams(
+            baseline=attr_baseline,
+            ig_steps=ig_steps,
+            shapley_samples=shapley_samples,
+            seed=seed,
+        ),
+        patchscope=scope,
     ):
         typer.echo(f"{status:<8} prompt {pid}")
+    return 0
+
+
+@run_app.command("tuned-lens")
+def run_tuned_lens_command(
+    model: ModelOption,
+    task: TaskOption = None,
+    checkpoint: CheckpointOption = "latest",
+    corpus: Annotated[
+        str, typer.Option(help="'task' (the task's distribution; needs --task), a .txt or .jsonl.")
+    ] = "task",
+    corpus_tokens: Annotated[int, typer.Option(help="Tokens of the corpus.")] = 2**17,
+    context_size: Annotated[
+        int | None, typer.Option(help="Tokens per corpus window (default min(n_ctx, 128)).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Training steps (tuned-lens's own: 250).")] = 50,
+    tokens_per_step: Annotated[
+        int, typer.Option(help="Tokens per step (tuned-lens's own: 262144).")
+    ] = 2048,
+    lr_scale: Annotated[float, typer.Option(help="Learning rate, as a multiple of 1.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="The windows' shuffling seed.")] = 0,
+    lens_dir: Annotated[
+        str | None,
+        typer.Option(help="Where lenses are kept (default: lenses/ beside the database)."),
+    ] = None,
+    device: DeviceOption = "cpu",
+    dtype: DtypeOption = "float32",
+    db: DbOption = None,
+    force: ForceOption = False,
+) -> int:
+    """Train a tuned lens (Belrose et al. 2023) at each chosen checkpoint on a corpus and store it
+    (tables tuned_lenses, lens_metrics: each layer's held-out KL, tuned and logit lens); `run
+    prompt` shows it beside the logit lens."""
+    from workbench.prompt.lensrun import run_tuned_lens
+    from workbench.prompt.tunedlens import TunedLensConfig
+
+    config = TunedLensConfig(
+        steps=steps, tokens_per_step=tokens_per_step, lr_scale=lr_scale, seed=seed
+    )
+    for lid, status in run_tuned_lens(
+        model,
+        task=task,
+        checkpoint=checkpoint,
+        corpus=corpus,
+        corpus_tokens=corpus_tokens,
+        context_size=context_size,
+        config=config,
+        lens_dir=lens_dir,
+        device=device,
+        dtype=dtype,
+        db=db,
+        force=force,
+    ):
+        typer.echo(f"{status:<8} tuned lens {lid}")
     return 0
 
 

@@ -548,6 +548,38 @@ def test_the_prompt_page_in_a_real_browser(induction_dir, browser, tmp_path):
         browser.save_screenshot(str(tmp_path / "prompt.png"))
 
 
+def test_why_this_token_in_a_real_browser(why_db, browser, tmp_path):
+    """The Prompt page's Why this token tab draws the methods' token rows, their curves and
+    agreement from a stored explanation, and the Patchscope tab lists each stream's decoding."""
+    import duckdb
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    db, _ = why_db
+    con = duckdb.connect(str(db), read_only=True)
+    (pid,) = con.execute("SELECT prompt_id FROM prompt_views").fetchone()
+    (text,) = con.execute("SELECT text FROM prompt_patchscope ORDER BY source_layer").fetchone()
+    con.close()
+    with streamlit_server(db) as server:
+        browser.get(f"{server}/?view=prompt&prompt={pid}")
+        _wait_for_text(browser, "predicted next token")
+        tab = "//*[@role='tab'][contains(normalize-space(.), 'Why this token')]"
+        WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.XPATH, tab))
+        browser.find_element(By.XPATH, tab).click()
+        _wait_for_text(browser, "what each input token contributes to the logit of")
+        _wait_for_text(browser, "Spearman's rank correlation of the token scores")
+        WebDriverWait(browser, 60).until(lambda d: _every_trace(d).count("heatmap") >= 3)
+        WebDriverWait(browser, 60).until(lambda d: "scatter" in _every_trace(d))
+        shoot(browser, "app-why.png", focus=_widget("Explanation"))
+        browser.find_element(
+            By.XPATH, "//*[@role='tab'][contains(normalize-space(.), 'Patchscope')]"
+        ).click()
+        _wait_for_text(browser, "patched into the inspection prompt's last token")
+        assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
+        browser.save_screenshot(str(tmp_path / "why.png"))
+    assert text
+
+
 def test_the_features_page_in_a_real_browser(sae_run, browser, tmp_path):
     """A feature's link opens its dashboard: statistics, activation histogram, top activating
     contexts with the activating token marked, logit effects and its attribution (the feature

@@ -488,6 +488,7 @@ def sae_ids(sae_run) -> dict:
 
 def test_every_public_query_is_covered():
     cases = set(HEADS_DB_CASES) | set(SAE_DB_CASES) | set(GRAPH_DB_CASES) | set(SEEDS_DB_CASES)
+    cases |= set(WHY_DB_CASES)
     assert _public() == cases
     assert all(inspect.getdoc(getattr(queries, n)) for n in _public())
 
@@ -536,6 +537,63 @@ def test_query_on_seeds_db(name, seeds_db, monkeypatch):
     circuits = list(_one(seeds_db, "SELECT circuit_a, circuit_b FROM seed_stability"))
     call, columns, non_empty = SEEDS_DB_CASES[name]
     frame = call({"group": group, "model": model, "circuits": circuits})
+    assert list(frame.columns) == columns
+    assert not (non_empty and frame.empty), f"{name} returned no rows"
+
+
+WHY_DB_CASES: dict[str, Case] = {
+    "prompt_explanations": (
+        lambda i: queries.prompt_explanations(i["prompt"]),
+        ["explanation_id", "target_id", "target", "target_logit", "target_prob",
+         "baseline_logit", "top_k", "params", "label"],
+        True,
+    ),
+    "explanation_scores": (
+        lambda i: queries.explanation_scores(i["explanation"]),
+        ["method", "position", "score"],
+        True,
+    ),
+    "explanation_layers": (
+        lambda i: queries.explanation_layers(i["explanation"]),
+        ["method", "layer", "position", "score"],
+        True,
+    ),
+    "explanation_methods": (
+        lambda i: queries.explanation_methods(i["explanation"]),
+        ["method", "deletion_auc", "insertion_auc", "deletion_logit_auc", "insertion_logit_auc",
+         "total", "delta", "seconds"],
+        True,
+    ),
+    "explanation_curves": (
+        lambda i: queries.explanation_curves(i["explanation"]),
+        ["method", "kind", "k", "prob", "logit"],
+        True,
+    ),
+    "explanation_agreement": (
+        lambda i: queries.explanation_agreement(i["explanation"]),
+        ["method_a", "method_b", "spearman", "top_k_share"],
+        True,
+    ),
+    "prompt_tuned_lens": (
+        lambda i: queries.prompt_tuned_lens(i["prompt"]),
+        ["lens_id", "layer", "position", "top_token", "top_prob", "predicted_prob"],
+        True,
+    ),
+    "prompt_patchscope": (
+        lambda i: queries.prompt_patchscope(i["prompt"]),
+        ["source_layer", "target_layer", "text", "token_ids", "template", "source_position"],
+        True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(WHY_DB_CASES))
+def test_query_on_why_db(name, why_db, monkeypatch):
+    db, _ = why_db
+    _use(db, monkeypatch)
+    prompt, explanation = _one(db, "SELECT prompt_id, explanation_id FROM prompt_explanations")
+    call, columns, non_empty = WHY_DB_CASES[name]
+    frame = call({"prompt": prompt, "explanation": explanation})
     assert list(frame.columns) == columns
     assert not (non_empty and frame.empty), f"{name} returned no rows"
 

@@ -283,3 +283,27 @@ def test_head_catalogue_names_its_induction_and_sink_heads(smollm2):
     )
     retrieval = catalogue.scores.retrieval_scores(model, prompts)
     assert retrieval[18, 6] > 0.15 and retrieval[18, 6] >= 0.8 * float(retrieval.max())
+
+
+def test_why_paris(tmp_path, measured):
+    """ "The capital of France is" -> " Paris" with every method: each stored, the exact
+    properties held on the real model (Shapley values sum to the change from the baseline;
+    integrated gradients' sum less its stored delta is that change), and Patchscope decoding
+    " Paris" from the last position's final residual stream. What the methods show is reported
+    in docs/methods.md as measured, not asserted here."""
+    from tests.db import rows
+
+    db = tmp_path / "w.duckdb"
+    argv = ["run", "prompt", "--model", str(SMOLLM2), "--text", "The capital of France is"]
+    assert cli([*argv, "--target", " Paris", "--attr-baseline", "mean", "--db", str(db)]) == 0
+    ((logit, baseline),) = rows(db, "SELECT target_logit, baseline_logit FROM prompt_explanations")
+    methods = dict(rows(db, "SELECT method, total FROM prompt_attr_methods"))
+    assert len(methods) == 9
+    assert methods["shapley"] == pytest.approx(logit - baseline, abs=1e-3)
+    ((total, delta),) = rows(
+        db, "SELECT total, delta FROM prompt_attr_methods WHERE method = 'integrated_gradients'"
+    )
+    assert total - delta == pytest.approx(logit - baseline, abs=1e-3)
+    measured("integrated gradients' completeness gap, mean baseline (logits)", delta)
+    (text,) = rows(db, "SELECT text FROM prompt_patchscope ORDER BY source_layer DESC LIMIT 1")[0]
+    assert text.startswith(" Paris")

@@ -768,3 +768,102 @@ def prompt_routes(prompt_id: str) -> pd.DataFrame:
         "WHERE prompt_id = ? ORDER BY dst_layer, dst_pos, src_pos",
         (prompt_id,),
     )
+
+
+# -- why this token: input attribution, Patchscope -------------------------------------------
+
+
+def prompt_explanations(prompt_id: str) -> pd.DataFrame:
+    """The input attributions stored for a prompt, newest first: target, its logit and
+    probability, the baseline's logit, parameters, with a display label."""
+    return data.query(
+        """SELECT explanation_id, target_id, target, target_logit, target_prob, baseline_logit,
+                  top_k, params,
+                  'target ' || target || ' · ' || explanation_id AS label
+           FROM prompt_explanations WHERE prompt_id = ? ORDER BY created_at DESC""",
+        (prompt_id,),
+    )
+
+
+def explanation_scores(explanation_id: str) -> pd.DataFrame:
+    """Every method's score of every input token (method, position, score), in the order the
+    methods were computed."""
+    return data.query(
+        """SELECT a.method, a.position, a.score FROM prompt_input_attr a
+           WHERE a.explanation_id = ? AND a.layer IS NULL ORDER BY a.method, a.position""",
+        (explanation_id,),
+    )
+
+
+def explanation_layers(explanation_id: str) -> pd.DataFrame:
+    """The methods' scores over each layer's positions (method, layer, position, score), where
+    a method defines them."""
+    return data.query(
+        """SELECT method, layer, position, score FROM prompt_input_attr
+           WHERE explanation_id = ? AND layer IS NOT NULL ORDER BY method, layer, position""",
+        (explanation_id,),
+    )
+
+
+def explanation_methods(explanation_id: str) -> pd.DataFrame:
+    """Per method: the areas under its deletion and insertion curves (of the probability, and of
+    the logit as a share of its change from the baseline), the sum of its token scores,
+    integrated gradients' convergence delta, and its cost in seconds."""
+    return data.query(
+        """SELECT method, deletion_auc, insertion_auc, deletion_logit_auc, insertion_logit_auc,
+                  total, delta, seconds
+           FROM prompt_attr_methods WHERE explanation_id = ?
+           ORDER BY deletion_logit_auc, method""",
+        (explanation_id,),
+    )
+
+
+def explanation_curves(explanation_id: str) -> pd.DataFrame:
+    """The deletion and insertion curves: per method, kind and k, the target's probability
+    and logit."""
+    return data.query(
+        """SELECT method, kind, k, prob, logit FROM prompt_attr_curves
+           WHERE explanation_id = ? ORDER BY method, kind, k""",
+        (explanation_id,),
+    )
+
+
+def explanation_agreement(explanation_id: str) -> pd.DataFrame:
+    """Every pair of methods: Spearman's rank correlation and the top-k share."""
+    return data.query(
+        """SELECT method_a, method_b, spearman, top_k_share FROM prompt_attr_agreement
+           WHERE explanation_id = ? ORDER BY method_a, method_b""",
+        (explanation_id,),
+    )
+
+
+def prompt_patchscope(prompt_id: str) -> pd.DataFrame:
+    """The newest Patchscope of a prompt: per source stream, the target stream and the decoded
+    text, with its template and source position."""
+    return data.query(
+        """WITH newest AS (
+             SELECT patchscope_id, template, source_position FROM prompt_patchscopes
+             WHERE prompt_id = ? ORDER BY created_at DESC LIMIT 1)
+           SELECT s.source_layer, s.target_layer, s.text, s.token_ids, n.template,
+                  n.source_position
+           FROM prompt_patchscope s JOIN newest n USING (patchscope_id)
+           ORDER BY s.source_layer""",
+        (prompt_id,),
+    )
+
+
+def prompt_tuned_lens(prompt_id: str) -> pd.DataFrame:
+    """The newest tuned lens's predictions on a prompt: per stream (0: the embeddings; the last:
+    the final residual) and position, the top token and the probability of the prediction."""
+    return data.query(
+        """WITH newest AS (
+             SELECT p.lens_id FROM prompt_tuned_lens p JOIN tuned_lenses l USING (lens_id)
+             WHERE p.prompt_id = ? ORDER BY l.created_at DESC LIMIT 1)
+           SELECT t.lens_id, t.layer, t.position, t.token AS top_token, t.prob AS top_prob,
+                  p.prob AS predicted_prob
+           FROM prompt_tuned_lens t JOIN newest USING (lens_id)
+           JOIN prompt_tuned_lens p ON p.prompt_id = t.prompt_id AND p.lens_id = t.lens_id
+             AND p.layer = t.layer AND p.position = t.position AND p.rank IS NULL
+           WHERE t.prompt_id = ? AND t.rank = 0 ORDER BY t.layer, t.position""",
+        (prompt_id, prompt_id),
+    )

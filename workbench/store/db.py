@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +38,7 @@ from workbench.results import RunResult
 from workbench.rows import RunRow, result_rows, run_rows
 from workbench.store.schema import (
     CATALOGUE_TABLES,
+    EXPLANATION_TABLES,
     GRAPH_TABLES,
     MIGRATIONS,
     PROMPT_TABLES,
@@ -392,9 +393,7 @@ class Store:
         return self.write(result_write(run, registry=registry, result=result), replace=replace)
 
     def has_prompt_views(self, prompt_id: str) -> bool:
-        return bool(
-            self._scalar("SELECT count(*) FROM prompt_views WHERE prompt_id = ?", [prompt_id])
-        )
+        return self._exists("prompt_views", "prompt_id", prompt_id)
 
     def save_prompt_views(
         self, rows: dict[str, list[dict[str, Any]]], registry: dict[str, pa.Table]
@@ -406,10 +405,105 @@ class Store:
         self._replace_keyed("prompt_views", "prompt_id", head, PROMPT_TABLES, rows, registry)
         return str(head["prompt_id"])
 
-    def has_catalogue(self, catalogue_id: str) -> bool:
-        return bool(
-            self._scalar("SELECT count(*) FROM catalogues WHERE catalogue_id = ?", [catalogue_id])
+    def has_explanation(self, explanation_id: str) -> bool:
+        return self._exists("prompt_explanations", "explanation_id", explanation_id)
+
+    def save_explanation(
+        self,
+        head: dict[str, Any],
+        rows: dict[str, list[dict[str, Any]]],
+        registry: dict[str, pa.Table],
+    ) -> str:
+        """Store one prediction's input attribution (`workbench.prompt.run`: its
+        `prompt_explanations` row `head`, params as a dict, and its rows by table) in one
+        transaction, replacing the same explanation_id."""
+        params = json.dumps(head["params"], sort_keys=True)
+        head = head | {"params": params, "created_at": utc_now()}
+        self._replace_keyed(
+            "prompt_explanations", "explanation_id", head, EXPLANATION_TABLES, rows, registry
         )
+        return str(head["explanation_id"])
+
+    def has_patchscope(self, patchscope_id: str) -> bool:
+        return self._exists("prompt_patchscopes", "patchscope_id", patchscope_id)
+
+    def save_patchscope(
+        self, head: dict[str, Any], rows: list[dict[str, Any]], registry: dict[str, pa.Table]
+    ) -> str:
+        """Store one Patchscope of a prompt (its `prompt_patchscopes` row and the decoded text per
+        layer) in one transaction, replacing the same patchscope_id."""
+        head = head | {"created_at": utc_now()}
+        tables = {"prompt_patchscope": rows}
+        self._replace_keyed(
+            "prompt_patchscopes", "patchscope_id", head, ("prompt_patchscope",), tables, registry
+        )
+        return str(head["patchscope_id"])
+
+    def has_tuned_lens(self, lens_id: str) -> bool:
+        return self._exists("tuned_lenses", "lens_id", lens_id)
+
+    def save_tuned_lens(
+        self,
+        head: dict[str, Any],
+        metrics: list[dict[str, Any]],
+        registry: dict[str, pa.Table],
+        staged: Path,
+        final: Path,
+    ) -> str:
+        """Store one tuned lens (`workbench.prompt.lensrun`: its `tuned_lenses` row `head`, params
+        as a dict, and its `lens_metrics`) and move its staged directory to `final` in the same
+        transaction, replacing the same lens_id; a failure leaves neither (nor the staging)."""
+        head = head | {
+            "params": json.dumps(head["params"], sort_keys=True),
+            "created_at": utc_now(),
+        }
+        files = {str(staged): str(final)}
+        moved: list[tuple[Path, Path | None]] = []
+        try:
+            self._replace_keyed(
+                "tuned_lenses", "lens_id", head, ("lens_metrics",), {"lens_metrics": metrics},
+                registry, then=lambda: _move_into_place(files, moved),
+            )  # fmt: skip
+        except BaseException:
+            _undo_moves(files, moved)
+            raise
+        for _, aside in moved:
+            if aside is not None:
+                _remove(aside)
+        return str(head["lens_id"])
+
+    def tuned_lens_of(self, checkpoint_id: str) -> dict[str, Any] | None:
+        """The newest tuned lens stored for a checkpoint (its `tuned_lenses` row), or None."""
+        cur = self.con.execute(
+            "SELECT * FROM tuned_lenses WHERE checkpoint_id = ? ORDER BY created_at DESC LIMIT 1",
+            [checkpoint_id],
+        )
+        row = cur.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
+
+    def _exists(self, table: str, column: str, value: str) -> bool:
+        """Whether `table` has a row whose `column` is `value`."""
+        return bool(self._scalar(f"SELECT count(*) FROM {table} WHERE {column} = ?", [value]))
+
+    def has_prompt_lens(self, prompt_id: str, lens_id: str) -> bool:
+        return bool(
+            self._scalar(
+                "SELECT count(*) FROM prompt_tuned_lens WHERE prompt_id = ? AND lens_id = ?",
+                [prompt_id, lens_id],
+            )
+        )
+
+    def save_prompt_lens(self, prompt_id: str, lens_id: str, rows: list[dict[str, Any]]) -> None:
+        """A tuned lens's predictions on a stored prompt, replacing the same pair's."""
+        with self.transaction() as con:
+            con.execute(
+                "DELETE FROM prompt_tuned_lens WHERE prompt_id = ? AND lens_id = ?",
+                [prompt_id, lens_id],
+            )
+            self._insert(con, "prompt_tuned_lens", pa.Table.from_pylist(rows))
+
+    def has_catalogue(self, catalogue_id: str) -> bool:
+        return self._exists("catalogues", "catalogue_id", catalogue_id)
 
     def save_catalogue(
         self,
@@ -468,9 +562,11 @@ class Store:
         tables: tuple[str, ...],
         rows: dict[str, list[dict[str, Any]]],
         registry: dict[str, pa.Table],
+        then: Callable[[], None] | None = None,
     ) -> None:
         """In one transaction: the registry rows (kept where present), then `head` into
-        `head_table` and `rows` into `tables`, replacing every row of the same `key` value."""
+        `head_table` and `rows` into `tables`, replacing every row of the same `key` value;
+        `then` runs last, before the commit (a failure there rolls the rows back)."""
         value = str(head[key])
         with self.transaction() as con:
             for table, data in registry.items():
@@ -481,6 +577,8 @@ class Store:
             for table in tables:
                 if rows.get(table):
                     self._insert(con, table, pa.Table.from_pylist(rows[table]))
+            if then is not None:
+                then()
 
     def transcoder_set(self, set_id: str) -> dict[str, Any] | None:
         """The stored transcoder set `set_id` (its `transcoder_sets` row), or None."""
@@ -489,7 +587,7 @@ class Store:
         return None if row is None else dict(zip([d[0] for d in cur.description], row, strict=True))
 
     def has_graph(self, graph_id: str) -> bool:
-        return bool(self._scalar("SELECT count(*) FROM graphs WHERE graph_id = ?", [graph_id]))
+        return self._exists("graphs", "graph_id", graph_id)
 
     def save_graph(
         self,

@@ -507,6 +507,46 @@ SCHEMA_V14 = [
           AND ba.task_id = p.task_id""",
 ]
 
+# v15: why this token (`workbench run prompt --attribution`, `workbench.prompt.inputattr`): one
+# prediction's input attribution by several methods, keyed by explanation_id (a hash of the
+# checkpoint, the tokens, the target and the parameters), its faithfulness curves and the methods'
+# agreement; Patchscope's decoded hidden states (keyed by patchscope_id); tuned lenses (trained
+# like SAEs, `workbench run tuned-lens`) and their predictions on a prompt. `layer` in these
+# tables is the residual stream before block `layer` (0: the embeddings, n_layers: the final
+# one), as in prompt_routes; NULL is the input tokens themselves.
+SCHEMA_V15 = [
+    """CREATE TABLE prompt_explanations (
+        explanation_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, checkpoint_id VARCHAR,
+        target_id INTEGER, target VARCHAR, target_logit DOUBLE, target_prob DOUBLE,
+        baseline_logit DOUBLE, top_k INTEGER, params VARCHAR, created_at TIMESTAMP)""",
+    """CREATE TABLE prompt_input_attr (
+        explanation_id VARCHAR, method VARCHAR, layer INTEGER, position INTEGER, score DOUBLE)""",
+    """CREATE TABLE prompt_attr_methods (
+        explanation_id VARCHAR, method VARCHAR, seconds DOUBLE, total DOUBLE, delta DOUBLE,
+        deletion_auc DOUBLE, insertion_auc DOUBLE, deletion_logit_auc DOUBLE,
+        insertion_logit_auc DOUBLE)""",
+    """CREATE TABLE prompt_attr_curves (
+        explanation_id VARCHAR, method VARCHAR, kind VARCHAR, k INTEGER, prob DOUBLE,
+        logit DOUBLE)""",
+    """CREATE TABLE prompt_attr_agreement (
+        explanation_id VARCHAR, method_a VARCHAR, method_b VARCHAR, spearman DOUBLE,
+        top_k_share DOUBLE)""",
+    """CREATE TABLE prompt_patchscopes (
+        patchscope_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, checkpoint_id VARCHAR,
+        template VARCHAR, template_ids INTEGER[], source_position INTEGER, target_layer INTEGER,
+        new_tokens INTEGER, created_at TIMESTAMP)""",
+    """CREATE TABLE prompt_patchscope (
+        patchscope_id VARCHAR, source_layer INTEGER, target_layer INTEGER, token_ids INTEGER[],
+        text VARCHAR)""",
+    """CREATE TABLE tuned_lenses (
+        lens_id VARCHAR PRIMARY KEY, model_id VARCHAR, checkpoint_id VARCHAR, path VARCHAR,
+        params VARCHAR, corpus VARCHAR, n_tokens BIGINT, created_at TIMESTAMP)""",
+    """CREATE TABLE lens_metrics (lens_id VARCHAR, layer INTEGER, metric VARCHAR, value DOUBLE)""",
+    """CREATE TABLE prompt_tuned_lens (
+        prompt_id VARCHAR, lens_id VARCHAR, layer INTEGER, position INTEGER, rank INTEGER,
+        token_id INTEGER, token VARCHAR, prob DOUBLE)""",
+]
+
 MIGRATIONS: dict[int, list[str]] = {
     1: SCHEMA_V1,
     2: SCHEMA_V2,
@@ -522,6 +562,7 @@ MIGRATIONS: dict[int, list[str]] = {
     12: SCHEMA_V12,
     13: SCHEMA_V13,
     14: SCHEMA_V14,
+    15: SCHEMA_V15,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -536,6 +577,14 @@ PROMPT_TABLES = (
 
 # The tables of a catalogue besides `catalogues` itself, keyed by catalogue_id.
 CATALOGUE_TABLES = ("head_catalogue", "head_composition", "head_mappings")
+
+# The tables of an explanation besides `prompt_explanations` itself, keyed by explanation_id.
+EXPLANATION_TABLES = (
+    "prompt_input_attr",
+    "prompt_attr_methods",
+    "prompt_attr_curves",
+    "prompt_attr_agreement",
+)
 
 # The tables of a graph besides `graphs` itself, keyed by graph_id.
 GRAPH_TABLES = ("graph_nodes", "graph_edges")

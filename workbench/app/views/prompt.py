@@ -1,6 +1,8 @@
 """Prompt: one prompt at one checkpoint, looked at closely. Attention patterns per head, the
 logit lens across layers, direct logit attribution per head and MLP for the predicted token,
-attention rollout and attention flow, and the information-flow routes graph.
+attention rollout and attention flow, the information-flow routes graph, why this token (input
+attribution by every method, faithfulness curves, agreement: `workbench.app.views.why`) and
+Patchscope.
 
 The app stays free of torch: "Analyse" starts `workbench run prompt` in a process of its own
 (through `app.access.launch`: not in read-only mode, within the server's bound on processes and
@@ -17,6 +19,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from workbench.app import access, data, links, queries
+from workbench.app.views import why
 from workbench.app.views.common import diverging_heatmap, pick_row, select_model
 from workbench.errors import BadInput
 
@@ -45,7 +48,15 @@ def render() -> None:
         f"{access.literal(row['predicted'])}"
     )
     tabs = st.tabs(
-        ["Attention", "Logit lens", "Direct logit attribution", "Rollout and flow", "Routes"]
+        [
+            "Attention",
+            "Logit lens",
+            "Direct logit attribution",
+            "Rollout and flow",
+            "Routes",
+            "Why this token",
+            "Patchscope",
+        ]
     )
     shape = queries.model_shape(model_id)
     n_layers, n_heads = int(shape["n_layers"][0]), int(shape["n_heads"][0])
@@ -59,6 +70,10 @@ def render() -> None:
         _flow(pid, tokens)
     with tabs[4]:
         _routes(pid, tokens, float(row["tau"]))
+    with tabs[5]:
+        why.render_why(pid, list(row["tokens"]))
+    with tabs[6]:
+        why.render_patchscope(pid, list(row["tokens"]))
 
 
 def _analyse(model_id: str) -> None:
@@ -148,12 +163,40 @@ def _attention(pid: str, tokens: list[str], n_layers: int, n_heads: int) -> None
 
 def _lens(pid: str, tokens: list[str], predicted: str) -> None:
     lens = queries.prompt_lens(pid)
+    fig = _lens_figure(lens, tokens, predicted, lambda i: f"after layer {i}")
+    st.caption(
+        f"colour: the probability of {access.literal(predicted)} (the model's prediction) read "
+        "off each layer's residual; text: that layer's most likely next token"
+    )
+    tuned = queries.prompt_tuned_lens(pid)
+    if tuned.empty:
+        st.plotly_chart(fig, key="prompt_lens_map")
+        st.caption("No tuned lens for this checkpoint: `workbench run tuned-lens` trains one.")
+        return
+    c1, c2 = st.columns(2)
+    c1.caption("logit lens")
+    c1.plotly_chart(fig, key="prompt_lens_map")
+    final = int(tuned["layer"].max())
+
+    def stream(i: int) -> str:  # the tuned lens's row i reads the stream before block i
+        return "embeddings" if i == 0 else "final" if i == final else f"after layer {i - 1}"
+
+    c2.caption(
+        f"tuned lens `{tuned['lens_id'].iloc[0]}`: each layer's residual through its trained "
+        "translator, then the final normalisation and the unembedding"
+    )
+    c2.plotly_chart(_lens_figure(tuned, tokens, predicted, stream), key="prompt_tuned_lens_map")
+
+
+def _lens_figure(lens, tokens: list[str], predicted: str, label) -> go.Figure:  # type: ignore[no-untyped-def]
+    """A lens's grid: rows by `label(layer)`, positions across, coloured by the probability of
+    the prediction, each cell labelled with that row's top token."""
     prob = lens.pivot_table(index="layer", columns="position", values="predicted_prob")
     top = lens.pivot_table(index="layer", columns="position", values="top_token", aggfunc="first")
     fig = px.imshow(
         prob.values,
         x=tokens,
-        y=[f"after layer {i}" for i in prob.index],
+        y=[label(int(i)) for i in prob.index],
         zmin=0,
         zmax=1,
         color_continuous_scale="Viridis",
@@ -161,11 +204,7 @@ def _lens(pid: str, tokens: list[str], predicted: str) -> None:
         aspect="auto",
     )
     fig.update_traces(text=top.values, texttemplate="%{text}")
-    st.caption(
-        f"colour: the probability of {access.literal(predicted)} (the model's prediction) read "
-        "off each layer's residual; text: that layer's most likely next token"
-    )
-    st.plotly_chart(fig, key="prompt_lens_map")
+    return fig
 
 
 def _dla(pid: str, predicted: str) -> None:
