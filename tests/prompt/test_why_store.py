@@ -102,6 +102,8 @@ def test_a_second_run_is_cached_and_force_recomputes(stored, capsys):
         (["--patchscope-layer", "9"], "--patchscope-layer 9"),
         (["--patchscope-template", "ids:1 x"], "after 'ids:'"),
         (["--patchscope-tokens", "60"], "do not fit the model's context"),
+        # a method that does not apply to the model as loaded
+        (["--dtype", "bfloat16", "--attribution", "attn_lrp"], "AttnLRP runs in float32"),
     ],
 )
 def test_bad_input_is_one_sentence_and_stores_nothing(
