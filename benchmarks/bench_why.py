@@ -90,11 +90,18 @@ def why_costs(name: str, loaded, ids: list[int]) -> list[list[str]]:  # type: ig
 
 
 def _one_method(fn, model, ids, target, method, baseline):  # type: ignore[no-untyped-def]
-    from workbench.prompt.inputattr import AttributionParams, captum_scores, own_scores
+    from workbench.prompt.inputattr import (
+        AttributionParams,
+        atman_scores,
+        captum_scores,
+        own_scores,
+    )
 
+    embeds = fn.embeddings()
+    if method == "atman":
+        return atman_scores(fn, embeds, AttributionParams().atman_suppression)
     if method in ("attn_lrp", "relevance_rollout", "alti", "globenc"):
         return own_scores(model, ids, target, method)
-    embeds = fn.embeddings()
     return captum_scores(fn, method, embeds, baseline, AttributionParams())
 
 

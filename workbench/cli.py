@@ -352,6 +352,9 @@ def run_prompt_command(
         int, typer.Option(help="Shapley value sampling's random token orders.")
     ] = 25,
     seed: Annotated[int, typer.Option(help="Shapley value sampling's seed.")] = 0,
+    atman_suppression: Annotated[
+        float, typer.Option(help="AtMan: attention scores to a token are scaled by 1 - this.")
+    ] = 0.9,
     patchscope: Annotated[
         bool, typer.Option(help="Decode each layer's hidden state with Patchscope.")
     ] = True,
@@ -372,6 +375,13 @@ def run_prompt_command(
         ),
     ] = None,
     patchscope_tokens: Annotated[int, typer.Option(help="Tokens Patchscope decodes greedily.")] = 6,
+    patchscope_model: Annotated[
+        str | None,
+        typer.Option(help="Decode with another model of the same width (default: the same)."),
+    ] = None,
+    patchscope_checkpoint: Annotated[
+        str, typer.Option(help="That model's checkpoint: latest or a step.")
+    ] = "latest",
 ) -> int:
     """One prompt at each chosen checkpoint: attention patterns, logit lens, direct logit
     attribution, attention rollout and flow, information-flow routes (tables prompt_*); the input
@@ -387,6 +397,8 @@ def run_prompt_command(
             source_position=patchscope_position,
             target_layer=patchscope_layer,
             new_tokens=patchscope_tokens,
+            model=patchscope_model,
+            checkpoint=patchscope_checkpoint,
         )
         if patchscope
         else None
@@ -410,6 +422,7 @@ def run_prompt_command(
             ig_steps=ig_steps,
             shapley_samples=shapley_samples,
             seed=seed,
+            atman_suppression=atman_suppression,
         ),
         patchscope=scope,
     ):

@@ -550,7 +550,8 @@ def test_the_prompt_page_in_a_real_browser(induction_dir, browser, tmp_path):
 
 def test_why_this_token_in_a_real_browser(why_db, browser, tmp_path):
     """The Prompt page's Why this token tab draws the methods' token rows, their curves and
-    agreement from a stored explanation, and the Patchscope tab lists each stream's decoding."""
+    agreement from a stored explanation, the Patchscope tab lists each stream's decoding, and
+    the logit lens tab draws the stored tuned lens beside the logit lens."""
     import duckdb
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -575,6 +576,10 @@ def test_why_this_token_in_a_real_browser(why_db, browser, tmp_path):
             By.XPATH, "//*[@role='tab'][contains(normalize-space(.), 'Patchscope')]"
         ).click()
         _wait_for_text(browser, "patched into the inspection prompt's last token")
+        browser.find_element(
+            By.XPATH, "//*[@role='tab'][contains(normalize-space(.), 'Logit lens')]"
+        ).click()  # the stored tuned lens beside the logit lens
+        _wait_for_text(browser, "each layer's residual through its trained translator")
         assert "Traceback" not in browser.find_element(By.TAG_NAME, "body").text
         browser.save_screenshot(str(tmp_path / "why.png"))
     assert text

@@ -581,7 +581,8 @@ WHY_DB_CASES: dict[str, Case] = {
     ),
     "prompt_patchscope": (
         lambda i: queries.prompt_patchscope(i["prompt"]),
-        ["source_layer", "target_layer", "text", "token_ids", "template", "source_position"],
+        ["source_layer", "target_layer", "text", "token_ids", "template", "source_position",
+         "inspector_id"],
         True,
     ),
 }  # fmt: skip

@@ -26,6 +26,7 @@ from workbench.prompt.inputattr import (
     CAPTUM_METHODS,
     AttributionParams,
     TargetLogit,
+    atman_scores,
     baseline_embeddings,
     curve_area,
     explain,
@@ -182,6 +183,33 @@ def test_shapley_sampling_approaches_the_exact_values(zoo):
             embeds[:, :players], baselines=0.0, feature_mask=mask, n_samples=400
         )[0, :, 0]
     assert np.abs(sampled.numpy() - exact).max() <= 0.05 * np.abs(exact).max() + 1e-3
+
+
+def test_atman_is_the_loss_change_with_attention_to_a_token_suppressed(zoo):
+    """AtMan by its definition, run here one position at a time on the token ids (no batch, no
+    embedding hook): every layer's pre-softmax attention scores to key j (the finite ones: the
+    causal mask stays) scaled by 0.1, the target's cross-entropy read off the logits."""
+    model, ids, target, _ = zoo
+    fn = TargetLogit(model, ids, target)
+    found = atman_scores(fn, fn.embeddings(), 0.9).tokens
+
+    def loss(position: int | None) -> float:
+        def scale(scores: torch.Tensor, hook: object) -> torch.Tensor:
+            scores = scores.clone()
+            column = scores[..., position]
+            scores[..., position] = torch.where(column.isfinite(), column * 0.1, column)
+            return scores
+
+        hooks = [] if position is None else [(lambda n: n.endswith("hook_attn_scores"), scale)]
+        with torch.no_grad():
+            logits = model.run_with_hooks(torch.tensor([ids]), fwd_hooks=hooks)[0, -1]
+        return float(-logits.log_softmax(-1)[target])
+
+    plain = loss(None)
+    by_hand = np.array([loss(p) - plain for p in range(len(ids))])
+    np.testing.assert_allclose(found, by_hand, atol=1e-4)
+    assert np.abs(by_hand).max() > 0.1  # the trained model's attention is sharp: it matters
+    assert np.all(atman_scores(fn, fn.embeddings(), 0.0).tokens == 0)
 
 
 def test_curves_end_at_the_prompt_and_the_baseline(zoo):

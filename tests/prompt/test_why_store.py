@@ -183,3 +183,56 @@ def test_the_prompt_page_shows_why_and_patchscope(stored, monkeypatch):
     (scope,) = [d.value for d in at.dataframe if "patched into" in d.value.columns]
     texts = [t for (t,) in rows(db, "SELECT text FROM prompt_patchscope ORDER BY source_layer")]
     assert scope["text"].tolist() == texts
+
+
+def test_patchscope_across_two_checkpoints(induction_dir, induction_task, tmp_path):
+    """The final checkpoint's hidden states decoded by the step-500 checkpoint of the same run
+    (`--patchscope-model`): the stored continuations equal the definition run by hand with the
+    two models, and the row names the checkpoint that decoded them."""
+    from workbench.models import load_checkpoint, resolve_checkpoints
+
+    refs = resolve_checkpoints(str(induction_dir))
+    source = load_checkpoint(refs[-1]).model
+    (half,) = [r for r in refs if r.step == 500]
+    reader = load_checkpoint(half)
+    db = tmp_path / "w.duckdb"
+    argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "2"]
+    argv += ["--attribution", "none", "--patchscope-tokens", "1", "--db", str(db)]
+    assert (
+        cli([*argv, "--patchscope-model", str(induction_dir), "--patchscope-checkpoint", "500"])
+        == 0
+    )
+    ((inspector, template),) = rows(db, "SELECT inspector_id, template_ids FROM prompt_patchscopes")
+    assert inspector == reader.checkpoint.checkpoint_id
+    ids = list(induction_task.pairs[2].clean_tokens)
+    _, cache = source.run_with_cache(torch.tensor([ids]))
+    n_layers = source.cfg.n_layers
+    for stream, decoded in rows(
+        db, "SELECT source_layer, token_ids FROM prompt_patchscope ORDER BY source_layer"
+    ):
+        state = cache[stream_hook(stream, n_layers)][0, -1]
+
+        def put(value: torch.Tensor, hook: object, state=state) -> torch.Tensor:
+            value = value.clone()
+            value[0, len(template) - 1] = state
+            return value
+
+        with torch.no_grad():
+            logits = reader.model.run_with_hooks(
+                torch.tensor([template]), fwd_hooks=[(stream_hook(stream, n_layers), put)]
+            )
+        assert decoded == [int(logits[0, -1].argmax())]
+
+
+def test_patchscope_across_models_of_another_width_is_one_sentence(
+    induction_dir, tiny_hf_dirs, tmp_path, capsys
+):
+    db = tmp_path / "w.duckdb"
+    argv = ["run", "prompt", "--model", str(induction_dir), "--task", "induction", "--index", "2"]
+    argv += ["--patchscope-model", str(tiny_hf_dirs["gpt2"]), "--db", str(db)]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "Patchscope across models needs the same width" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    if db.exists():
+        assert rows(db, "SELECT count(*) FROM prompt_views") == [(0,)]

@@ -298,7 +298,7 @@ def test_why_paris(tmp_path, measured):
     assert cli([*argv, "--target", " Paris", "--attr-baseline", "mean", "--db", str(db)]) == 0
     ((logit, baseline),) = rows(db, "SELECT target_logit, baseline_logit FROM prompt_explanations")
     methods = dict(rows(db, "SELECT method, total FROM prompt_attr_methods"))
-    assert len(methods) == 9
+    assert len(methods) == 10
     assert methods["shapley"] == pytest.approx(logit - baseline, abs=1e-3)
     ((total, delta),) = rows(
         db, "SELECT total, delta FROM prompt_attr_methods WHERE method = 'integrated_gradients'"

@@ -839,13 +839,14 @@ def explanation_agreement(explanation_id: str) -> pd.DataFrame:
 
 def prompt_patchscope(prompt_id: str) -> pd.DataFrame:
     """The newest Patchscope of a prompt: per source stream, the target stream and the decoded
-    text, with its template and source position."""
+    text, with its template, source position and the checkpoint that decoded it."""
     return data.query(
         """WITH newest AS (
-             SELECT patchscope_id, template, source_position FROM prompt_patchscopes
+             SELECT patchscope_id, template, source_position, inspector_id
+             FROM prompt_patchscopes
              WHERE prompt_id = ? ORDER BY created_at DESC LIMIT 1)
            SELECT s.source_layer, s.target_layer, s.text, s.token_ids, n.template,
-                  n.source_position
+                  n.source_position, n.inspector_id
            FROM prompt_patchscope s JOIN newest n USING (patchscope_id)
            ORDER BY s.source_layer""",
         (prompt_id,),

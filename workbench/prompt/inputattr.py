@@ -29,6 +29,14 @@ The baseline b is the zero vector by default (`zero`), or the mean of the embedd
 (`mean`): the same baseline replaces a token in integrated gradients, occlusion, Shapley values
 and the faithfulness curves.
 
+`atman` (AtMan, Deb et al. 2023, "AtMan: Understanding Transformer Predictions Through Memory
+Efficient Attention Manipulation") is a perturbation of attention rather than of embeddings: for
+each input position j, every head's pre-softmax attention score from every query to key j is
+multiplied by 1 − `atman_suppression` (0.9) in every layer (a masked score stays masked), and j's
+score is the rise of the target's cross-entropy, −log p(target), over the unperturbed run (in
+nats; AtMan's explanation without its conceptual suppression of similar tokens). A negative
+score is multiplied too, which raises its attention weight, as AtMan does.
+
 Propagation and decomposition methods are implemented in the workbench: `attn_lrp` and
 `relevance_rollout` (`workbench.prompt.lrp`), `alti` and `globenc`
 (`workbench.prompt.decomposition`); each module states its rules.
@@ -66,7 +74,7 @@ from workbench.errors import BadInput
 logger = logging.getLogger(__name__)
 
 CAPTUM_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "occlusion", "shapley")
-OWN_METHODS = ("attn_lrp", "relevance_rollout", "alti", "globenc")
+OWN_METHODS = ("atman", "attn_lrp", "relevance_rollout", "alti", "globenc")
 METHODS = CAPTUM_METHODS + OWN_METHODS
 BASELINES = ("zero", "mean")
 CURVE_KINDS = ("deletion", "insertion")
@@ -82,6 +90,7 @@ class AttributionParams:
     ig_steps: int = 64
     shapley_samples: int = 25
     seed: int = 0
+    atman_suppression: float = 0.9
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -138,6 +147,8 @@ def check_params(params: AttributionParams) -> None:
         raise BadInput(f"--ig-steps {params.ig_steps}: must be 2 or more")
     if params.shapley_samples < 1:
         raise BadInput(f"--shapley-samples {params.shapley_samples}: must be 1 or more")
+    if not 0 <= params.atman_suppression <= 1:
+        raise BadInput(f"--atman-suppression {params.atman_suppression}: must be from 0 to 1")
 
 
 class TargetLogit:
@@ -155,8 +166,11 @@ class TargetLogit:
         with torch.no_grad():
             return self.model.embed(self.tokens).detach()
 
-    def last_logits(self, embeds: torch.Tensor) -> torch.Tensor:
-        """[batch, d_vocab]: the last position's logits with `embeds` as token embeddings."""
+    def last_logits(
+        self, embeds: torch.Tensor, hooks: Sequence[tuple[object, Callable]] = ()
+    ) -> torch.Tensor:
+        """[batch, d_vocab]: the last position's logits with `embeds` as token embeddings (and
+        any other forward `hooks`)."""
         batch = embeds.shape[0]
 
         def put(value: torch.Tensor, hook: object) -> torch.Tensor:
@@ -164,7 +178,7 @@ class TargetLogit:
 
         resid = self.model.run_with_hooks(
             self.tokens.expand(batch, -1),
-            fwd_hooks=[(Hook.EMBED, put)],
+            fwd_hooks=[(Hook.EMBED, put), *hooks],
             stop_at_layer=self.model.cfg.n_layers,
         )
         return last_position_logits(self.model, resid)[:, 0]
@@ -252,6 +266,35 @@ def captum_scores(
     raise BadInput(f"unknown attribution method {method!r}")
 
 
+def atman_scores(fn: TargetLogit, embeds: torch.Tensor, suppression: float) -> MethodScores:
+    """AtMan: one row per input position j (CURVE_ROWS at a time) with every attention score to
+    key j scaled by 1 − `suppression` in every layer and head; j's score is −log p(target) of
+    that row less the unperturbed prompt's."""
+    n = embeds.shape[1]
+
+    def loss(positions: list[int]) -> torch.Tensor:
+        """−log p(target) with key p suppressed in row i for positions[i] = p (none if -1)."""
+
+        def suppress(scores: torch.Tensor, hook: object) -> torch.Tensor:
+            scale = torch.ones(len(positions), 1, 1, n, dtype=scores.dtype, device=scores.device)
+            for row, position in enumerate(positions):
+                if position >= 0:
+                    scale[row, 0, 0, position] = 1 - suppression
+            return torch.where(torch.isfinite(scores), scores * scale, scores)
+
+        hooks = [(lambda name: name.endswith("hook_attn_scores"), suppress)]
+        batch = embeds.expand(len(positions), -1, -1)
+        with torch.no_grad():
+            logits = fn.last_logits(batch, hooks).float()
+        return -logits.log_softmax(-1)[:, fn.target]
+
+    plain = loss([-1])
+    found = torch.cat(
+        [loss(list(range(s, min(s + CURVE_ROWS, n)))) for s in range(0, n, CURVE_ROWS)]
+    )
+    return MethodScores("atman", _cpu(found - plain))
+
+
 def own_scores(model: HookedTransformer, ids: list[int], target: int, method: str) -> MethodScores:
     """One of OWN_METHODS; BadInput when it does not apply to the model's architecture."""
     if method in ("attn_lrp", "relevance_rollout"):
@@ -315,10 +358,12 @@ def explain(
         try:
             if method in CAPTUM_METHODS:
                 scores = captum_scores(fn, method, embeds, baseline, params)
+            elif method == "atman":
+                scores = atman_scores(fn, embeds, params.atman_suppression)
             else:
                 scores = own_scores(model, ids, target, method)
         except BadInput:
-            if not skip_inapplicable or method in CAPTUM_METHODS:
+            if not skip_inapplicable or method in (*CAPTUM_METHODS, "atman"):
                 raise
             logger.info("%s does not apply to this model: left out", method)
             continue

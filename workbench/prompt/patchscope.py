@@ -15,6 +15,11 @@ The inspection prompt is the paper's identity prompt by default,
 the token at the placeholder, so the continuation reads out what h_s encodes. A model without a
 tokenizer takes the template as token ids (`ids:1 1 2 2 3 3 0`, the same repeat pattern by
 default). Every source stream is one row of one batch: `new_tokens` forward passes in all.
+
+Across two models (`--patchscope-model`, the paper's cross-model patching with the identity map):
+the hidden states of the source model are patched into another model of the same width, such as
+another checkpoint of the same training run, which then decodes them; the inspection prompt is
+that model's tokens, and with a different number of layers the target stream must be given.
 """
 
 import logging
@@ -40,6 +45,8 @@ class PatchscopeParams:
     source_position: int = -1
     target_layer: int | None = None  # None: the source's own stream
     new_tokens: int = DEFAULT_NEW_TOKENS
+    model: str | None = None  # the inspection model (a path or name); None: the same model
+    checkpoint: str = "latest"  # the inspection model's checkpoint
 
 
 def stream_hook(stream: int, n_layers: int) -> str:
@@ -83,6 +90,23 @@ def patchscope_id(checkpoint_id: str, ids: list[int], inspect: list[int], params
     return "ps-" + found[:16]
 
 
+def check_inspector(
+    model: HookedTransformer, reader: HookedTransformer, target_layer: int | None
+) -> None:
+    """BadInput when `reader` cannot decode `model`'s hidden states: another width, or another
+    depth with no target stream given."""
+    if reader.cfg.d_model != model.cfg.d_model:
+        raise BadInput(
+            f"--patchscope-model: its d_model is {reader.cfg.d_model}, the source model's "
+            f"{model.cfg.d_model}; Patchscope across models needs the same width"
+        )
+    if target_layer is None and reader.cfg.n_layers != model.cfg.n_layers:
+        raise BadInput(
+            f"--patchscope-model has {reader.cfg.n_layers} layers and the source model "
+            f"{model.cfg.n_layers}: choose the stream to patch into with --patchscope-layer"
+        )
+
+
 def patchscope(
     model: HookedTransformer,
     ids: list[int],
@@ -91,15 +115,20 @@ def patchscope(
     source_position: int = -1,
     target_layer: int | None = None,
     new_tokens: int = DEFAULT_NEW_TOKENS,
+    inspector: HookedTransformer | None = None,
 ) -> list[tuple[int, int, list[int]]]:
-    """[(source stream, target stream, decoded token ids)] for every stream 0 … n_layers."""
-    n_layers = model.cfg.n_layers
-    n_ctx = model.cfg.n_ctx
+    """[(source stream, target stream, decoded token ids)] for every stream 0 … n_layers of
+    `model`, decoded by `inspector` (another model with the same d_model; `model` itself by
+    default), whose token ids `inspect` and the decoded ids are."""
+    reader = inspector if inspector is not None else model
+    check_inspector(model, reader, target_layer)
+    n_layers, n_read = model.cfg.n_layers, reader.cfg.n_layers
+    n_ctx = reader.cfg.n_ctx
     if not -len(ids) <= source_position < len(ids):
         raise BadInput(f"--patchscope-position {source_position}: the prompt has {len(ids)} tokens")
-    if target_layer is not None and not 0 <= target_layer <= n_layers:
+    if target_layer is not None and not 0 <= target_layer <= n_read:
         raise BadInput(
-            f"--patchscope-layer {target_layer}: choose a stream from 0 to {n_layers} "
+            f"--patchscope-layer {target_layer}: choose a stream from 0 to {n_read} "
             "(the stream before that block; the last is the final residual)"
         )
     if new_tokens < 1:
@@ -109,17 +138,17 @@ def patchscope(
             f"the Patchscope template ({len(inspect)} tokens) and {new_tokens} new tokens do "
             f"not fit the model's context of {n_ctx} tokens"
         )
-    device = model.W_U.device
     sources = list(range(n_layers + 1))
     targets = [s if target_layer is None else target_layer for s in sources]
     with torch.no_grad():
         _, cache = model.run_with_cache(
-            torch.tensor([ids], device=device),
+            torch.tensor([ids], device=model.W_U.device),
             names_filter=lambda name: name in {stream_hook(s, n_layers) for s in sources},
         )
+        device = reader.W_U.device
         states = torch.stack(
             [cache[stream_hook(s, n_layers)][0, source_position] for s in sources]
-        )  # [rows, d_model]
+        ).to(device)  # [rows, d_model]
         placeholder = len(inspect) - 1
         rows_at: dict[int, list[int]] = {}
         for row, target in enumerate(targets):
@@ -135,10 +164,10 @@ def patchscope(
 
             return patch
 
-        hooks = [(stream_hook(t, n_layers), patcher(rows)) for t, rows in rows_at.items()]
+        hooks = [(stream_hook(t, n_read), patcher(rows)) for t, rows in rows_at.items()]
         tokens = torch.tensor([inspect], device=device).expand(len(sources), -1)
         for _ in range(new_tokens):
-            logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
+            logits = reader.run_with_hooks(tokens, fwd_hooks=hooks)
             step = logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, step], dim=1)
     decoded = tokens[:, len(inspect) :].tolist()

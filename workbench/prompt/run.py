@@ -37,6 +37,7 @@ from workbench.prompt.patchscope import (
     IDENTITY_IDS,
     IDENTITY_TEMPLATE,
     PatchscopeParams,
+    check_inspector,
     patchscope_id,
     template_ids,
 )
@@ -92,9 +93,13 @@ def run_prompt(
     base = attribution or AttributionParams()
     check_params(base)
     refs = select_checkpoints(resolve_checkpoints(model), checkpoint)
+    inspector = _inspector(patchscope, device=device, dtype=dtype)
     done: list[tuple[str, str]] = []
     for ref in tqdm(refs, desc="prompt checkpoints", disable=len(refs) < 2):
         loaded = load_checkpoint(ref, device=device, dtype=dtype)
+        reader = inspector or loaded
+        if inspector is not None and patchscope is not None:
+            check_inspector(loaded.model, inspector.model, patchscope.target_layer)
         ids, shown = prompt_ids(loaded, text=text, task=task, index=index)
         if len(ids) < 2:
             raise BadInput(f"the prompt is {len(ids)} token long: it needs at least 2")
@@ -116,11 +121,12 @@ def run_prompt(
             None
             if patchscope is None
             else template_ids(
-                patchscope.template or _default_template(loaded),
-                loaded.encode if loaded.tokenizer is not None else None,
-                loaded.model.cfg.d_vocab,
+                patchscope.template or _default_template(reader),
+                reader.encode if reader.tokenizer is not None else None,
+                reader.model.cfg.d_vocab,
             )
         )
+        reader_id = reader.checkpoint.checkpoint_id
         with Store(db) as store:
             lens_head = store.tuned_lens_of(checkpoint_id)
             lid = None if lens_head is None else str(lens_head["lens_id"])
@@ -129,7 +135,8 @@ def run_prompt(
             need_attr = bool(chosen) and (force or not store.has_explanation(eid))
             psid = None
             if patchscope is not None and inspect is not None:
-                psid = patchscope_id(checkpoint_id, ids, inspect, asdict(patchscope))
+                scope_key = asdict(patchscope) | {"model": reader_id, "checkpoint": None}
+                psid = patchscope_id(checkpoint_id, ids, inspect, scope_key)
                 need_scope = force or not store.has_patchscope(psid)
             else:
                 need_scope = False
@@ -175,12 +182,14 @@ def run_prompt(
                 source_position=patchscope.source_position,
                 target_layer=patchscope.target_layer,
                 new_tokens=patchscope.new_tokens,
+                inspector=None if inspector is None else inspector.model,
             )
             scope_head = {
                 "patchscope_id": psid,
                 "prompt_id": pid,
                 "checkpoint_id": checkpoint_id,
-                "template": patchscope.template or _default_template(loaded),
+                "inspector_id": reader_id,
+                "template": patchscope.template or _default_template(reader),
                 "template_ids": inspect,
                 "source_position": patchscope.source_position % len(ids),
                 "target_layer": patchscope.target_layer,
@@ -194,7 +203,7 @@ def run_prompt(
                         "source_layer": s,
                         "target_layer": t,
                         "token_ids": d,
-                        "text": loaded.decode(d),
+                        "text": reader.decode(d),
                     }
                     for s, t, d in decoded
                 ],  # fmt: skip
@@ -211,10 +220,26 @@ def run_prompt(
             if attr_rows is not None:
                 store.save_explanation(attr_rows[0], attr_rows[1], registry)
             if scope_rows is not None:
-                store.save_patchscope(scope_rows[0], scope_rows[1], registry)
+                reader_rows = registry if inspector is None else loaded_rows(inspector)
+                store.save_patchscope(scope_rows[0], scope_rows[1], reader_rows)
         logger.info("prompt %s at %s: stored", pid, checkpoint_id)
         done.append((pid, "done"))
     return done
+
+
+def _inspector(
+    patchscope: PatchscopeParams | None, *, device: str, dtype: str
+) -> LoadedModel | None:
+    """The model Patchscope decodes with, when it is not the source model itself."""
+    if patchscope is None or patchscope.model is None:
+        return None
+    refs = select_checkpoints(resolve_checkpoints(patchscope.model), patchscope.checkpoint)
+    if len(refs) != 1:
+        raise BadInput(
+            f"--patchscope-checkpoint {patchscope.checkpoint}: name one checkpoint of "
+            f"{patchscope.model} (latest or a step), not {len(refs)}"
+        )
+    return load_checkpoint(refs[0], device=device, dtype=dtype)
 
 
 def _default_template(loaded: LoadedModel) -> str:

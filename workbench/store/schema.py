@@ -533,8 +533,8 @@ SCHEMA_V15 = [
         top_k_share DOUBLE)""",
     """CREATE TABLE prompt_patchscopes (
         patchscope_id VARCHAR PRIMARY KEY, prompt_id VARCHAR, checkpoint_id VARCHAR,
-        template VARCHAR, template_ids INTEGER[], source_position INTEGER, target_layer INTEGER,
-        new_tokens INTEGER, created_at TIMESTAMP)""",
+        inspector_id VARCHAR, template VARCHAR, template_ids INTEGER[], source_position INTEGER,
+        target_layer INTEGER, new_tokens INTEGER, created_at TIMESTAMP)""",
     """CREATE TABLE prompt_patchscope (
         patchscope_id VARCHAR, source_layer INTEGER, target_layer INTEGER, token_ids INTEGER[],
         text VARCHAR)""",

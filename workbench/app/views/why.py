@@ -148,7 +148,8 @@ def render_patchscope(pid: str, tokens: list[str]) -> None:
     st.caption(
         f"the hidden state of {access.literal(tokens[position])} (position {position}) at each "
         "residual stream, patched into the inspection prompt's last token "
-        f"{access.literal(str(first['template']))}; the model's greedy continuation"
+        f"{access.literal(str(first['template']))}; the greedy continuation of "
+        f"{access.literal(str(first['inspector_id']))}"
     )
     shown = scope[["source_layer", "target_layer", "text"]].rename(
         columns={"source_layer": "stream (before layer)", "target_layer": "patched into"}
