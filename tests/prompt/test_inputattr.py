@@ -185,7 +185,7 @@ def test_shapley_sampling_approaches_the_exact_values(zoo):
     assert np.abs(sampled.numpy() - exact).max() <= 0.05 * np.abs(exact).max() + 1e-3
 
 
-def test_atman_is_the_loss_change_with_attention_to_a_token_suppressed(zoo):
+def test_atman_is_the_loss_change_with_attention_to_a_token_suppressed(zoo, measured):
     """AtMan by its definition, run here one position at a time on the token ids (no batch, no
     embedding hook): every layer's pre-softmax attention scores to key j (the finite ones: the
     causal mask stays) scaled by 0.1, the target's cross-entropy read off the logits."""
@@ -209,7 +209,12 @@ def test_atman_is_the_loss_change_with_attention_to_a_token_suppressed(zoo):
     by_hand = np.array([loss(p) - plain for p in range(len(ids))])
     np.testing.assert_allclose(found, by_hand, atol=1e-4)
     assert np.abs(by_hand).max() > 0.1  # the trained model's attention is sharp: it matters
-    assert np.all(atman_scores(fn, fn.embeddings(), 0.0).tokens == 0)
+    # nothing suppressed: zero, up to the float rounding of a batch against a single row
+    zero = measured(
+        "AtMan at suppression 0, largest |score|",
+        np.abs(atman_scores(fn, fn.embeddings(), 0.0).tokens).max(),
+    )
+    assert zero <= 1e-5  # measured: 0 (native kernels) to 2.2e-7 (avx2, default; one thread)
 
 
 def test_curves_end_at_the_prompt_and_the_baseline(zoo):
