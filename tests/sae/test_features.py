@@ -213,6 +213,32 @@ def test_active_features_are_sae_lens_encode_without_its_dense_result(architectu
     assert dense.sq_error == sparse.sq_error
 
 
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_active_features_follow_a_hook_on_the_pre_activations(architecture):
+    """A hook on SAELens's `hook_sae_acts_pre` (here: shift every pre-activation) changes which
+    features fire; the extraction sees it as SAELens's `encode` does."""
+    from benchmarks.bench_sae_features import make_sae
+
+    sae = make_sae(architecture, 32, 512)
+    torch.manual_seed(4)
+    x = torch.randn(3, 10, 32)
+    handle = sae.sae.hook_sae_acts_pre.register_forward_hook(lambda _m, _i, out: out + 0.5)
+    try:
+        with torch.no_grad():
+            f = sae.sae.encode(x).reshape(-1, 512)
+            active = features.encode_active(sae, x)
+            unhooked = features.encode_active(sae, x, Scratch())
+    finally:
+        handle.remove()
+    rows, cols = f.nonzero(as_tuple=True)
+    assert torch.equal(active.rows, rows) and torch.equal(active.cols, cols)
+    assert torch.equal(active.values, f[rows, cols])
+    assert torch.equal(unhooked.values, active.values)
+    with torch.no_grad():
+        plain = features.encode_active(sae, x)
+    assert len(plain.rows) != len(rows) or not torch.equal(plain.values, active.values)
+
+
 def test_next_token_losses_do_not_depend_on_how_the_windows_are_sliced(model, corpus):
     """Run a window at a time or all at once: the same means, and a hook set that depends on
     the windows (here: scale the residual by each window's own factor) gets its slice."""

@@ -26,11 +26,14 @@ Per feature, its top-k windows (table `feature_examples`): the windows where its
 activation is largest, each with the position of that maximum.
 """
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -133,9 +136,10 @@ class FeatureStats:
         # each window's maximum per feature, and its first position
         key = (rows // pos) * d_sae + cols
         window_max = values.new_zeros(batch * d_sae).scatter_reduce(0, key, values, reduce="amax")
-        at_max = values == window_max[key]
+        # the first position at the maximum: other entries offer `pos`, past every position
+        at_max = torch.where(values == window_max[key], rows % pos, pos)
         window_pos = rows.new_full((batch * d_sae,), pos).scatter_reduce(
-            0, key[at_max], (rows % pos)[at_max], reduce="amin"
+            0, key, at_max, reduce="amin"
         )
         window_pos = torch.where(window_pos == pos, 0, window_pos)
         window_max, window_pos = window_max.view(batch, d_sae), window_pos.view(batch, d_sae)
@@ -149,8 +153,9 @@ class FeatureStats:
         self.top_positions = torch.cat([self.top_positions, window_pos]).gather(0, order)
         # reconstruction
         xf = x.reshape(-1, x.shape[-1]).double()
-        self.sq_error += float(((xf - x_hat.reshape(xf.shape).double()) ** 2).sum())
-        self.sq_norm += float((xf**2).sum())
+        error = (xf - x_hat.reshape(xf.shape).double()).view(-1)
+        self.sq_error += float(torch.dot(error, error))
+        self.sq_norm += float(torch.dot(xf.view(-1), xf.view(-1)))
         xs = xf.sum(0)
         self.x_sum = xs if self.x_sum is None else self.x_sum + xs
 
@@ -254,12 +259,21 @@ def encode_active(
     w_enc = model_sae.W_enc
     shape = (len(sae_in), w_enc.shape[1])
     pre = torch.mm(sae_in, w_enc, out=work.take("pre", shape, w_enc.dtype, w_enc.device))
-    pre += model_sae.b_enc  # in place: the sums SAELens's `+` makes
+    b_enc = model_sae.b_enc
+    if activation == "ReLU" and not model_sae.hook_sae_acts_pre._forward_hooks:
+        # SAELens's `relu(pre + b_enc)` fires where the rounded sum is positive, which is
+        # exactly where `pre > -b_enc`: the bias is added to the firing entries only, each
+        # the same rounded sum as SAELens's
+        flat_index = _entries_above(pre, -b_enc, work)
+        rows, cols = flat_index // shape[1], flat_index % shape[1]
+        values = pre.view(-1).index_select(0, flat_index) + b_enc.index_select(0, cols)
+        return Active(rows, cols, values)
+    pre += b_enc  # in place: the sums SAELens's `+` makes
     pre = model_sae.hook_sae_acts_pre(pre)
     if activation == "ReLU":
-        fires = torch.gt(pre, 0, out=work.take("fires", shape, torch.bool, pre.device))
-        rows, cols = fires.nonzero(as_tuple=True)
-        return Active(rows, cols, pre[rows, cols])
+        flat_index = _entries_above(pre, torch.zeros_like(b_enc), work)
+        rows, cols = flat_index // shape[1], flat_index % shape[1]
+        return Active(rows, cols, pre.view(-1).index_select(0, flat_index))
     values, cols = torch.topk(pre, k=model_sae.activation_fn.k, dim=-1, sorted=False)
     values = values.relu()
     rows = torch.arange(len(pre), device=pre.device)[:, None].expand_as(cols)
@@ -267,6 +281,36 @@ def encode_active(
     rows, cols, values = rows[fires], cols[fires], values[fires]
     order = (rows * pre.shape[1] + cols).argsort()  # by row, then feature, as nonzero gives
     return Active(rows[order], cols[order], values[order])
+
+
+def _entries_above(
+    pre: Float[torch.Tensor, "rows d_sae"], floor: Float[torch.Tensor, " d_sae"], work: Scratch
+) -> Int[torch.Tensor, " active"]:
+    """The flat indices, in order, of the entries of `pre` above their column's `floor`
+    (`pre > floor`, then `nonzero`). On the CPU, numpy's comparison and scan, a block of rows
+    per thread, run about four times as fast as torch's on a batch of pre-activations (25
+    million entries at GPT-2-small size), with the same indices."""
+    fires = work.take("fires", tuple(pre.shape), torch.bool, pre.device)
+    if pre.device.type != "cpu" or pre.dtype not in (torch.float32, torch.float64):
+        return torch.gt(pre, floor, out=fires).view(-1).nonzero().flatten()
+    values, mask, low, width = pre.numpy(), fires.numpy(), floor.numpy(), pre.shape[1]
+
+    def scan(span: tuple[int, int]) -> np.ndarray:
+        first, end = span
+        np.greater(values[first:end], low, out=mask[first:end])
+        return np.flatnonzero(mask[first:end]) + first * width
+
+    pool, threads = _scan_pool()
+    cuts = np.linspace(0, len(pre), threads + 1).astype(int).tolist()
+    spans = list(zip(cuts[:-1], cuts[1:], strict=True))
+    return torch.from_numpy(np.concatenate(list(pool.map(scan, spans))))
+
+
+@functools.cache
+def _scan_pool() -> tuple[ThreadPoolExecutor, int]:
+    """Threads for `_entries_above` (numpy releases the GIL), one per torch thread."""
+    threads = max(1, torch.get_num_threads())
+    return ThreadPoolExecutor(threads, thread_name_prefix="sae-scan"), threads
 
 
 def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Tensor:
