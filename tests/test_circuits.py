@@ -128,6 +128,37 @@ def test_the_curve_reuses_the_attributions_corrupt_runs_and_any_pass_size(gpt2):
         assert a == pytest.approx(b, abs=1e-5)
 
 
+def test_projections_every_head_replaces_are_skipped_without_changing_a_bit(gpt2, monkeypatch):
+    """A pass leaves uncomputed the q/k/v projections whose every head of every copy it
+    replaces; the curve is bit for bit the one that computes them all, and some were skipped."""
+    from contextlib import contextmanager
+
+    model, batches = gpt2
+    graph = edges.model_graph(model)
+    scored = edges.edge_attribution(model, batches)
+    edge_list = scored.edges()
+    skipped = []
+    original = circuits._projections_skipped
+
+    @contextmanager
+    def counting(model, ports):
+        skipped.append(sum(len(p) for p in ports.values()))
+        with original(model, ports):
+            yield
+
+    monkeypatch.setattr(circuits, "_projections_skipped", counting)
+    fast = circuits.faithfulness_curve(model, batches, graph, edge_list, runs=scored.runs)
+    assert sum(skipped) > 0 and len([v for _, _, v in fast if v not in (0.0, 1.0)]) > 0
+
+    @contextmanager
+    def computing(model, ports):
+        yield
+
+    monkeypatch.setattr(circuits, "_projections_skipped", computing)
+    full = circuits.faithfulness_curve(model, batches, graph, edge_list, runs=scored.runs)
+    assert fast == full
+
+
 @pytest.mark.parametrize(("src", "dst"), [("m0", "a1.h1<v>"), ("a0.h2", "m0"), ("input", "logits")])
 def test_removing_one_edge_is_a_direct_intervention(gpt2, src, dst):
     model, batches = gpt2

@@ -13,6 +13,8 @@ prompt, for that destination only (the input of the destination moves by
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -336,6 +338,7 @@ def _run_with_removed_edges(
     upstream = graph.valid.sum(0).tolist()  # per destination: its upstream sources, a prefix
     complete = covers_residual_stream(model, graph)
     seen = [0]  # how many sources (a prefix of graph.sources) have been recorded
+    unused: dict[int, set[str]] = {}  # per layer, the q/k/v whose every head is replaced
     layer_input: dict[int, torch.Tensor] = {}
     pos_embed: torch.Tensor | None = None  # a shortformer's, added to query and key inputs
 
@@ -406,6 +409,10 @@ def _run_with_removed_edges(
             drop_all[p] = (n_removed == k) & complete
             mixed[p] = ~(drop_all[p] | (n_removed == 0))
         untouched = {p: not bool((drop_all[p] | mixed[p]).any()) for p in QKV}
+        # a port whose every head of every copy is replaced: the model's projection is unused
+        for p in QKV:
+            if bool((drop_all[p] | mixed[p]).all()):
+                unused.setdefault(layer, set()).add(p)
         recomputed: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
         def recompute() -> None:
@@ -438,7 +445,9 @@ def _run_with_removed_edges(
                     return act
                 if port not in recomputed:
                     recompute()
-                out = act.reshape(copies, b, *act.shape[1:]).clone()  # [m, b, pos, head, d_head]
+                out = act.reshape(copies, b, *act.shape[1:])  # [m, b, pos, head, d_head]
+                if port not in unused.get(layer, ()):  # (else every head is written below)
+                    out = out.clone()
                 m_idx, h_idx = drop_all[port].nonzero(as_tuple=True)
                 if len(m_idx):
                     corrupt_qkv = corrupt[Hook.qkv(layer, port)]  # [b, pos, head, d_head]
@@ -456,9 +465,13 @@ def _run_with_removed_edges(
         k = upstream[col]
 
         def move(act: torch.Tensor, hook: object) -> torch.Tensor:
+            # (in place: an MLP's input is TransformerLens's copy of the residual stream, and
+            # the final residual stream is read by nothing else)
             assert seen[0] >= k, "a destination read a source the pass has not recorded"
-            shift = torch.cat([shifts(m, removed[m, :k, col : col + 1], k) for m in range(copies)])
-            return act + shift.view(act.shape)
+            out = act.view(copies, width)
+            for m in range(copies):
+                out[m].add_(shifts(m, removed[m, :k, col : col + 1], k)[0])
+            return act
 
         return move
 
@@ -477,10 +490,52 @@ def _run_with_removed_edges(
         if mlp.id in graph.sources:
             hooks.append((mlp.out_hook(), record_at(order[mlp.id])))
     hooks.append((Node.logits().in_hook(cfg.n_layers), move_single(Node.logits())))
-    resid = model.run_with_hooks(
-        repeat_rows(batch.clean, copies), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
-    )
+    with _projections_skipped(model, unused):
+        resid = model.run_with_hooks(
+            repeat_rows(batch.clean, copies), fwd_hooks=hooks, stop_at_layer=cfg.n_layers
+        )
     return last_position_logits(model, resid)
+
+
+@contextmanager
+def _projections_skipped(model: HookedTransformer, ports: dict[int, set[str]]) -> Iterator[None]:
+    """While the block runs, the listed q/k/v projections of each layer (`ports`: those whose
+    every head a hook replaces) are not computed: their hooks receive uninitialised tensors of
+    the projection's shape. The others are computed as TransformerLens 3.9 computes them.
+    Only its plain attention is changed (inputs not split per head, no QK normalisation or
+    4-bit weights, no override of the projections, as grouped-query attention has); any other
+    computes every projection as before."""
+    from transformer_lens.components.abstract_attention import AbstractAttention
+    from transformer_lens.utilities.attention import simple_attn_linear
+
+    cfg = model.cfg
+    special = (cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_qk_norm, cfg.load_in_4bit)
+    patched = []
+    for layer, skip in ports.items() if not any(special) else ():
+        attn = model.blocks[layer].attn
+        if type(attn).calculate_qkv_matrices is not AbstractAttention.calculate_qkv_matrices:
+            continue
+
+        def calculate(
+            *inputs: torch.Tensor, attn: AbstractAttention = attn, skip: set[str] = skip
+        ) -> tuple[torch.Tensor, ...]:
+            out = []
+            for port, x in zip(QKV, inputs, strict=True):
+                weight = getattr(attn, f"W_{port.upper()}")  # [head, d_model, d_head]
+                if port in skip:
+                    value = x.new_empty(*x.shape[:-1], weight.shape[0], weight.shape[2])
+                else:
+                    value = simple_attn_linear(x, weight, getattr(attn, f"b_{port.upper()}"))
+                out.append(getattr(attn, f"hook_{port}")(value))
+            return tuple(out)
+
+        attn.calculate_qkv_matrices = calculate  # type: ignore[method-assign]
+        patched.append(attn)
+    try:
+        yield
+    finally:
+        for attn in patched:
+            del attn.calculate_qkv_matrices
 
 
 def _weighted(diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ Exit status: 0 done, 1 a run failed (recorded in `runs`), 2 bad usage or bad inp
 one sentence naming the bad thing, never a traceback.
 """
 
+import atexit
+import contextlib
 import dataclasses
 import gc
 import inspect
@@ -11,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from enum import StrEnum
 from pathlib import Path
@@ -1210,6 +1213,15 @@ def finish(status: int) -> NoReturn:
     """Exit with `status` without the interpreter's final garbage collections walking every
     object the command left (with TransformerLens imported they took about 1.4 s of a run's
     wall time): whatever is left is freed with the process. Files and the store are closed by
-    then, and exit handlers still run."""
+    then, and exit handlers still run. When no other thread is left, the exit handlers run and
+    the standard streams are flushed here, and the process ends without the interpreter
+    tearing its modules down object by object (0.12 s after a GPT-2-small run, measured);
+    otherwise the interpreter's own exit joins those threads first."""
     gc.freeze()
-    sys.exit(status)
+    if threading.active_count() > 1:
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed or broken pipe: nothing to flush
+            stream.flush()
+    os._exit(status)

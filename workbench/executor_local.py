@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from workbench import profiling, registry
+from workbench import memory, profiling, registry
 from workbench.compute import (
     compute_run,
     queue_row,
@@ -26,7 +26,7 @@ from workbench.compute import (
     store_run,
 )
 from workbench.jobs import Job, RunOutcome, Stopped
-from workbench.models.base import CheckpointRef
+from workbench.models.base import CheckpointRef, LoadedModel
 from workbench.registry import Method, PlanContext, Planned, RunInputs
 from workbench.store.session import StoreSession
 from workbench.token_text import decode_pending_of
@@ -81,10 +81,27 @@ def _run_checkpoint(
     before: list[RunOutcome] | None = None,
 ) -> list[RunOutcome]:
     from workbench.models import load_checkpoint
+
+    with profiling.stage("load checkpoint"), memory.loading_frozen():
+        loaded = load_checkpoint(ref, device=device, dtype=dtype)
+    try:
+        return _run_jobs_on(store, ctx, ref, loaded, jobs, force, should_stop, before)
+    finally:
+        memory.thaw()
+
+
+def _run_jobs_on(
+    store: StoreSession,
+    ctx: PlanContext,
+    ref: CheckpointRef,
+    loaded: LoadedModel,
+    jobs: list[Job],
+    force: bool,
+    should_stop: Callable[[], bool] | None,
+    before: list[RunOutcome] | None,
+) -> list[RunOutcome]:
     from workbench.tasks import load_task
 
-    with profiling.stage("load checkpoint"):
-        loaded = load_checkpoint(ref, device=device, dtype=dtype)
     prepared: dict[tuple[Any, ...], tuple[RunInputs, dict[str, Any]]] = {}
     outcomes: list[RunOutcome] = []
     # a bar per checkpoint when attached to a terminal (tqdm's disable=None)

@@ -17,9 +17,16 @@ both no-ops where the C library is not glibc:
   same blocks.
 
 `benchmarks/bench_stored_run.py` shows the peaks with them; docs/benchmarks.md has the figures.
+
+Python's own collector is the other cost of a large heap: a full collection walks every object
+the process holds, and with TransformerLens imported and a model loaded that is a few million
+(0.2 s a collection on the GPT-2-small shape, measured). `objects_kept()` holds collections
+off while a checkpoint loads and then sets what the load made apart from later collections,
+until the checkpoint is done with (`loading_frozen`, `thaw`).
 """
 
 import ctypes
+import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -63,6 +70,28 @@ def mapped_large_allocations() -> Iterator[None]:
             libc.mallopt(M_MMAP_THRESHOLD, RUN_THRESHOLD)
             libc.mallopt(M_TRIM_THRESHOLD, RUN_TRIM)
             libc.malloc_trim(0)
+
+
+@contextmanager
+def loading_frozen() -> Iterator[None]:
+    """No cyclic collection while the block runs (a checkpoint's load: TransformerLens's import
+    and the model's construction make millions of objects and few cycles), then every object
+    alive left out of later collections (`gc.freeze`): they walk only what the work makes
+    afterwards. `thaw()` makes them collectable again once the checkpoint is done with."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+def thaw() -> None:
+    """Undo `loading_frozen`'s freeze: a process that loads checkpoint after checkpoint
+    (`watch`) collects each one's cycles once it is done with it."""
+    gc.unfreeze()
 
 
 class Scratch:
