@@ -64,3 +64,47 @@ def test_large_allocations_are_given_back_on_free_while_loading():
     # the control: glibc's own adaptive threshold keeps the same blocks once it has risen
     adaptive = _fresh(LOADING.format(context="contextlib.nullcontext()"))
     assert adaptive["holding"] - adaptive["freed"] < 50 * MB, adaptive
+
+
+FREEZING = """
+import gc, json
+from workbench import memory
+
+class Node:
+    def __init__(self):
+        self.me = self  # a cycle: only the collector frees it
+
+def load():
+    return [Node() for _ in range(100)]
+
+before = gc.get_freeze_count()
+with memory.loading_frozen():
+    collecting = gc.isenabled()
+    loaded = load()
+frozen = gc.get_freeze_count() - before
+del loaded
+kept = gc.collect()  # the frozen cycles are not collected
+memory.thaw()
+freed = gc.collect()  # now they are
+try:
+    with memory.loading_frozen():
+        raise RuntimeError("a failed load")
+except RuntimeError:
+    pass
+print(json.dumps({"collecting": collecting, "frozen": frozen, "kept": kept, "freed": freed,
+                  "after_failure": gc.get_freeze_count(), "enabled": gc.isenabled()}))
+"""
+
+
+def test_a_loaded_checkpoint_is_left_out_of_collections_until_thawed():
+    """While a checkpoint loads the collector is off; its objects are then frozen (a cycle
+    made by the load survives a collection) until `thaw`, after which the collector frees it;
+    a load that fails freezes nothing and the collector is back on."""
+    out = json.loads(
+        subprocess.run([sys.executable, "-c", FREEZING], capture_output=True, text=True,
+                       check=True).stdout
+    )  # fmt: skip
+    assert out["collecting"] is False and out["enabled"] is True
+    assert out["frozen"] >= 100
+    assert out["kept"] == 0 and out["freed"] >= 100
+    assert out["after_failure"] == 0

@@ -75,15 +75,16 @@ def mapped_large_allocations() -> Iterator[None]:
 @contextmanager
 def loading_frozen() -> Iterator[None]:
     """No cyclic collection while the block runs (a checkpoint's load: TransformerLens's import
-    and the model's construction make millions of objects and few cycles), then every object
-    alive left out of later collections (`gc.freeze`): they walk only what the work makes
-    afterwards. `thaw()` makes them collectable again once the checkpoint is done with."""
+    and the model's construction make millions of objects and few cycles); if it succeeds,
+    every object then alive is left out of later collections (`gc.freeze`), which walk only
+    what the work makes afterwards. `thaw()` makes them collectable again once the checkpoint
+    is done with. A load that fails freezes nothing."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
-    finally:
         gc.freeze()
+    finally:
         if enabled:
             gc.enable()
 

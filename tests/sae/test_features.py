@@ -264,3 +264,31 @@ def test_next_token_losses_do_not_depend_on_how_the_windows_are_sliced(model, co
         )
     assert one[1] == pytest.approx(float(per_token[mask].mean()), abs=1e-5)
     assert one[1] != pytest.approx(one[0], abs=1e-3)
+
+
+FORKED = """
+import os, sys, torch
+from benchmarks.bench_sae_features import make_sae
+from workbench.sae import features
+
+sae = make_sae("standard", 32, 512)
+x = torch.randn(4, 12, 32)
+with torch.no_grad():
+    parent = features.encode_active(sae, x)  # the parent's scan threads now exist
+    pid = os.fork()
+    if pid == 0:  # the child inherits the pool without its threads: it must make its own
+        torch.set_num_threads(1)  # (torch's own OpenMP pool does not survive a fork either)
+        child = features.encode_active(sae, x)
+        os._exit(0 if torch.equal(child.values, parent.values) else 1)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_finds_the_active_features_too():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr

@@ -28,6 +28,7 @@ activation is largest, each with the position of that maximum.
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -308,9 +309,13 @@ def _entries_above(
 
 @functools.cache
 def _scan_pool() -> tuple[ThreadPoolExecutor, int]:
-    """Threads for `_entries_above` (numpy releases the GIL), one per torch thread."""
+    """Threads for `_entries_above` (numpy releases the GIL), one per torch thread; a forked
+    child, which inherits the pool without its threads, makes its own."""
     threads = max(1, torch.get_num_threads())
     return ThreadPoolExecutor(threads, thread_name_prefix="sae-scan"), threads
+
+
+os.register_at_fork(after_in_child=_scan_pool.cache_clear)
 
 
 def reconstruct(sae: LoadedSae, f: Float[torch.Tensor, "... d_sae"]) -> torch.Tensor:
