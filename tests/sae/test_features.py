@@ -286,9 +286,20 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def test_a_forked_child_finds_the_active_features_too():
+    """The script waits for its forked child's exit; should the child hang (the failure this
+    guards against), the guard ends the script and its child together, as one session."""
+    import os
+    import signal
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    with subprocess.Popen(
+        [sys.executable, "-c", FORKED], stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as script:
+        try:
+            _, err = script.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(script.pid, signal.SIGKILL)
+            script.communicate()
+            raise
+    assert script.returncode == 0, err

@@ -261,20 +261,18 @@ def encode_active(
     shape = (len(sae_in), w_enc.shape[1])
     pre = torch.mm(sae_in, w_enc, out=work.take("pre", shape, w_enc.dtype, w_enc.device))
     b_enc = model_sae.b_enc
-    if activation == "ReLU" and not model_sae.hook_sae_acts_pre._forward_hooks:
-        # SAELens's `relu(pre + b_enc)` fires where the rounded sum is positive, which is
-        # exactly where `pre > -b_enc`: the bias is added to the firing entries only, each
-        # the same rounded sum as SAELens's
-        flat_index = _entries_above(pre, -b_enc, work)
-        rows, cols = flat_index // shape[1], flat_index % shape[1]
-        values = pre.view(-1).index_select(0, flat_index) + b_enc.index_select(0, cols)
-        return Active(rows, cols, values)
-    pre += b_enc  # in place: the sums SAELens's `+` makes
-    pre = model_sae.hook_sae_acts_pre(pre)
+    # SAELens's `relu(pre + b_enc)` fires where the rounded sum is positive, which is exactly
+    # where `pre > -b_enc`: without a hook on the pre-activations to run, the bias is added to
+    # the firing entries only, each the same rounded sum as SAELens's
+    bias_later = activation == "ReLU" and not model_sae.hook_sae_acts_pre._forward_hooks
+    if not bias_later:
+        pre += b_enc  # in place: the sums SAELens's `+` makes
+        pre = model_sae.hook_sae_acts_pre(pre)
     if activation == "ReLU":
-        flat_index = _entries_above(pre, torch.zeros_like(b_enc), work)
+        flat_index = _entries_above(pre, -b_enc if bias_later else torch.zeros_like(b_enc), work)
         rows, cols = flat_index // shape[1], flat_index % shape[1]
-        return Active(rows, cols, pre.view(-1).index_select(0, flat_index))
+        values = pre.view(-1).index_select(0, flat_index)
+        return Active(rows, cols, values + b_enc.index_select(0, cols) if bias_later else values)
     values, cols = torch.topk(pre, k=model_sae.activation_fn.k, dim=-1, sorted=False)
     values = values.relu()
     rows = torch.arange(len(pre), device=pre.device)[:, None].expand_as(cols)
