@@ -408,11 +408,10 @@ def _run_with_removed_edges(
             # writer to the residual stream; otherwise such a head is recomputed like the others
             drop_all[p] = (n_removed == k) & complete
             mixed[p] = ~(drop_all[p] | (n_removed == 0))
-        untouched = {p: not bool((drop_all[p] | mixed[p]).any()) for p in QKV}
+        replaced = {p: drop_all[p] | mixed[p] for p in QKV}  # [m, head]
+        untouched = {p: not bool(replaced[p].any()) for p in QKV}
         # a port whose every head of every copy is replaced: the model's projection is unused
-        for p in QKV:
-            if bool((drop_all[p] | mixed[p]).all()):
-                unused.setdefault(layer, set()).add(p)
+        unused[layer] = {p for p in QKV if bool(replaced[p].all())}
         recomputed: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
         def recompute() -> None:
@@ -446,7 +445,7 @@ def _run_with_removed_edges(
                 if port not in recomputed:
                     recompute()
                 out = act.reshape(copies, b, *act.shape[1:])  # [m, b, pos, head, d_head]
-                if port not in unused.get(layer, ()):  # (else every head is written below)
+                if port not in unused[layer]:  # (else every head is written below)
                     out = out.clone()
                 m_idx, h_idx = drop_all[port].nonzero(as_tuple=True)
                 if len(m_idx):
@@ -510,10 +509,11 @@ def _projections_skipped(model: HookedTransformer, ports: dict[int, set[str]]) -
 
     cfg = model.cfg
     special = (cfg.use_split_qkv_input, cfg.use_attn_in, cfg.use_qk_norm, cfg.load_in_4bit)
+    plain = AbstractAttention.calculate_qkv_matrices
     patched = []
     for layer, skip in ports.items() if not any(special) else ():
         attn = model.blocks[layer].attn
-        if type(attn).calculate_qkv_matrices is not AbstractAttention.calculate_qkv_matrices:
+        if not skip or type(attn).calculate_qkv_matrices is not plain:
             continue
 
         def calculate(

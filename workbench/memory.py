@@ -20,9 +20,9 @@ both no-ops where the C library is not glibc:
 
 Python's own collector is the other cost of a large heap: a full collection walks every object
 the process holds, and with TransformerLens imported and a model loaded that is a few million
-(0.2 s a collection on the GPT-2-small shape, measured). `objects_kept()` holds collections
-off while a checkpoint loads and then sets what the load made apart from later collections,
-until the checkpoint is done with (`loading_frozen`, `thaw`).
+(0.2 s a collection on the GPT-2-small shape, measured). `loading_frozen()` holds
+collections off while a checkpoint loads and then sets what the load made apart from later
+collections, until the checkpoint is done with (`thaw()`).
 """
 
 import ctypes
