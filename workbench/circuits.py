@@ -216,7 +216,8 @@ class EdgeAblator:
                 # what every source writes, per copy: one buffer for all of a batch's passes
                 width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
                 diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
-                scratch = Scratch()  # the mixed heads' inputs, one copy at a time
+                # the mixed heads' inputs, one copy at a time, at most every q/k/v of a layer
+                scratch = Scratch(at_least=len(QKV) * self.model.cfg.n_heads * width)
                 batch_values = []
                 for first in range(0, removed.shape[0], per_pass):
                     chunk = removed[first : first + per_pass]
@@ -382,15 +383,18 @@ def _run_with_removed_edges(
 
     def shifts(m: int, mask: torch.Tensor, k: int) -> torch.Tensor:
         """[t, width]: `sum over s of mask[s, t] * diffs[m, s]` over the first `k` sources
-        (`mask`: [k, t]), from whichever of the removed or kept sources are fewer."""
+        (`mask`: [k, t]), from whichever of the removed or kept sources are fewer. In
+        `scratch` (valid until the next call), or a view of `total` where every source is
+        removed."""
         by_removed = mask.amax(dim=1).nonzero().flatten()
         by_kept = (1 - mask).amax(dim=1).nonzero().flatten()
         if seen[0] == k and len(by_kept) < len(by_removed):  # total less the kept sources
             everything = total[m][None]
             if len(by_kept) == 0:
                 return everything.expand(mask.shape[1], -1)
-            return everything - _weighted(diffs[m, :k], 1 - mask, by_kept)
-        return _weighted(diffs[m, :k], mask, by_removed)
+            kept = _weighted(diffs[m, :k], 1 - mask, by_kept, scratch)
+            return torch.sub(everything, kept, out=kept)
+        return _weighted(diffs[m, :k], mask, by_removed, scratch)
 
     def move_projections(layer: int) -> dict[str, object]:
         """The hooks at the layer's `hook_q`, `hook_k`, `hook_v`. The mixed heads of all three
@@ -426,8 +430,12 @@ def _run_with_removed_edges(
                     continue
                 mask = torch.cat([masks[p][m][:, heads] for p, heads in parts], dim=1)
                 shift = shifts(m, mask, k)
-                buffer = scratch.take("moved", tuple(shift.shape), shift.dtype, shift.device)
-                moved = torch.add(own[m][None], shift, out=buffer).view(-1, b, *shape)
+                if shift._base is total:  # every source removed: `total` itself
+                    buffer = scratch.take("moved", tuple(shift.shape), shift.dtype, shift.device)
+                    moved = torch.add(own[m][None], shift, out=buffer)
+                else:  # in place (`shift + own` is `own + shift`, bit for bit)
+                    moved = shift.add_(own[m][None])
+                moved = moved.view(-1, b, *shape)
                 moved = input_norm_in_place(model, layer, moved, scratch)
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
                 first = 0
@@ -538,15 +546,22 @@ def _projections_skipped(model: HookedTransformer, ports: dict[int, set[str]]) -
             del attn.calculate_qkv_matrices
 
 
-def _weighted(diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """`sum over s of mask[s, t] * diffs[s]` ([t, width]) where only the listed `sources` have
-    weight: a product over the whole contiguous prefix `diffs` ([k, width]) unless the listed
-    ones are few enough that gathering them costs less."""
+def _weighted(
+    diffs: torch.Tensor, mask: torch.Tensor, sources: torch.Tensor, scratch: Scratch
+) -> torch.Tensor:
+    """`sum over s of mask[s, t] * diffs[s]` ([t, width], in `scratch`'s "weighted" buffer)
+    where only the listed `sources` have weight: a product over the whole contiguous prefix
+    `diffs` ([k, width]) unless the listed ones are few enough that gathering them costs
+    less. (A product written to a buffer is the product made anew, bit for bit.)"""
+    out = scratch.take("weighted", (mask.shape[1], diffs.shape[1]), diffs.dtype, diffs.device)
     if len(sources) == 0:
-        return diffs.new_zeros(mask.shape[1], diffs.shape[1])
+        return out.zero_()
     if 4 * len(sources) >= len(diffs):
-        return mask.T @ diffs
-    return mask.index_select(0, sources).T @ diffs.index_select(0, sources)
+        return torch.mm(mask.T, diffs, out=out)
+    shape = (len(sources), diffs.shape[1])
+    gathered = scratch.take("gathered", shape, diffs.dtype, diffs.device)
+    torch.index_select(diffs, 0, sources, out=gathered)
+    return torch.mm(mask.index_select(0, sources).T, gathered, out=out)
 
 
 def size_grid(n_edges: int, points: int = 12) -> list[int]:

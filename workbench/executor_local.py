@@ -54,8 +54,9 @@ def run_local(
     names = sorted({j.pipeline for _, group in groups for j in group})
     every = [j for _, group in groups for j in group]
     with StoreSession(db, hold=hold, lock_wait=lock_wait) as session:
-        decode_pending_of(session)
-        session.enqueue([queue_row(j) for j in every])
+        with session.held():
+            decode_pending_of(session)
+            session.enqueue([queue_row(j) for j in every])
         ctx = PlanContext(store=session, db=db)
         try:
             for (ref, device, dtype), group in tqdm(

@@ -299,8 +299,9 @@ def run_jobs_ray(
     in_flight: dict[Any, Job] = {}
     outcomes: list[RunOutcome] = []
     with StoreSession(db_path, lock_wait=lock_wait) as session:
-        decode_pending_of(session)
-        session.enqueue([queue_row(j) for j in jobs])
+        with session.held():
+            decode_pending_of(session)
+            session.enqueue([queue_row(j) for j in jobs])
         beat = time.monotonic()
         try:
             while pending or in_flight:

@@ -101,8 +101,14 @@ class Scratch:
     about a millisecond per 4 MB here (a fifth of an SAE encoder's matrix product at GPT-2-small
     size, a tenth of an edge attribution): a buffer taken from a `Scratch` is touched once."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_least: int = 0) -> None:
+        """`at_least`: the elements every buffer is made with at the least. A loop whose
+        buffers grow from turn to turn (a layer with more mixed heads than the one before)
+        would otherwise map each anew, touching its pages again; pages never written are not
+        resident, so an allowance for the largest turn costs memory only when that turn
+        comes."""
         self._buffers: dict[str, Any] = {}
+        self.at_least = at_least
 
     def take(self, name: str, shape: tuple[int, ...], dtype: Any, device: Any) -> Any:
         """A contiguous `shape` tensor with undefined contents: the buffer `name` when it is
@@ -115,5 +121,6 @@ class Scratch:
         device = torch.device(device)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < n or buffer.dtype != dtype or buffer.device != device:
-            buffer = self._buffers[name] = torch.empty(n, dtype=dtype, device=device)
+            size = max(n, self.at_least)
+            buffer = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
         return buffer[:n].view(shape)

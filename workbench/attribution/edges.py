@@ -536,6 +536,9 @@ def edge_attribution(
                 corrupt, mr = run_with_grads(
                     model, batch.corrupt, batch, keep, dst_hooks, scale=1 / n
                 )
+                # the backward pass's saved activations are freed: give their pages back
+                # before the source differences and the products are made beside them
+                memory.release()
             m_clean, m_corrupt = m_clean + float(mc.sum()), m_corrupt + float(mr.sum())
             clean_values.append(mc.double().cpu())
             corrupt_values.append(mr.double().cpu())

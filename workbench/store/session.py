@@ -89,17 +89,38 @@ class StoreSession:
         self._lock = threading.Lock()  # one database operation of this session at a time
         self._stop_beating = threading.Event()
         self._beating: threading.Thread | None = None
-        # creates and migrates the file once
+        # creates and migrates the file once, and sweeps the queue and stores kept runs in the
+        # same opening
+        self._hold = hold
         self._held: Store | None = Store(db, lock_wait=self.lock_wait, purpose="open it")
-        if not hold:
-            self._held.close()
-            self._held = None
         try:
             self.sweep()
             self.store_pending()
         except BaseException:
             self.close()
             raise
+        if not hold:
+            self._held.close()
+            self._held = None
+
+    @contextmanager
+    def held(self) -> Iterator["StoreSession"]:
+        """The block's operations (a runner's set-up: rewriting token strings, queueing its
+        jobs) in one opening of the file, let go at the end unless the session holds it
+        throughout (`hold=True`): each opening makes a DuckDB instance, about 15 ms."""
+        if self._held is None:
+            with self._lock:
+                self._held = Store(
+                    self.db, migrate=False, lock_wait=self.lock_wait, purpose="open it"
+                )
+        try:
+            yield self
+        finally:
+            if not self._hold:
+                with self._lock:
+                    held, self._held = self._held, None
+                    if held is not None:
+                        held.close()
 
     def close(self) -> None:
         self._stop_beating.set()
