@@ -373,6 +373,7 @@ def _run_with_removed_edges(
 
     def remember_input(layer: int) -> object:
         def hook_fn(act: torch.Tensor, hook: object) -> None:
+            layer_input.clear()  # (only the current layer's is read: let the others go)
             layer_input[layer] = act
 
         return hook_fn
