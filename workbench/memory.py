@@ -11,7 +11,8 @@ both no-ops where the C library is not glibc:
   a page fault per page on every reuse, so it ends with the load, leaving the thresholds where
   glibc's adaptive rule takes them: 32 MB for mapping, 64 MB for trimming the heap's top);
 - `release()`: `malloc_trim`, giving back every free page, at the end of a phase that freed
-  much (an edge attribution, a faithfulness curve's ablated passes); it takes milliseconds,
+  much (an edge attribution's last backward pass, the attribution, a faithfulness curve's
+  ablated passes); it takes milliseconds,
   but the pages given back are faulted in again when next used (about 1 s for a GPT-2-small
   attribution's buffers, measured), so it is not called in a loop whose every turn reuses the
   same blocks.
