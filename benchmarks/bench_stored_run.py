@@ -15,7 +15,7 @@ profile of the run (where its time and memory go, stage by stage: `workbench.pro
   < 2.5 GB).
 
 Model: a random GPT-2-small-shaped model (12 layers, 12 heads, d_model 768, vocabulary 50,257)
-saved as a Hugging Face directory; 32 induction prompts of 16 tokens, one batch.
+saved as a Hugging Face directory; 32 induction prompts of 13 tokens, one batch.
 
 Each edge run is repeated (`--repeats`, 3 by default; the GPT-2 baseline before each run):
 each time figure is the fastest of the repeats, with their range beside it, and the memory rows
@@ -172,7 +172,7 @@ def gpt2_rows(tmp: Path, repeats: int) -> tuple[list[str], list[str]]:
     )
     base_peak = max(b["peak"] for b in measured.bases)
     peak = measured.peak
-    name = f"GPT-2-small shape, 32 prompts x 16 tokens, `eap`, fastest of {repeats}"
+    name = f"GPT-2-small shape, 32 prompts x 13 tokens, `eap`, fastest of {repeats}"
     rows = [
         row(f"{name}: wall less load ({spread(measured.seconds('after load'))}) / "
             f"forward+backward ({spread(base_seconds)})", f"{after / fb:.1f}x",
