@@ -24,9 +24,10 @@ of each prompt's answer and wrong token at the last position.
   answer token; the function itself runs one prompt at a time). Its edges are per position;
   their sum over positions is the workbench's edge. Scores are averaged over prompts.
 
-Printed: each side's seconds and peak resident memory for the attribution alone (sampled
-every 2 ms while it runs), the peak of the model's load before it, their ratios, and the
-largest difference of the 32,491 edges' scores over the largest |score|.
+Printed: each side's seconds and peak resident memory for the attribution alone
+(`workbench.profiling`'s stage, sampled while it runs), the peak of the model's load before
+it, their ratios, and the largest difference of the 32,491 edges' scores over the largest
+|score|.
 """
 
 import argparse
@@ -35,45 +36,34 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_methods import gpt2_small
 
+ROOT = Path(__file__).resolve().parent.parent
 TL43 = "transformer-lens==4.3.0"
 DEFAULT_VENV = Path(tempfile.gettempdir()) / "workbench-tl43-venv"
 
-# the process's resident memory, sampled every 2 ms while a block runs (ru_maxrss before it:
-# the load's peak)
-SAMPLER = """
-import os, resource, threading
+# Both sides time and sample the attribution with `workbench.profiling` (standard library
+# only: the other environment imports it from this repository, on its PYTHONPATH). Before the
+# attribution, the process's largest resident memory is the load's peak.
+MEASURED = """
+from workbench import profiling
 
-class Peak:
-    def __init__(self):
-        self.page, self.top, self.done = os.sysconf("SC_PAGE_SIZE"), 0, threading.Event()
-        self.load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    def now(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-    def run(self):
-        while not self.done.wait(0.002):
-            self.top = max(self.top, self.now())
-    def __enter__(self):
-        self.top = self.now()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        return self
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
+def measured(work):
+    load_peak = profiling.peak_rss()
+    with profiling.recording() as stages, profiling.stage("attribution"):
+        result = work()
+    (stage,) = stages
+    return result, {"seconds": stage.seconds, "peak": stage.rss_peak, "load_peak": load_peak}
 """
 
 # The workbench's side: writes the prompts' tokens for the other side, and its own figures.
 WORKBENCH = (
-    SAMPLER
+    MEASURED
     + """
-import json, sys, time, torch
+import json, sys, torch
 from workbench.attribution.batches import make_batches
 from workbench.attribution.edges import edge_attribution
 from workbench.models import load_checkpoint, resolve_checkpoints
@@ -86,22 +76,19 @@ torch.save({"clean": torch.cat([b.clean for b in batches]),
             "corrupt": torch.cat([b.corrupt for b in batches]),
             "answer": torch.cat([b.answer for b in batches]),
             "wrong": torch.cat([b.wrong for b in batches])}, tokens_out)
-with Peak() as peak:
-    started = time.perf_counter()
-    result = edge_attribution(loaded.model, batches)
-    seconds = time.perf_counter() - started
+result, figures = measured(lambda: edge_attribution(loaded.model, batches))
 gap = result.metric_clean - result.metric_corrupt
 scores = {f"{s}|{d}": v * gap for s, d, v in result.edges()}
 with open(out, "w") as f:
-    json.dump({"seconds": seconds, "peak": peak.top, "load_peak": peak.load, "scores": scores}, f)
+    json.dump(figures | {"scores": scores}, f)
 """
 )
 
 # TransformerLens 4.3's side, run by the other environment's Python.
 TRANSFORMER_LENS_43 = (
-    SAMPLER
+    MEASURED
     + """
-import json, sys, time, torch
+import json, sys, torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 from transformer_lens.model_bridge import TransformerBridge
@@ -133,9 +120,8 @@ def name(node):
     head = f"a{node.layer}.h{node.head}"
     return head if node.kind == "attn_head_out" else f"{head}<{node.kind[0]}>"
 
-totals = {}
-with Peak() as peak:
-    started = time.perf_counter()
+def every_prompt():
+    totals = {}
     for i in range(n):
         def metric(logits, i=i):
             return logits[0, -1, answer[i]] - logits[0, -1, wrong[i]]
@@ -143,10 +129,11 @@ with Peak() as peak:
         for (writer, reader), score in found.edge_scores.items():
             key = f"{name(writer)}|{name(reader)}"
             totals[key] = totals.get(key, 0.0) + score
-    seconds = time.perf_counter() - started
+    return totals
+
+totals, figures = measured(every_prompt)
 with open(out, "w") as f:
-    json.dump({"seconds": seconds, "peak": peak.top, "load_peak": peak.load,
-               "scores": {k: v / n for k, v in totals.items()}}, f)
+    json.dump(figures | {"scores": {k: v / n for k, v in totals.items()}}, f)
 """
 )
 
@@ -167,17 +154,17 @@ def ensure_venv(venv: Path) -> Path:
     return python
 
 
-def child(python: str, script: str, *args: str) -> tuple[dict[str, Any], float]:
-    """Run `script` in a fresh `python`; (what it wrote to its last argument, wall seconds)."""
+def child(python: str, script: str, *args: str) -> dict[str, Any]:
+    """Run `script` in a fresh `python`; what it wrote to its last argument."""
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    started = time.perf_counter()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     subprocess.run(
         [python, "-c", script, *args],
         env={**os.environ, **env},
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    return json.loads(Path(args[-1]).read_text()), time.perf_counter() - started
+    return json.loads(Path(args[-1]).read_text())
 
 
 def agreement(ours: dict[str, float], theirs: dict[str, float]) -> tuple[int, float, list[str]]:
@@ -202,12 +189,12 @@ def main() -> None:
         tokens = tmp / "tokens.pt"
         sides: list[tuple[str, dict[str, Any]]] = []
         for label, per_batch in ((f"one batch of {n} prompts", n), ("one prompt at a time", 1)):
-            found, _ = child(
+            found = child(
                 sys.executable, WORKBENCH, str(model), str(n), str(per_batch), str(tokens),
                 str(tmp / "workbench.json"),
             )  # fmt: skip
             sides.append((f"workbench (TransformerLens 3.9), {label}", found))
-        theirs, _ = child(
+        theirs = child(
             str(python), TRANSFORMER_LENS_43, str(model), str(tokens), str(tmp / "tl43.json")
         )
     print(f"GPT-2-small shape, {n} induction prompts, EAP over every edge:\n")
