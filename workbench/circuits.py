@@ -437,7 +437,8 @@ def _run_with_removed_edges(
                 else:  # in place (`shift + own` is `own + shift`, bit for bit)
                     moved = shift.add_(own[m][None])
                 moved = moved.view(-1, b, *shape)
-                moved = input_norm_in_place(model, layer, moved, scratch)
+                # (the squares in the gathered rows' buffer: `shifts` is done with it)
+                moved = input_norm_in_place(model, layer, moved, scratch, squares="gathered")
                 position = None if pos_embed is None else pos_embed.reshape(copies, b, *shape)[m]
                 first = 0
                 for p, heads in parts:

@@ -42,7 +42,7 @@ weakly the two agree (`tests/attribution/test_edges.py`).
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +52,13 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from workbench import memory
-from workbench.attribution.batches import PromptBatch, frozen_weights, model_device, repeat_rows
+from workbench.attribution.batches import (
+    PromptBatch,
+    activations_recomputed,
+    frozen_weights,
+    model_device,
+    repeat_rows,
+)
 from workbench.attribution.ig import DEFAULT_IG_RULE, ig_alphas
 from workbench.attribution.metrics import last_position_logits
 from workbench.attribution.moments import PromptMoments
@@ -336,12 +342,17 @@ def norm_input_grad(
 
 
 def input_norm_in_place(
-    model: HookedTransformer, layer: int, moved: torch.Tensor, scratch: Scratch
+    model: HookedTransformer,
+    layer: int,
+    moved: torch.Tensor,
+    scratch: Scratch,
+    squares: str = "squares",
 ) -> torch.Tensor:
     """The block's input normalisation of `moved` inputs (none in a post-norm block), written
     over `moved`. TransformerLens's LayerNorm and RMSNorm (folded or not) in float32 or float64
     are taken step by step as their `forward` takes them, each step in place and the squares
-    in `scratch`, so that no input-sized tensor is made (the same numbers); any other
+    in `scratch`'s buffer `squares` (a caller done with one of its buffers by then names it),
+    so that no input-sized tensor is made (the same numbers); any other
     normalisation or dtype (or inputs not in the model's configured dtype, which the module
     rounds to) is the module's own call."""
     if model.cfg.original_architecture in POST_NORM_ARCHITECTURES:
@@ -353,10 +364,10 @@ def input_norm_in_place(
         return norm(moved)
     if kind.startswith("LayerNorm"):
         moved.sub_(moved.mean(-1, keepdim=True))
-    squares = torch.pow(
-        moved, 2, out=scratch.take("squares", tuple(moved.shape), moved.dtype, moved.device)
+    squared = torch.pow(
+        moved, 2, out=scratch.take(squares, tuple(moved.shape), moved.dtype, moved.device)
     )
-    moved.div_((squares.mean(-1, keepdim=True) + norm.eps).sqrt())
+    moved.div_((squared.mean(-1, keepdim=True) + norm.eps).sqrt())
     if kind in ("LayerNorm", "RMSNorm"):
         moved.mul_(norm.w)
     if kind == "LayerNorm":
@@ -472,7 +483,8 @@ def run_with_grads(
         hooks.append((Node.input().out_hook(), leaf))
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
     grad_mode = torch.enable_grad() if grad_of else torch.no_grad()
-    with frozen_weights(model), grad_mode, model.hooks(fwd_hooks=hooks):
+    recomputed = activations_recomputed(model) if grad_of else nullcontext()
+    with frozen_weights(model), recomputed, grad_mode, model.hooks(fwd_hooks=hooks):
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
         diffs = batch.metric(last_position_logits(model, resid), batch.target)
         if grad_of:
@@ -493,11 +505,13 @@ def edge_attribution(
     ig_steps: int = 0,
     ig_rule: str = DEFAULT_IG_RULE,
     keep_runs: bool = True,
+    for_spot_check: bool = True,
     errors: bool = True,
 ) -> EdgeScores:
     """`eap` (ig_steps = 0) or `eap_ig` (ig_steps >= 1, points chosen by `ig_rule`) scores
     for every edge of `graph`, with (`keep_runs`) what the corrupt runs leave for an ablation
-    (`EdgeScores.runs`) and (`errors`) each score's standard error over prompts. The runs are
+    (`EdgeScores.runs`; with `for_spot_check`, also what a spot check reads, which it makes
+    anew otherwise) and (`errors`) each score's standard error over prompts. The runs are
     the model's own (no per-head copies of q/k/v inputs): each head's input gradient comes from
     its q/k/v gradient (`qkv_input_grads`), and the products with the sources' differences are
     taken a destination layer at a time.
@@ -521,7 +535,8 @@ def edge_attribution(
     scratch = Scratch()  # a layer's q/k/v input gradients, every layer of every batch
     for_ablation = ablation_hooks(model, graph)
     final = Node.logits().in_hook(model.cfg.n_layers)
-    keep = for_ablation + _layer_inputs(model) + ([final] if keep_runs else [])
+    for_spot_check = keep_runs and for_spot_check
+    keep = for_ablation + _layer_inputs(model) + ([final] if for_spot_check else [])
     clean_kept: list[dict[str, torch.Tensor]] = []
     inputs_kept: list[dict[str, torch.Tensor]] = []
     with graph_hooks_enabled(model, graph, split_qkv=False):
@@ -566,6 +581,7 @@ def edge_attribution(
                     source_moments.add(per_source)
             if keep_runs:
                 kept_sources.append({name: corrupt[name] for name in for_ablation})
+            if for_spot_check:
                 clean_kept.append(clean)
                 inputs = {name: corrupt[name] for name in _layer_inputs(model)}
                 inputs_kept.append(inputs | {final: corrupt[final][:, -1:]})
@@ -582,8 +598,8 @@ def edge_attribution(
             m_corrupt,
             torch.cat(clean_values),
             torch.cat(corrupt_values),
-            clean_kept,
-            inputs_kept,
+            clean_kept if for_spot_check else None,
+            inputs_kept if for_spot_check else None,
         )  # fmt: skip
         if keep_runs
         else None

@@ -115,7 +115,10 @@ def eap(inputs: RunInputs, params: EapCheckedParams) -> RunResult:
     from workbench.attribution import edges
 
     with profiling.stage("attribution"):
-        result = edges.edge_attribution(inputs.model, inputs.batches, ig_steps=0)
+        result = edges.edge_attribution(
+            inputs.model, inputs.batches, ig_steps=0,
+            for_spot_check=spot_size(params, "eap") > 0,
+        )  # fmt: skip
     return _scored("eap", inputs, result, params)
 
 
@@ -124,8 +127,9 @@ def eap_ig(inputs: RunInputs, params: EapIgParams) -> RunResult:
 
     with profiling.stage("attribution"):
         result = edges.edge_attribution(
-            inputs.model, inputs.batches, ig_steps=params.ig_steps, ig_rule=params.ig_rule
-        )
+            inputs.model, inputs.batches, ig_steps=params.ig_steps, ig_rule=params.ig_rule,
+            for_spot_check=spot_size(params, "eap_ig") > 0,
+        )  # fmt: skip
     return _scored("eap_ig", inputs, result, params)
 
 
