@@ -214,7 +214,7 @@ def _saved_bytes_and_grads(model, batch, monkeypatch, recompute):
 
 
 def test_recomputed_activation_keeps_less_and_gives_the_same_gradients(tiny, monkeypatch):
-    """GPT-2's `gelu_new` is seven tensor operations, four of whose tensors autograd keeps
+    """GPT-2's `gelu_new` is eight tensor operations, four of whose tensors autograd keeps
     (the input, its tanh term, half the input and one plus the tanh term); recomputed in the
     backward pass (`activations_recomputed`), only the input is kept: three tensors of the MLP's
     width per token and layer fewer, exactly, and every destination's gradient is the same bit

@@ -6,13 +6,15 @@ prompts, so results equal those of one batch holding every prompt. Each batch ca
 task's metric (`workbench.attribution.metrics`) and what the metric compares against.
 """
 
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
+from torch.utils.checkpoint import checkpoint
 
 from workbench.attribution.metrics import (
     Target,
@@ -119,10 +121,6 @@ def activations_recomputed(model: torch.nn.Module) -> Iterator[None]:
     the GPT-2-small shape, 180 MB less held at 416 tokens for a repeat of an elementwise
     function. Functions that are one operation (`F.gelu`, `F.silu`) and activation modules
     are left as they are."""
-    import types
-
-    from torch.utils.checkpoint import checkpoint
-
     swapped = []
     for block in getattr(model, "blocks", ()):
         mlp = getattr(block, "mlp", None)
@@ -131,7 +129,7 @@ def activations_recomputed(model: torch.nn.Module) -> Iterator[None]:
         act_fn = vars(mlp).get("act_fn")
         if not isinstance(act_fn, types.FunctionType) or act_fn.__module__.startswith("torch"):
             continue
-        mlp.act_fn = _recomputed(act_fn, checkpoint)
+        mlp.act_fn = _recomputed(act_fn)
         swapped.append((mlp, act_fn))
     try:
         yield
@@ -140,7 +138,9 @@ def activations_recomputed(model: torch.nn.Module) -> Iterator[None]:
             mlp.act_fn = act_fn
 
 
-def _recomputed(act_fn: Callable[[torch.Tensor], torch.Tensor], checkpoint: Any) -> Any:
+def _recomputed(
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """`act_fn` keeping only its input for a backward pass (`activations_recomputed`)."""
 
     def recomputed(x: torch.Tensor) -> torch.Tensor:

@@ -544,7 +544,7 @@ def edge_attribution(
             clean, mc = run_with_grads(model, batch.clean, batch, src_hooks, [], scale=1.0)
             if ig_steps:
                 corrupt, mr = run_with_grads(
-                    model, batch.corrupt, batch, keep if keep_runs else for_ablation, [],
+                    model, batch.corrupt, batch, keep if for_spot_check else for_ablation, [],
                     scale=1.0,
                 )  # fmt: skip
             else:
