@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from workbench import memory, profiling
-from workbench.attribution.batches import PromptBatch, repeat_rows
+from workbench.attribution.batches import PromptBatch, lean_activations, repeat_rows
 from workbench.attribution.edges import (
     CorruptRuns,
     EdgeGraph,
@@ -208,7 +208,10 @@ class EdgeAblator:
         removed = removed.to(first_acts)  # the activations' device and dtype
         totals = torch.zeros(removed.shape[0], dtype=torch.float64, device=removed.device)
         each: list[torch.Tensor] = []
-        with graph_hooks_enabled(self.model, self.graph, split_qkv=False):
+        with (
+            graph_hooks_enabled(self.model, self.graph, split_qkv=False),
+            lean_activations(self.model),
+        ):
             for batch, corrupt in zip(self.batches, self.runs.sources, strict=True):
                 pos = batch.clean.shape[1]
                 rows = max_rows if max_tokens is None else min(max_rows, max_tokens // pos)
@@ -243,7 +246,8 @@ def corrupt_runs(
     sources = []
     values: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     last = {"stop_at_layer": model.cfg.n_layers}
-    with torch.no_grad(), graph_hooks_enabled(model, graph, split_qkv=False):
+    lean = lean_activations(model)
+    with torch.no_grad(), graph_hooks_enabled(model, graph, split_qkv=False), lean:
         for batch in batches:
             clean_resid = model(batch.clean, **last)
             corr_resid, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep, **last)

@@ -194,7 +194,7 @@ def _saved_bytes_and_grads(model, batch, monkeypatch, recompute):
     from contextlib import nullcontext
 
     if not recompute:
-        monkeypatch.setattr(edges, "activations_recomputed", lambda model: nullcontext())
+        monkeypatch.setattr(edges, "lean_activations", lambda model: nullcontext())
     graph = edges.model_graph(model)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -216,7 +216,7 @@ def _saved_bytes_and_grads(model, batch, monkeypatch, recompute):
 def test_recomputed_activation_keeps_less_and_gives_the_same_gradients(tiny, monkeypatch):
     """GPT-2's `gelu_new` is eight tensor operations, four of whose tensors autograd keeps
     (the input, its tanh term, half the input and one plus the tanh term); recomputed in the
-    backward pass (`activations_recomputed`), only the input is kept: three tensors of the MLP's
+    backward pass (`lean_activations`), only the input is kept: three tensors of the MLP's
     width per token and layer fewer, exactly, and every destination's gradient is the same bit
     for bit. Llama's SiLU is one operation and is left as it is."""
     model, batches = tiny
@@ -234,6 +234,48 @@ def test_recomputed_activation_keeps_less_and_gives_the_same_gradients(tiny, mon
         assert plain - kept == 3 * cfg.n_layers * tokens * cfg.d_mlp * 4
     else:
         assert plain == kept
+
+
+@pytest.mark.parametrize("name", ["gelu_new", "gelu_fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_in_place_activation_is_transformer_lens_own_bit_for_bit(name, dtype):
+    """Without gradients, `lean_activations` runs TransformerLens's `gelu_new` and `gelu_fast`
+    as their own operations in place: every value the same bits as TransformerLens's function
+    gives (huge, tiny, signed zeros, infinities and NaN among them), the input untouched."""
+    from transformer_lens.utilities import activation_functions
+
+    from workbench.attribution import batches as batches_module
+
+    torch.manual_seed(0)
+    x = torch.cat([
+        torch.randn(4000) * 4, torch.randn(1000) * 1e-20, torch.randn(1000) * 1e20,
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-45, -3.0e38]),
+    ]).to(dtype).view(1, -1)  # fmt: skip
+    before = x.clone()
+    ours = getattr(batches_module, f"_{name}_in_place")(x)
+    theirs = getattr(activation_functions, name)(x)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours.signbit(), theirs.signbit())
+    torch.testing.assert_close(x, before, rtol=0, atol=0, equal_nan=True)
+
+
+def test_lean_activations_leave_a_forward_pass_as_it_was(tiny):
+    """A no-gradient forward pass inside `lean_activations` gives the model's own logits bit
+    for bit, and the model's activation functions are its own again afterwards."""
+    from workbench.attribution.batches import lean_activations
+
+    model, batches = tiny
+    tokens = batches[0].clean
+    functions = [block.mlp.act_fn for block in model.blocks]
+    with torch.no_grad():
+        expected = model(tokens)
+        with lean_activations(model):
+            swapped = [block.mlp.act_fn for block in model.blocks]
+            logits = model(tokens)
+    assert torch.equal(logits, expected)
+    assert [block.mlp.act_fn for block in model.blocks] == functions
+    assert (swapped != functions) == (model.cfg.act_fn == "gelu_new")
 
 
 def test_spot_check_makes_what_the_attribution_did_not_keep(tiny):

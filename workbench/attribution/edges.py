@@ -42,7 +42,7 @@ weakly the two agree (`tests/attribution/test_edges.py`).
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -54,8 +54,8 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from workbench import memory
 from workbench.attribution.batches import (
     PromptBatch,
-    activations_recomputed,
     frozen_weights,
+    lean_activations,
     model_device,
     repeat_rows,
 )
@@ -483,8 +483,7 @@ def run_with_grads(
         hooks.append((Node.input().out_hook(), leaf))
     hooks += [(name, save) for name in keep] + [(name, grad_hook) for name in grad_of]
     grad_mode = torch.enable_grad() if grad_of else torch.no_grad()
-    recomputed = activations_recomputed(model) if grad_of else nullcontext()
-    with frozen_weights(model), recomputed, grad_mode, model.hooks(fwd_hooks=hooks):
+    with frozen_weights(model), lean_activations(model), grad_mode, model.hooks(fwd_hooks=hooks):
         resid = model(tokens, stop_at_layer=model.cfg.n_layers)
         diffs = batch.metric(last_position_logits(model, resid), batch.target)
         if grad_of:
