@@ -174,3 +174,41 @@ def test_usage_errors_exit_2_with_one_sentence(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+FINISHING = """
+import atexit, sys, threading
+from pathlib import Path
+from workbench.cli import finish
+
+out = Path(sys.argv[1])
+kind = sys.argv[2]
+
+
+# called by the interpreter's own exit when it shuts threading down, not by `os._exit`
+threading._register_atexit(lambda: (out / "torn down").touch())
+atexit.register(lambda: (out / "exit handlers ran").touch())
+if kind == "daemon":
+    threading.Thread(target=threading.Event().wait, daemon=True).start()  # waits for ever
+else:
+    go = threading.Event()
+    thread = threading.Thread(target=lambda: (go.wait(), (out / "joined").touch()))
+    thread.start()
+    go.set()
+finish(3)
+"""
+
+
+@pytest.mark.parametrize("kind", ["daemon", "non-daemon"])
+def test_finish_ends_the_process_at_once_unless_a_thread_must_be_joined(tmp_path, kind):
+    """`finish` exits with the command's status after the exit handlers, without the
+    interpreter's teardown, when only daemon threads are left (tqdm's monitor is one): the
+    interpreter's exit would not wait for them either. A non-daemon thread is joined first."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FINISHING, str(tmp_path), kind], timeout=120)
+    assert done.returncode == 3
+    assert (tmp_path / "exit handlers ran").exists()
+    assert (tmp_path / "torn down").exists() == (kind == "non-daemon")
+    assert (tmp_path / "joined").exists() == (kind == "non-daemon")

@@ -1216,9 +1216,13 @@ def finish(status: int) -> NoReturn:
     then, and exit handlers still run. When no other thread is left, the exit handlers run and
     the standard streams are flushed here, and the process ends without the interpreter
     tearing its modules down object by object (0.12 s after a GPT-2-small run, measured);
-    otherwise the interpreter's own exit joins those threads first."""
+    otherwise the interpreter's own exit joins those threads first. A daemon thread left
+    running (tqdm's monitor, started with the first progress bar) is no such thread: the
+    interpreter's exit would not wait for it either, and ending here saves the teardown (0.16 s
+    after a GPT-2-small `run edges`)."""
     gc.freeze()
-    if threading.active_count() > 1:
+    main = threading.main_thread()
+    if any(t is not main and not t.daemon for t in threading.enumerate()):
         sys.exit(status)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
