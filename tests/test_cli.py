@@ -185,16 +185,20 @@ out = Path(sys.argv[1])
 kind = sys.argv[2]
 
 
-# called by the interpreter's own exit when it shuts threading down, not by `os._exit`
-threading._register_atexit(lambda: (out / "torn down").touch())
+go = threading.Event()
+
+
+def shutting_down():  # called by the interpreter's own exit before it joins threads
+    (out / "torn down").touch()
+    go.set()
+
+
+threading._register_atexit(shutting_down)
 atexit.register(lambda: (out / "exit handlers ran").touch())
 if kind == "daemon":
     threading.Thread(target=threading.Event().wait, daemon=True).start()  # waits for ever
-else:
-    go = threading.Event()
-    thread = threading.Thread(target=lambda: (go.wait(), (out / "joined").touch()))
-    thread.start()
-    go.set()
+else:  # alive until the interpreter's exit lets it end: it must be joined
+    threading.Thread(target=lambda: (go.wait(), (out / "joined").touch())).start()
 finish(3)
 """
 

@@ -246,8 +246,11 @@ def corrupt_runs(
     sources = []
     values: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
     last = {"stop_at_layer": model.cfg.n_layers}
-    lean = lean_activations(model)
-    with torch.no_grad(), graph_hooks_enabled(model, graph, split_qkv=False), lean:
+    with (
+        torch.no_grad(),
+        graph_hooks_enabled(model, graph, split_qkv=False),
+        lean_activations(model),
+    ):
         for batch in batches:
             clean_resid = model(batch.clean, **last)
             corr_resid, corrupt = model.run_with_cache(batch.corrupt, names_filter=keep, **last)

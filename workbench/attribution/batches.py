@@ -124,7 +124,8 @@ def lean_activations(model: torch.nn.Module) -> Iterator[None]:
       GPT-2-small shape, 180 MB less held at 416 tokens for a repeat of an elementwise function;
     * without gradients, TransformerLens's `gelu_new` and `gelu_fast` run as the same
       operations in the same order, in place on two tensors of the MLP's width where they made
-      eight or more (`_IN_PLACE`): fewer fresh pages for every MLP of a pass.
+      eight or more (`_gelu_new_in_place`, `_gelu_fast_in_place`): fewer fresh pages for every
+      MLP of a pass.
 
     Functions that are one operation (`F.gelu`, `F.silu`) and activation modules are left as
     they are."""
