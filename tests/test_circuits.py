@@ -272,6 +272,35 @@ def test_ablation_of_random_edge_sets_matches_the_plain_intervention(
         assert value == pytest.approx(reference, abs=1e-4)
 
 
+def test_a_pass_holds_one_copy_once_a_copys_differences_pass_the_bound(tiny_hf_dirs, monkeypatch):
+    """Masks share a forward pass only while their copies' source differences fit in
+    `PASS_DIFFERENCES_BYTES`; past it each pass runs one copy (never none), and every mask's
+    value is still the plain intervention's."""
+    loaded = load_checkpoint(resolve_checkpoints(str(tiny_hf_dirs["gpt2"]))[0])
+    model, batches = loaded.model, make_batches(load_task("induction", loaded, n_prompts=6))
+    graph = edges.model_graph(model)
+    generator = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(graph.valid.shape, generator=generator) < 0.5).float() for _ in range(3)]
+    copies: list[int] = []
+    run = circuits._run_with_removed_edges
+
+    def counted(model, batch, graph, removed, *args):
+        copies.append(int(removed.shape[0]))
+        return run(model, batch, graph, removed, *args)
+
+    monkeypatch.setattr(circuits, "_run_with_removed_edges", counted)
+    ablator = circuits.EdgeAblator(model, batches[:1], graph)
+    shared = ablator.faithfulness_of_many(masks, max_rows=2 * batches[0].size)
+    assert copies == [2, 1]  # within the bound: two copies in the first pass
+    copies.clear()
+    monkeypatch.setattr(circuits, "PASS_DIFFERENCES_BYTES", 1)
+    alone = ablator.faithfulness_of_many(masks, max_rows=2 * batches[0].size)
+    assert copies == [1, 1, 1]
+    for mask, a, b in zip(masks, alone, shared, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+        assert a == pytest.approx(_reference_faithfulness(model, batches[0], graph, mask), abs=1e-4)
+
+
 @pytest.mark.parametrize("normalization", ["LN", "LNPre", "RMS", "RMSPre"])
 def test_moved_inputs_are_normalised_in_place_as_the_module_does(normalization):
     """The curve normalises the mixed heads' moved inputs step by step in place; the numbers

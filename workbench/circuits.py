@@ -44,6 +44,14 @@ from workbench.results import CircuitResult
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 1000  # resamples of the prompts behind a circuit's faithfulness spread
+# What the sources' differences of one ablated pass may hold beyond one copy of the batch: a
+# pass runs several masks, each on its own copy, only while their differences fit in this. Each
+# copy holds every source's difference from the corrupt run (0.2 GB for 32 prompts of 13 tokens
+# on the GPT-2-small shape): at that size a second copy in the pass saved 0.1-0.3 s of a 4-5 s
+# curve and set the run's peak, 0.1 GB above the attribution's. Like `--batch-tokens`, the
+# grouping may move a curve value's last bits (a matrix product's rows are not always the same
+# bits at another row count).
+PASS_DIFFERENCES_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -156,8 +164,9 @@ class EdgeAblator:
         self, kept: list[torch.Tensor], *, max_rows: int = 64, max_tokens: int | None = None
     ) -> list[float]:
         """`faithfulness_of_kept` of several edge masks, as many per forward pass as fit in
-        `max_rows` prompt rows and `max_tokens` tokens (each mask runs on its own copy of the
-        batch). Two masks need no pass: keeping every edge is the clean run (1 by definition)
+        `max_rows` prompt rows and `max_tokens` tokens and their sources' differences in
+        `PASS_DIFFERENCES_BYTES` (each mask runs on its own copy of the batch; one at the
+        least). Two masks need no pass: keeping every edge is the clean run (1 by definition)
         and keeping none the corrupt run (0); a mask given twice runs once."""
         valid = self.graph.valid.float()
         values: list[float | None] = [None] * len(kept)
@@ -215,9 +224,11 @@ class EdgeAblator:
             for batch, corrupt in zip(self.batches, self.runs.sources, strict=True):
                 pos = batch.clean.shape[1]
                 rows = max_rows if max_tokens is None else min(max_rows, max_tokens // pos)
-                per_pass = min(max(1, rows // batch.size), removed.shape[0])
                 # what every source writes, per copy: one buffer for all of a batch's passes
                 width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
+                per_copy = len(self.graph.sources) * width * removed.element_size()
+                copies = max(1, PASS_DIFFERENCES_BYTES // per_copy)
+                per_pass = min(max(1, rows // batch.size), copies, removed.shape[0])
                 diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
                 # the mixed heads' inputs, one copy at a time, at most every q/k/v of a layer
                 scratch = Scratch(at_least=len(QKV) * self.model.cfg.n_heads * width)
