@@ -175,7 +175,7 @@ def gpt2_rows(tmp: Path, repeats: int) -> tuple[list[str], list[str]]:
     name = f"GPT-2-small shape, 32 prompts x 13 tokens, `eap`, fastest of {repeats}"
     rows = [
         row(f"{name}: wall less load ({spread(measured.seconds('after load'))}) / "
-            f"forward+backward ({spread(base_seconds)})", f"{after / fb:.1f}x",
+            f"forward+backward ({spread(base_seconds)})", f"{after / fb:.2f}x",
             "about 1.4x + a few forwards", "<= 5x", after / fb <= 5),
         row(f"{name}: peak RSS (baseline process: load + forward+backward "
             f"{base_peak / 1e9:.2f} GB)", f"{peak / 1e9:.2f} GB",
