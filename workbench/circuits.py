@@ -227,8 +227,8 @@ class EdgeAblator:
                 # what every source writes, per copy: one buffer for all of a batch's passes
                 width = batch.size * math.prod(corrupt[Node.input().out_hook()].shape[1:])
                 per_copy = len(self.graph.sources) * width * removed.element_size()
-                copies = max(1, PASS_DIFFERENCES_BYTES // per_copy)
-                per_pass = min(max(1, rows // batch.size), copies, removed.shape[0])
+                fit = max(1, PASS_DIFFERENCES_BYTES // per_copy)
+                per_pass = min(max(1, rows // batch.size), fit, removed.shape[0])
                 diffs = removed.new_empty(per_pass, len(self.graph.sources), width)
                 # the mixed heads' inputs, one copy at a time, at most every q/k/v of a layer
                 scratch = Scratch(at_least=len(QKV) * self.model.cfg.n_heads * width)
